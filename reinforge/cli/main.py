@@ -1,0 +1,207 @@
+"""reinforge command line. Thin: parse, load the recipe, call a pipeline; one clear line and exit
+code 2 for a bad recipe or argument, exit code 1 when a run leaves failed tasks."""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+
+import click
+
+from reinforge.pipelines.rundir import NotARunError
+from reinforge.pipelines.runner import ConfigChangedError
+from reinforge.pipelines.sources import InputError
+from reinforge.schemas.config import ConfigError
+
+USER_ERRORS = (ConfigError, ConfigChangedError, InputError, NotARunError, FileNotFoundError)
+
+
+def user_errors(fn):
+    """Turn expected user mistakes into one line on stderr and exit code 2 (no traceback)."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            message = str(exc)
+            click.echo(message if message.startswith(("config error", "error")) else f"error: {message}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reinforge")
+def cli():
+    """Build reinforced and curated datasets on Ray."""
+
+
+def load_recipe_file(path: str, overrides: tuple[str, ...]):
+    from reinforge.pipelines.storage import read_text
+    from reinforge.schemas.config import load_recipe
+    try:
+        text = read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"error: config file {path} not found") from None
+    return load_recipe(text, overrides)
+
+
+def print_summary(summary) -> None:
+    click.echo(f"output: {summary.output}")
+    click.echo(f"tasks: {summary.tasks} ({summary.skipped} already done, {summary.done} run, "
+               f"{len(summary.failed)} failed)")
+    click.echo(f"samples written: {summary.samples}, skipped with errors: {summary.errors}, "
+               f"{summary.samples_per_second:.1f} samples/s")
+    for failure in summary.failed:
+        click.echo(f"FAILED {failure['task']}: {failure.get('reason', '?')}", err=True)
+
+
+@cli.command()
+@click.argument("config")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="dotted override, e.g. teachers.0.batch_size=64")
+@click.option("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default RAY_ADDRESS or an embedded local Ray")
+@click.option("--force", is_flag=True, help="redo tasks of a run directory made with a different recipe")
+@click.option("--progress/--no-progress", default=True)
+@user_errors
+def run(config, overrides, address, force, progress):
+    """Run a recipe (YAML) end to end; rerunning skips finished tasks."""
+    from reinforge.pipelines.runner import run_recipe
+    recipe = load_recipe_file(config, overrides)
+    summary = run_recipe(recipe, address=address, force=force, progress=progress)
+    print_summary(summary)
+    sys.exit(0 if summary.ok else 1)
+
+
+@cli.command()
+@click.argument("run_dir")
+@user_errors
+def status(run_dir):
+    """Done / pending / failed tasks and their error files."""
+    from reinforge.pipelines.rundir import run_status
+    st = run_status(run_dir)
+    total = len(st.done) + len(st.pending) + len(st.failed) + len(st.stale)
+    click.echo(f"{run_dir}: {len(st.done)}/{total} tasks done, {len(st.pending)} pending, "
+               f"{len(st.failed)} failed, {len(st.stale)} from an older recipe")
+    for task, reason in sorted(st.failed.items()):
+        click.echo(f"  failed  {task}: {reason}")
+    for task, n in sorted(st.error_files.items()):
+        click.echo(f"  errors  {task}: {n} skipped samples in errors/{task}.jsonl")
+    for task in st.pending[:20]:
+        click.echo(f"  pending {task}")
+    if len(st.pending) > 20:
+        click.echo(f"  ... and {len(st.pending) - 20} more pending")
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def stats(run_dir, as_json):
+    """Per-stage counters merged over all finished tasks."""
+    from dataclasses import asdict
+
+    from reinforge.pipelines.rundir import merged_stats
+    stages, totals = merged_stats(run_dir)
+    if as_json:
+        click.echo(json.dumps({"totals": totals, "stages": {k: asdict(v) for k, v in stages.items()}}, indent=1))
+        return
+    click.echo(f"tasks {totals['tasks']}, samples in {totals['samples_in']}, out {totals['samples_out']}, "
+               f"{totals['bytes'] / 2**20:.1f} MiB written, {totals['seconds']:.1f} task-seconds")
+    click.echo(f"{'stage':<10} {'in':>9} {'out':>9} {'seconds':>9} {'samples/s':>10}  errors")
+    for name, st in stages.items():
+        rate = st.samples_in / st.seconds if st.seconds else 0.0
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(st.errors.items())) or "-"
+        click.echo(f"{name:<10} {st.samples_in:>9} {st.samples_out:>9} {st.seconds:>9.2f} {rate:>10.1f}  {reasons}")
+
+
+@cli.command()
+@click.argument("shard")
+@click.option("--key", default=None, help="sample key (default: the first sample)")
+@click.option("--augmentations", "-n", default=3, show_default=True, help="stored augmentations to print")
+@user_errors
+def inspect(shard, key, augmentations):
+    """Human-readable dump of one sample of a reinforced shard."""
+    from reinforge.pipelines.storage import filesystem
+    from reinforge.schemas.imagenet_plus import decode_sample
+    from reinforge.schemas.wds import iter_samples
+    fs, path = filesystem(shard)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"shard {shard} not found")
+    with fs.open(path, "rb") as f:
+        for members in iter_samples(f):
+            if key is None or members["__key__"] == key:
+                break
+        else:
+            raise InputError(f"no sample with key {key!r} in {shard}")
+    click.echo(f"key: {members['__key__']}")
+    click.echo("members: " + ", ".join(f"{ext} ({len(v)} B)" for ext, v in members.items() if ext != "__key__"))
+    sample = decode_sample(members)
+    click.echo(f"label: {sample.label}   image: {sample.image_ext}, {len(sample.image)} B   meta: {json.dumps(sample.meta)}")
+    click.echo(f"stored augmentations: {sample.num_augmentations}, top-k: {sample.values.shape[1]}")
+    for n in range(min(augmentations, sample.num_augmentations)):
+        top = ", ".join(f"{int(c)}:{v:.3f}" for v, c in zip(sample.values[n][:5], sample.ids[n][:5]))
+        click.echo(f"  [{n}] params {json.dumps(sample.entries[n])}")
+        click.echo(f"      top-5 {top}  (stored mass {sample.values[n].sum():.3f})")
+
+
+@cli.command()
+@click.argument("run_dir")
+@user_errors
+def validate(run_dir):
+    """Check every shard against its manifest (size, sha256, count) and every sample against the schema."""
+    from reinforge.pipelines.imagenet_plus import sample_checker
+    from reinforge.pipelines.rundir import validate_run
+    checked, problems = validate_run(run_dir, sample_checker(run_dir))
+    for problem in problems[:50]:
+        click.echo(f"INVALID {problem}", err=True)
+    if problems:
+        click.echo(f"{len(problems)} problems in {run_dir}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {checked} samples valid in {run_dir}")
+
+
+@cli.command()
+@click.argument("run_dir")
+@user_errors
+def gc(run_dir):
+    """Remove temporary files left by interrupted writers (run it when no job writes to RUN_DIR)."""
+    from reinforge.pipelines.rundir import collect_garbage
+    removed = collect_garbage(run_dir)
+    for name in removed:
+        click.echo(f"removed {name}")
+    click.echo(f"{len(removed)} orphaned temporary files removed")
+
+
+@cli.group()
+def export():
+    """Write a finished run in another tool's layout."""
+
+
+@export.command("ml-dr")
+@click.argument("run_dir")
+@click.argument("out_dir")
+@user_errors
+def export_ml_dr(run_dir, out_dir):
+    """Apple ML-DR reference trainer layout: config.pth.tar + {index}.pth.tar per image."""
+    from reinforge.pipelines.export_mldr import export_ml_dr as export_fn
+    counts = export_fn(run_dir, out_dir)
+    click.echo(f"wrote {counts['images']} images, {counts['augmentations']} augmentations to {out_dir}")
+
+
+@cli.command()
+@click.option("--output", default="runs/demo", show_default=True, help="folder for the demo's input and run")
+@click.option("--config", default="configs/demo.yaml", show_default=True)
+@click.option("--address", default=None)
+@user_errors
+def demo(output, config, address):
+    """Reinforce real photos with a real ImageNet teacher on a local Ray, and show what was written."""
+    from reinforge.pipelines.demo import run_demo
+    run_demo(load_recipe_file(config, (f"output={output}/run", f"input.path={output}/input/demo-*.tar")),
+             f"{output}/input", address, echo=click.echo)
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

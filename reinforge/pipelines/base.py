@@ -1,0 +1,32 @@
+"""What a product is: tasks from a source, a list of stages, and a batch size for them."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from pydantic import BaseModel
+
+from reinforge.pipelines.sources import Task
+from reinforge.schemas.manifest import RunLayout
+from reinforge.stages.base import Stage
+
+
+class Pipeline:
+    """Subclasses set `recipe` and implement the four hooks; the runner and executor do the rest."""
+
+    recipe: BaseModel
+
+    def plan(self) -> list[Task]:
+        raise NotImplementedError
+
+    def read(self, task: Task) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def build_stages(self) -> list[Stage]:
+        """Called once per worker; the last stage must leave {"__key__", "members"} per sample."""
+        raise NotImplementedError
+
+    def samples_per_batch(self) -> int:
+        raise NotImplementedError
+
+    def prepare_run(self, layout: RunLayout) -> None:
+        """Driver-side, before any task: write run-level files (e.g. the trainer's config)."""

@@ -1,0 +1,98 @@
+"""ImageNet+ (Dataset Reinforcement for classification): N replayable augmentations per image, each
+with the teacher ensemble's top-k probabilities, written as self-contained WebDataset shards."""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+from reinforge.pipelines.base import Pipeline
+from reinforge.pipelines.sources import ImageFolderSource, Task, WebDatasetSource
+from reinforge.pipelines.storage import write_bytes
+from reinforge.schemas.augment import Augmenter
+from reinforge.schemas.config import ImageNetPlusRecipe
+from reinforge.schemas.manifest import RunLayout
+from reinforge.stages.augment import Augment
+from reinforge.stages.base import Stage
+from reinforge.stages.decode import DecodeImage, ParseLabel
+from reinforge.stages.encode import EncodeImageNetPlus
+from reinforge.stages.teachers import TeacherEnsemble, ensemble_num_classes
+
+
+def trainer_config(recipe: ImageNetPlusRecipe) -> dict:
+    """The generation config a trainer needs to replay (ML-DR's `reinforce` block, plus provenance)."""
+    return {
+        "reinforce": {
+            "image_augmentation": Augmenter(recipe.augmentation.image_augmentation).config(),
+            "num_samples": recipe.augmentation.num_samples,
+            "topk": recipe.top_k,
+            "temperature": recipe.temperature,
+            "seed": recipe.seed,
+        },
+        "num_classes": ensemble_num_classes(recipe.teachers),
+        "teachers": [t.model_dump(mode="json") for t in recipe.teachers],
+        "format": "reinforge.imagenet_plus/1",
+    }
+
+
+class ImageNetPlusPipeline(Pipeline):
+    def __init__(self, recipe: ImageNetPlusRecipe):
+        self.recipe = recipe
+        spec = recipe.input
+        self.source = (ImageFolderSource(spec.path, spec.samples_per_task) if spec.format == "imagefolder"
+                       else WebDatasetSource(spec.path))
+
+    def plan(self) -> list[Task]:
+        return self.source.plan()
+
+    def read(self, task: Task) -> Iterator[dict]:
+        return self.source.read(task)
+
+    def samples_per_batch(self) -> int:
+        # enough images that the largest teacher batch is filled with their N views
+        views = max(t.batch_size for t in self.recipe.teachers)
+        return max(1, views // self.recipe.augmentation.num_samples)
+
+    def build_stages(self) -> list[Stage]:
+        r = self.recipe
+        teachers = TeacherEnsemble(r.teachers, r.top_k, r.temperature, r.precision)
+        teachers.setup()  # num_classes comes from the loaded models
+        return [
+            DecodeImage(r.input.max_image_pixels),
+            ParseLabel(teachers.num_classes),
+            Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed),
+            teachers,
+            EncodeImageNetPlus(teachers.num_classes),
+        ]
+
+    def prepare_run(self, layout: RunLayout) -> None:
+        write_bytes(layout.dr_config, json.dumps(trainer_config(self.recipe), indent=1, sort_keys=True).encode())
+
+
+def sample_checker(run_dir: str):
+    """A per-sample schema check for `validate`: layout, N, k, class ids, probability mass, sha256,
+    and that the first stored augmentation replays inside the image."""
+    from reinforge.pipelines.rundir import load_run
+    from reinforge.pipelines.storage import read_text
+    from reinforge.schemas.image import decode_rgb
+    from reinforge.schemas.imagenet_plus import decode_sample, sha256_hex
+
+    layout, run = load_run(run_dir)
+    config = json.loads(read_text(layout.dr_config))["reinforce"]
+    augmenter = Augmenter(config["image_augmentation"])
+    n, k = config["num_samples"], config["topk"]
+
+    def check(members: dict) -> None:
+        sample = decode_sample(members)
+        if sample.num_augmentations != n:
+            raise ValueError(f"{sample.num_augmentations} augmentations, recipe says {n}")
+        if sample.values.shape[1] != k and sample.values.shape[1] > k:
+            raise ValueError(f"top-k width {sample.values.shape[1]} > {k}")
+        if (sample.ids < 0).any() or sample.values.min() < 0 or (sample.values.sum(1) > 1.01).any():
+            raise ValueError("negative class ids or probabilities, or more than unit mass")
+        if sample.meta.get("sha256") != sha256_hex(sample.image):
+            raise ValueError("sha256 in json does not match the image bytes")
+        first = sample.entries[0]
+        if not augmenter.uses_partner or first[0] is None:
+            augmenter.apply(first, decode_rgb(sample.image))
+
+    return check

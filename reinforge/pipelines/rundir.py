@@ -1,0 +1,127 @@
+"""Read-only views of a run directory (status, merged stats, validation) and garbage collection."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from reinforge.pipelines.registry import build_pipeline
+from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, remove
+from reinforge.schemas.config import parse_recipe
+from reinforge.schemas.manifest import TMP_MARKER, RunLayout, StageStats, TaskManifest
+from reinforge.schemas.wds import ShardReadError, iter_samples
+
+
+class NotARunError(ValueError):
+    pass
+
+
+def load_run(root: str) -> tuple[RunLayout, dict]:
+    layout = RunLayout(root.rstrip("/"))
+    if not exists(layout.run_file):
+        raise NotARunError(f"{root} is not a reinforge run directory (no run.json)")
+    return layout, json.loads(read_text(layout.run_file))
+
+
+def manifests(layout: RunLayout) -> list[TaskManifest]:
+    return [TaskManifest.from_json(read_text(u)) for u in list_files(layout.root + "/manifests", ".json")]
+
+
+@dataclass
+class RunStatus:
+    done: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # manifest from another recipe digest
+    failed: dict[str, str] = field(default_factory=dict)  # task -> reason
+    pending: list[str] = field(default_factory=list)
+    error_files: dict[str, int] = field(default_factory=dict)  # task -> skipped samples logged
+
+
+def run_status(root: str) -> RunStatus:
+    layout, run = load_run(root)
+    recipe = parse_recipe({**run["recipe"], "output": layout.root, "resources": run.get("resources", {})})
+    planned = [t.id for t in build_pipeline(recipe).plan()]
+    status = RunStatus()
+    by_id = {m.task_id: m for m in manifests(layout)}
+    failures = {u.rpartition("/")[2].removesuffix(".json"): u for u in list_files(layout.root + "/failed", ".json")}
+    for task_id in planned:
+        manifest = by_id.get(task_id)
+        if manifest and manifest.config_digest == run["config_digest"]:
+            status.done.append(task_id)
+        elif task_id in failures:
+            status.failed[task_id] = json.loads(read_text(failures[task_id])).get("reason", "?")
+        elif manifest:
+            status.stale.append(task_id)
+        else:
+            status.pending.append(task_id)
+    for url in list_files(layout.root + "/errors", ".jsonl"):
+        status.error_files[url.rpartition("/")[2].removesuffix(".jsonl")] = read_text(url).count("\n")
+    return status
+
+
+def merged_stats(root: str) -> tuple[dict[str, StageStats], dict]:
+    layout, _ = load_run(root)
+    stages: dict[str, StageStats] = {}
+    totals = {"tasks": 0, "samples_in": 0, "samples_out": 0, "bytes": 0, "seconds": 0.0}
+    for m in manifests(layout):
+        totals["tasks"] += 1
+        totals["samples_in"] += m.samples_in
+        totals["samples_out"] += m.samples_out
+        totals["bytes"] += sum(o.bytes for o in m.outputs)
+        totals["seconds"] += m.seconds
+        for name, st in m.stages.items():
+            stages.setdefault(name, StageStats()).merge(st)
+    return stages, totals
+
+
+def validate_run(root: str, check_sample=None) -> tuple[int, list[str]]:
+    """Check every manifest's outputs: present, same size and sha256, same sample count; and every
+    sample against the product schema via `check_sample(members)` (raises on a bad sample)."""
+    layout, run = load_run(root)
+    problems: list[str] = []
+    checked = 0
+    for m in manifests(layout):
+        if m.config_digest != run["config_digest"]:
+            problems.append(f"{m.task_id}: manifest digest {m.config_digest} != run digest {run['config_digest']}")
+        for out in m.outputs:
+            url = f"{layout.root}/{out.path}"
+            fs, path = filesystem(url)
+            if not fs.exists(path):
+                problems.append(f"{m.task_id}: missing output {out.path}")
+                continue
+            digest, size, samples = hashlib.sha256(), 0, 0
+            try:
+                with fs.open(path, "rb") as f:
+                    data = f.read()
+                digest.update(data)
+                size = len(data)
+                import io
+                for sample in iter_samples(io.BytesIO(data)):
+                    samples += 1
+                    if check_sample is not None:
+                        try:
+                            check_sample(sample)
+                        except Exception as exc:  # noqa: BLE001 - report every bad sample
+                            problems.append(f"{out.path}: sample {sample['__key__']}: {exc}")
+            except ShardReadError as exc:
+                problems.append(f"{out.path}: {exc}")
+            if size != out.bytes or digest.hexdigest() != out.sha256:
+                problems.append(f"{out.path}: size/sha256 differ from the manifest")
+            if samples != out.samples:
+                problems.append(f"{out.path}: {samples} samples, manifest says {out.samples}")
+            checked += samples
+    return checked, problems
+
+
+def collect_garbage(root: str) -> list[str]:
+    """Remove temporary files left by interrupted writers (never a committed output)."""
+    layout, _ = load_run(root)
+    removed = []
+    for directory in layout.directories:
+        fs, path = filesystem(directory)
+        if not fs.exists(path):
+            continue
+        for name in fs.ls(path, detail=False):
+            if name.rpartition("/")[2].startswith(TMP_MARKER):
+                remove(name)
+                removed.append(name)
+    return removed

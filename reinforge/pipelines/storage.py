@@ -1,0 +1,100 @@
+"""fsspec I/O with exactly-once commits: write to a temporary name, then move to the final name.
+
+On filesystems with an atomic rename (local, POSIX mounts) that is os.replace; on object stores a
+single PUT is already all-or-nothing, so the object is written under its final name directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from reinforge.schemas.manifest import TMP_MARKER
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url)
+
+
+def has_rename(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def temp_name(path: str) -> str:
+    directory, _, base = path.rpartition("/")
+    return f"{directory}/{TMP_MARKER}{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+class HashingWriter:
+    """Pass-through writer that counts bytes and hashes them as they stream out."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.raw.write(data)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+@contextmanager
+def atomic_open(url: str) -> Iterator[HashingWriter]:
+    """Open `url` for writing; it appears under its final name only if the block completes."""
+    fs, path = filesystem(url)
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    target = temp_name(path) if has_rename(fs) else path
+    try:
+        with fs.open(target, "wb") as raw:
+            writer = HashingWriter(raw)
+            yield writer
+        if target != path:
+            os.replace(target, path)
+    except BaseException:
+        if fs.exists(target):
+            fs.rm(target)
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url) as f:
+        f.write(data)
+
+
+def read_text(url: str) -> str:
+    fs, path = filesystem(url)
+    return fs.cat_file(path).decode()
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def list_files(url: str, suffix: str = "") -> list[str]:
+    """Full URLs of the files directly under `url` ending in `suffix` (empty if the folder is missing)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    protocol = url.split("://")[0] + "://" if "://" in url else ""
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix))
+    return [n if not protocol or n.startswith(protocol) else protocol + n for n in names]

@@ -1,0 +1,4 @@
+"""What a trainer imports: datasets that replay stored augmentations. Depends on reinforge.schemas only."""
+from reinforge.readers.imagenet_plus import ReinforcedImageNet, kd_loss, shard_urls
+
+__all__ = ["ReinforcedImageNet", "kd_loss", "shard_urls"]

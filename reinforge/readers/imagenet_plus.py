@@ -1,0 +1,204 @@
+"""Training-side reader for ImageNet+ runs (FORMATS §3): replay a stored augmentation, densify its
+teacher probabilities. Imports only reinforge.schemas, so a trainer can use it without Ray.
+
+The dataset indexes each shard once (tar member offsets only) and then reads members by seeking,
+so it is map-style and random-access without holding image bytes in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+
+import fsspec
+import torch
+import torch.nn.functional as F
+
+from reinforge.schemas.augment import Augmenter
+from reinforge.schemas.image import IMAGE_EXTENSIONS, decode_rgb
+from reinforge.schemas.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample,
+                                             densify, sha256_hex)
+from reinforge.schemas.manifest import RunLayout, TaskManifest, join
+from reinforge.schemas.wds import split_member_name
+
+
+def _read_text(url: str) -> str:
+    with fsspec.open(url, "rb") as f:
+        return f.read().decode()
+
+
+def _is_run_dir(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isdir(path)
+
+
+def shard_urls(run_dir: str) -> list[str]:
+    """Shards of a finished run, from its manifests (a shard without a manifest is not done)."""
+    layout = RunLayout(run_dir.rstrip("/"))
+    fs, path = fsspec.core.url_to_fs(join(layout.root, "manifests"))
+    names = sorted(p.rpartition("/")[2] for p in fs.ls(path, detail=False) if p.endswith(".json"))
+    manifests = [TaskManifest.from_json(_read_text(join(layout.root, "manifests", n))) for n in names]
+    urls = []
+    for manifest in sorted(manifests, key=lambda m: m.task_id):
+        urls.extend(join(layout.root, out.path) for out in manifest.outputs)
+    return urls
+
+
+def _num_classes_from(config: dict) -> int | None:
+    value = config.get("num_classes", config.get("reinforce", {}).get("num_classes"))
+    return int(value) if value is not None else None
+
+
+def index_shard(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (data offset, size)})] in shard order; contiguous members with one key form a sample."""
+    samples: list[tuple[str, dict]] = []
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:  # "r:" = seekable, uncompressed
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if not ext:
+                continue
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = (member.offset_data, member.size)
+    return samples
+
+
+def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(student)), summed over classes, mean over the batch; no temperature (ML-DR).
+    xlogy makes 0·log 0 = 0, so sparse targets are safe."""
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    target = target_probs.float()
+    return (torch.xlogy(target, target) - target * log_q).sum(-1).mean()
+
+
+class ReinforcedImageNet(torch.utils.data.Dataset):
+    """Map-style ImageNet+ dataset: item i -> (replayed view float32 CHW, dense target float32 [C]).
+
+    mode "random": the stored augmentation j is drawn uniformly by a generator seeded with
+    (seed, epoch, i); mode "epoch": j = epoch mod N. With probability p_plain (same generator) the
+    plain view and a one-hot target are returned instead. Call set_epoch before each epoch (with
+    DataLoader workers that are not persistent, the copy made at iterator creation sees it).
+    """
+
+    def __init__(self, shards: str | list[str], mode: str = "random", p_plain: float = 0.0, seed: int = 0,
+                 num_classes: int | None = None, image_augmentation: dict | None = None):
+        if mode not in ("random", "epoch"):
+            raise ValueError(f"mode must be 'random' or 'epoch', not {mode!r}")
+        if not 0.0 <= p_plain <= 1.0:
+            raise ValueError(f"p_plain must be in [0, 1], not {p_plain}")
+        self.mode, self.p_plain, self.seed, self.epoch = mode, float(p_plain), int(seed), 0
+        config: dict = {}
+        if isinstance(shards, str) and _is_run_dir(shards):
+            config = json.loads(_read_text(RunLayout(shards.rstrip("/")).dr_config))
+            shards = shard_urls(shards)
+        elif isinstance(shards, str):
+            shards = [shards]
+        self.shards = list(shards)
+        self.config = config
+        self.num_classes = num_classes if num_classes is not None else _num_classes_from(config)
+        if image_augmentation is None:
+            image_augmentation = config.get("reinforce", {}).get("image_augmentation")
+        if image_augmentation is None:
+            raise ValueError("no augmentation config: pass a run directory (dr_config.json) or image_augmentation")
+        self.augmenter = Augmenter(image_augmentation)
+
+        # key -> (shard number, {ext: (offset, size)}); only offsets are kept
+        self._index: list[tuple[int, dict]] = []
+        self.keys: list[str] = []
+        self._position: dict[str, int] = {}
+        for s, url in enumerate(self.shards):
+            for key, members in index_shard(url):
+                if key in self._position:
+                    raise SchemaError(f"sample key {key!r} appears twice ({url})")
+                self._position[key] = len(self.keys)
+                self.keys.append(key)
+                self._index.append((s, members))
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    # --- file handles: opened lazily, per process, never pickled ---------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def _file(self, shard: int):
+        if self._pid != os.getpid():  # forked worker: the parent's handles share a file position
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = fsspec.open(self.shards[shard], "rb").open()
+        return self._files[shard]
+
+    def _members(self, i: int, only: tuple[str, ...] | None = None) -> dict:
+        shard, offsets = self._index[i]
+        f = self._file(shard)
+        members = {"__key__": self.keys[i]}
+        for ext, (offset, size) in offsets.items():
+            if only is None or ext in only:
+                f.seek(offset)
+                members[ext] = f.read(size)
+        return members
+
+    # --- public API --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def index_of(self, key: str) -> int:
+        return self._position[key]
+
+    def sample(self, i: int) -> ReinforcedSample:
+        return decode_sample(self._members(i))
+
+    def _checked_image(self, sample: ReinforcedSample) -> torch.Tensor:
+        # crop boxes refer to exactly these bytes; anything else would replay a different picture
+        if sample.meta.get("sha256") != sha256_hex(sample.image):
+            raise SchemaError(f"sample {sample.key}: sha256 in {META_MEMBER!r} does not match the image bytes")
+        return decode_rgb(sample.image)
+
+    def _partner_image(self, partner: str | int) -> torch.Tensor:
+        # our shards name partners by key; an int is a dataset index (ML-DR's convention)
+        position = self._position.get(partner) if isinstance(partner, str) else partner
+        if not isinstance(position, int) or not 0 <= position < len(self.keys):
+            raise SchemaError(f"mixing partner {partner!r} is not in these shards")
+        key = self.keys[position]
+        members = self._members(position, only=(META_MEMBER, *IMAGE_EXTENSIONS))
+        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+        if image is None or META_MEMBER not in members:
+            raise SchemaError(f"mixing partner {key}: no image or no {META_MEMBER!r} member")
+        if json.loads(members[META_MEMBER]).get("sha256") != sha256_hex(image):
+            raise SchemaError(f"mixing partner {key}: sha256 in {META_MEMBER!r} does not match the image bytes")
+        return decode_rgb(image)
+
+    def choose(self, i: int, num_augmentations: int) -> int | None:
+        """The stored augmentation used for item i this epoch, or None for the plain view."""
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash deterministically
+        plain = rng.random() < self.p_plain
+        j = rng.randrange(num_augmentations) if self.mode == "random" else self.epoch % num_augmentations
+        return None if plain else j
+
+    def _require_classes(self) -> int:
+        if self.num_classes is None:
+            raise ValueError("num_classes is not in dr_config.json: pass num_classes=")
+        return self.num_classes
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        num_classes = self._require_classes()
+        sample = self.sample(i)
+        image = self._checked_image(sample)
+        j = self.choose(i, sample.num_augmentations)
+        if j is None:
+            return self.augmenter.plain(image).float(), F.one_hot(torch.tensor(sample.label), num_classes).float()
+        entry = sample.entries[j]
+        partner_id = entry[0] if self.augmenter.uses_partner and isinstance(entry, list) else None
+        partner = self._partner_image(partner_id) if partner_id is not None else None
+        try:
+            view = self.augmenter.apply(entry, image, partner)
+        except ValueError as exc:  # e.g. a crop box outside the stored image
+            raise SchemaError(f"sample {sample.key}, augmentation {j}: cannot replay: {exc}") from exc
+        return view, densify(sample.values[j], sample.ids[j], num_classes)

@@ -1,0 +1,150 @@
+"""Recipes: one YAML file validated into typed models. Errors name the offending field in one line.
+
+Dotted overrides (`--set teachers.0.batch_size=64`) are applied to the raw YAML before validation,
+with values parsed as YAML scalars. The digest covers everything that can change output bytes;
+where to write (output), how big the pool is (resources) and the cluster address do not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from reinforge.schemas.image import DEFAULT_MAX_PIXELS
+
+
+class ConfigError(ValueError):
+    """Bad recipe or override: the message is one line naming the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(Strict):
+    """Per-actor resources of the model-stage pool; not part of the digest."""
+    num_actors: Optional[int] = Field(None, ge=1, description="pool size; default: what the cluster fits")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    tasks_in_flight_per_actor: int = Field(2, ge=1)
+    object_store_memory_mb: int = Field(1024, ge=100, description="cap for an embedded local Ray")
+
+
+class InputSpec(Strict):
+    format: Literal["imagefolder", "webdataset"]
+    path: str = Field(description="ImageFolder root, or shard URL(s): a glob or brace pattern, fsspec URLs allowed")
+    samples_per_task: int = Field(1000, ge=1, description="ImageFolder images per task (shards are one task each)")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+
+
+class Teacher(Strict):
+    model: str = Field(description="timm model name")
+    pretrained: bool = False
+    checkpoint: Optional[str] = Field(None, description="local/fsspec path or pkg:<package>/<file>; loaded with weights_only")
+    checkpoint_key_map: Literal["exact", "positional"] = Field(
+        "exact", description="positional: match tensors by order and shape (checkpoints from other ports)")
+    num_classes: Optional[int] = Field(None, ge=2)
+    batch_size: int = Field(64, ge=1)
+
+
+class Augmentation(Strict):
+    num_samples: int = Field(10, ge=1, description="N stored augmentations per image")
+    image_augmentation: dict[str, Any]
+
+
+class ImageNetPlusRecipe(Strict):
+    product: Literal["imagenet_plus"] = "imagenet_plus"
+    output: str
+    seed: int = 0
+    input: InputSpec
+    augmentation: Augmentation
+    teachers: list[Teacher] = Field(min_length=1)
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of each teacher before averaging")
+    top_k: int = Field(10, ge=1)
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_error_fraction: float = Field(0.1, ge=0, le=1, description="a task fails above this fraction of skipped samples")
+    resources: Resources = Resources()
+
+    @field_validator("augmentation")
+    @classmethod
+    def _check_augmentation(cls, value: Augmentation) -> Augmentation:
+        from reinforge.schemas.augment import Augmenter
+        Augmenter(value.image_augmentation)  # raises ValueError naming the bad transform field
+        return value
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> "ImageNetPlusRecipe":
+        declared = {t.num_classes for t in self.teachers if t.num_classes is not None}
+        if len(declared) > 1:
+            raise ValueError(f"teachers declare different num_classes {sorted(declared)}")
+        return self
+
+
+RECIPES: dict[str, type[BaseModel]] = {"imagenet_plus": ImageNetPlusRecipe}
+NON_SEMANTIC_FIELDS = ("output", "resources")
+
+
+def apply_override(raw: dict, dotted: str) -> None:
+    if "=" not in dotted:
+        raise ConfigError(f"--set {dotted!r}: expected key.path=value")
+    path, _, text = dotted.partition("=")
+    value = yaml.safe_load(text) if text else ""
+    node: Any = raw
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {path}: no list index {part!r} at {'.'.join(parts[:i]) or '<root>'}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {path}: {'.'.join(parts[:i])} is not a mapping or list")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "<root>"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"config error: {where}: {err['msg']}{more}"
+
+
+def parse_recipe(raw: Any, overrides: tuple[str, ...] = ()) -> BaseModel:
+    if not isinstance(raw, dict):
+        raise ConfigError("config error: the recipe must be a YAML mapping")
+    for dotted in overrides:
+        apply_override(raw, dotted)
+    product = raw.get("product", "imagenet_plus")
+    if product not in RECIPES:
+        raise ConfigError(f"config error: product: unknown {product!r}; known: {sorted(RECIPES)}")
+    try:
+        return RECIPES[product].model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_recipe(text: str, overrides: tuple[str, ...] = ()) -> BaseModel:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: invalid YAML: {' '.join(str(exc).split())}") from None
+    return parse_recipe(raw, overrides)
+
+
+def semantic_dict(recipe: BaseModel) -> dict:
+    return recipe.model_dump(mode="json", exclude=set(NON_SEMANTIC_FIELDS))
+
+
+def config_digest(recipe: BaseModel) -> str:
+    canonical = json.dumps(semantic_dict(recipe), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,126 @@
+"""ImageNet+ sample layout (FORMATS §1, §3): one self-contained WebDataset sample per training image.
+
+Members, in this order:
+  <image ext>  original image bytes (jpg/png/webp), exactly as read
+  cls          class index, ASCII decimal
+  json         {"key", "sha256" (of the image bytes), "height", "width", "source"}
+  paug.json    {"param_aug": [N entries]}  (FORMATS §1; a real JSON list)
+  prob.npz     "values" float16 [N, k] (descending) and "ids" int16/int32 [N, k]: the teacher
+               ensemble's top-k probabilities for each stored augmentation
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from reinforge.schemas.arrays import load_npz, npz_bytes
+from reinforge.schemas.image import find_image
+
+PARAMS_MEMBER = "paug.json"
+PROBS_MEMBER = "prob.npz"
+LABEL_MEMBER = "cls"
+META_MEMBER = "json"
+
+
+class SchemaError(ValueError):
+    """A stored sample does not follow the layout above."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def dumps_compact(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+def sparsify(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row, values descending; torch.topk is deterministic on identical inputs."""
+    values, ids = torch.topk(probs.float(), k=min(k, probs.shape[-1]), dim=-1, sorted=True)
+    return values.numpy(), ids.numpy()
+
+
+def id_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+def encode_probs(values: np.ndarray, ids: np.ndarray, num_classes: int) -> bytes:
+    return npz_bytes({"values": values.astype(np.float16), "ids": ids.astype(id_dtype(num_classes))})
+
+
+def decode_probs(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    arrays = load_npz(data)
+    if set(arrays) != {"values", "ids"}:
+        raise SchemaError(f"{PROBS_MEMBER} holds {sorted(arrays)}, expected ['ids', 'values']")
+    values, ids = arrays["values"], arrays["ids"]
+    if values.shape != ids.shape or values.ndim != 2:
+        raise SchemaError(f"{PROBS_MEMBER}: values {values.shape} and ids {ids.shape} must be equal 2-d shapes")
+    return values.astype(np.float32), ids.astype(np.int64)
+
+
+def densify(values, ids, num_classes: int) -> torch.Tensor:
+    """Dense target: the stored top-k, and the remaining mass spread uniformly over the other classes."""
+    values = torch.as_tensor(values, dtype=torch.float32)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    rest = max(0.0, 1.0 - float(values.sum()))
+    others = num_classes - ids.numel()
+    target = torch.full((num_classes,), rest / others if others > 0 else 0.0)
+    target[ids] = values
+    return target / target.sum()
+
+
+@dataclass
+class ReinforcedSample:
+    key: str
+    image_ext: str
+    image: bytes
+    label: int
+    entries: list
+    values: np.ndarray  # float32 [N, k]
+    ids: np.ndarray  # int64 [N, k]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_augmentations(self) -> int:
+        return len(self.entries)
+
+
+def encode_sample(sample: ReinforcedSample, num_classes: int) -> dict[str, bytes]:
+    meta = {"key": sample.key, "sha256": sha256_hex(sample.image), **sample.meta}
+    return {
+        sample.image_ext: sample.image,
+        LABEL_MEMBER: str(int(sample.label)).encode(),
+        META_MEMBER: dumps_compact(meta),
+        PARAMS_MEMBER: dumps_compact({"param_aug": sample.entries}),
+        PROBS_MEMBER: encode_probs(sample.values, sample.ids, num_classes),
+    }
+
+
+def decode_sample(members: dict) -> ReinforcedSample:
+    key = members.get("__key__", "?")
+    found = find_image(members)
+    if found is None:
+        raise SchemaError(f"sample {key}: no image member")
+    for name in (LABEL_MEMBER, META_MEMBER, PARAMS_MEMBER, PROBS_MEMBER):
+        if name not in members:
+            raise SchemaError(f"sample {key}: missing member {name!r}")
+    try:
+        label = int(members[LABEL_MEMBER].decode().strip())
+        meta = json.loads(members[META_MEMBER])
+        params = json.loads(members[PARAMS_MEMBER])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"sample {key}: {exc}") from exc
+    entries = params.get("param_aug") if isinstance(params, dict) else None
+    if isinstance(entries, str):  # tolerate writers that stored the list as a JSON string
+        entries = json.loads(entries)
+    if not isinstance(entries, list):
+        raise SchemaError(f"sample {key}: {PARAMS_MEMBER} must hold a list under 'param_aug'")
+    values, ids = decode_probs(members[PROBS_MEMBER])
+    if values.shape[0] != len(entries):
+        raise SchemaError(f"sample {key}: {len(entries)} augmentations but {values.shape[0]} probability rows")
+    return ReinforcedSample(key=key, image_ext=found[0], image=found[1], label=label, entries=entries,
+                            values=values, ids=ids, meta=meta)

@@ -1,0 +1,149 @@
+"""Shared fixtures: real photos as input shards, small real timm teachers, one embedded Ray."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+def photo(index: int, size: int = 96) -> Image.Image:
+    """A real photo from scikit-image, resized and shifted so that every index gives distinct pixels."""
+    import skimage.data
+    base = Image.fromarray(getattr(skimage.data, PHOTO_NAMES[index % len(PHOTO_NAMES)])()).convert("RGB")
+    w, h = base.size
+    shift = (index // len(PHOTO_NAMES)) * 7 % max(1, min(w, h) // 4)
+    return base.crop((shift, shift, w - shift, h - shift)).resize((size + index % 5 * 4, size))
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A valid tiny PNG whose header claims width x height: a decompression bomb to the decoder."""
+    data = bytearray(png_bytes(Image.new("RGB", (1, 1))))
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12:ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def write_shard(path, samples: list[tuple[str, dict]]) -> None:
+    from reinforge.schemas.wds import ShardWriter
+    with open(path, "wb") as f, ShardWriter(f) as writer:
+        for key, members in samples:
+            writer.write(key, members)
+
+
+def make_input_shards(folder, shards: int, per_shard: int, num_classes: int = 10, size: int = 72) -> str:
+    """Input WebDataset shards of real photos (jpg + cls); returns the brace pattern."""
+    os.makedirs(folder, exist_ok=True)
+    i = 0
+    for s in range(shards):
+        samples = []
+        for _ in range(per_shard):
+            samples.append((f"img{i:05d}", {"jpg": jpeg_bytes(photo(i, size)), "cls": str(i % num_classes).encode()}))
+            i += 1
+        write_shard(os.path.join(folder, f"train-{s:04d}.tar"), samples)
+    return os.path.join(str(folder), f"train-{{0000..{shards - 1:04d}}}.tar")
+
+
+_CHECKPOINTS: dict[str, str] = {}
+
+
+def teacher_checkpoint(model: str, num_classes: int = 10) -> str:
+    """A local checkpoint of a random-init timm model (seeded), written once per test session, so that
+    every worker and the tests load identical teacher weights, as users load their own checkpoints."""
+    import tempfile
+
+    import timm
+    import torch
+    if model not in _CHECKPOINTS:
+        torch.manual_seed(len(_CHECKPOINTS))
+        path = os.path.join(tempfile.mkdtemp(prefix="reinforge-teachers-"), f"{model}.pth")
+        torch.save(timm.create_model(model, num_classes=num_classes).state_dict(), path)
+        _CHECKPOINTS[model] = path
+    return _CHECKPOINTS[model]
+
+
+def tiny_recipe(input_path: str, output: str, **overrides) -> dict:
+    """A small but real ImageNet+ recipe: two timm CNNs from local checkpoints, 32 px views, full augmentation set."""
+    recipe = {
+        "product": "imagenet_plus",
+        "output": str(output),
+        "seed": 7,
+        "input": {"format": "webdataset", "path": input_path},
+        "augmentation": {"num_samples": 4, "image_augmentation": {
+            "random_resized_crop": {"size": 32},
+            "random_horizontal_flip": {"p": 0.5},
+            "rand_augment": {"p": 1.0},
+            "random_erase": {"p": 0.25},
+            "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+            "mixup": {"alpha": 1.0, "p": 0.5},
+            "cutmix": {"alpha": 1.0, "p": 0.5},
+        }},
+        "teachers": [{"model": "resnet10t", "num_classes": 10, "batch_size": 16,
+                      "checkpoint": teacher_checkpoint("resnet10t")},
+                     {"model": "mobilenetv3_small_050", "num_classes": 10, "batch_size": 8,
+                      "checkpoint": teacher_checkpoint("mobilenetv3_small_050")}],
+        "top_k": 3,
+        "max_error_fraction": 0.5,
+        "resources": {"cpus_per_actor": 1, "object_store_memory_mb": 256},
+    }
+    for dotted, value in overrides.items():
+        node = recipe
+        *path, last = dotted.split("__")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the session (2 CPUs); tests that need another Ray shut it down themselves."""
+    import ray
+
+    from reinforge.pipelines.ray_session import start_local_ray
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=2, object_store_memory_mb=256)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(ray_local):
+    import ray
+
+    from reinforge.pipelines.ray_session import start_local_ray
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=2, object_store_memory_mb=256)
+
+
+def shard_bytes(run_dir) -> dict[str, bytes]:
+    folder = os.path.join(str(run_dir), "shards")
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    np.random.seed(0)

@@ -1,0 +1,141 @@
+"""Unit tests of the data contracts: shards, npz, images, sparse probabilities, recipes, manifests."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import jpeg_bytes, photo, png_bytes, png_header_claiming, write_shard
+from PIL import Image
+
+from reinforge.schemas.arrays import load_npz, npz_bytes
+from reinforge.schemas.config import ConfigError, config_digest, load_recipe, parse_recipe
+from reinforge.schemas.image import ImageDecodeError, decode_rgb
+from reinforge.schemas.imagenet_plus import (ReinforcedSample, SchemaError, decode_probs, decode_sample, densify,
+                                             encode_probs, encode_sample, sparsify)
+from reinforge.schemas.manifest import OutputFile, StageStats, TaskManifest
+from reinforge.schemas.wds import ShardReadError, ShardWriter, iter_samples, split_member_name
+
+
+def test_shard_writer_is_byte_deterministic_and_groups_by_key(tmp_path):
+    samples = [("a", {"jpg": b"1", "cls": b"0"}), ("dir/b", {"jpg": b"22", "paug.json": b"[]"})]
+    write_shard(tmp_path / "x.tar", samples)
+    write_shard(tmp_path / "y.tar", samples)
+    assert (tmp_path / "x.tar").read_bytes() == (tmp_path / "y.tar").read_bytes()
+    with open(tmp_path / "x.tar", "rb") as f:
+        read = list(iter_samples(f))
+    assert read == [{"__key__": "a", "jpg": b"1", "cls": b"0"}, {"__key__": "dir/b", "jpg": b"22", "paug.json": b"[]"}]
+    assert split_member_name("d/k.paug.json") == ("d/k", "paug.json")
+    with pytest.raises(ValueError, match="dot"):
+        ShardWriter(io.BytesIO()).write("a.b", {"jpg": b""})
+
+
+def test_truncated_tar_and_links_are_reported(tmp_path):
+    write_shard(tmp_path / "x.tar", [(f"k{i}", {"jpg": bytes(3000)}) for i in range(4)])
+    data = (tmp_path / "x.tar").read_bytes()
+    with pytest.raises(ShardReadError, match="unreadable tar"):
+        list(iter_samples(io.BytesIO(data[:5000])))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("s.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    buf.seek(0)
+    [sample] = list(iter_samples(buf))
+    assert sample["__error__"][0] == "unreadable_member"
+
+
+def test_npz_is_deterministic_and_loads_with_numpy():
+    arrays = {"values": np.arange(6, dtype=np.float16).reshape(2, 3), "ids": np.arange(6, dtype=np.int16).reshape(2, 3)}
+    a, b = npz_bytes(arrays), npz_bytes(arrays)
+    assert a == b
+    loaded = np.load(io.BytesIO(a))
+    assert loaded["values"].dtype == np.float16 and np.array_equal(loaded["ids"], arrays["ids"])
+    assert set(load_npz(a)) == {"values", "ids"}
+
+
+def test_decode_handles_modes_and_rejects_bad_images():
+    rgb = decode_rgb(jpeg_bytes(photo(0)))
+    assert rgb.dtype == torch.uint8 and rgb.shape[0] == 3
+    assert decode_rgb(jpeg_bytes(Image.new("CMYK", (8, 8)))).shape == (3, 8, 8)
+    assert decode_rgb(png_bytes(photo(1).convert("L"))).shape[0] == 3
+    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert decode_rgb(png_bytes(transparent)).min() == 255  # alpha composited on white, not black
+    for data, reason in [(b"", "empty_image"), (b"garbage", "corrupt_image"),
+                         (jpeg_bytes(photo(0))[:300], "corrupt_image"),
+                         (png_header_claiming(20000, 20000), "image_too_large")]:
+        with pytest.raises(ImageDecodeError) as info:
+            decode_rgb(data)
+        assert info.value.reason == reason
+
+
+def test_sparse_probabilities_roundtrip_and_densify():
+    probs = torch.softmax(torch.randn(5, 100), -1)
+    values, ids = sparsify(probs, 10)
+    v, i = decode_probs(encode_probs(values, ids, 100))
+    assert v.shape == (5, 10) and np.array_equal(i, ids)
+    np.testing.assert_allclose(v, values, rtol=1e-3)
+    dense = densify(v[0], i[0], 100)
+    assert dense.shape == (100,) and abs(float(dense.sum()) - 1) < 1e-5
+    rest = 1 - v[0].sum()
+    others = [c for c in range(100) if c not in set(i[0].tolist())]
+    np.testing.assert_allclose(dense[others].numpy(), rest / 90, rtol=1e-4)
+    assert encode_probs(values, ids, 40000)  # int32 ids beyond int16's range
+    assert load_npz(encode_probs(values, ids, 40000))["ids"].dtype == np.int32
+
+
+def test_sample_layout_roundtrip_and_errors():
+    values, ids = sparsify(torch.softmax(torch.randn(2, 10), -1), 3)
+    sample = ReinforcedSample("k1", "jpg", b"\xff\xd8jpeg", 3, [[[0, 0, 5, 5]], [[1, 1, 4, 4]]], values, ids, {"height": 5})
+    members = encode_sample(sample, 10)
+    assert list(members) == ["jpg", "cls", "json", "paug.json", "prob.npz"]
+    back = decode_sample({"__key__": "k1", **members})
+    assert back.label == 3 and back.entries == sample.entries and back.meta["sha256"]
+    del members["prob.npz"]
+    with pytest.raises(SchemaError, match="prob.npz"):
+        decode_sample({"__key__": "k1", **members})
+
+
+RECIPE = """
+product: imagenet_plus
+output: /tmp/x
+input: {format: webdataset, path: "/data/shard-{0..3}.tar"}
+augmentation:
+  num_samples: 4
+  image_augmentation: {random_resized_crop: {size: 32}, random_horizontal_flip: {p: 0.5}}
+teachers: [{model: resnet10t, num_classes: 10}]
+"""
+
+
+def test_recipe_validation_names_the_field():
+    recipe = load_recipe(RECIPE, ("teachers.0.batch_size=8", "top_k=5"))
+    assert recipe.teachers[0].batch_size == 8 and recipe.top_k == 5
+    for overrides, expected in [
+        (("teachers.0.batch_size=-1",), "config error: teachers.0.batch_size: Input should be greater than or equal to 1"),
+        (("teachers.3.batch_size=1",), "no list index '3'"),
+        (("tpo_k=3",), "config error: tpo_k: Extra inputs are not permitted"),
+        (("input.format=csv",), "config error: input.format"),
+        (("augmentation.image_augmentation.random_blur={p: 1}",), "random_blur"),
+    ]:
+        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            load_recipe(RECIPE, overrides)
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_recipe("a: [1,")
+    with pytest.raises(ConfigError, match="product"):
+        parse_recipe({"product": "nope"})
+
+
+def test_digest_ignores_output_and_resources_only():
+    base = load_recipe(RECIPE)
+    assert config_digest(base) == config_digest(load_recipe(RECIPE, ("output=/elsewhere", "resources.num_actors=8")))
+    assert config_digest(base) != config_digest(load_recipe(RECIPE, ("seed=1",)))
+
+
+def test_manifest_roundtrip():
+    m = TaskManifest("t", ["in.tar"], [OutputFile("shards/t.tar", 10, "ab", 2)], 3, 2, "d", {"torch": "x"},
+                     {"decode": StageStats(1.0, 3, 2, {"corrupt_image": 1})}, 0.0, 1.0)
+    back = TaskManifest.from_json(m.to_json())
+    assert back == m and back.errors == 1
