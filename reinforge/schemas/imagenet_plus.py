@@ -70,7 +70,8 @@ def densify(values, ids, num_classes: int) -> torch.Tensor:
     others = num_classes - ids.numel()
     target = torch.full((num_classes,), rest / others if others > 0 else 0.0)
     target[ids] = values
-    return target / target.sum()
+    total = float(target.sum())
+    return target / total if total > 0 else torch.full((num_classes,), 1.0 / num_classes)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class ReinforcedSample:
 
 
 def encode_sample(sample: ReinforcedSample, num_classes: int) -> dict[str, bytes]:
-    meta = {"key": sample.key, "sha256": sha256_hex(sample.image), **sample.meta}
+    meta = {**sample.meta, "key": sample.key, "sha256": sha256_hex(sample.image)}  # never a stale hash
     return {
         sample.image_ext: sample.image,
         LABEL_MEMBER: str(int(sample.label)).encode(),
