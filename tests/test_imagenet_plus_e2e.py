@@ -40,7 +40,7 @@ def test_run_writes_valid_shards(reference_run):
     assert len(status.done) == 3 and not status.pending and not status.failed
     with tarfile.open(reference_run / "shards" / "train-0000.tar") as tar:
         names = tar.getnames()
-    assert names[:5] == ["img00000.jpg", "img00000.cls", "img00000.json", "img00000.paug.json", "img00000.prob.npz"]
+    assert names[:5] == ["img00000.jpg", "img00000.cls", "img00000.json", "img00000.paug.json.gz", "img00000.prob.npz"]
     manifest = json.loads((reference_run / "manifests" / "train-0000.json").read_text())
     assert manifest["samples_out"] == 6 and manifest["outputs"][0]["samples"] == 6
     assert set(manifest["stages"]) == {"decode", "label", "augment", "teachers", "encode"}

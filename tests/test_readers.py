@@ -60,7 +60,7 @@ def make_run(root, image_augmentation: dict, keys: list[str], per_shard: int = 4
                 values, ids = sparsify(torch.softmax(logits, -1), TOPK)
                 sample = ReinforcedSample(key=key, image_ext="jpg" if keys.index(key) % 2 else "png",
                                           image=images[key], label=label, entries=entries, values=values, ids=ids)
-                members = encode_sample(sample, NUM_CLASSES)
+                members = encode_sample(sample, NUM_CLASSES, compress_params=False)
                 if tamper:
                     tamper(key, members)
                 writer.write(key, members)

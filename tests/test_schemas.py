@@ -91,9 +91,12 @@ def test_sample_layout_roundtrip_and_errors():
     values, ids = sparsify(torch.softmax(torch.randn(2, 10), -1), 3)
     sample = ReinforcedSample("k1", "jpg", b"\xff\xd8jpeg", 3, [[[0, 0, 5, 5]], [[1, 1, 4, 4]]], values, ids, {"height": 5})
     members = encode_sample(sample, 10)
-    assert list(members) == ["jpg", "cls", "json", "paug.json", "prob.npz"]
+    assert list(members) == ["jpg", "cls", "json", "paug.json.gz", "prob.npz"]
     back = decode_sample({"__key__": "k1", **members})
     assert back.label == 3 and back.entries == sample.entries and back.meta["sha256"]
+    plain = encode_sample(sample, 10, compress_params=False)
+    assert "paug.json" in plain and decode_sample({"__key__": "k1", **plain}).entries == sample.entries
+    assert encode_sample(sample, 10) == members  # deterministic bytes (gzip without a timestamp)
     del members["prob.npz"]
     with pytest.raises(SchemaError, match="prob.npz"):
         decode_sample({"__key__": "k1", **members})

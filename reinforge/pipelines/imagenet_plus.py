@@ -48,9 +48,8 @@ class ImageNetPlusPipeline(Pipeline):
         return self.source.read(task)
 
     def samples_per_batch(self) -> int:
-        # enough images that the largest teacher batch is filled with their N views
-        views = max(t.batch_size for t in self.recipe.teachers)
-        return max(1, views // self.recipe.augmentation.num_samples)
+        # fixed by the recipe, not by teacher batch sizes: mixing partners are drawn from this batch
+        return self.recipe.augmentation.samples_per_batch
 
     def build_stages(self) -> list[Stage]:
         r = self.recipe
@@ -61,7 +60,7 @@ class ImageNetPlusPipeline(Pipeline):
             ParseLabel(teachers.num_classes),
             Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed),
             teachers,
-            EncodeImageNetPlus(teachers.num_classes),
+            EncodeImageNetPlus(teachers.num_classes, r.augmentation.compress_params),
         ]
 
     def prepare_run(self, layout: RunLayout) -> None:

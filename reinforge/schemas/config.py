@@ -53,6 +53,10 @@ class Teacher(Strict):
 class Augmentation(Strict):
     num_samples: int = Field(10, ge=1, description="N stored augmentations per image")
     image_augmentation: dict[str, Any]
+    samples_per_batch: int = Field(
+        8, ge=1, description="images augmented together; MixUp/CutMix partners come from the same batch. "
+                             "Memory: samples_per_batch x num_samples views are held at once")
+    compress_params: bool = Field(True, description="store paug.json.gz instead of paug.json")
 
 
 class ImageNetPlusRecipe(Strict):

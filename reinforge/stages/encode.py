@@ -8,8 +8,9 @@ from reinforge.stages.base import MapStage
 class EncodeImageNetPlus(MapStage):
     name = "encode"
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, compress_params: bool = True):
         self.num_classes = num_classes
+        self.compress_params = compress_params
 
     def process(self, sample: dict) -> dict:
         image = sample["image"]
@@ -20,4 +21,4 @@ class EncodeImageNetPlus(MapStage):
             key=sample["__key__"], image_ext=sample["image_ext"], image=sample["image_bytes"],
             label=sample["label"], entries=sample["entries"], values=sample["values"], ids=sample["ids"],
             meta=meta)
-        return {"__key__": sample["__key__"], "members": encode_sample(record, self.num_classes)}
+        return {"__key__": sample["__key__"], "members": encode_sample(record, self.num_classes, self.compress_params)}
