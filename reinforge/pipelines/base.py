@@ -28,5 +28,10 @@ class Pipeline:
     def samples_per_batch(self) -> int:
         raise NotImplementedError
 
+    def sidecars(self, task: Task, samples_out: int) -> dict[str, bytes]:
+        """Extra per-task files, relative to the run directory (e.g. DataComp's shards/<id>_stats.json);
+        committed after the shard and before the manifest, and listed in the manifest's outputs."""
+        return {}
+
     def prepare_run(self, layout: RunLayout) -> None:
         """Driver-side, before any task: write run-level files (e.g. the trainer's config)."""

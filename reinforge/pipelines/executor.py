@@ -6,6 +6,7 @@ failed/<task>.json with the reason (and the errors file) so that `status` can sh
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import platform
@@ -103,9 +104,13 @@ class TaskExecutor:
         except (ShardReadError, TaskFailed) as exc:
             return self._fail(task, str(exc), samples_in, errors, started)
         self._write_errors(task, errors)
+        outputs = [OutputFile(self._relative(shard_url), out.bytes, out.sha256.hexdigest(), samples_out)]
+        for relative, data in self.pipeline.sidecars(task, samples_out).items():
+            write_bytes(f"{self.layout.root.rstrip('/')}/{relative}", data)
+            outputs.append(OutputFile(relative, len(data), hashlib.sha256(data).hexdigest(), 0))
         manifest = TaskManifest(
             task_id=task.id, inputs=list(task.inputs) if len(task.inputs) <= 1 else [task.inputs[0], f"... {len(task.inputs)} files"],
-            outputs=[OutputFile(shard_url[len(self.layout.root.rstrip('/')) + 1:], out.bytes, out.sha256.hexdigest(), samples_out)],
+            outputs=outputs,
             samples_in=samples_in, samples_out=samples_out, config_digest=self.config_digest,
             versions=self.versions, stages=stats, started_at=started, seconds=time.time() - started,
             worker=worker_identity())
@@ -113,6 +118,9 @@ class TaskExecutor:
         remove(self.layout.failure(task.id))
         return {"task": task.id, "status": "done", "samples_in": samples_in, "samples_out": samples_out,
                 "errors": len(errors)}
+
+    def _relative(self, url: str) -> str:
+        return url[len(self.layout.root.rstrip("/")) + 1:]
 
     def _write_errors(self, task: Task, errors: list[SampleError]) -> None:
         if errors:
