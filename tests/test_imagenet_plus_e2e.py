@@ -122,6 +122,14 @@ def test_output_is_byte_identical_whatever_the_pool_size(reference_run, inputs, 
     assert shard_bytes(out) == shard_bytes(reference_run)
 
 
+def test_output_is_byte_identical_with_prep_threads_and_overlap(reference_run, inputs, tmp_path, local_ray):
+    """Two decode/augment threads per actor, preparing the next batch while the teachers run."""
+    out = tmp_path / "run"
+    resources = {"num_actors": 1, "cpus_per_actor": 2, "overlap_prep": True, "object_store_memory_mb": 256}
+    run_recipe(parse_recipe(tiny_recipe(inputs, out, resources=resources)), progress=False)
+    assert shard_bytes(out) == shard_bytes(reference_run)
+
+
 def test_bad_inputs_are_counted_skips_or_failed_tasks(tmp_path, local_ray):
     folder = tmp_path / "in"
     folder.mkdir()

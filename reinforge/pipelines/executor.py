@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import queue
+import threading
 import json
 import platform
 import time
 from dataclasses import asdict
+from typing import Iterator
 
 from reinforge.pipelines.base import Pipeline
 from reinforge.pipelines.sources import Task
@@ -57,8 +60,44 @@ def batched(iterable, n: int):
         yield chunk
 
 
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run `iterator` in a background thread, `depth` items ahead; its exceptions re-raise here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(item)
+            items.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            items.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
 class TaskExecutor:
-    def __init__(self, pipeline: Pipeline, layout: RunLayout, config_digest: str, max_error_fraction: float):
+    """Holds a pipeline's stages for the life of a worker. With `overlap`, the stages before the first
+    model stage (decode, augment) prepare the next batch in a thread while the model runs on this one."""
+
+    def __init__(self, pipeline: Pipeline, layout: RunLayout, config_digest: str, max_error_fraction: float,
+                 overlap: bool = False):
         self.pipeline = pipeline
         self.layout = layout
         self.config_digest = config_digest
@@ -66,12 +105,20 @@ class TaskExecutor:
         self.stages = pipeline.build_stages()
         for stage in self.stages:
             stage.setup()
+        first_model = next((i for i, s in enumerate(self.stages) if s.is_model), len(self.stages))
+        self.prep, self.rest = self.stages[:first_model], self.stages[first_model:]
+        self.overlap = overlap
         self.versions = library_versions()
         for stage in self.stages:
             self.versions.update(stage.versions())
 
-    def _run_stages(self, batch: Batch, stats: dict[str, StageStats]) -> Batch:
-        for stage in self.stages:
+    def _prepared(self, task: Task, stats: dict[str, StageStats]) -> Iterator[tuple[int, Batch]]:
+        for chunk in batched(self.pipeline.read(task), self.pipeline.samples_per_batch()):
+            yield len(chunk), self._run_stages(self.prep, Batch(chunk), stats)
+
+    @staticmethod
+    def _run_stages(stages: list, batch: Batch, stats: dict[str, StageStats]) -> Batch:
+        for stage in stages:
             started, n_in, n_err = time.perf_counter(), len(batch.samples), len(batch.errors)
             batch = stage(batch)
             st = stats[stage.name]
@@ -91,9 +138,10 @@ class TaskExecutor:
         try:
             with atomic_open(shard_url) as out:
                 with ShardWriter(out) as writer:
-                    for chunk in batched(self.pipeline.read(task), self.pipeline.samples_per_batch()):
-                        samples_in += len(chunk)
-                        batch = self._run_stages(Batch(chunk), stats)
+                    prepared = self._prepared(task, stats)
+                    for n_read, batch in (prefetch(prepared) if self.overlap else prepared):
+                        samples_in += n_read
+                        batch = self._run_stages(self.rest, batch, stats)
                         errors.extend(batch.errors)
                         for sample in batch.samples:
                             writer.write(sample["__key__"], sample["members"])

@@ -55,10 +55,11 @@ class ImageNetPlusPipeline(Pipeline):
         r = self.recipe
         teachers = TeacherEnsemble(r.teachers, r.top_k, r.temperature, r.precision)
         teachers.setup()  # num_classes comes from the loaded models
+        threads = max(1, int(r.resources.cpus_per_actor))  # output does not depend on it
         return [
-            DecodeImage(r.input.max_image_pixels),
+            DecodeImage(r.input.max_image_pixels, threads),
             ParseLabel(teachers.num_classes),
-            Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed),
+            Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed, threads),
             teachers,
             EncodeImageNetPlus(teachers.num_classes, r.augmentation.compress_params),
         ]

@@ -97,8 +97,11 @@ def _worker_class():
             from reinforge.schemas.config import parse_recipe
             torch.set_num_threads(threads)
             recipe = parse_recipe(recipe_json)
+            overlap = recipe.resources.overlap_prep
+            if overlap is None:
+                overlap = recipe.resources.gpus_per_actor > 0
             self.executor = TaskExecutor(build_pipeline(recipe), RunLayout(recipe.output),
-                                         config_digest(recipe), recipe.max_error_fraction)
+                                         config_digest(recipe), recipe.max_error_fraction, overlap)
 
         def ready(self) -> bool:
             return True

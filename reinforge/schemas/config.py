@@ -30,6 +30,9 @@ class Resources(Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     tasks_in_flight_per_actor: int = Field(2, ge=1)
+    overlap_prep: Optional[bool] = Field(
+        None, description="prepare the next batch (decode, augment) in a thread while the model runs; "
+                          "default: on when the actor has a GPU")
     object_store_memory_mb: int = Field(1024, ge=100, description="cap for an embedded local Ray")
 
 

@@ -11,16 +11,18 @@ import random
 import torch
 
 from reinforge.schemas.augment import Augmenter, entry_seed
-from reinforge.stages.base import Batch, Stage, sample_error
+from reinforge.stages.base import Batch, MapStage
 
 
-class Augment(Stage):
+class Augment(MapStage):
     name = "augment"
 
-    def __init__(self, image_augmentation: dict, num_samples: int, seed: int):
+    def __init__(self, image_augmentation: dict, num_samples: int, seed: int, threads: int = 1):
         self.augmenter = Augmenter(image_augmentation)
         self.num_samples = num_samples
         self.seed = seed
+        self.threads = threads
+        self._batch: list[dict] = []
 
     def _views(self, sample: dict, batch: list[dict]) -> tuple[list, torch.Tensor]:
         entries, views = [], []
@@ -39,12 +41,13 @@ class Augment(Stage):
             entries.append(entry)
         return entries, torch.stack(views)
 
+    def process(self, sample: dict) -> dict:
+        sample["entries"], sample["views"] = self._views(sample, self._batch)
+        return sample
+
     def __call__(self, batch: Batch) -> Batch:
-        kept, errors = [], list(batch.errors)
-        for sample in batch.samples:
-            try:
-                sample["entries"], sample["views"] = self._views(sample, batch.samples)
-                kept.append(sample)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(sample_error(sample, self.name, exc))
-        return Batch(kept, errors)
+        self._batch = batch.samples  # the mixing partners; read-only while samples are processed
+        try:
+            return super().__call__(batch)
+        finally:
+            self._batch = []

@@ -5,6 +5,7 @@ Per-sample failures never escape a stage: the sample is dropped from the batch a
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 
@@ -41,6 +42,7 @@ class Batch:
 class Stage:
     name: str = "stage"
     resources: Resources = Resources()
+    is_model: bool = False  # stages before the first model stage may prepare the next batch concurrently
 
     def setup(self) -> None:
         """Load models/resources; called once per worker before the first batch."""
@@ -60,16 +62,27 @@ def sample_error(sample: dict, stage: str, exc: BaseException) -> SampleError:
 
 
 class MapStage(Stage):
-    """A stage that transforms samples one at a time."""
+    """A stage that transforms samples independently, on `threads` threads (PIL decoding and torch
+    ops release the GIL); results keep the batch order, so output does not depend on `threads`."""
+
+    threads: int = 1
+    _pool: ThreadPoolExecutor | None = None
 
     def process(self, sample: dict) -> dict:
         raise NotImplementedError
 
+    def _attempt(self, sample: dict) -> tuple[dict | None, SampleError | None]:
+        try:
+            return self.process(sample), None
+        except Exception as exc:  # noqa: BLE001 - any per-sample failure is counted, never fatal
+            return None, sample_error(sample, self.name, exc)
+
     def __call__(self, batch: Batch) -> Batch:
-        kept, errors = [], list(batch.errors)
-        for sample in batch.samples:
-            try:
-                kept.append(self.process(sample))
-            except Exception as exc:  # noqa: BLE001 - any per-sample failure is counted, never fatal
-                errors.append(sample_error(sample, self.name, exc))
-        return Batch(kept, errors)
+        if self.threads > 1 and len(batch.samples) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name)
+            results = list(self._pool.map(self._attempt, batch.samples))
+        else:
+            results = [self._attempt(s) for s in batch.samples]
+        kept = [sample for sample, _ in results if sample is not None]
+        return Batch(kept, batch.errors + [error for _, error in results if error is not None])

@@ -8,8 +8,9 @@ from reinforge.stages.base import MapStage, SkipSample
 class DecodeImage(MapStage):
     name = "decode"
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 1):
         self.max_pixels = max_pixels
+        self.threads = threads
 
     def process(self, sample: dict) -> dict:
         if "__error__" in sample:  # the reader could not read this sample's member(s)

@@ -94,6 +94,7 @@ def ensemble_num_classes(teachers: list[Teacher]) -> int:
 
 class TeacherEnsemble(Stage):
     name = "teachers"
+    is_model = True
 
     def __init__(self, teachers: list[Teacher], top_k: int, temperature: float = 1.0,
                  precision: str = "float32", device: str | None = None):

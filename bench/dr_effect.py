@@ -1,0 +1,446 @@
+"""Does a reinforced dataset help? Dataset Reinforcement (ImageNet+) in miniature, all on CPU.
+
+1. Data: scikit-learn digits (8x8, 0..16) upsampled to 32x32 PNG files; stratified train/test split;
+   a stratified fraction of train is the (data-limited) student training subset.
+2. Teachers: small timm CNNs trained here on the full train split, saved as local checkpoints and
+   loaded by the ImageNet+ pipeline exactly as a user would (`teachers: [{model, checkpoint}]`).
+3. Reinforcement: the student subset, written as WebDataset shards (png + cls), goes through the
+   real pipeline (`run_recipe`) on an embedded local Ray: N stored augmentations per image
+   (RRC + RandAugment, no flip: digits are not mirror-symmetric), teacher ensemble top-k
+   probabilities; once without and once with MixUp/CutMix.
+4. Students (one timm architecture, same steps / optimizer / batch / augmentation family):
+     a  plain labels, the same augmentations drawn live, one-hot targets
+     b  reinforced shards: ReinforcedImageNet(run_dir, mode="random") + kd_loss
+     c  control: b with each replayed view given the stored target of a *different* stored
+        augmentation of the same image (misaligned)
+     d  online KD: live augmentations, teacher ensemble forward every step (what the shards save)
+   "+mix" rows use the MixUp/CutMix run (b, c) or draw MixUp/CutMix live (a: mixed one-hot, d).
+5. Prints (and writes to bench/results/) test accuracy mean ± std over seeds, training wall time,
+   and the teachers' own accuracy.
+
+Run: ../shared/tools/offline .venv/bin/python bench/dr_effect.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from conftest import write_shard  # noqa: E402  the tests' WebDataset shard writer
+
+from reinforge.readers import ReinforcedImageNet, kd_loss  # noqa: E402
+from reinforge.schemas.augment import Augmenter  # noqa: E402
+from reinforge.schemas.image import decode_rgb  # noqa: E402
+from reinforge.schemas.imagenet_plus import densify  # noqa: E402
+
+NUM_CLASSES = 10
+MEAN_STD = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+ARM_NAMES = {
+    "a": "(a) plain labels, live aug",
+    "a+mix": "(a) plain labels, live aug + MixUp/CutMix",
+    "b": "(b) reinforced shards (KD from stored top-k)",
+    "b+mix": "(b) reinforced shards + MixUp/CutMix",
+    "c": "(c) control: misaligned stored targets",
+    "c+mix": "(c) control: misaligned + MixUp/CutMix",
+    "d": "(d) online KD, live teachers every step",
+    "d+mix": "(d) online KD + MixUp/CutMix",
+}
+
+
+def augmentation(size: int, scale: tuple[float, float], mix: bool) -> dict:
+    aug = {"random_resized_crop": {"size": size, "scale": list(scale)},
+           "rand_augment": {"p": 1.0},
+           "normalize": MEAN_STD}
+    if mix:  # as ImageNet+: MixUp alpha 1 (lam / 2, p 0.5) or CutMix alpha 1 (p 0.5)
+        aug.update({"mixup": {"alpha": 1.0, "p": 0.5, "div_by": 2.0}, "cutmix": {"alpha": 1.0, "p": 0.5}})
+    return aug
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. data
+
+def digit_png(x: np.ndarray, size: int) -> bytes:
+    from PIL import Image
+    img = Image.fromarray(np.round(x.reshape(8, 8) * (255.0 / 16.0)).astype(np.uint8), "L")
+    buf = io.BytesIO()
+    img.resize((size, size), Image.BICUBIC).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_data(work: str, size: int, subset_fraction: float, shards: int) -> dict:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    X, y = load_digits(return_X_y=True)
+    idx = np.arange(len(y))
+    train_idx, test_idx = train_test_split(idx, test_size=0.3, stratify=y, random_state=0)
+    subset_idx, _ = train_test_split(train_idx, train_size=subset_fraction, stratify=y[train_idx], random_state=0)
+    data = {}
+    for split, ids in (("train", train_idx), ("test", test_idx), ("subset", subset_idx)):
+        files = []
+        for i in sorted(ids.tolist()):
+            folder = os.path.join(work, "digits", "train" if split == "subset" else split, str(y[i]))
+            path = os.path.join(folder, f"{i:04d}.png")
+            if split != "subset":  # real image files, ImageFolder layout
+                os.makedirs(folder, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(digit_png(X[i], size))
+            files.append((i, path, int(y[i])))
+        data[split] = files
+    # the student subset as WebDataset input shards: png + cls members, read from the files above
+    folder = os.path.join(work, "input")
+    os.makedirs(folder, exist_ok=True)
+    per = math.ceil(len(data["subset"]) / shards)
+    for s in range(shards):
+        write_shard(os.path.join(folder, f"subset-{s:04d}.tar"), [
+            (f"digit{i:04d}", {"png": open(path, "rb").read(), "cls": str(label).encode()})
+            for i, path, label in data["subset"][s * per:(s + 1) * per]])
+    data["input_path"] = os.path.join(folder, f"subset-{{0000..{shards - 1:04d}}}.tar")
+    return data
+
+
+def load_images(files: list) -> tuple[list[torch.Tensor], list[int]]:
+    images, labels = [], []
+    for _, path, label in files:
+        with open(path, "rb") as f:
+            images.append(decode_rgb(f.read()))  # the reader's own decoder
+        labels.append(label)
+    return images, labels
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets: item i of epoch e -> (float view CHW, dense target [C])
+
+class LiveAugmented(torch.utils.data.Dataset):
+    """The Augmenter config drawn live: a fresh random.Random per (seed, epoch, item); one-hot targets
+    (mixed by the drawn lam when MixUp/CutMix fire, the partner drawn from the whole set)."""
+
+    def __init__(self, images: list[torch.Tensor], labels: list[int], image_augmentation: dict, seed: int):
+        self.images, self.labels, self.seed, self.epoch = images, labels, seed, 0
+        self.augmenter = Augmenter(image_augmentation)
+        self.layout = self.augmenter.layout()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        rng = random.Random(f"live:{self.seed}:{self.epoch}:{i}")
+        target = F.one_hot(torch.tensor(self.labels[i]), NUM_CLASSES).float()
+        if not self.augmenter.uses_partner:
+            _, view = self.augmenter.augment(rng, self.images[i])
+            return view, target
+        p = (i + 1 + rng.randrange(len(self.images) - 1)) % len(self.images)
+        entry, view = self.augmenter.augment(rng, self.images[i], p, self.images[p])
+        if entry[0] is not None:
+            slots = dict(zip(self.layout, entry))
+            lam = slots["mixup"] if slots.get("mixup") is not None else slots["cutmix"][0]
+            target = lam * target + (1 - lam) * F.one_hot(torch.tensor(self.labels[p]), NUM_CLASSES).float()
+        return view, target
+
+
+class MisalignedTargets(torch.utils.data.Dataset):
+    """Control (c): the view replays stored augmentation j (exactly as ReinforcedImageNet does), the
+    target is the stored probabilities of another augmentation j' != j of the same image."""
+
+    def __init__(self, base: ReinforcedImageNet):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, i: int):
+        view, _ = self.base[i]
+        sample = self.base.sample(i)
+        n = sample.num_augmentations
+        j = self.base.choose(i, n)  # the augmentation base[i] just replayed (p_plain = 0)
+        rng = random.Random(f"misaligned:{self.base.seed}:{self.base.epoch}:{i}")
+        other = (j + 1 + rng.randrange(n - 1)) % n
+        return view, densify(sample.values[other], sample.ids[other], self.base.num_classes)
+
+
+class Epochs(torch.utils.data.Dataset):
+    """Global index epoch * n + i -> dataset.set_epoch(epoch); dataset[i]. Works in persistent workers."""
+
+    def __init__(self, dataset):
+        self.dataset, self.n = dataset, len(dataset)
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, g: int):
+        epoch, i = divmod(g, self.n)
+        if epoch != getattr(self.dataset, "epoch", None):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[i]
+
+
+class EpochPermutations(torch.utils.data.Sampler):
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            yield from (epoch * self.n + torch.randperm(self.n, generator=g)).tolist()
+            epoch += 1
+
+
+def batches(dataset, batch_size: int, seed: int, workers: int):
+    loader = torch.utils.data.DataLoader(
+        Epochs(dataset), batch_sampler=torch.utils.data.BatchSampler(EpochPermutations(len(dataset), seed),
+                                                                     batch_size, drop_last=True),
+        num_workers=workers, persistent_workers=workers > 0)
+    return iter(loader)
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_model(name: str, seed: int) -> torch.nn.Module:
+    import timm
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=NUM_CLASSES)
+
+
+def train(model: torch.nn.Module, data, steps: int, lr: float, weight_decay: float, teachers=None) -> float:
+    """AdamW, linear warm-up then cosine; loss = kd_loss(logits, target) (= cross-entropy for one-hot).
+    With `teachers`, the target is replaced by the ensemble's probabilities of the same views."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+    model.train()
+    started = time.perf_counter()
+    for _ in range(steps):
+        x, target = next(data)
+        if teachers is not None:
+            target = teachers.probabilities(x).clone()  # clone: out of inference mode
+        loss = kd_loss(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def predict_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat([torch.softmax(model(x[s:s + 512]), -1) for s in range(0, len(x), 512)])
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((probs.argmax(-1) == labels).float().mean()) * 100
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. reinforcement with the real pipeline
+
+def reinforce(work: str, name: str, input_path: str, teachers: list[dict], image_augmentation: dict,
+              num_samples: int, top_k: int) -> tuple[str, float]:
+    from reinforge.pipelines.runner import run_recipe
+    from reinforge.schemas.config import parse_recipe
+    output = os.path.join(work, name)
+    recipe = parse_recipe({
+        "product": "imagenet_plus", "output": output, "seed": 0,
+        "input": {"format": "webdataset", "path": input_path},
+        "augmentation": {"num_samples": num_samples, "image_augmentation": image_augmentation},
+        "teachers": teachers, "top_k": top_k,
+        "resources": {"num_actors": 2, "cpus_per_actor": 1, "object_store_memory_mb": 256},
+    })
+    started = time.perf_counter()
+    summary = run_recipe(recipe, progress=False)
+    if not summary.ok or summary.errors:
+        raise SystemExit(f"reinforcement {name} failed: {summary}")
+    return output, time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------------
+
+def fmt(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="~2 minute version: fewer steps, N and arms")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, help="student training steps (same for every arm)")
+    p.add_argument("--teacher-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--student", default="test_resnet")
+    p.add_argument("--teachers", default="resnet10t,mobilenetv3_small_100")
+    p.add_argument("--num-samples", type=int, help="N stored augmentations per image")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--scale", type=float, nargs=2, default=(0.35, 1.0), help="RandomResizedCrop scale")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--subset-fraction", type=float, default=0.25)
+    p.add_argument("--arms", help="comma list of " + ",".join(ARM_NAMES))
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: load in the training process)")
+    p.add_argument("--work", help="working folder (default: a temporary one, removed afterwards)")
+    p.add_argument("--out", help="markdown result file (default bench/results/dr_effect[_quick].md)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    steps = args.steps or (150 if quick else 400)
+    teacher_steps = args.teacher_steps or (200 if quick else 300)
+    num_samples = args.num_samples or (32 if quick else 64)
+    arms = (args.arms or ("a,b,c,d,b+mix" if quick else "a,b,c,d,a+mix,b+mix,c+mix,d+mix")).split(",")
+    unknown = [a for a in arms if a not in ARM_NAMES]
+    if unknown:
+        p.error(f"unknown arms {unknown}")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"dr_effect{'_quick' if quick else ''}.md")
+    command = "../shared/tools/offline .venv/bin/python bench/dr_effect.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    torch.set_num_threads(2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.perf_counter()
+    work = args.work or tempfile.mkdtemp(prefix="dr-effect-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        seed_everything(0)
+        data = make_data(work, args.size, args.subset_fraction, shards=4)
+        train_images, train_labels = load_images(data["train"])
+        subset_images, subset_labels = load_images(data["subset"])
+        test_images, test_labels = load_images(data["test"])
+        plain = Augmenter(augmentation(args.size, args.scale, False))
+        test_x = torch.stack([plain.plain(im) for im in test_images])
+        test_y = torch.tensor(test_labels)
+        print(f"digits at {args.size}px: train {len(train_images)}, test {len(test_images)}, "
+              f"student subset {len(subset_images)} ({args.subset_fraction:.0%} of train)", flush=True)
+
+        # 2. teachers, trained on the full train split, saved as user checkpoints
+        teacher_specs, teacher_acc, teacher_probs = [], {}, []
+        t0 = time.perf_counter()
+        for k, name in enumerate(args.teachers.split(",")):
+            seed_everything(1000 + k)
+            model = make_model(name, 1000 + k)
+            live = LiveAugmented(train_images, train_labels, augmentation(args.size, args.scale, False), 1000 + k)
+            seconds = train(model, batches(live, args.batch_size, 1000 + k, args.workers), teacher_steps,
+                            args.lr, args.weight_decay)
+            path = os.path.join(work, "teachers", f"{name}.pth")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(model.state_dict(), path)
+            probs = predict_probs(model, test_x)
+            teacher_probs.append(probs)
+            teacher_acc[name] = accuracy(probs, test_y)
+            teacher_specs.append({"model": name, "num_classes": NUM_CLASSES, "checkpoint": path, "batch_size": 256})
+            print(f"teacher {name}: test acc {teacher_acc[name]:.2f}% ({teacher_steps} steps, {seconds:.0f}s)", flush=True)
+        teacher_acc["ensemble"] = accuracy(torch.stack(teacher_probs).mean(0), test_y)
+        teacher_seconds = time.perf_counter() - t0
+        print(f"teacher ensemble: test acc {teacher_acc['ensemble']:.2f}%", flush=True)
+
+        # 3. reinforce the student subset with the real pipeline on local Ray
+        import ray
+
+        from reinforge.pipelines.ray_session import start_local_ray
+        run_dirs, reinforce_seconds = {}, {}
+        t0 = time.perf_counter()
+        start_local_ray(num_cpus=2, object_store_memory_mb=256)
+        try:
+            for mix in sorted({a.endswith("+mix") for a in arms if a[0] in "bc"}):
+                name = "run-mix" if mix else "run"
+                run_dirs[mix], reinforce_seconds[name] = reinforce(
+                    work, name, data["input_path"], teacher_specs, augmentation(args.size, args.scale, mix),
+                    num_samples, args.top_k)
+                print(f"reinforced {len(subset_images)} images x N={num_samples} ({name}): "
+                      f"{reinforce_seconds[name]:.0f}s", flush=True)
+        finally:
+            ray.shutdown()
+        ray_seconds = time.perf_counter() - t0
+
+        from reinforge.schemas.config import Teacher
+        from reinforge.stages.teachers import TeacherEnsemble
+        ensemble = TeacherEnsemble([Teacher(**t) for t in teacher_specs], top_k=NUM_CLASSES, device="cpu")
+        ensemble.setup()
+
+        # 4. students
+        results: dict[str, list[float]] = {a: [] for a in arms}
+        seconds: dict[str, list[float]] = {a: [] for a in arms}
+        for seed in range(args.seeds):
+            for arm in arms:
+                kind, mix = arm[0], arm.endswith("+mix")
+                seed_everything(seed)
+                if kind in "ad":
+                    dataset = LiveAugmented(subset_images, subset_labels, augmentation(args.size, args.scale, mix), seed)
+                else:
+                    dataset = ReinforcedImageNet(run_dirs[mix], mode="random", seed=seed)
+                    if kind == "c":
+                        dataset = MisalignedTargets(dataset)
+                model = make_model(args.student, seed)
+                s = train(model, batches(dataset, args.batch_size, seed, args.workers), steps, args.lr,
+                          args.weight_decay, teachers=ensemble if kind == "d" else None)
+                acc = accuracy(predict_probs(model, test_x), test_y)
+                results[arm].append(acc)
+                seconds[arm].append(s)
+                print(f"seed {seed} {arm:6s} test acc {acc:6.2f}%  train {s:5.1f}s", flush=True)
+        total = time.perf_counter() - t_start
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # 5. report
+    lines = [
+        f"Student `{args.student}` on {len(subset_images)} digits ({args.subset_fraction:.0%} of the "
+        f"{len(train_images)}-image train split), {args.size}px; test set {len(test_images)} images. "
+        f"{steps} steps x batch {args.batch_size}, AdamW lr {args.lr} wd {args.weight_decay}, cosine; "
+        f"{args.seeds} seeds (mean ± sample std).",
+        f"Augmentations: RandomResizedCrop({args.size}, scale={tuple(args.scale)}) + RandAugment(2 ops, m9), "
+        f"no flip; +mix adds MixUp (alpha 1, lam/2, p 0.5) / CutMix (alpha 1, p 0.5). "
+        f"Reinforced shards: N={num_samples} stored augmentations per image, top-{args.top_k} of "
+        f"{NUM_CLASSES} classes (rest of the mass spread uniformly by the reader).",
+        "",
+        "| arm | test acc % | train wall s |",
+        "|---|---|---|",
+    ]
+    for arm in arms:
+        lines.append(f"| {ARM_NAMES[arm]} | {fmt(results[arm])} | {statistics.mean(seconds[arm]):.1f} |")
+    lines += ["", "| teacher (trained on the full train split) | test acc % |", "|---|---|"]
+    lines += [f"| {name} | {acc:.2f} |" for name, acc in teacher_acc.items()]
+    lines.append("")
+    for mix in ("", "+mix"):
+        if f"b{mix}" in seconds and f"d{mix}" in seconds:
+            b, d = statistics.mean(seconds[f"b{mix}"]), statistics.mean(seconds[f"d{mix}"])
+            lines.append(f"- training cost{mix or ''}: (b) {b:.1f}s vs (d) {d:.1f}s per student = {b / d:.2f}x")
+    lines.append(f"- one-off costs: teachers {teacher_seconds:.0f}s; reinforcement "
+                 + ", ".join(f"{k} {v:.0f}s" for k, v in reinforce_seconds.items())
+                 + f" (Ray start/stop included: {ray_seconds:.0f}s in all); whole benchmark {total:.0f}s")
+    text = "\n".join(lines)
+    print("\n" + text)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(f"# Dataset Reinforcement in miniature (bench/dr_effect.py)\n\nCommand (from the repository root, "
+                f"2 CPU cores, no GPU):\n\n    {command.strip()}\n\n{text}\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
