@@ -173,3 +173,27 @@ def test_bad_inputs_are_counted_skips_or_failed_tasks(tmp_path, local_ray):
     assert [n for n in os.listdir(out / "shards") if n.startswith(".tmp-")] == []
     checked, problems = validate_run(str(out), sample_checker(str(out)))
     assert problems == [] and checked == 9
+
+
+def test_imagefolder_input_keys_by_dataset_index(tmp_path, local_ray):
+    """ImageFolder order (sorted classes, sorted files): key = dataset index, cls = class index."""
+    from reinforge.pipelines.export_mldr import export_ml_dr
+    from reinforge.readers.imagenet_plus import ReinforcedImageNet
+    root = tmp_path / "folder"
+    for c, name in enumerate(["cat", "cup", "rocket"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            (root / name / f"img{i}.jpg").write_bytes(jpeg_bytes(photo(c * 3 + i)))
+    (root / "cup" / "notes.txt").write_text("not an image")
+    out = tmp_path / "run"
+    recipe = tiny_recipe(str(root), out, input={"format": "imagefolder", "path": str(root), "samples_per_task": 4})
+    summary = run_recipe(parse_recipe(recipe), progress=False)
+    assert summary.ok and summary.tasks == 3 and summary.samples == 9
+    dataset = ReinforcedImageNet(str(out))
+    samples = [dataset.sample(i) for i in range(len(dataset))]
+    assert [s.key for s in samples] == [f"{i:08d}" for i in range(9)]
+    assert [s.label for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert samples[4].meta["source"] == "cup/img1.jpg"
+    counts = export_ml_dr(str(out), str(tmp_path / "mldr"))
+    assert counts == {"images": 9, "augmentations": 36}
+    assert (tmp_path / "mldr" / "8.pth.tar").exists()

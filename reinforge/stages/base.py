@@ -9,13 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
-class Resources:
-    cpus: float = 1.0
-    gpus: float = 0.0
-    batch_size: int = 64  # the model batch, independent of how many samples a task holds
-
-
 class SkipSample(Exception):
     """Raised inside a stage for an expected per-sample failure, with a short machine-readable reason."""
 
@@ -40,8 +33,10 @@ class Batch:
 
 
 class Stage:
+    """Pool resources (cpus, gpus per actor) are declared in the recipe's `resources`, model batch
+    sizes per model (e.g. `teachers[i].batch_size`), separate from how many samples a task holds."""
+
     name: str = "stage"
-    resources: Resources = Resources()
     is_model: bool = False  # stages before the first model stage may prepare the next batch concurrently
 
     def setup(self) -> None:
