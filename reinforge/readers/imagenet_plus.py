@@ -41,7 +41,7 @@ def shard_urls(run_dir: str) -> list[str]:
     manifests = [TaskManifest.from_json(_read_text(join(layout.root, "manifests", n))) for n in names]
     urls = []
     for manifest in sorted(manifests, key=lambda m: m.task_id):
-        urls.extend(join(layout.root, out.path) for out in manifest.outputs)
+        urls.extend(join(layout.root, out.path) for out in manifest.outputs if out.path.endswith(".tar"))
     return urls
 
 
