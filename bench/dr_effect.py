@@ -227,15 +227,17 @@ def make_model(name: str, seed: int) -> torch.nn.Module:
     return timm.create_model(name, num_classes=NUM_CLASSES)
 
 
-def train(model: torch.nn.Module, data, steps: int, lr: float, weight_decay: float, teachers=None) -> float:
+def train(model: torch.nn.Module, data, steps: int, lr: float, weight_decay: float,
+          teachers=None) -> tuple[float, float]:
     """AdamW, linear warm-up then cosine; loss = kd_loss(logits, target) (= cross-entropy for one-hot).
-    With `teachers`, the target is replaced by the ensemble's probabilities of the same views."""
+    With `teachers`, the target is replaced by the ensemble's probabilities of the same views.
+    Returns (wall seconds, CPU seconds of this process): the machine is shared, CPU time is steadier."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
     model.train()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         x, target = next(data)
         if teachers is not None:
@@ -245,7 +247,7 @@ def train(model: torch.nn.Module, data, steps: int, lr: float, weight_decay: flo
         loss.backward()
         opt.step()
         sched.step()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 @torch.inference_mode()
@@ -262,10 +264,12 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
 # 3. reinforcement with the real pipeline
 
 def reinforce(work: str, name: str, input_path: str, teachers: list[dict], image_augmentation: dict,
-              num_samples: int, top_k: int) -> tuple[str, float]:
+              num_samples: int, top_k: int, reuse: bool = False) -> tuple[str, float]:
     from reinforge.pipelines.runner import run_recipe
     from reinforge.schemas.config import parse_recipe
     output = os.path.join(work, name)
+    if not reuse:
+        shutil.rmtree(output, ignore_errors=True)
     recipe = parse_recipe({
         "product": "imagenet_plus", "output": output, "seed": 0,
         "input": {"format": "webdataset", "path": input_path},
@@ -298,7 +302,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--student", default="test_resnet")
-    p.add_argument("--teachers", default="resnet10t,mobilenetv3_small_100")
+    p.add_argument("--teachers", default="resnet10t,resnet18")
     p.add_argument("--num-samples", type=int, help="N stored augmentations per image")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--scale", type=float, nargs=2, default=(0.35, 1.0), help="RandomResizedCrop scale")
@@ -307,6 +311,8 @@ def main(argv=None) -> None:
     p.add_argument("--arms", help="comma list of " + ",".join(ARM_NAMES))
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: load in the training process)")
     p.add_argument("--work", help="working folder (default: a temporary one, removed afterwards)")
+    p.add_argument("--reuse", action="store_true", help="with --work: reuse teacher checkpoints and finished "
+                   "runs found there (for iterating on the students; timings of those steps are then meaningless)")
     p.add_argument("--out", help="markdown result file (default bench/results/dr_effect[_quick].md)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -343,12 +349,16 @@ def main(argv=None) -> None:
         for k, name in enumerate(args.teachers.split(",")):
             seed_everything(1000 + k)
             model = make_model(name, 1000 + k)
-            live = LiveAugmented(train_images, train_labels, augmentation(args.size, args.scale, False), 1000 + k)
-            seconds = train(model, batches(live, args.batch_size, 1000 + k, args.workers), teacher_steps,
-                            args.lr, args.weight_decay)
             path = os.path.join(work, "teachers", f"{name}.pth")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(model.state_dict(), path)
+            if args.reuse and os.path.exists(path):
+                model.load_state_dict(torch.load(path, weights_only=True))
+                seconds = 0.0
+            else:
+                live = LiveAugmented(train_images, train_labels, augmentation(args.size, args.scale, False), 1000 + k)
+                seconds = train(model, batches(live, args.batch_size, 1000 + k, args.workers), teacher_steps,
+                                args.lr, args.weight_decay)[0]
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(model.state_dict(), path)
             probs = predict_probs(model, test_x)
             teacher_probs.append(probs)
             teacher_acc[name] = accuracy(probs, test_y)
@@ -370,7 +380,7 @@ def main(argv=None) -> None:
                 name = "run-mix" if mix else "run"
                 run_dirs[mix], reinforce_seconds[name] = reinforce(
                     work, name, data["input_path"], teacher_specs, augmentation(args.size, args.scale, mix),
-                    num_samples, args.top_k)
+                    num_samples, args.top_k, args.reuse)
                 print(f"reinforced {len(subset_images)} images x N={num_samples} ({name}): "
                       f"{reinforce_seconds[name]:.0f}s", flush=True)
         finally:
@@ -385,6 +395,7 @@ def main(argv=None) -> None:
         # 4. students
         results: dict[str, list[float]] = {a: [] for a in arms}
         seconds: dict[str, list[float]] = {a: [] for a in arms}
+        cpu_seconds: dict[str, list[float]] = {a: [] for a in arms}
         for seed in range(args.seeds):
             for arm in arms:
                 kind, mix = arm[0], arm.endswith("+mix")
@@ -396,12 +407,13 @@ def main(argv=None) -> None:
                     if kind == "c":
                         dataset = MisalignedTargets(dataset)
                 model = make_model(args.student, seed)
-                s = train(model, batches(dataset, args.batch_size, seed, args.workers), steps, args.lr,
+                s, cpu = train(model, batches(dataset, args.batch_size, seed, args.workers), steps, args.lr,
                           args.weight_decay, teachers=ensemble if kind == "d" else None)
                 acc = accuracy(predict_probs(model, test_x), test_y)
                 results[arm].append(acc)
                 seconds[arm].append(s)
-                print(f"seed {seed} {arm:6s} test acc {acc:6.2f}%  train {s:5.1f}s", flush=True)
+                cpu_seconds[arm].append(cpu)
+                print(f"seed {seed} {arm:6s} test acc {acc:6.2f}%  train {s:5.1f}s wall, {cpu:5.1f}s CPU", flush=True)
         total = time.perf_counter() - t_start
     finally:
         if not args.work:
@@ -418,18 +430,21 @@ def main(argv=None) -> None:
         f"Reinforced shards: N={num_samples} stored augmentations per image, top-{args.top_k} of "
         f"{NUM_CLASSES} classes (rest of the mass spread uniformly by the reader).",
         "",
-        "| arm | test acc % | train wall s |",
-        "|---|---|---|",
+        "| arm | test acc % | train wall s | train CPU s |",
+        "|---|---|---|---|",
     ]
     for arm in arms:
-        lines.append(f"| {ARM_NAMES[arm]} | {fmt(results[arm])} | {statistics.mean(seconds[arm]):.1f} |")
+        lines.append(f"| {ARM_NAMES[arm]} | {fmt(results[arm])} | {statistics.mean(seconds[arm]):.1f} | "
+                     f"{statistics.mean(cpu_seconds[arm]):.1f} |")
     lines += ["", "| teacher (trained on the full train split) | test acc % |", "|---|---|"]
     lines += [f"| {name} | {acc:.2f} |" for name, acc in teacher_acc.items()]
     lines.append("")
     for mix in ("", "+mix"):
         if f"b{mix}" in seconds and f"d{mix}" in seconds:
             b, d = statistics.mean(seconds[f"b{mix}"]), statistics.mean(seconds[f"d{mix}"])
-            lines.append(f"- training cost{mix or ''}: (b) {b:.1f}s vs (d) {d:.1f}s per student = {b / d:.2f}x")
+            bc, dc = statistics.mean(cpu_seconds[f"b{mix}"]), statistics.mean(cpu_seconds[f"d{mix}"])
+            lines.append(f"- training cost{mix}: (b) {b:.1f}s vs (d) {d:.1f}s wall per student = {b / d:.2f}x "
+                         f"(CPU {bc:.1f}s vs {dc:.1f}s = {bc / dc:.2f}x)")
     lines.append(f"- one-off costs: teachers {teacher_seconds:.0f}s; reinforcement "
                  + ", ".join(f"{k} {v:.0f}s" for k, v in reinforce_seconds.items())
                  + f" (Ray start/stop included: {ray_seconds:.0f}s in all); whole benchmark {total:.0f}s")

@@ -147,3 +147,42 @@ def shard_bytes(run_dir) -> dict[str, bytes]:
 @pytest.fixture(autouse=True)
 def _seeded():
     np.random.seed(0)
+
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY_COCA = {"embed_dim": 64,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32,
+                            "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+             "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                          "embed_cls": True, "output_tokens": True},
+             "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                                "attn_pooler_heads": 2},
+             "custom_text": True}
+_OPEN_CLIP_DIRS: dict[tuple, str] = {}
+
+
+def tiny_open_clip(kind: str = "clip", image_size: int = 32, seed: int = 0) -> str:
+    """A real open_clip model folder (`local-dir:` + config + seeded random weights), as a user's own
+    model directory: every Ray worker loads identical weights. kind: "clip" or "coca"."""
+    import copy
+    import tempfile
+
+    import open_clip
+    import torch
+    key = (kind, image_size, seed)
+    if key not in _OPEN_CLIP_DIRS:
+        cfg = copy.deepcopy(TINY_COCA if kind == "coca" else TINY_CLIP)
+        cfg["vision_cfg"]["image_size"] = image_size
+        folder = tempfile.mkdtemp(prefix=f"reinforge-{kind}-")
+        mean, std = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+        with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+            import json
+            json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std),
+                                                            "interpolation": "bicubic", "resize_mode": "shortest"}}, f)
+        torch.manual_seed(seed)
+        model_cls = open_clip.CoCa if kind == "coca" else open_clip.CLIP
+        model = model_cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
+        torch.save(model.state_dict(), os.path.join(folder, "open_clip_pytorch_model.bin"))
+        _OPEN_CLIP_DIRS[key] = "local-dir:" + folder
+    return _OPEN_CLIP_DIRS[key]

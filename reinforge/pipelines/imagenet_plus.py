@@ -61,7 +61,7 @@ class ImageNetPlusPipeline(Pipeline):
             ParseLabel(teachers.num_classes),
             Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed, threads),
             teachers,
-            EncodeImageNetPlus(teachers.num_classes, r.augmentation.compress_params),
+            EncodeImageNetPlus(teachers.num_classes, r.compress_params),
         ]
 
     def prepare_run(self, layout: RunLayout) -> None:

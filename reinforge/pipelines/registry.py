@@ -10,4 +10,7 @@ def build_pipeline(recipe: BaseModel) -> Pipeline:
     if recipe.product == "imagenet_plus":
         from reinforge.pipelines.imagenet_plus import ImageNetPlusPipeline
         return ImageNetPlusPipeline(recipe)
+    if recipe.product == "mobileclip_dr":
+        from reinforge.pipelines.mobileclip_dr import MobileCLIPPipeline
+        return MobileCLIPPipeline(recipe)
     raise ValueError(f"unknown product {recipe.product!r}")

@@ -59,7 +59,6 @@ class Augmentation(Strict):
     samples_per_batch: int = Field(
         8, ge=1, description="images augmented together; MixUp/CutMix partners come from the same batch. "
                              "Memory: samples_per_batch x num_samples views are held at once")
-    compress_params: bool = Field(True, description="store paug.json.gz instead of paug.json")
 
 
 class ImageNetPlusRecipe(Strict):
@@ -72,6 +71,7 @@ class ImageNetPlusRecipe(Strict):
     temperature: float = Field(1.0, gt=0, description="softmax temperature of each teacher before averaging")
     top_k: int = Field(10, ge=1)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    compress_params: bool = Field(True, description="store paug.json.gz instead of paug.json")
     max_error_fraction: float = Field(0.1, ge=0, le=1, description="a task fails above this fraction of skipped samples")
     resources: Resources = Resources()
 
@@ -90,7 +90,87 @@ class ImageNetPlusRecipe(Strict):
         return self
 
 
-RECIPES: dict[str, type[BaseModel]] = {"imagenet_plus": ImageNetPlusRecipe}
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
+class CaptionerSpec(Strict):
+    """An open_clip CoCa captioner; its captions go to syn.json under `syn_text[_<suffix>]`."""
+    model: str = Field(description="open_clip CoCa name, e.g. coca_ViT-L-14")
+    pretrained: Optional[str] = Field(None, description="tag, hf-hub: id, local checkpoint or pkg: path; None = random init")
+    num_captions: int = Field(5, ge=1)
+    generation: Literal["top_p", "beam_search"] = "top_p"
+    top_p: float = Field(0.9, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    num_beams: int = Field(6, ge=1)
+    max_length: int = Field(30, ge=2)
+    min_length: int = Field(5, ge=0)
+    suffix: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_]+$")
+    batch_size: int = Field(32, ge=1)
+    precision: Precision = "float32"
+
+    @property
+    def syn_key(self) -> str:
+        return "syn_text" if self.suffix is None else f"syn_text_{self.suffix}"
+
+
+class ClipTeacherSpec(Strict):
+    """An open_clip image-text teacher; embeddings are L2-normalised per teacher, then concatenated."""
+    model: str
+    pretrained: Optional[str] = None
+    batch_size: int = Field(64, ge=1)
+    logit_scale: Optional[float] = Field(None, gt=0, description="default: the model's own (100 for random init)")
+    precision: Precision = "float32"
+
+
+class DRStorage(Strict):
+    format: Literal["npz", "pth.gz"] = "npz"
+    dtype: Precision = Field("float16", description="npz: float32/float16; pth.gz: bfloat16 (as DataCompDR)")
+    layout: Literal["legacy", "dfndr"] = Field(
+        "legacy", description="legacy: text_emb = [GT rows + synthetic rows] (one captioner); dfndr: <syn_key>_emb")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DRStorage":
+        if self.format == "npz" and self.dtype == "bfloat16":
+            raise ValueError("npz cannot hold bfloat16: use format pth.gz, or dtype float16/float32")
+        return self
+
+
+class MobileCLIPRecipe(Strict):
+    """MobileCLIP multi-modal reinforcement (DataCompDR / DFNDR shards, FORMATS §2)."""
+    product: Literal["mobileclip_dr"]
+    output: str
+    seed: int = 0
+    input: InputSpec
+    mode: Literal["both", "captions", "embeddings"] = "both"
+    caption_member: str = Field("txt", description="ground-truth caption member of the input shards")
+    augmentation: Augmentation
+    captioners: list[CaptionerSpec] = []
+    teachers: list[ClipTeacherSpec] = []
+    storage: DRStorage = DRStorage()
+    keep_images: bool = Field(True, description="write jpg + txt so the shard is trainable as written")
+    max_error_fraction: float = Field(0.1, ge=0, le=1)
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> "MobileCLIPRecipe":
+        if self.input.format != "webdataset":
+            raise ValueError("input.format: mobileclip_dr reads webdataset shards (jpg + txt + json uid)")
+        if self.mode in ("both", "captions") and not self.captioners:
+            raise ValueError(f"captioners: mode {self.mode!r} needs at least one captioner")
+        if self.mode in ("both", "embeddings") and not self.teachers:
+            raise ValueError(f"teachers: mode {self.mode!r} needs at least one CLIP teacher")
+        keys = [c.syn_key for c in self.captioners]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"captioners: synthetic caption keys collide: {keys} (set distinct `suffix`es)")
+        if self.storage.layout == "legacy" and len(keys) > 1:
+            raise ValueError("storage.layout: legacy holds one captioner's captions; use dfndr for several")
+        if "normalize" in self.augmentation.image_augmentation:
+            raise ValueError("augmentation.image_augmentation.normalize: each CLIP teacher normalises with "
+                             "its own mean/std; remove it from the shared augmentation")
+        return self
+
+
+RECIPES: dict[str, type[BaseModel]] = {"imagenet_plus": ImageNetPlusRecipe, "mobileclip_dr": MobileCLIPRecipe}
 NON_SEMANTIC_FIELDS = ("output", "resources")
 
 

@@ -22,3 +22,36 @@ class EncodeImageNetPlus(MapStage):
             label=sample["label"], entries=sample["entries"], values=sample["values"], ids=sample["ids"],
             meta=meta)
         return {"__key__": sample["__key__"], "members": encode_sample(record, self.num_classes, self.compress_params)}
+
+
+class EncodeDataCompDR(MapStage):
+    """DataCompDR / DFNDR members (FORMATS §2). Captions-only runs (no teachers) write the image,
+    caption, syn.json and json, ready for a later embeddings-only run."""
+
+    name = "encode"
+
+    def __init__(self, storage, keep_images: bool = True, with_embeddings: bool = True):
+        self.storage = storage  # reinforge.schemas.datacomp_dr.StorageSpec
+        self.keep_images = keep_images
+        self.with_embeddings = with_embeddings
+
+    def process(self, sample: dict) -> dict:
+        from reinforge.schemas.datacomp_dr import DRSample, encode_dr_sample
+        from reinforge.schemas.imagenet_plus import dumps_compact, sha256_hex
+        uid, image = sample["__key__"], sample["image_bytes"]
+        if not self.with_embeddings:
+            members = {}
+            if sample.get("url"):
+                members["url.txt"] = sample["url"].encode()
+            members[sample["image_ext"]] = image
+            members["txt"] = sample["caption"].encode()
+            members["syn.json"] = dumps_compact(sample["syn"])
+            members["json"] = dumps_compact({"uid": uid, "sha256": sha256_hex(image)})
+            return {"__key__": uid, "members": members}
+        record = DRSample(
+            uid=uid, image_ext=sample["image_ext"] if self.keep_images else None,
+            image=image if self.keep_images else None,
+            caption=sample.get("caption") if self.keep_images else None, url=sample.get("url"),
+            syn=sample["syn"], entries=sample["entries"], image_emb=sample["image_emb"],
+            text_emb=sample["text_emb"], syn_emb=sample["syn_emb"], meta={})
+        return {"__key__": uid, "members": encode_dr_sample(record, self.storage, sha256=sha256_hex(image))}

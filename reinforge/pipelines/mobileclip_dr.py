@@ -1,0 +1,94 @@
+"""MobileCLIP multi-modal reinforcement (DataCompDR / DFNDR, FORMATS §2): CoCa captioners write
+synthetic captions, a CLIP teacher ensemble embeds N replayable augmentations of each image and
+every caption; shards keep jpg + txt so they train as written."""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+from reinforge.pipelines.base import Pipeline
+from reinforge.pipelines.sources import Task, WebDatasetSource
+from reinforge.pipelines.storage import write_bytes
+from reinforge.schemas.augment import Augmenter
+from reinforge.schemas.config import ConfigError, MobileCLIPRecipe
+from reinforge.schemas.manifest import RunLayout
+from reinforge.stages.augment import Augment
+from reinforge.stages.base import Stage
+from reinforge.stages.decode import DecodeImage
+from reinforge.stages.encode import EncodeDataCompDR
+from reinforge.stages.text import ParseCaption, ParseUID, ReadSynCaptions
+
+
+def check_teachers(recipe: MobileCLIPRecipe) -> list[dict]:
+    """Config-time checks that need the teachers' model configs (no weights are loaded)."""
+    from reinforge.stages.clip_teachers import clip_teacher_info
+    crop = Augmenter(recipe.augmentation.image_augmentation).output_size
+    infos = []
+    for i, spec in enumerate(recipe.teachers):
+        try:
+            info = clip_teacher_info(spec)
+        except Exception as exc:  # noqa: BLE001 - unknown model names etc. become one clear line
+            raise ConfigError(f"config error: teachers.{i}.model: {exc}") from None
+        if crop is not None and info["image_size"] > min(crop):
+            raise ConfigError(
+                f"config error: teachers.{i}: input size {info['image_size']} exceeds the augmentation crop "
+                f"{crop[0]}x{crop[1]}; upsampling would invent detail: raise random_resized_crop.size")
+        infos.append(info)
+    return infos
+
+
+class MobileCLIPPipeline(Pipeline):
+    def __init__(self, recipe: MobileCLIPRecipe):
+        self.recipe = recipe
+        self.source = WebDatasetSource(recipe.input.path)
+        self.teacher_info = check_teachers(recipe) if recipe.mode != "captions" else []
+
+    def plan(self) -> list[Task]:
+        return self.source.plan()
+
+    def read(self, task: Task) -> Iterator[dict]:
+        return self.source.read(task)
+
+    def samples_per_batch(self) -> int:
+        return self.recipe.augmentation.samples_per_batch
+
+    def storage(self):
+        from reinforge.schemas.datacomp_dr import StorageSpec
+        s = self.recipe.storage
+        return StorageSpec(format=s.format, dtype=s.dtype, layout=s.layout)
+
+    def build_stages(self) -> list[Stage]:
+        r = self.recipe
+        threads = max(1, int(r.resources.cpus_per_actor))
+        stages: list[Stage] = [DecodeImage(r.input.max_image_pixels, threads), ParseUID(),
+                               ParseCaption(r.caption_member, threads)]
+        if r.mode == "embeddings":
+            stages.append(ReadSynCaptions())
+        else:
+            from reinforge.stages.captioner import CocaCaptioner
+            for spec in r.captioners:
+                captioner = CocaCaptioner(spec, r.seed)
+                captioner.name = f"captioner_{spec.syn_key}"
+                stages.append(captioner)
+        if r.mode != "captions":
+            from reinforge.stages.clip_teachers import ClipTeacherEnsemble
+            stages += [Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed, threads),
+                       ClipTeacherEnsemble(r.teachers)]
+        stages.append(EncodeDataCompDR(self.storage(), r.keep_images, with_embeddings=r.mode != "captions"))
+        return stages
+
+    def prepare_run(self, layout: RunLayout) -> None:
+        if self.recipe.mode == "captions":
+            return
+        from reinforge.schemas.datacomp_dr import dr_trainer_config
+        r = self.recipe
+        config = dr_trainer_config(
+            image_augmentation=Augmenter(r.augmentation.image_augmentation).config(),
+            num_samples=r.augmentation.num_samples,
+            teachers=[{**t.model_dump(mode="json"), "dim": info["embed_dim"], "image_size": info["image_size"],
+                       "mean": info["mean"], "std": info["std"],
+                       "logit_scale": t.logit_scale or info.get("logit_scale", 100.0)}
+                      for t, info in zip(r.teachers, self.teacher_info)])
+        config["storage"] = r.storage.model_dump(mode="json")
+        config["captioners"] = [c.model_dump(mode="json") for c in r.captioners]
+        write_bytes(layout.dr_config, json.dumps(config, indent=1, sort_keys=True).encode())
