@@ -284,12 +284,96 @@ def reinforce(work: str, name: str, input_path: str, teachers: list[dict], image
     return output, time.perf_counter() - started
 
 
+
+# ------------------------------------------------------------------------------------------------
+# jobs: one model trained and tested, in a single-threaded worker process (two run side by side)
+
+_IMAGES: dict = {}
+
+
+def _images(files: tuple) -> tuple[list[torch.Tensor], list[int]]:
+    if files not in _IMAGES:  # decoded once per worker process
+        _IMAGES[files] = load_images(list(files))
+    return _IMAGES[files]
+
+
+def _test_set(spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = _images(spec["test_files"])
+    plain = Augmenter(spec["augmentation"])
+    return torch.stack([plain.plain(im) for im in images]), torch.tensor(labels)
+
+
+def teacher_job(spec: dict) -> dict:
+    """Train one teacher on the full train split (live augmentation, one-hot) and save its checkpoint."""
+    torch.set_num_threads(spec["threads"])
+    seed_everything(spec["seed"])
+    model = make_model(spec["model"], spec["seed"])
+    if spec["reuse"] and os.path.exists(spec["checkpoint"]):
+        model.load_state_dict(torch.load(spec["checkpoint"], weights_only=True))
+        wall = cpu = 0.0
+    else:
+        images, labels = _images(spec["train_files"])
+        live = LiveAugmented(images, labels, spec["augmentation"], spec["seed"])
+        wall, cpu = train(model, batches(live, spec["batch_size"], spec["seed"], 0), spec["steps"], spec["lr"],
+                          spec["weight_decay"])
+        torch.save(model.state_dict(), spec["checkpoint"])
+    test_x, test_y = _test_set(spec)
+    probs = predict_probs(model, test_x)
+    return {"model": spec["model"], "probs": probs.numpy(), "acc": accuracy(probs, test_y), "wall": wall, "cpu": cpu}
+
+
+class CachedLastSample(ReinforcedImageNet):
+    """ReinforcedImageNet that keeps the last decoded sample, so that the control reads each item once."""
+    _last: tuple | None = None
+
+    def sample(self, i: int):
+        if self._last is None or self._last[0] != i:
+            self._last = (i, super().sample(i))
+        return self._last[1]
+
+
+def student_job(spec: dict) -> dict:
+    """Train one student arm for one seed; returns its test accuracy and training wall / CPU seconds."""
+    torch.set_num_threads(spec["threads"])
+    arm, seed = spec["arm"], spec["seed"]
+    kind, mix = arm[0], arm.endswith("+mix")
+    seed_everything(seed)
+    teachers = None
+    if kind in "ad":
+        images, labels = _images(spec["subset_files"])
+        dataset = LiveAugmented(images, labels, augmentation(spec["size"], spec["scale"], mix), seed)
+        if kind == "d":
+            from reinforge.schemas.config import Teacher
+            from reinforge.stages.teachers import TeacherEnsemble
+            teachers = TeacherEnsemble([Teacher(**t) for t in spec["teachers"]], top_k=NUM_CLASSES, device="cpu")
+            teachers.setup()  # the same checkpoints and ensemble code the pipeline used
+    elif kind == "b":
+        dataset = ReinforcedImageNet(spec["run_dirs"][mix], mode="random", seed=seed)
+    else:
+        dataset = MisalignedTargets(CachedLastSample(spec["run_dirs"][mix], mode="random", seed=seed))
+    model = make_model(spec["student"], seed)
+    wall, cpu = train(model, batches(dataset, spec["batch_size"], seed, spec["workers"]), spec["steps"], spec["lr"],
+                      spec["weight_decay"], teachers=teachers)
+    test_x, test_y = _test_set(spec)
+    return {"arm": arm, "seed": seed, "acc": accuracy(predict_probs(model, test_x), test_y), "wall": wall, "cpu": cpu}
+
+
+def run_jobs(pool, fn, specs: list[dict]):
+    if pool is None:
+        yield from map(fn, specs)
+    else:
+        yield from pool.imap_unordered(fn, specs)
+
+
 # ------------------------------------------------------------------------------------------------
 
 def fmt(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+ARM_COST = {"d": 4, "c": 3, "b": 2, "a": 1}  # longest jobs first, for an even split over the workers
 
 
 def main(argv=None) -> None:
@@ -305,68 +389,69 @@ def main(argv=None) -> None:
     p.add_argument("--teachers", default="resnet10t,resnet18")
     p.add_argument("--num-samples", type=int, help="N stored augmentations per image")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--scale", type=float, nargs=2, default=(0.35, 1.0), help="RandomResizedCrop scale")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.15, 1.0), help="RandomResizedCrop scale")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--subset-fraction", type=float, default=0.25)
     p.add_argument("--arms", help="comma list of " + ",".join(ARM_NAMES))
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: load in the training process)")
+    p.add_argument("--jobs", type=int, default=2, help="models trained side by side (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job (jobs x threads = cores)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per job")
     p.add_argument("--work", help="working folder (default: a temporary one, removed afterwards)")
     p.add_argument("--reuse", action="store_true", help="with --work: reuse teacher checkpoints and finished "
                    "runs found there (for iterating on the students; timings of those steps are then meaningless)")
     p.add_argument("--out", help="markdown result file (default bench/results/dr_effect[_quick].md)")
     args = p.parse_args(argv)
     quick = args.quick
-    steps = args.steps or (150 if quick else 400)
-    teacher_steps = args.teacher_steps or (200 if quick else 300)
+    steps = args.steps or (120 if quick else 300)
+    teacher_steps = args.teacher_steps or (150 if quick else 300)
     num_samples = args.num_samples or (32 if quick else 64)
-    arms = (args.arms or ("a,b,c,d,b+mix" if quick else "a,b,c,d,a+mix,b+mix,c+mix,d+mix")).split(",")
+    arms = (args.arms or ("a,b,c,d" if quick else "a,b,c,d,a+mix,b+mix,c+mix,d+mix")).split(",")
     unknown = [a for a in arms if a not in ARM_NAMES]
     if unknown:
         p.error(f"unknown arms {unknown}")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"dr_effect{'_quick' if quick else ''}.md")
-    command = "../shared/tools/offline .venv/bin/python bench/dr_effect.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"dr_effect{'_quick' if quick else ''}.md")
+    command = " ".join(["../shared/tools/offline .venv/bin/python bench/dr_effect.py",
+                        *(sys.argv[1:] if argv is None else argv)])
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads * args.jobs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
     work = args.work or tempfile.mkdtemp(prefix="dr-effect-")
     os.makedirs(work, exist_ok=True)
+    pool = None
+    if args.jobs > 1:  # spawn: no fork of a process that holds torch / Ray threads
+        import multiprocessing
+        pool = multiprocessing.get_context("spawn").Pool(args.jobs)
     try:
         seed_everything(0)
         data = make_data(work, args.size, args.subset_fraction, shards=4)
-        train_images, train_labels = load_images(data["train"])
-        subset_images, subset_labels = load_images(data["subset"])
-        test_images, test_labels = load_images(data["test"])
-        plain = Augmenter(augmentation(args.size, args.scale, False))
-        test_x = torch.stack([plain.plain(im) for im in test_images])
-        test_y = torch.tensor(test_labels)
-        print(f"digits at {args.size}px: train {len(train_images)}, test {len(test_images)}, "
-              f"student subset {len(subset_images)} ({args.subset_fraction:.0%} of train)", flush=True)
+        n_train, n_subset, n_test = len(data["train"]), len(data["subset"]), len(data["test"])
+        common = {"threads": args.threads, "batch_size": args.batch_size, "lr": args.lr,
+                  "weight_decay": args.weight_decay, "augmentation": augmentation(args.size, args.scale, False),
+                  "test_files": tuple(data["test"]), "reuse": args.reuse}
+        print(f"digits at {args.size}px: train {n_train}, test {n_test}, student subset {n_subset} "
+              f"({args.subset_fraction:.0%} of train); {args.jobs} job(s) x {args.threads} thread(s)", flush=True)
 
         # 2. teachers, trained on the full train split, saved as user checkpoints
-        teacher_specs, teacher_acc, teacher_probs = [], {}, []
+        os.makedirs(os.path.join(work, "teachers"), exist_ok=True)
+        names = args.teachers.split(",")
+        specs = [{**common, "model": name, "seed": 1000 + k, "steps": teacher_steps,
+                  "train_files": tuple(data["train"]),
+                  "checkpoint": os.path.join(work, "teachers", f"{name}.pth")} for k, name in enumerate(names)]
         t0 = time.perf_counter()
-        for k, name in enumerate(args.teachers.split(",")):
-            seed_everything(1000 + k)
-            model = make_model(name, 1000 + k)
-            path = os.path.join(work, "teachers", f"{name}.pth")
-            if args.reuse and os.path.exists(path):
-                model.load_state_dict(torch.load(path, weights_only=True))
-                seconds = 0.0
-            else:
-                live = LiveAugmented(train_images, train_labels, augmentation(args.size, args.scale, False), 1000 + k)
-                seconds = train(model, batches(live, args.batch_size, 1000 + k, args.workers), teacher_steps,
-                                args.lr, args.weight_decay)[0]
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.save(model.state_dict(), path)
-            probs = predict_probs(model, test_x)
-            teacher_probs.append(probs)
-            teacher_acc[name] = accuracy(probs, test_y)
-            teacher_specs.append({"model": name, "num_classes": NUM_CLASSES, "checkpoint": path, "batch_size": 256})
-            print(f"teacher {name}: test acc {teacher_acc[name]:.2f}% ({teacher_steps} steps, {seconds:.0f}s)", flush=True)
-        teacher_acc["ensemble"] = accuracy(torch.stack(teacher_probs).mean(0), test_y)
+        done = {r["model"]: r for r in run_jobs(pool, teacher_job, specs)}
         teacher_seconds = time.perf_counter() - t0
-        print(f"teacher ensemble: test acc {teacher_acc['ensemble']:.2f}%", flush=True)
+        test_y = torch.tensor([label for _, _, label in data["test"]])
+        teacher_acc = {name: done[name]["acc"] for name in names}
+        teacher_acc["ensemble (mean softmax)"] = accuracy(
+            torch.from_numpy(np.mean([done[n]["probs"] for n in names], axis=0)), test_y)
+        for name in names:
+            print(f"teacher {name}: test acc {done[name]['acc']:.2f}% ({teacher_steps} steps, "
+                  f"{done[name]['wall']:.0f}s)", flush=True)
+        print(f"teacher ensemble: test acc {teacher_acc['ensemble (mean softmax)']:.2f}%", flush=True)
+        teacher_specs = [{"model": s["model"], "num_classes": NUM_CLASSES, "checkpoint": s["checkpoint"],
+                          "batch_size": 256} for s in specs]
 
         # 3. reinforce the student subset with the real pipeline on local Ray
         import ray
@@ -381,79 +466,74 @@ def main(argv=None) -> None:
                 run_dirs[mix], reinforce_seconds[name] = reinforce(
                     work, name, data["input_path"], teacher_specs, augmentation(args.size, args.scale, mix),
                     num_samples, args.top_k, args.reuse)
-                print(f"reinforced {len(subset_images)} images x N={num_samples} ({name}): "
+                print(f"reinforced {n_subset} images x N={num_samples} ({name}): "
                       f"{reinforce_seconds[name]:.0f}s", flush=True)
         finally:
             ray.shutdown()
         ray_seconds = time.perf_counter() - t0
 
-        from reinforge.schemas.config import Teacher
-        from reinforge.stages.teachers import TeacherEnsemble
-        ensemble = TeacherEnsemble([Teacher(**t) for t in teacher_specs], top_k=NUM_CLASSES, device="cpu")
-        ensemble.setup()
-
-        # 4. students
-        results: dict[str, list[float]] = {a: [] for a in arms}
-        seconds: dict[str, list[float]] = {a: [] for a in arms}
-        cpu_seconds: dict[str, list[float]] = {a: [] for a in arms}
-        for seed in range(args.seeds):
-            for arm in arms:
-                kind, mix = arm[0], arm.endswith("+mix")
-                seed_everything(seed)
-                if kind in "ad":
-                    dataset = LiveAugmented(subset_images, subset_labels, augmentation(args.size, args.scale, mix), seed)
-                else:
-                    dataset = ReinforcedImageNet(run_dirs[mix], mode="random", seed=seed)
-                    if kind == "c":
-                        dataset = MisalignedTargets(dataset)
-                model = make_model(args.student, seed)
-                s, cpu = train(model, batches(dataset, args.batch_size, seed, args.workers), steps, args.lr,
-                          args.weight_decay, teachers=ensemble if kind == "d" else None)
-                acc = accuracy(predict_probs(model, test_x), test_y)
-                results[arm].append(acc)
-                seconds[arm].append(s)
-                cpu_seconds[arm].append(cpu)
-                print(f"seed {seed} {arm:6s} test acc {acc:6.2f}%  train {s:5.1f}s wall, {cpu:5.1f}s CPU", flush=True)
+        # 4. students: every arm x seed is one job
+        specs = [{**common, "arm": arm, "seed": seed, "steps": steps, "student": args.student,
+                  "workers": args.workers, "size": args.size, "scale": tuple(args.scale),
+                  "subset_files": tuple(data["subset"]), "teachers": teacher_specs, "run_dirs": run_dirs}
+                 for seed in range(args.seeds) for arm in arms]
+        specs.sort(key=lambda s: (-ARM_COST[s["arm"][0]], s["seed"]))
+        results = {a: {} for a in arms}
+        t0 = time.perf_counter()
+        for r in run_jobs(pool, student_job, specs):
+            results[r["arm"]][r["seed"]] = r
+            print(f"seed {r['seed']} {r['arm']:6s} test acc {r['acc']:6.2f}%  train {r['wall']:5.1f}s wall, "
+                  f"{r['cpu']:5.1f}s CPU", flush=True)
+        student_seconds = time.perf_counter() - t0
         total = time.perf_counter() - t_start
     finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
     # 5. report
+    def col(arm: str, field: str) -> list[float]:
+        return [results[arm][seed][field] for seed in sorted(results[arm])]
+
     lines = [
-        f"Student `{args.student}` on {len(subset_images)} digits ({args.subset_fraction:.0%} of the "
-        f"{len(train_images)}-image train split), {args.size}px; test set {len(test_images)} images. "
-        f"{steps} steps x batch {args.batch_size}, AdamW lr {args.lr} wd {args.weight_decay}, cosine; "
-        f"{args.seeds} seeds (mean ± sample std).",
-        f"Augmentations: RandomResizedCrop({args.size}, scale={tuple(args.scale)}) + RandAugment(2 ops, m9), "
-        f"no flip; +mix adds MixUp (alpha 1, lam/2, p 0.5) / CutMix (alpha 1, p 0.5). "
-        f"Reinforced shards: N={num_samples} stored augmentations per image, top-{args.top_k} of "
-        f"{NUM_CLASSES} classes (rest of the mass spread uniformly by the reader).",
+        f"Student `{args.student}` on {n_subset} digits ({args.subset_fraction:.0%} of the {n_train}-image "
+        f"train split), {args.size}px, tested on {n_test} held-out digits. Every arm: {steps} steps x batch "
+        f"{args.batch_size}, AdamW lr {args.lr} wd {args.weight_decay}, warm-up + cosine, loss `kd_loss` "
+        f"(= cross-entropy for one-hot targets); {args.seeds} seeds (mean ± sample std).",
+        f"Augmentation family: RandomResizedCrop({args.size}, scale={tuple(args.scale)}) + RandAugment(2 ops, m9), "
+        f"no flip; +mix adds MixUp (alpha 1, lam/2, p 0.5) or CutMix (alpha 1, p 0.5). Reinforced shards: "
+        f"N={num_samples} stored augmentations per image, top-{args.top_k} of {NUM_CLASSES} classes (the reader "
+        f"spreads the rest of the mass uniformly). Teachers: {', '.join(names)} ({teacher_steps} steps each on "
+        f"the full train split).",
         "",
         "| arm | test acc % | train wall s | train CPU s |",
         "|---|---|---|---|",
     ]
     for arm in arms:
-        lines.append(f"| {ARM_NAMES[arm]} | {fmt(results[arm])} | {statistics.mean(seconds[arm]):.1f} | "
-                     f"{statistics.mean(cpu_seconds[arm]):.1f} |")
+        lines.append(f"| {ARM_NAMES[arm]} | {fmt(col(arm, 'acc'))} | {statistics.mean(col(arm, 'wall')):.1f} | "
+                     f"{statistics.mean(col(arm, 'cpu')):.1f} |")
     lines += ["", "| teacher (trained on the full train split) | test acc % |", "|---|---|"]
     lines += [f"| {name} | {acc:.2f} |" for name, acc in teacher_acc.items()]
     lines.append("")
     for mix in ("", "+mix"):
-        if f"b{mix}" in seconds and f"d{mix}" in seconds:
-            b, d = statistics.mean(seconds[f"b{mix}"]), statistics.mean(seconds[f"d{mix}"])
-            bc, dc = statistics.mean(cpu_seconds[f"b{mix}"]), statistics.mean(cpu_seconds[f"d{mix}"])
+        if f"b{mix}" in results and f"d{mix}" in results:
+            b, d = statistics.mean(col(f"b{mix}", "wall")), statistics.mean(col(f"d{mix}", "wall"))
+            bc, dc = statistics.mean(col(f"b{mix}", "cpu")), statistics.mean(col(f"d{mix}", "cpu"))
             lines.append(f"- training cost{mix}: (b) {b:.1f}s vs (d) {d:.1f}s wall per student = {b / d:.2f}x "
                          f"(CPU {bc:.1f}s vs {dc:.1f}s = {bc / dc:.2f}x)")
     lines.append(f"- one-off costs: teachers {teacher_seconds:.0f}s; reinforcement "
                  + ", ".join(f"{k} {v:.0f}s" for k, v in reinforce_seconds.items())
-                 + f" (Ray start/stop included: {ray_seconds:.0f}s in all); whole benchmark {total:.0f}s")
+                 + f" (with Ray start/stop: {ray_seconds:.0f}s); students {student_seconds:.0f}s "
+                 f"({len(specs)} runs, {args.jobs} side by side x {args.threads} thread(s)); "
+                 f"whole benchmark {total:.0f}s")
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        f.write(f"# Dataset Reinforcement in miniature (bench/dr_effect.py)\n\nCommand (from the repository root, "
-                f"2 CPU cores, no GPU):\n\n    {command.strip()}\n\n{text}\n")
+        f.write(f"# Dataset Reinforcement in miniature (bench/dr_effect.py)\n\nCommand (repository root, "
+                f"2 CPU cores shared with other work, no GPU):\n\n    {command}\n\n{text}\n")
     print(f"\nwritten to {out}")
 
 

@@ -12,7 +12,6 @@ from conftest import (jpeg_bytes, make_input_shards, photo, png_bytes, png_heade
                       tiny_recipe, write_shard)
 from PIL import Image
 
-from reinforge.pipelines.imagenet_plus import sample_checker
 from reinforge.pipelines.rundir import run_status, validate_run
 from reinforge.pipelines.runner import ConfigChangedError, run_recipe
 from reinforge.schemas.config import parse_recipe
@@ -34,7 +33,7 @@ def reference_run(inputs, tmp_path_factory, ray_local):
 
 
 def test_run_writes_valid_shards(reference_run):
-    checked, problems = validate_run(str(reference_run), sample_checker(str(reference_run)))
+    checked, problems = validate_run(str(reference_run))
     assert problems == [] and checked == 18
     status = run_status(str(reference_run))
     assert len(status.done) == 3 and not status.pending and not status.failed
@@ -112,7 +111,7 @@ def test_force_redoes_tasks_with_the_new_config(inputs, tmp_path, local_ray):
     run_recipe(parse_recipe(tiny_recipe(inputs, out, augmentation__num_samples=2)), progress=False)
     forced = run_recipe(parse_recipe(tiny_recipe(inputs, out, augmentation__num_samples=3)), force=True, progress=False)
     assert forced.done == 3 and forced.skipped == 0
-    checked, problems = validate_run(str(out), sample_checker(str(out)))
+    checked, problems = validate_run(str(out))
     assert problems == [] and checked == 18
 
 
@@ -171,7 +170,7 @@ def test_bad_inputs_are_counted_skips_or_failed_tasks(tmp_path, local_ray):
     assert status.done == ["a-0"] and set(status.failed) == {"a-1", "a-2"}
     assert not (out / "shards" / "a-1.tar").exists() and not (out / "manifests" / "a-2.json").exists()
     assert [n for n in os.listdir(out / "shards") if n.startswith(".tmp-")] == []
-    checked, problems = validate_run(str(out), sample_checker(str(out)))
+    checked, problems = validate_run(str(out))
     assert problems == [] and checked == 9
 
 

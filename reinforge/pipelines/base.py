@@ -33,5 +33,9 @@ class Pipeline:
         committed after the shard and before the manifest, and listed in the manifest's outputs."""
         return {}
 
+    def sample_checker(self, layout: RunLayout):
+        """A callable(members) raising on a sample that breaks the product's schema, for `validate`."""
+        return None
+
     def prepare_run(self, layout: RunLayout) -> None:
         """Driver-side, before any task: write run-level files (e.g. the trainer's config)."""

@@ -64,19 +64,20 @@ class ImageNetPlusPipeline(Pipeline):
             EncodeImageNetPlus(teachers.num_classes, r.compress_params),
         ]
 
+    def sample_checker(self, layout: RunLayout):
+        return sample_checker(layout)
+
     def prepare_run(self, layout: RunLayout) -> None:
         write_bytes(layout.dr_config, json.dumps(trainer_config(self.recipe), indent=1, sort_keys=True).encode())
 
 
-def sample_checker(run_dir: str):
+def sample_checker(layout: RunLayout):
     """A per-sample schema check for `validate`: layout, N, k, class ids, probability mass, sha256,
     and that the first stored augmentation replays inside the image."""
-    from reinforge.pipelines.rundir import load_run
     from reinforge.pipelines.storage import read_text
     from reinforge.schemas.image import decode_rgb
     from reinforge.schemas.imagenet_plus import decode_sample, sha256_hex
 
-    layout, run = load_run(run_dir)
     config = json.loads(read_text(layout.dr_config))["reinforce"]
     augmenter = Augmenter(config["image_augmentation"])
     n, k = config["num_samples"], config["topk"]

@@ -53,8 +53,7 @@ class RunStatus:
 
 def run_status(root: str) -> RunStatus:
     layout, run = load_run(root)
-    recipe = parse_recipe({**run["recipe"], "output": layout.root, "resources": run.get("resources", {})})
-    planned = [t.id for t in build_pipeline(recipe).plan()]
+    planned = [t.id for t in run_pipeline(root).plan()]
     status = RunStatus()
     by_id = {m.task_id: m for m in manifests(layout)}
     failures = {u.rpartition("/")[2].removesuffix(".json"): u for u in list_files(layout.root + "/failed", ".json")}
@@ -88,10 +87,17 @@ def merged_stats(root: str) -> tuple[dict[str, StageStats], dict]:
     return stages, totals
 
 
-def validate_run(root: str, check_sample=None) -> tuple[int, list[str]]:
-    """Check every manifest's outputs: present, same size and sha256, same sample count; and every
-    sample against the product schema via `check_sample(members)` (raises on a bad sample)."""
+def run_pipeline(root: str):
+    """The pipeline a run directory was made with (from its run.json)."""
     layout, run = load_run(root)
+    return build_pipeline(parse_recipe({**run["recipe"], "output": layout.root, "resources": run.get("resources", {})}))
+
+
+def validate_run(root: str) -> tuple[int, list[str]]:
+    """Check every manifest's outputs: present, same size and sha256, same sample count; and every
+    sample against the product's schema (its pipeline's sample_checker)."""
+    layout, run = load_run(root)
+    check_sample = run_pipeline(root).sample_checker(layout)
     problems: list[str] = []
     checked = 0
     for m in manifests(layout):

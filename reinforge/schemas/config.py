@@ -108,6 +108,15 @@ class CaptionerSpec(Strict):
     batch_size: int = Field(32, ge=1)
     precision: Precision = "float32"
 
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "CaptionerSpec":
+        if self.max_length <= self.min_length:
+            raise ValueError(f"max_length {self.max_length} must exceed min_length {self.min_length}")
+        if self.generation == "beam_search" and self.num_beams < self.num_captions:
+            raise ValueError(f"beam search keeps num_beams={self.num_beams} beams, fewer than "
+                             f"num_captions={self.num_captions}")
+        return self
+
     @property
     def syn_key(self) -> str:
         return "syn_text" if self.suffix is None else f"syn_text_{self.suffix}"
