@@ -14,17 +14,24 @@
      c  control: b with each replayed view given the stored target of a *different* stored
         augmentation of the same image (misaligned)
      d  online KD: live augmentations, teacher ensemble forward every step (what the shards save)
-   "+mix" rows use the MixUp/CutMix run (b, c) or draw MixUp/CutMix live (a: mixed one-hot, d).
-5. Prints (and writes to bench/results/) test accuracy mean ± std over seeds, training wall time,
-   and the teachers' own accuracy.
+   "+mix" rows use the MixUp/CutMix run (b, c) or draw MixUp/CutMix live (a: mixed one-hot, d;
+   not in the default set, add them with --arms).
+5. Prints (and writes to bench/results/) test accuracy mean ± std over seeds, the paired
+   difference to (a), training wall and CPU time, and the teachers' own accuracy.
 
+CPU use: each model is trained in its own single-threaded process, two side by side (--jobs 2
+--threads 1 = the 2 cores). Measured here: these 32 px models are data-bound, so a second torch
+thread gives almost nothing, and torch with 2 threads slows down up to ~8x when anything else runs
+on the 2 cores; CPU seconds are reported beside wall seconds because they are steadier on a shared
+machine. `--jobs 1 --threads 2` runs everything in one process.
+
+Defaults: ~6-8 min on 2 idle cores; --quick (fewer steps, N=64, no MixUp/CutMix rows) ~2-3 min.
 Run: ../shared/tools/offline .venv/bin/python bench/dr_effect.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import random
@@ -80,12 +87,12 @@ def digit_png(x: np.ndarray, size: int) -> bytes:
     return buf.getvalue()
 
 
-def make_data(work: str, size: int, subset_fraction: float, shards: int) -> dict:
+def make_data(work: str, size: int, subset_fraction: float, shards: int, test_fraction: float = 0.3) -> dict:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     X, y = load_digits(return_X_y=True)
     idx = np.arange(len(y))
-    train_idx, test_idx = train_test_split(idx, test_size=0.3, stratify=y, random_state=0)
+    train_idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=0)
     subset_idx, _ = train_test_split(train_idx, train_size=subset_fraction, stratify=y[train_idx], random_state=0)
     data = {}
     for split, ids in (("train", train_idx), ("test", test_idx), ("subset", subset_idx)):
@@ -234,8 +241,8 @@ def train(model: torch.nn.Module, data, steps: int, lr: float, weight_decay: flo
     Returns (wall seconds, CPU seconds of this process): the machine is shared, CPU time is steadier."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
     model.train()
     started, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -367,10 +374,9 @@ def run_jobs(pool, fn, specs: list[dict]):
 
 # ------------------------------------------------------------------------------------------------
 
-def fmt(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def fmt(values: list[float], signed: bool = False) -> str:
+    mean = f"{statistics.mean(values):{'+' if signed else ''}.2f}"
+    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.2f}"
 
 
 ARM_COST = {"d": 4, "c": 3, "b": 2, "a": 1}  # longest jobs first, for an even split over the workers
@@ -391,7 +397,8 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--scale", type=float, nargs=2, default=(0.15, 1.0), help="RandomResizedCrop scale")
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--subset-fraction", type=float, default=0.25)
+    p.add_argument("--subset-fraction", type=float, default=0.25, help="student subset, fraction of train")
+    p.add_argument("--test-fraction", type=float, default=0.5, help="held-out test split of the 1,797 digits")
     p.add_argument("--arms", help="comma list of " + ",".join(ARM_NAMES))
     p.add_argument("--jobs", type=int, default=2, help="models trained side by side (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (jobs x threads = cores)")
@@ -402,10 +409,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="markdown result file (default bench/results/dr_effect[_quick].md)")
     args = p.parse_args(argv)
     quick = args.quick
-    steps = args.steps or (120 if quick else 300)
-    teacher_steps = args.teacher_steps or (150 if quick else 300)
-    num_samples = args.num_samples or (32 if quick else 64)
-    arms = (args.arms or ("a,b,c,d" if quick else "a,b,c,d,a+mix,b+mix,c+mix,d+mix")).split(",")
+    steps = args.steps or (100 if quick else 250)
+    teacher_steps = args.teacher_steps or (100 if quick else 200)
+    num_samples = args.num_samples or (32 if quick else 128)
+    arms = (args.arms or ("a,b,c,d" if quick else "a,b,c,d,b+mix,c+mix")).split(",")
     unknown = [a for a in arms if a not in ARM_NAMES]
     if unknown:
         p.error(f"unknown arms {unknown}")
@@ -425,7 +432,7 @@ def main(argv=None) -> None:
         pool = multiprocessing.get_context("spawn").Pool(args.jobs)
     try:
         seed_everything(0)
-        data = make_data(work, args.size, args.subset_fraction, shards=4)
+        data = make_data(work, args.size, args.subset_fraction, shards=4, test_fraction=args.test_fraction)
         n_train, n_subset, n_test = len(data["train"]), len(data["subset"]), len(data["test"])
         common = {"threads": args.threads, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "augmentation": augmentation(args.size, args.scale, False),
@@ -508,12 +515,14 @@ def main(argv=None) -> None:
         f"spreads the rest of the mass uniformly). Teachers: {', '.join(names)} ({teacher_steps} steps each on "
         f"the full train split).",
         "",
-        "| arm | test acc % | train wall s | train CPU s |",
-        "|---|---|---|---|",
+        "| arm | test acc % | Δ vs (a), paired by seed | train wall s | train CPU s |",
+        "|---|---|---|---|---|",
     ]
     for arm in arms:
-        lines.append(f"| {ARM_NAMES[arm]} | {fmt(col(arm, 'acc'))} | {statistics.mean(col(arm, 'wall')):.1f} | "
-                     f"{statistics.mean(col(arm, 'cpu')):.1f} |")
+        delta = "" if arm == "a" or "a" not in results else fmt(
+            [x - y for x, y in zip(col(arm, "acc"), col("a", "acc"))], signed=True)
+        lines.append(f"| {ARM_NAMES[arm]} | {fmt(col(arm, 'acc'))} | {delta} | "
+                     f"{statistics.mean(col(arm, 'wall')):.1f} | {statistics.mean(col(arm, 'cpu')):.1f} |")
     lines += ["", "| teacher (trained on the full train split) | test acc % |", "|---|---|"]
     lines += [f"| {name} | {acc:.2f} |" for name, acc in teacher_acc.items()]
     lines.append("")

@@ -159,3 +159,13 @@ def test_config_time_refusals(inputs, tmp_path):
     two["captioners"].append({**two["captioners"][0], "suffix": "b"})
     with pytest.raises(ConfigError, match="legacy"):
         parse_recipe(two)
+
+
+def test_cli_validate_and_inspect_a_dr_run(dr_run):
+    from click.testing import CliRunner
+
+    from reinforge.cli.main import cli
+    result = CliRunner().invoke(cli, ["validate", str(dr_run)])
+    assert result.exit_code == 0 and "ok: 12 samples valid" in result.output, result.output
+    shown = CliRunner().invoke(cli, ["inspect", str(dr_run / "shards" / "00000001.tar"), "-n", "1"]).output
+    assert f"uid: {uid(6)}" in shown and "image_emb (3, 64)" in shown and "syn_text: [" in shown

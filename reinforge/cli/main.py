@@ -121,7 +121,6 @@ def stats(run_dir, as_json):
 def inspect(shard, key, augmentations):
     """Human-readable dump of one sample of a reinforced shard."""
     from reinforge.pipelines.storage import filesystem
-    from reinforge.schemas.imagenet_plus import decode_sample
     from reinforge.schemas.wds import iter_samples
     fs, path = filesystem(shard)
     if not fs.exists(path):
@@ -134,6 +133,14 @@ def inspect(shard, key, augmentations):
             raise InputError(f"no sample with key {key!r} in {shard}")
     click.echo(f"key: {members['__key__']}")
     click.echo("members: " + ", ".join(f"{ext} ({len(v)} B)" for ext, v in members.items() if ext != "__key__"))
+    if "prob.npz" in members:
+        show_imagenet_plus(members, augmentations)
+    elif "npz" in members or "pth.gz" in members:
+        show_datacomp_dr(members, augmentations)
+
+
+def show_imagenet_plus(members: dict, augmentations: int) -> None:
+    from reinforge.schemas.imagenet_plus import decode_sample
     sample = decode_sample(members)
     click.echo(f"label: {sample.label}   image: {sample.image_ext}, {len(sample.image)} B   meta: {json.dumps(sample.meta)}")
     click.echo(f"stored augmentations: {sample.num_augmentations}, top-k: {sample.values.shape[1]}")
@@ -141,6 +148,18 @@ def inspect(shard, key, augmentations):
         top = ", ".join(f"{int(c)}:{v:.3f}" for v, c in zip(sample.values[n][:5], sample.ids[n][:5]))
         click.echo(f"  [{n}] params {json.dumps(sample.entries[n])}")
         click.echo(f"      top-5 {top}  (stored mass {sample.values[n].sum():.3f})")
+
+
+def show_datacomp_dr(members: dict, augmentations: int) -> None:
+    from reinforge.schemas.datacomp_dr import decode_dr_sample
+    sample = decode_dr_sample(members)
+    click.echo(f"uid: {sample.uid}   caption: {sample.caption!r}   sha256: {sample.meta.get('sha256')}")
+    for key, captions in sample.syn.items():
+        click.echo(f"{key}: {captions}")
+    click.echo(f"image_emb {tuple(sample.image_emb.shape)}, text_emb {tuple(sample.text_emb.shape)}, "
+               + ", ".join(f"{k}_emb {tuple(v.shape)}" for k, v in sample.syn_emb.items()))
+    for n in range(min(augmentations, len(sample.entries))):
+        click.echo(f"  [{n}] params {json.dumps(sample.entries[n])}")
 
 
 @cli.command()

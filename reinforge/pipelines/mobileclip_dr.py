@@ -77,6 +77,32 @@ class MobileCLIPPipeline(Pipeline):
         stages.append(EncodeDataCompDR(self.storage(), r.keep_images, with_embeddings=r.mode != "captions"))
         return stages
 
+    def sample_checker(self, layout: RunLayout):
+        """validate: layout and shapes (N, S, D), unit-norm teacher slices, sha256 and crop bounds."""
+        if self.recipe.mode == "captions":
+            return None
+        import numpy as np
+
+        from reinforge.schemas.datacomp_dr import check_replayable, decode_dr_sample
+        augmenter = Augmenter(self.recipe.augmentation.image_augmentation)
+        dims = [info["embed_dim"] for info in self.teacher_info]
+        n = self.recipe.augmentation.num_samples
+
+        def check(members: dict) -> None:
+            sample = decode_dr_sample(members)
+            if len(sample.entries) != n or sample.image_emb.shape[1] != sum(dims):
+                raise ValueError(f"image_emb {sample.image_emb.shape}, expected ({n}, {sum(dims)})")
+            start = 0
+            for dim in dims:  # each teacher's slice is unit-norm on its own
+                norms = np.linalg.norm(sample.image_emb[:, start:start + dim], axis=1)
+                if not np.allclose(norms, 1, atol=1e-2):
+                    raise ValueError(f"teacher slice [{start}:{start + dim}] is not unit-norm")
+                start += dim
+            if sample.image is not None:
+                check_replayable(sample, sample.image, augmenter)
+
+        return check
+
     def prepare_run(self, layout: RunLayout) -> None:
         if self.recipe.mode == "captions":
             return

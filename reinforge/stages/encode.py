@@ -1,6 +1,8 @@
 """Turn a finished sample into the WebDataset members of its product's layout."""
 from __future__ import annotations
 
+import numpy as np
+
 from reinforge.schemas.imagenet_plus import ReinforcedSample, encode_sample
 from reinforge.stages.base import MapStage
 
@@ -52,6 +54,11 @@ class EncodeDataCompDR(MapStage):
             uid=uid, image_ext=sample["image_ext"] if self.keep_images else None,
             image=image if self.keep_images else None,
             caption=sample.get("caption") if self.keep_images else None, url=sample.get("url"),
-            syn=sample["syn"], entries=sample["entries"], image_emb=sample["image_emb"],
-            text_emb=sample["text_emb"], syn_emb=sample["syn_emb"], meta={})
+            syn=sample["syn"], entries=sample["entries"], image_emb=_numpy(sample["image_emb"]),
+            text_emb=_numpy(sample["text_emb"]), syn_emb={k: _numpy(v) for k, v in sample["syn_emb"].items()},
+            meta={})
         return {"__key__": uid, "members": encode_dr_sample(record, self.storage, sha256=sha256_hex(image))}
+
+
+def _numpy(array) -> "np.ndarray":
+    return array.float().numpy() if hasattr(array, "numpy") else np.asarray(array, dtype=np.float32)

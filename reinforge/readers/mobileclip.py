@@ -1,0 +1,264 @@
+"""Training-side reader for DataCompDR / DFNDR shards (FORMATS §2), for open_clip-style trainers.
+
+Per sample and epoch it picks one stored augmentation j and one synthetic caption c, replays
+param_aug[j] on the stored image bytes and returns the view with the matching teacher rows:
+image_emb[j], the ground-truth text_emb row and <syn_key>_emb[c]. Imports reinforge.schemas, torch
+and webdataset only (no Ray), so a trainer can use it as is.
+
+Bad samples (wrong sha256, crop boxes outside the stored image, schema errors, unreadable shards)
+are skipped, logged with their uid and counted in `skipped`, whichever DataLoader worker saw them;
+an epoch never stops on them.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import logging
+import multiprocessing
+import os
+import random
+from typing import Callable, Iterator
+
+import torch
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+
+from reinforge.schemas.augment import Augmenter, entry_seed
+from reinforge.schemas.datacomp_dr import ReplayError, decode_dr_sample, replayable_image
+from reinforge.schemas.imagenet_plus import SchemaError
+from reinforge.schemas.manifest import RunLayout, TaskManifest
+from reinforge.schemas.wds import ShardReadError, iter_samples
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS: tuple[str, ...] = (
+    "unreadable_shard", "unreadable_member", "schema", "missing_image", "missing_caption",
+    "missing_syn_captions", "missing_augmentations", "missing_sha256", "sha256_mismatch", "corrupt_image",
+    "bad_params", "crop_out_of_bounds", "replay_error",
+)
+# Keys of Apple's configs that torchvision-free replay does not need (their trainer ignores them too).
+_IGNORED_TRANSFORMS = ("to_rgb",)
+
+
+def run_shards(run_dir: str) -> tuple[list[str], int]:
+    """(shard paths in task order, sample count) of a finished local run: only shards whose task
+    manifest exists, so a half-written run never feeds a trainer."""
+    layout = RunLayout(run_dir.rstrip("/"))
+    urls, samples = [], 0
+    manifests = [TaskManifest.from_json(open(p).read())
+                 for p in glob.glob(os.path.join(layout.root, "manifests", "*.json"))]
+    for manifest in sorted(manifests, key=lambda m: m.task_id):
+        for out in manifest.outputs:
+            if out.path.endswith(".tar"):
+                urls.append(os.path.join(layout.root, out.path))
+                samples += out.samples
+    return urls, samples
+
+
+def augmentation_from_config(config: dict, overrides: dict | None = None) -> dict:
+    """reinforce.image_augmentation of a trainer config, with per-transform field overrides merged in
+    (the trainer's own crop size / interpolation / normalisation, as the reference trainer does)."""
+    try:
+        augmentation = copy.deepcopy(config["reinforce"]["image_augmentation"])
+    except (KeyError, TypeError):
+        raise ValueError("the config has no reinforce.image_augmentation") from None
+    for name in _IGNORED_TRANSFORMS:
+        augmentation.pop(name, None)
+    for name, fields in (overrides or {}).items():
+        augmentation[name] = {**(augmentation.get(name) or {}), **fields}
+    return augmentation
+
+
+def _spawning() -> bool:
+    from multiprocessing.context import get_spawning_popen
+    return get_spawning_popen() is not None
+
+
+class _Counters:
+    """Skip counts in shared memory: DataLoader workers (forked or spawned) add to the parent's copy.
+    Pickled any other way (deepcopy, another framework), the copy gets its own counts."""
+
+    def __init__(self, values: list[int] | None = None):
+        self._array = multiprocessing.Array("q", values or len(SKIP_REASONS))
+
+    def __getstate__(self):
+        return {"array": self._array} if _spawning() else {"values": list(self._array)}
+
+    def __setstate__(self, state):
+        self._array = state["array"] if "array" in state else multiprocessing.Array("q", state["values"])
+
+    def add(self, reason: str) -> None:
+        with self._array.get_lock():
+            self._array[SKIP_REASONS.index(reason)] += 1
+
+    def as_dict(self) -> dict[str, int]:
+        with self._array.get_lock():
+            return {r: int(n) for r, n in zip(SKIP_REASONS, self._array) if n}
+
+    def reset(self) -> None:
+        with self._array.get_lock():
+            for i in range(len(SKIP_REASONS)):
+                self._array[i] = 0
+
+
+class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
+    """Iterable DataCompDR / DFNDR dataset yielding, per sample, a dict of
+
+      image      float32 [3, H, W]: param_aug[j] replayed (Augmenter.apply, bit-identical)
+      text       int64 [context_length]: the ground-truth caption's tokens
+      syn_text   int64 [context_length]: synthetic caption c of `syn_key`
+      image_emb  float32 [D]: image_emb[j]
+      text_emb   float32 [D]: the ground-truth row (row 0 of text_emb)
+      syn_emb    float32 [D]: <syn_key>_emb[c]
+      uid (str), aug_index (int j), syn_index (int c)
+
+    which torch's default collate batches. mode "random": j and c are drawn uniformly by a generator
+    seeded with (seed, epoch, uid), so a sample's choice does not depend on worker or shard order;
+    mode "epoch": j = epoch mod N and c = epoch mod S (the reference trainer's sequential mode).
+
+    urls_or_run_dir: a finished local run directory (shards from its manifests; augmentation from its
+    dr_config.json), or shard URLs / a brace pattern (anything webdataset's gopen opens).
+    overrides: per-transform fields merged into the augmentation, e.g. the student's
+    {"random_resized_crop": {"size": 256}, "normalize": {"mean": ..., "std": ...}}.
+    Shards are split over distributed ranks and DataLoader workers. Call set_epoch(e) before each
+    epoch; it is shared with worker processes, persistent ones included.
+    """
+
+    def __init__(self, urls_or_run_dir: str | list[str], tokenizer: Callable, image_augmentation: dict | None = None,
+                 mode: str = "random", seed: int = 0, syn_key: str = "syn_text", overrides: dict | None = None,
+                 shuffle_shards: bool = False):
+        if mode not in ("random", "epoch"):
+            raise ValueError(f"mode must be 'random' or 'epoch', not {mode!r}")
+        self.mode, self.seed, self.syn_key, self.shuffle_shards = mode, int(seed), syn_key, shuffle_shards
+        self.tokenizer = tokenizer
+        self.config: dict = {}
+        self.num_samples: int | None = None  # known for run directories (from the manifests)
+        if isinstance(urls_or_run_dir, str) and os.path.isdir(urls_or_run_dir):
+            layout = RunLayout(urls_or_run_dir.rstrip("/"))
+            if os.path.exists(layout.dr_config):
+                with open(layout.dr_config) as f:
+                    self.config = json.load(f)
+            self.urls, self.num_samples = run_shards(urls_or_run_dir)
+        elif isinstance(urls_or_run_dir, str):
+            self.urls = list(expand_urls(urls_or_run_dir))
+        else:
+            self.urls = [u for url in urls_or_run_dir for u in expand_urls(url)]
+        if not self.urls:
+            raise ValueError(f"no shards found in {urls_or_run_dir!r}")
+        if image_augmentation is not None:
+            augmentation = augmentation_from_config({"reinforce": {"image_augmentation": image_augmentation}},
+                                                    overrides)
+        elif self.config:
+            augmentation = augmentation_from_config(self.config, overrides)
+        else:
+            raise ValueError("no augmentation config: pass a run directory with dr_config.json, or image_augmentation")
+        self.augmenter = Augmenter(augmentation)
+        if self.augmenter.uses_partner:  # contrastive targets are per image-text pair; nothing to mix with
+            raise ValueError("mixup/cutmix entries are not supported for image-text shards")
+        self.teacher_dims: list[int] | None = self.config.get("teacher_dims")
+        self.teacher_logit_scales: list[float] | None = self.config.get("teacher_logit_scales")
+        self._epoch = multiprocessing.Value("q", 0)
+        self._skipped = _Counters()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if not _spawning():  # shared memory travels only to worker processes; elsewhere copy the value
+            state["_epoch"] = int(self._epoch.value)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["_epoch"], int):
+            state["_epoch"] = multiprocessing.Value("q", state["_epoch"])
+        self.__dict__.update(state)
+
+    # --- epoch and counters ---------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of samples (or shards, for unreadable_shard) skipped so far, all workers."""
+        return self._skipped.as_dict()
+
+    def reset_skipped(self) -> None:
+        self._skipped.reset()
+
+    # --- choices --------------------------------------------------------------------------------
+    def choose(self, uid: str, num_augmentations: int, num_captions: int, epoch: int | None = None) -> tuple[int, int]:
+        """(augmentation index j, synthetic caption index c) of sample `uid` in `epoch`."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.mode == "epoch":
+            return epoch % num_augmentations, epoch % num_captions
+        rng = random.Random(entry_seed(self.seed, uid, epoch, "mobileclip_dr"))
+        return rng.randrange(num_augmentations), rng.randrange(num_captions)
+
+    # --- iteration ------------------------------------------------------------------------------
+    def shards_for_this_worker(self, epoch: int) -> list[str]:
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(entry_seed(self.seed, "shards", epoch)).shuffle(urls)
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return urls[rank * workers + worker::world * workers]
+
+    def _skip(self, reason: str, uid: str, url: str, message: str) -> None:
+        self._skipped.add(reason)
+        log.warning("skipping sample %s of %s (%s): %s", uid, url, reason, message)
+
+    def _item(self, members: dict, url: str, epoch: int) -> dict | None:
+        uid = str(members.get("__key__", "?")).rpartition("/")[2]
+        if "__error__" in members:
+            self._skip("unreadable_member", uid, url, members["__error__"][1])
+            return None
+        try:
+            sample = decode_dr_sample(members)
+        except SchemaError as exc:
+            self._skip("schema", uid, url, str(exc))
+            return None
+        captions = sample.syn.get(self.syn_key) or []
+        problem = ("missing_caption" if sample.caption is None else
+                   "missing_syn_captions" if not captions else
+                   "missing_augmentations" if not sample.entries else None)
+        if problem:
+            self._skip(problem, uid, url, f"a trainable sample needs txt, {self.syn_key} captions and param_aug")
+            return None
+        try:
+            image = replayable_image(sample, sample.image, self.augmenter)  # sha256 and crop bounds first
+            j, c = self.choose(sample.uid, len(sample.entries), len(captions), epoch)
+            view = self.augmenter.apply(sample.entries[j], image)
+        except ReplayError as exc:
+            self._skip(exc.reason, uid, url, str(exc))
+            return None
+        except ValueError as exc:  # a slot the bounds check does not cover (e.g. a malformed RandAugment op)
+            self._skip("replay_error", uid, url, str(exc))
+            return None
+        return {
+            "image": view.float(),
+            "text": self.tokenizer(sample.caption)[0],
+            "syn_text": self.tokenizer(captions[c])[0],
+            "image_emb": torch.from_numpy(sample.image_emb[j].copy()),
+            "text_emb": torch.from_numpy(sample.text_emb[0].copy()),
+            "syn_emb": torch.from_numpy(sample.syn_emb[self.syn_key][c].copy()),
+            "uid": sample.uid, "aug_index": j, "syn_index": c,
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self.epoch
+        for url in self.shards_for_this_worker(epoch):
+            try:
+                with gopen(url, "rb") as stream:
+                    for members in iter_samples(stream):
+                        item = self._item(members, url, epoch)
+                        if item is not None:
+                            yield item
+            except (ShardReadError, OSError) as exc:  # samples read before the damage were yielded
+                self._skipped.add("unreadable_shard")
+                log.warning("skipping the rest of shard %s: %s", url, exc)
