@@ -11,15 +11,17 @@ from reinforge.stages.base import Stage
 
 
 class Pipeline:
-    """Subclasses set `recipe` and implement the four hooks; the runner and executor do the rest."""
+    """Subclasses set `recipe` and `source` (or override plan/read) and build their stages; the
+    runner and executor do the rest."""
 
     recipe: BaseModel
+    source = None  # a reinforge.pipelines.sources source: plan() -> tasks, read(task) -> samples
 
     def plan(self) -> list[Task]:
-        raise NotImplementedError
+        return self.source.plan()
 
     def read(self, task: Task) -> Iterator[dict]:
-        raise NotImplementedError
+        return self.source.read(task)
 
     def build_stages(self) -> list[Stage]:
         """Called once per worker; the last stage must leave {"__key__", "members"} per sample."""

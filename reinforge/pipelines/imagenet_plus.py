@@ -3,10 +3,8 @@ with the teacher ensemble's top-k probabilities, written as self-contained WebDa
 from __future__ import annotations
 
 import json
-from typing import Iterator
-
 from reinforge.pipelines.base import Pipeline
-from reinforge.pipelines.sources import ImageFolderSource, Task, WebDatasetSource
+from reinforge.pipelines.sources import ImageFolderSource, WebDatasetSource
 from reinforge.pipelines.storage import write_bytes
 from reinforge.schemas.augment import Augmenter
 from reinforge.schemas.config import ImageNetPlusRecipe
@@ -40,12 +38,6 @@ class ImageNetPlusPipeline(Pipeline):
         spec = recipe.input
         self.source = (ImageFolderSource(spec.path, spec.samples_per_task) if spec.format == "imagefolder"
                        else WebDatasetSource(spec.path))
-
-    def plan(self) -> list[Task]:
-        return self.source.plan()
-
-    def read(self, task: Task) -> Iterator[dict]:
-        return self.source.read(task)
 
     def samples_per_batch(self) -> int:
         # fixed by the recipe, not by teacher batch sizes: mixing partners are drawn from this batch

@@ -4,10 +4,8 @@ every caption; shards keep jpg + txt so they train as written."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
-
 from reinforge.pipelines.base import Pipeline
-from reinforge.pipelines.sources import Task, WebDatasetSource
+from reinforge.pipelines.sources import WebDatasetSource
 from reinforge.pipelines.storage import write_bytes
 from reinforge.schemas.augment import Augmenter
 from reinforge.schemas.config import ConfigError, MobileCLIPRecipe
@@ -42,12 +40,6 @@ class MobileCLIPPipeline(Pipeline):
         self.recipe = recipe
         self.source = WebDatasetSource(recipe.input.path)
         self.teacher_info = check_teachers(recipe) if recipe.mode != "captions" else []
-
-    def plan(self) -> list[Task]:
-        return self.source.plan()
-
-    def read(self, task: Task) -> Iterator[dict]:
-        return self.source.read(task)
 
     def samples_per_batch(self) -> int:
         return self.recipe.augmentation.samples_per_batch
