@@ -292,6 +292,32 @@ def reinforce(work: str, name: str, input_path: str, teachers: list[dict], image
 
 
 
+def replay_check(run_dir: str, teacher_specs: list[dict], images: int = 8) -> tuple[int, int, float]:
+    """Re-render every stored augmentation of the first images with the reader's own Augmenter (partners
+    found by key) and re-score them with the same teachers: (rows with identical top-k ids, rows,
+    max |stored - recomputed| probability). Stored values are float16, so ~1e-3 is exact."""
+    from reinforge.schemas.config import Teacher
+    from reinforge.stages.teachers import TeacherEnsemble
+    ds = ReinforcedImageNet(run_dir)
+    ensemble = TeacherEnsemble([Teacher(**t) for t in teacher_specs], top_k=NUM_CLASSES, device="cpu")
+    ensemble.setup()
+    same = rows = 0
+    worst = 0.0
+    for i in range(min(images, len(ds))):
+        sample = ds.sample(i)
+        image = decode_rgb(sample.image)
+        views = []
+        for entry in sample.entries:
+            partner = entry[0] if ds.augmenter.uses_partner else None
+            partner_image = None if partner is None else decode_rgb(ds.sample(ds.index_of(partner)).image)
+            views.append(ds.augmenter.apply(entry, image, partner_image))
+        values, ids = torch.topk(ensemble.probabilities(torch.stack(views)), sample.ids.shape[1], dim=-1)
+        same += int((ids.numpy() == sample.ids).all(1).sum())
+        rows += len(sample.entries)
+        worst = max(worst, float(np.abs(values.numpy() - sample.values).max()))
+    return same, rows, worst
+
+
 # ------------------------------------------------------------------------------------------------
 # jobs: one model trained and tested, in a single-threaded worker process (two run side by side)
 
@@ -464,7 +490,7 @@ def main(argv=None) -> None:
         import ray
 
         from reinforge.pipelines.ray_session import start_local_ray
-        run_dirs, reinforce_seconds = {}, {}
+        run_dirs, reinforce_seconds, replay = {}, {}, {}
         t0 = time.perf_counter()
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
         try:
@@ -475,6 +501,9 @@ def main(argv=None) -> None:
                     num_samples, args.top_k, args.reuse)
                 print(f"reinforced {n_subset} images x N={num_samples} ({name}): "
                       f"{reinforce_seconds[name]:.0f}s", flush=True)
+                replay[name] = replay_check(run_dirs[mix], teacher_specs)
+                print(f"replay check ({name}): top-{args.top_k} ids identical in {replay[name][0]}/{replay[name][1]} "
+                      f"re-rendered views, max |stored - recomputed| = {replay[name][2]:.1e}", flush=True)
         finally:
             ray.shutdown()
         ray_seconds = time.perf_counter() - t0
@@ -532,6 +561,10 @@ def main(argv=None) -> None:
             bc, dc = statistics.mean(col(f"b{mix}", "cpu")), statistics.mean(col(f"d{mix}", "cpu"))
             lines.append(f"- training cost{mix}: (b) {b:.1f}s vs (d) {d:.1f}s wall per student = {b / d:.2f}x "
                          f"(CPU {bc:.1f}s vs {dc:.1f}s = {bc / dc:.2f}x)")
+    for name, (same, rows, worst) in replay.items():
+        lines.append(f"- replay check ({name}): the first 8 images' stored augmentations re-rendered by the reader's "
+                     f"Augmenter and re-scored by the teachers: top-{args.top_k} ids identical in {same}/{rows} views, "
+                     f"max |stored - recomputed| probability {worst:.1e} (float16 storage)")
     lines.append(f"- one-off costs: teachers {teacher_seconds:.0f}s; reinforcement "
                  + ", ".join(f"{k} {v:.0f}s" for k, v in reinforce_seconds.items())
                  + f" (with Ray start/stop: {ray_seconds:.0f}s); students {student_seconds:.0f}s "
