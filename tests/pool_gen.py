@@ -40,10 +40,11 @@ def metadata_table(n: int, seed: int = 0, fmt: str = "epoch", missing: float = 0
     uid_list = None
     if bad_uids or duplicates:
         uid_list = uids.to_pylist()
-        for i in rng.choice(n, bad_uids, replace=False):
-            uid_list[i] = ["xyz", uid_list[i][:31], uid_list[i].replace(uid_list[i][3], "g"), None][i % 4]
-        for i in rng.choice(n, duplicates, replace=False):
-            uid_list[i] = uid_list[(i * 7919) % n]
+        rows = rng.choice(n, bad_uids + 2 * duplicates, replace=False)
+        for k, i in enumerate(rows[:bad_uids]):  # a quarter each: not hex, too short, not hex, null
+            uid_list[i] = ["x" * 32, uid_list[i][:31], uid_list[i][:5] + "g" + uid_list[i][6:], None][k % 4]
+        for i, source in zip(rows[bad_uids:bad_uids + duplicates], rows[bad_uids + duplicates:]):
+            uid_list[i] = uid_list[source]
     epochs = skewed_epochs(n, rng)
     kind = rng.random(n)
     oor = (kind >= missing + garbage) & (kind < missing + garbage + out_of_range)

@@ -12,8 +12,10 @@ from reinforge.pipelines.rundir import NotARunError
 from reinforge.pipelines.runner import ConfigChangedError
 from reinforge.pipelines.sources import InputError
 from reinforge.schemas.config import ConfigError
+from reinforge.schemas.subset import SubsetError
 
 USER_ERRORS = (ConfigError, ConfigChangedError, InputError, NotARunError, FileNotFoundError)
+USER_ERRORS += (SubsetError,)  # bad subset/counts files (time splits, schedules, resharding)
 
 
 def user_errors(fn):
@@ -215,6 +217,88 @@ def demo(output, config, address):
     from reinforge.pipelines.demo import run_demo
     run_demo(load_recipe_file(config, (f"output={output}/run", f"input.path={output}/input/demo-*.tar")),
              f"{output}/input", address, echo=click.echo)
+
+
+@cli.command()
+@click.argument("metadata", nargs=-1, required=True)
+@click.option("--out", required=True, help="folder for <split>.npy, unknown.npy, out_of_range.npy, sizes.json, splits.json")
+@click.option("--uid-column", default="uid", show_default=True)
+@click.option("--timestamp-column", default="timestamp", show_default=True)
+@click.option("--timestamp-format", default="epoch", show_default=True, help="epoch | epoch_ms | iso | yyyymm")
+@click.option("--by", default="tic", show_default=True, help="tic | year | month | boundaries")
+@click.option("--boundaries", default=None, help="--by boundaries: ascending labels, e.g. 2014,2017,2019-07,2023")
+@click.option("--range", "range_", default=None, help="--by year/month: START:END inclusive, e.g. 2014:2022")
+@click.option("--eval-uids", multiple=True, help="subset .npy of evaluation uids to remove (repeatable)")
+@click.option("--memory-rows", default=64 << 20, show_default=True, help="rows buffered before spilling to disk")
+@user_errors
+def splits(metadata, out, uid_column, timestamp_column, timestamp_format, by, boundaries, range_, eval_uids,
+           memory_rows):
+    """Time splits (TiC-DataComp) from metadata Parquet or per-period uid files (YYYY.npy / YYYYMM.npy)."""
+    from reinforge.pipelines.time_splits import SplitOptions, build_splits
+    options = SplitOptions(uid_column, timestamp_column, timestamp_format, by,
+                           boundaries.split(",") if boundaries else None, range_, list(eval_uids), memory_rows)
+    m = build_splits(list(metadata), out, options)
+    click.echo(f"{len(m['steps'])} splits -> {out}")
+    for name in m["steps"]:
+        s = m["splits"][name]
+        click.echo(f"  {name:<8} {s['uids']:>12,} uids  ({s['first_month']}..{s['last_month']}; rows {s['rows']:,}, "
+                   f"duplicates {s['duplicates_dropped']:,}, eval removed {s['eval_removed']:,})")
+    u, o = m["unknown"], m["out_of_range"]
+    click.echo(f"  unknown  {u['uids']:>12,} uids  (missing timestamp {u['missing']:,}, unparseable {u['unparseable']:,})")
+    click.echo(f"  out_of_range {o['uids']:>8,} uids  (below {o['below']:,}, above {o['above']:,}; "
+               f"seen {o['earliest']}..{o['latest']})")
+    click.echo(f"malformed uids {m['malformed_uids']['rows']:,}, duplicate rows {m['duplicates']['rows']:,}, "
+               f"eval uids removed {m['eval']['removed']:,}; {m['rows']:,} rows in {m['seconds']:.1f} s "
+               f"({m['rows'] / max(m['seconds'], 1e-9):,.0f} rows/s); details in {out}/splits.json")
+
+
+@cli.command()
+@click.argument("splits_dir")
+@click.option("--policy", required=True,
+              help="sequential | cumulative-all | cumulative-exp | cumulative-equal | oracle | module:function")
+@click.option("--budget", type=int, required=True, help="samples per step")
+@click.option("--out", required=True)
+@click.option("--seed", default=0, show_default=True, help="picks which uids get the extra copy when upsampling")
+@click.option("--new-fraction", default=0.5, show_default=True, help="cumulative-exp/-equal: share of the new split")
+@click.option("--shards", "shards_template", default=None,
+              help="shard pattern or reshard run folder per split, with {split}, e.g. runs/tic/{split}")
+@click.option("--allow-size-mismatch", is_flag=True, help="accept shard folders whose sizes.json differ from the split")
+@click.option("--no-subsets", is_flag=True, help="write schedule.json only, no per-step uid files")
+@user_errors
+def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_template, allow_size_mismatch, no_subsets):
+    """Replay schedule over time splits: per-step sampling weights and uid subsets with multiplicities."""
+    from reinforge.pipelines.replay import build_schedule
+    sched = build_schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_template,
+                           allow_size_mismatch, write_subsets=not no_subsets)
+    for step in sched["steps"]:
+        parts = ", ".join(f"{s['split']}={s['samples']:,} (x{s['upsampling_factor']:.3g})" for s in step["sources"])
+        click.echo(f"step {step['step']}: {step['total']:,} = {parts}")
+    click.echo(f"schedule -> {out}/schedule.json")
+
+
+@cli.command()
+@click.argument("subset")
+@click.option("--pool", required=True, help="pool shards, e.g. 'pool/{00000000..00000999}.tar' or 'pool/*.tar'")
+@click.option("--output", required=True, help="run folder; shards land in OUTPUT/shards")
+@click.option("--counts", default="auto", show_default=True, help="auto | none | path to a .counts.npy")
+@click.option("--samples-per-shard", default=10000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--uid-field", default="uid", show_default=True)
+@click.option("--allow-missing", is_flag=True, help="reshard without subset uids that are not in the pool (reported)")
+@click.option("--address", default=None)
+@click.option("--force", is_flag=True)
+@click.option("--progress/--no-progress", default=True)
+@user_errors
+def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, address, force, progress):
+    """DataComp resharder: write the samples of SUBSET (with multiplicities) as new {:08d}.tar shards."""
+    from reinforge.pipelines.runner import run_recipe
+    from reinforge.schemas.config import parse_recipe
+    recipe = parse_recipe({"product": "reshard", "output": output, "subset": subset, "counts": counts, "seed": seed,
+                           "input": {"path": pool, "uid_field": uid_field}, "samples_per_shard": samples_per_shard,
+                           "allow_missing": allow_missing})
+    summary = run_recipe(recipe, address=address, force=force, progress=progress)
+    print_summary(summary)
+    sys.exit(0 if summary.ok else 1)
 
 
 def main():

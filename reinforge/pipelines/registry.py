@@ -13,4 +13,7 @@ def build_pipeline(recipe: BaseModel) -> Pipeline:
     if recipe.product == "mobileclip_dr":
         from reinforge.pipelines.mobileclip_dr import MobileCLIPPipeline
         return MobileCLIPPipeline(recipe)
+    if recipe.product == "reshard":
+        from reinforge.pipelines.reshard import ReshardPipeline
+        return ReshardPipeline(recipe)
     raise ValueError(f"unknown product {recipe.product!r}")

@@ -24,7 +24,9 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
+import sys
 from fractions import Fraction
 from typing import Callable, Optional
 
@@ -46,6 +48,8 @@ def load_weight_function(spec: str) -> WeightFn:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ScheduleError(f"--policy {spec!r}: expected one of {', '.join(POLICIES)} or module:function")
+    if os.getcwd() not in sys.path:  # like `python -m`: a module next to the user's files is importable
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -88,7 +92,8 @@ def policy_weights(policy: str, t: int, steps: list[str], sizes: dict[str, int],
         if split not in sizes:
             raise ScheduleError(f"--policy {policy}: unknown split {split!r} at step {t}; splits: {', '.join(steps)}")
         if not isinstance(w, (int, float, Fraction)) or not math.isfinite(w) or w < 0:
-            raise ScheduleError(f"--policy {policy}: weight {w!r} for split {split} at step {t} is not a finite number >= 0")
+            raise ScheduleError(f"--policy {policy}: weight {w!r} for split {split} at step {t} "
+                                "is not a finite number >= 0")
         out[split] = Fraction(w)
     return {s: out[s] for s in steps if s in out}
 
@@ -190,6 +195,8 @@ def build_schedule(splits_dir: str, policy: str, budget: int, out_dir: str, seed
         raise ScheduleError(f"--budget {budget}: must be >= 1")
     if not 0 < new_fraction <= 1:
         raise ScheduleError(f"--new-fraction {new_fraction}: must be in (0, 1]")
+    if os.path.abspath(out_dir) == os.path.abspath(splits_dir):  # step files are named like split files
+        raise ScheduleError(f"--out {out_dir}: must differ from the splits folder")
     fn = load_weight_function(policy) if policy not in POLICIES else None
     steps, sizes, files = load_splits(splits_dir)
     shards = {}

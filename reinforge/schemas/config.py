@@ -179,7 +179,27 @@ class MobileCLIPRecipe(Strict):
         return self
 
 
+class ReshardInput(Strict):
+    path: str = Field(description="pool shards: a glob or brace pattern of DataComp {:08d}.tar, fsspec URLs allowed")
+    uid_field: str = Field("uid", description="field of each sample's json member holding its 32-hex uid")
+
+
+class ReshardRecipe(Strict):
+    """DataComp resharder: the samples of a uid subset (with multiplicities) into new {:08d}.tar shards."""
+    product: Literal["reshard"] = "reshard"
+    output: str
+    seed: int = Field(0, description="spreads repeated copies; same seed => same shards")
+    subset: str = Field(description="DataComp subset .npy (u8,u8, sorted)")
+    counts: str = Field("auto", description="multiplicities: auto (<subset stem>.counts.npy if present), none, or a path")
+    input: ReshardInput
+    samples_per_shard: int = Field(10000, ge=1)
+    allow_missing: bool = Field(False, description="skip (and report) subset uids absent from the pool instead of failing")
+    max_error_fraction: float = Field(0.0, ge=0, le=1, description="a task fails above this fraction of unreadable samples")
+    resources: Resources = Resources()
+
+
 RECIPES: dict[str, type[BaseModel]] = {"imagenet_plus": ImageNetPlusRecipe, "mobileclip_dr": MobileCLIPRecipe}
+RECIPES["reshard"] = ReshardRecipe
 NON_SEMANTIC_FIELDS = ("output", "resources")
 
 

@@ -46,6 +46,8 @@ def parse_hex_uids(strings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     arr = strings if isinstance(strings, (pa.Array, pa.ChunkedArray)) else pa.array(strings, pa.string())
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
     if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type):
         arr = arr.cast(pa.string())
     if not pa.types.is_string(arr.type):
@@ -124,11 +126,11 @@ def is_sorted_unique(uids: np.ndarray) -> bool:
     return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
 
 
-def isin(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Membership of (hi, lo) rows in a sorted subset array. Searches on the high half only (a
-    structured searchsorted is ~20x slower), then walks the run of equal high halves (almost always
-    length 1) comparing the low half."""
-    out = np.zeros(len(hi), bool)
+def locate(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Position of each (hi, lo) row in a sorted unique subset array, -1 where absent. Searches on the
+    high half only (a structured searchsorted is ~20x slower), then walks the run of equal high halves
+    (almost always of length 1) comparing the low half."""
+    out = np.full(len(hi), -1, np.int64)
     if len(members) == 0 or len(hi) == 0:
         return out
     m_hi, m_lo = np.ascontiguousarray(members["f0"]), np.ascontiguousarray(members["f1"])
@@ -139,11 +141,16 @@ def isin(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
         same_hi = m_hi[p] == hi[todo]
         todo, p = todo[same_hi], p[same_hi]
         hit = m_lo[p] == lo[todo]
-        out[todo[hit]] = True
+        out[todo[hit]] = p[hit]
         todo = todo[~hit]
         pos[todo] += 1
         todo = todo[pos[todo] < len(members)]
     return out
+
+
+def isin(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Membership of (hi, lo) rows in a sorted unique subset array."""
+    return locate(hi, lo, members) >= 0
 
 
 def counts_path(subset_path: str) -> str:
@@ -245,7 +252,8 @@ def read_subset(url: str, counts: str = "auto") -> LoadedSubset:
     repeated = int((~first).sum())
     if repeated:
         if loaded_counts is not None:
-            raise SubsetError(f"{url}: {repeated} repeated uids and a counts file {counts_file}: ambiguous multiplicities")
+            raise SubsetError(f"{url}: {repeated} repeated uids and a counts file {counts_file}: "
+                              "ambiguous multiplicities")
         starts = np.flatnonzero(first)
         c = np.diff(np.r_[starts, len(uids)])
         uids = uids[starts]
