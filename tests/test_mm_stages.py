@@ -91,12 +91,17 @@ def run_captions(stage: CocaCaptioner, samples: list[dict]) -> dict[str, list[st
 
 def test_top_p_captions_are_seeded_per_sample_and_independent_of_batching(models):
     batched = captioner(models, batch_size=3)
-    single = captioner(models, batch_size=1)
     first = run_captions(batched, make_samples(False))
     assert first == run_captions(batched, make_samples(False))  # deterministic
-    assert first == run_captions(single, make_samples(False))   # batch size 1 vs 3
+    # Batching: in float64, so that only the sampling algorithm is under test. In float32 a row's logits
+    # move by ~1e-7 with the batch shape, and the random-init model's flat 49k-token distributions turn
+    # that into a different draw (seen in CI); reruns of one recipe use the same batches (docstring).
+    exact3, exact1 = captioner(models, batch_size=3), captioner(models, batch_size=1)
+    exact3.model.double(), exact1.model.double()
+    in_threes = run_captions(exact3, make_samples(False))
+    assert in_threes == run_captions(exact1, make_samples(False))  # batch size 1 vs 3
     # a sample's captions do not depend on which other samples share its batch
-    assert run_captions(batched, make_samples(False)[1:2]) == {KEYS[1]: first[KEYS[1]]}
+    assert run_captions(exact3, make_samples(False)[1:2]) == {KEYS[1]: in_threes[KEYS[1]]}
     special = ("<start_of_text>", "<end_of_text>")
     # caption index = its own stream (a random-init model can be peaked, so not every image must differ)
     assert any(len(set(captions)) > 1 for captions in first.values()), first

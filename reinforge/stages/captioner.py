@@ -2,9 +2,16 @@
 
 Top-p sampling is our own loop on top of the CoCa model rather than `model.generate`, which draws
 from the global RNG: caption c of sample k uses a torch.Generator seeded by (run seed, key, c, ...),
-so captions do not depend on batching, worker or device. Each row draws one uniform per step from
+so no row's draws depend on the other rows of its batch. Each row draws one uniform per step from
 its generator and picks the token by inverse CDF over the top-p nucleus (the same distribution as
-torch.multinomial), vectorised over rows. Beam search is deterministic; ours returns the
+torch.multinomial), vectorised over rows.
+
+What this guarantees: a rerun of the same recipe (batch sizes are part of it, hence of the digest) on
+the same hardware gives identical captions, whichever worker runs the task. Changing `batch_size`
+keeps the seeds but not always the text: float32 matmuls are not batch-invariant (a row's logits move
+by ~1e-7 with the batch shape), and where the next-token distribution is flat an inverse-CDF draw
+that lands that close to a boundary picks the neighbouring token. Exact-arithmetic independence of
+batching is tested in float64, where that noise is ~1e-16. Beam search is deterministic; ours returns the
 `num_captions` best distinct beams (open_clip's returns one).
 
 Lengths follow open_clip's generate(seq_len=max_length, min_seq_len=min_length): they count the
@@ -87,8 +94,9 @@ class CocaCaptioner(Stage):
     # -- model steps ---------------------------------------------------------------------------
 
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = next(self.model.parameters()).dtype  # float32, or float64 in the batching test
         with autocast(self.device, self.spec.precision):
-            out = self.model(images.to(self.device))
+            out = self.model(images.to(self.device, dtype))
         return out["image_features"], out["image_embs"]
 
     def _next_logits(self, latent: torch.Tensor, embs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
