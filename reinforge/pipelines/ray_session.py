@@ -39,8 +39,11 @@ def offline_ray_env() -> Iterator[None]:
 def start_local_ray(num_cpus: Optional[int] = None, object_store_memory_mb: int = 1024) -> None:
     import ray
     with offline_ray_env():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_memory_mb * 2**20,
-                 _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=True)
+        # "local": a new Ray of our own even where `ray start` ran (a cluster node, a container's head),
+        # which ray.init() would otherwise join, refusing the num_cpus/object store sizes given here
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 object_store_memory=object_store_memory_mb * 2**20, _node_ip_address="127.0.0.1",
+                 logging_level="WARNING", log_to_driver=True)
 
 
 @contextmanager

@@ -1,8 +1,7 @@
-"""The driver: plan tasks, skip the done ones, run the rest on a fixed, pre-warmed Ray actor pool.
+"""The driver: plan tasks, skip the done ones, run the rest on the actor pool (actor_pool.py).
 
 A task is done iff its manifest exists and carries this run's config digest, so a rerun costs one
-listing plus reading small JSON files. Tasks stream through the pool with a bounded number in
-flight per actor; only small status dicts come back to the driver, never data.
+listing plus reading small JSON files. Nothing but small status dicts comes back to the driver.
 """
 from __future__ import annotations
 
@@ -15,10 +14,11 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from reinforge.pipelines.actor_pool import TICK_S, ActorPool, start_pool
 from reinforge.pipelines.ray_session import ray_session
 from reinforge.pipelines.registry import build_pipeline
 from reinforge.pipelines.sources import Task
-from reinforge.pipelines.storage import exists, list_files, read_text, write_bytes
+from reinforge.pipelines.storage import absolute_url, exists, list_files, read_text, write_bytes
 from reinforge.schemas.config import config_digest, semantic_dict
 from reinforge.schemas.manifest import RunLayout, TaskManifest
 
@@ -45,6 +45,14 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def add(self, result: dict) -> None:
+        if result["status"] == "done":
+            self.done += 1
+            self.samples += result["samples_out"]
+            self.errors += result["errors"]
+        else:
+            self.failed.append(result)
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:
@@ -83,68 +91,67 @@ def done_task_ids(layout: RunLayout, digest: str) -> set[str]:
     return done
 
 
-def _worker_class():
-    import ray
-
-    @ray.remote
-    class TaskWorker:
-        """Holds a product's stages (the whole teacher ensemble) for the life of the pool."""
-
-        def __init__(self, recipe_json: dict, threads: int):
-            import torch
-
-            from reinforge.pipelines.executor import TaskExecutor
-            from reinforge.schemas.config import parse_recipe
-            torch.set_num_threads(threads)
-            recipe = parse_recipe(recipe_json)
-            overlap = recipe.resources.overlap_prep
-            if overlap is None:
-                overlap = recipe.resources.gpus_per_actor > 0
-            self.executor = TaskExecutor(build_pipeline(recipe), RunLayout(recipe.output),
-                                         config_digest(recipe), recipe.max_error_fraction, overlap)
-
-        def ready(self) -> bool:
-            return True
-
-        def run(self, task: Task) -> dict:
-            return self.executor.run(task)
-
-    return TaskWorker
-
-
-def pool_size(recipe: BaseModel, n_tasks: int) -> int:
-    import ray
-    res = recipe.resources
-    if res.num_actors:
-        return min(res.num_actors, n_tasks)
-    available = ray.cluster_resources()
-    fits = (available.get("GPU", 0) / res.gpus_per_actor if res.gpus_per_actor
-            else available.get("CPU", 1) / res.cpus_per_actor)
-    return max(1, min(n_tasks, math.floor(fits + 1e-9)))
+STATUS_FILE = "status.json"
 
 
 class Progress:
-    def __init__(self, total: int, initial: int, enabled: bool):
+    """The progress bar, and RUN/status.json for `reinforge status --watch`: tasks total/done/failed/
+    running, samples, samples/s, errors and the tasks each actor holds, rewritten atomically."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, status_url: str | None = None):
         from tqdm import tqdm
         self.bar = tqdm(total=total, initial=initial, unit="shard", disable=not enabled, file=sys.stderr,
                         dynamic_ncols=True, mininterval=0.5)
         self.started = time.perf_counter()
+        self.started_at = time.time()
+        self.total, self.skipped, self.done, self.failed = total, initial, 0, 0
         self.samples = self.errors = 0
+        self.status_url = status_url
+        self.written = -math.inf
+
+    @property
+    def rate(self) -> float:
+        return self.samples / max(time.perf_counter() - self.started, 1e-9)
 
     def update(self, result: dict) -> None:
         self.samples += result.get("samples_out", 0)
         self.errors += result.get("errors", 0)
-        rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix(samples=self.samples, rate=f"{rate:.1f}/s", errors=self.errors, refresh=False)
+        if result.get("status") == "done":
+            self.done += 1
+        else:
+            self.failed += 1
+        self.bar.set_postfix(samples=self.samples, rate=f"{self.rate:.1f}/s", errors=self.errors, refresh=False)
         self.bar.update(1)
+
+    def write_status(self, running: list[tuple[Task, int]], state: str = "running") -> None:
+        """`running`: (task, actor index) of every task submitted and not yet returned."""
+        now = time.perf_counter()
+        if self.status_url is None or (state == "running" and now - self.written < TICK_S):
+            return
+        self.written = now
+        actors: dict[str, list[str]] = {}
+        for task, actor in running:
+            actors.setdefault(str(actor), []).append(task.id)
+        status = {"state": state, "tasks": {"total": self.total, "done": self.skipped + self.done,
+                                            "skipped": self.skipped, "failed": self.failed, "running": len(running),
+                                            "pending": self.total - self.skipped - self.done - self.failed - len(running)},
+                  "samples": self.samples, "samples_per_second": round(self.rate, 3), "errors": self.errors,
+                  "started_at": self.started_at, "updated_at": time.time(), "actors": actors}
+        write_bytes(self.status_url, json.dumps(status, indent=1, sort_keys=True).encode())
 
     def close(self) -> None:
         self.bar.close()
 
 
+def _failed(layout: RunLayout, task: Task, reason: str) -> dict:
+    """Record why a task failed (failed/<task>.json, for `status`) and return its result."""
+    result = {"task": task.id, "status": "failed", "reason": reason}
+    write_bytes(layout.failure(task.id), json.dumps(result, indent=1).encode())
+    return result
+
+
 def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = False,
                progress: bool = True) -> RunSummary:
-    import ray
     started = time.perf_counter()
     pipeline = build_pipeline(recipe)
     layout = RunLayout(recipe.output)
@@ -154,45 +161,26 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
     todo = deque(t for t in tasks if t.id not in done)
     summary = RunSummary(output=recipe.output, tasks=len(tasks), skipped=len(tasks) - len(todo))
     pipeline.prepare_run(layout)
+    status_url = f"{layout.root.rstrip('/')}/{STATUS_FILE}"
+    Progress(len(tasks), summary.skipped, False, status_url).write_status([], "starting" if todo else "finished")
     if not todo:
         summary.seconds = time.perf_counter() - started
         return summary
     with ray_session(address, recipe.resources.object_store_memory_mb):
-        res = recipe.resources
-        worker = _worker_class().options(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
-                                         max_restarts=3, max_task_retries=3)
-        recipe_json = recipe.model_dump(mode="json")
-        actors = [worker.remote(recipe_json, max(1, int(res.cpus_per_actor))) for _ in range(pool_size(recipe, len(todo)))]
-        ray.get([a.ready.remote() for a in actors])  # pre-warm: every model is loaded before the first task
-        bar = Progress(len(tasks), summary.skipped, progress)
+        # workers resolve a relative local path from their own directory, not the driver's
+        pool = ActorPool(start_pool(recipe.model_copy(update={"output": absolute_url(recipe.output)}), len(todo)),
+                         recipe.resources.tasks_in_flight_per_actor)
+        bar = Progress(len(tasks), summary.skipped, progress, status_url)
         t0 = time.perf_counter()
-        load = {i: 0 for i in range(len(actors))}
-        in_flight: dict = {}
         try:
-            while todo or in_flight:
-                for i in sorted(load, key=load.get):
-                    while todo and load[i] < res.tasks_in_flight_per_actor:
-                        task = todo.popleft()
-                        in_flight[actors[i].run.remote(task)] = (task, i)
-                        load[i] += 1
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                task, i = in_flight.pop(ready[0])
-                load[i] -= 1
-                try:
-                    result = ray.get(ready[0])
-                except (ray.exceptions.RayError) as exc:  # worker crashed beyond its retries: this task only
-                    result = {"task": task.id, "status": "failed", "reason": f"worker error: {str(exc)[-500:]}"}
-                    write_bytes(layout.failure(task.id), json.dumps(result, indent=1).encode())
+            for task, result in pool.results(todo, tick=lambda: bar.write_status(pool.running())):
+                if isinstance(result, str):
+                    result = _failed(layout, task, result)
                 bar.update(result)
-                if result["status"] == "done":
-                    summary.done += 1
-                    summary.samples += result["samples_out"]
-                    summary.errors += result["errors"]
-                else:
-                    summary.failed.append(result)
+                summary.add(result)
         finally:
+            bar.write_status(pool.running(), "interrupted" if todo or pool.in_flight else "finished")
             bar.close()
-            for actor in actors:
-                ray.kill(actor)
+            pool.shutdown()
         summary.seconds = time.perf_counter() - t0
     return summary

@@ -21,6 +21,11 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def absolute_url(url: str) -> str:
+    """A URL every process reads the same way: a local relative path becomes absolute; URLs stay."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def has_rename(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
