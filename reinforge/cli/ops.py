@@ -1,0 +1,85 @@
+"""Operations commands: `report` (an HTML page about a run), `plan` (capacity planning from a real probe),
+and the `status --watch` loop over RUN/status.json. Registered on the main group by reinforge.cli.main."""
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from reinforge.cli.common import load_recipe_file, user_errors
+
+STALE_AFTER_S = 60.0  # --watch gives up when a running run's status.json has not changed for this long
+
+
+@click.command()
+@click.argument("run_dir")
+@click.option("--out", default=None, help="folder for index.html and its PNGs (default: ./<run name>-report)")
+@click.option("--max-samples", default=512, show_default=True, help="samples decoded from the shards for the product plots")
+@user_errors
+def report(run_dir, out, max_samples):
+    """Self-contained HTML report of a run: throughput, task durations, errors, product statistics."""
+    from reinforge.pipelines.report import build_report
+    out = out or f"{run_dir.rstrip('/').rpartition('/')[2] or 'run'}-report"
+    click.echo(f"report: {build_report(run_dir, out, max_samples)}")
+
+
+@click.command()
+@click.argument("config")
+@click.option("--samples", "-n", type=int, required=True, help="input samples to plan for")
+@click.option("--nodes", type=int, default=1, show_default=True, help="nodes like the one the probe runs on")
+@click.option("--probe-samples", type=int, default=None, help="samples the probe runs (default: 2 x augmentation.samples_per_batch)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="dotted override, as for run")
+@click.option("--address", default=None, help="Ray cluster address; default RAY_ADDRESS or an embedded local Ray")
+@click.option("--workdir", default=None, help="folder for the probe's input and run, kept (default: a local temp "
+                                              "folder, removed); with --address, one every node can read")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def plan(config, samples, nodes, probe_samples, overrides, address, workdir, as_json):
+    """Measure the recipe on a few samples here, then print wall time, storage and bottleneck for N samples."""
+    from dataclasses import asdict
+
+    from reinforge.pipelines.plan import plan_capacity
+    result = plan_capacity(load_recipe_file(config, overrides), samples, nodes, probe_samples, address, workdir)
+    if as_json:
+        click.echo(json.dumps({**asdict(result), "bottleneck": result.bottleneck, "storage_bytes": result.storage_bytes,
+                               "wall_seconds": result.wall_seconds}, indent=1))
+        return
+    for line in result.lines():
+        click.echo(line)
+
+
+def status_line(status: dict) -> str:
+    t = status["tasks"]
+    when = time.strftime("%H:%M:%S", time.localtime(status["updated_at"]))
+    actors = "; ".join(f"actor {a}: {', '.join(ids)}" for a, ids in sorted(status.get("actors", {}).items()))
+    return (f"{when} {status['state']}: {t['done']}/{t['total']} tasks done, {t['running']} running, "
+            f"{t['failed']} failed; {status['samples']} samples, {status['samples_per_second']:.2f}/s, "
+            f"{status['errors']} errors" + (f"  [{actors}]" if actors else ""))
+
+
+def watch_status(run_dir: str, interval: float, echo=click.echo, stale_after: float = STALE_AFTER_S) -> int:
+    """Print a line per change of RUN/status.json until the run is no longer running. Returns the exit
+    code: 0 finished without failed tasks, 1 otherwise (failed tasks, interrupted, or gone stale)."""
+    from reinforge.pipelines.rundir import load_run
+    from reinforge.pipelines.runner import STATUS_FILE
+    from reinforge.pipelines.storage import exists, read_text
+    layout, _ = load_run(run_dir)
+    url = f"{layout.root}/{STATUS_FILE}"
+    if not exists(url):
+        echo(f"waiting for {url}")
+    last, changed = None, time.monotonic()
+    while True:
+        try:
+            status = json.loads(read_text(url)) if exists(url) else None
+        except ValueError:
+            status = None  # written atomically, so only a foreign file is unreadable: keep waiting
+        if status is not None and status.get("updated_at") != last:
+            last, changed = status.get("updated_at"), time.monotonic()
+            echo(status_line(status))
+        if status is not None and status["state"] not in ("starting", "running"):
+            return 0 if status["state"] == "finished" and not status["tasks"]["failed"] else 1
+        if status is not None and status["state"] == "running" and time.monotonic() - changed > stale_after:
+            echo(f"no update of {url} for {stale_after:.0f} s: is the run's driver still alive?")
+            return 1
+        time.sleep(interval)

@@ -1,0 +1,80 @@
+"""Capacity planning: a real probe of the demo recipe (real efficientnet_lite0 teacher) predicts the
+output size of a larger real run within 10 %."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+from conftest import jpeg_bytes, photo, write_shard
+
+from reinforge.pipelines.plan import tar_bytes
+from reinforge.pipelines.rundir import merged_stats
+from reinforge.pipelines.runner import run_recipe
+from reinforge.pipelines.storage import read_text
+from reinforge.schemas.config import load_recipe
+from reinforge.schemas.wds import ShardWriter, iter_samples
+
+pytestmark = pytest.mark.ray
+DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+
+
+def cli(*args: str):
+    from click.testing import CliRunner
+
+    from reinforge.cli.main import cli as main
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_tar_bytes_is_what_a_sample_takes_in_a_shard():
+    members = {"jpg": b"x" * 1000, "cls": b"3", "json": b"{}" * 300}
+    buf = io.BytesIO()
+    with ShardWriter(buf) as writer:
+        writer.write("a", members)
+        writer.write("b", members)
+    buf.seek(0)
+    samples = list(iter_samples(buf))
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        end = tar.getmembers()[-1]
+        content = end.offset_data + -(-end.size // 512) * 512
+    assert sum(tar_bytes(s) for s in samples) == content == 2 * (512 + 1024 + 512 + 512 + 512 + 1024)
+
+
+def test_plan_storage_within_10_percent_of_the_real_run(tmp_path, local_ray):
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for s in range(4):  # 24 real photos, 6 per shard
+        write_shard(folder / f"demo-{s:06d}.tar",
+                    [(f"img{i:03d}", {"jpg": jpeg_bytes(photo(i, 160)), "cls": str(281 + i).encode()})
+                     for i in range(6 * s, 6 * s + 6)])
+    sets = ("--set", f"input.path={folder}/demo-*.tar", "--set", f"output={tmp_path / 'run'}")
+    result = cli("plan", DEMO, "--samples", "24", "--probe-samples", "4", "--json", *sets)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["probe_samples"] == 4 and plan["tasks"] == 4 and plan["yield_fraction"] == 1.0
+    assert set(plan["stage_rates"]) == {"decode", "label", "augment", "teachers", "encode"}
+    assert plan["bottleneck"] == "teachers"  # a 224 px CNN on 8 views per image, on 2 CPU cores
+    assert plan["actors_per_node"] == 1 and plan["wall_seconds"] > 0
+    assert not (tmp_path / "run").exists()  # the probe ran in a temp folder, not in the recipe's output
+
+    recipe = load_recipe(read_text(DEMO), (sets[1], sets[3]))
+    summary = run_recipe(recipe, progress=False)
+    assert summary.ok and summary.samples == 24
+    actual = merged_stats(str(tmp_path / "run"))[1]["bytes"]
+    error = plan["storage_bytes"] / actual - 1
+    print(f"plan {plan['storage_bytes']:,.0f} B vs actual {actual:,} B: {error:+.1%}; "
+          f"predicted wall {plan['wall_seconds']:.1f} s, run {summary.seconds:.1f} s")
+    assert abs(error) < 0.10
+
+    text = cli("plan", DEMO, "--samples", "10000000", "--nodes", "4", "--probe-samples", "2", *sets).output
+    assert "imagenet_plus at N=10,000,000 samples → " in text and "bottleneck: teachers" in text
+    assert "on 4 node(s) (4 actor(s))" in text
+
+
+def test_plan_refuses_products_without_model_stages(tmp_path):
+    recipe = tmp_path / "reshard.yaml"
+    recipe.write_text(f"product: reshard\noutput: {tmp_path}/out\nsubset: {tmp_path}/s.npy\ninput: {{path: x.tar}}\n")
+    result = cli("plan", str(recipe), "--samples", "10")
+    assert result.exit_code == 2 and "plan probes recipes with model stages" in result.output
