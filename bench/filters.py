@@ -1,0 +1,101 @@
+"""DataComp filters benchmark: prints rates and ratios (never asserted in tests).
+
+1. score pass: rows/s of `score_metadata` on a generated DataComp-like metadata table (default 1M rows,
+   10 row groups, captions of 3-14 words in English and four other languages, sizes, CLIP scores) with
+   paired npz image embeddings and the image-based clustering on (k-means k=256 on a 64-dim pool).
+   Also the share of it spent in the per-caption Python (language id + synset lookup), the cost floor.
+2. decision pass: seconds of `decide` for `basic & top(clip_l14, 0.3)` and for `image | clip_b32>=0.3`,
+   as a fraction of the score pass (CPU time): "scores are stats, decisions are cheap second passes".
+
+Run: ../shared/tools/offline .venv/bin/python bench/filters.py [--rows 1000000] [--dim 64] [--clusters 256]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from pool_gen import random_uids  # noqa: E402
+
+from reinforge.pipelines.filter_scores import ScoreOptions, score_metadata  # noqa: E402
+from reinforge.pipelines.filter_text import caption_stats  # noqa: E402
+from reinforge.pipelines.filters import decide  # noqa: E402
+
+WORDS = {
+    "en": "a the photo of dog cat on beach with my new car house garden at sunset in city street old man woman "
+          "red blue wooden table kitchen modern design for sale vintage poster summer dress girl boy".split(),
+    "de": "ein der die das hund katze am strand mit meinem neuen auto haus garten bei sonnenuntergang".split(),
+    "es": "el la un una perro gato en playa con mi nuevo coche casa jardín al atardecer ciudad calle".split(),
+    "fr": "le la un une chien chat sur plage avec ma nouvelle voiture maison jardin au coucher de soleil".split(),
+    "it": "il la un una cane gatto sulla spiaggia con la mia nuova macchina casa giardino al tramonto".split(),
+}
+
+
+def captions(n: int, rng: np.random.Generator) -> list[str]:
+    langs = rng.choice(list(WORDS), size=n, p=[0.6, 0.1, 0.1, 0.1, 0.1])
+    lengths = rng.integers(3, 15, size=n)
+    picks = rng.integers(0, 1 << 30, size=(n, 14))
+    return [" ".join(WORDS[lang][p % len(WORDS[lang])] for p in picks[i, :lengths[i]])
+            for i, lang in enumerate(langs.tolist())]
+
+
+def generate(folder: str, rows: int, dim: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    uids, _, _ = random_uids(rows, rng)
+    table = pa.table({"uid": uids, "text": pa.array(captions(rows, rng), pa.string()),
+                      "original_width": rng.integers(64, 2048, rows), "original_height": rng.integers(64, 2048, rows),
+                      "clip_b32_similarity_score": rng.random(rows, np.float32) * 0.45,
+                      "clip_l14_similarity_score": rng.random(rows, np.float32) * 0.5})
+    pq.write_table(table, os.path.join(folder, "00000000.parquet"), row_group_size=max(1, rows // 10))
+    centers = rng.normal(size=(512, dim)).astype(np.float32)
+    emb = centers[rng.integers(512, size=rows)] + 0.5 * rng.normal(size=(rows, dim)).astype(np.float32)
+    np.savez(os.path.join(folder, "00000000.npz"), l14_img=emb.astype(np.float16))
+    np.save(os.path.join(folder, "targets.npy"), centers[:100] + 0.5 * rng.normal(size=(100, dim)).astype(np.float32))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--clusters", type=int, default=256)
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="reinforge-bench-filters-")
+    try:
+        started = time.perf_counter()
+        generate(tmp, args.rows, args.dim)
+        print(f"generated {args.rows:,} rows + {args.dim}-dim npz in {time.perf_counter() - started:.1f} s")
+        scores = os.path.join(tmp, "scores")
+        started, cpu = time.perf_counter(), time.process_time()
+        report = score_metadata([os.path.join(tmp, "00000000.parquet")], scores,
+                                ScoreOptions(clusters=args.clusters, cluster_targets=os.path.join(tmp, "targets.npy")))
+        score_s, score_cpu = time.perf_counter() - started, time.process_time() - cpu
+        print(f"[score] {report['rows']:,} rows in {score_s:.1f} s = {report['rows'] / score_s:,.0f} rows/s wall, "
+              f"{report['rows'] / score_cpu:,.0f} rows per CPU-second (k-means k={args.clusters} on "
+              f"{report['clusters']['train_rows']:,} rows, dim {args.dim}; english {report['language']['english']:,})")
+        # CPU time, not wall: the machine is shared, and the ratio should not depend on the neighbours
+        texts = pq.read_table(os.path.join(tmp, "00000000.parquet"), columns=["text"]).slice(0, 100_000)
+        cpu = time.process_time()
+        caption_stats(texts.column("text").to_pylist())
+        per_caption = (time.process_time() - cpu) / texts.num_rows
+        print(f"[score] per-caption Python (language id + synsets): {1 / per_caption:,.0f} captions per CPU-second "
+              f"= {per_caption * report['rows'] / score_cpu:.2f} of the score pass's CPU time")
+        for rule in ("basic & top(clip_l14, 0.3)", "image | clip_b32>=0.3"):
+            started, cpu = time.perf_counter(), time.process_time()
+            r = decide(scores, rule, os.path.join(tmp, "subset.npy"))
+            decide_s, decide_cpu = time.perf_counter() - started, time.process_time() - cpu
+            print(f"[decide] {rule!r}: kept {r['kept']:,} of {r['unique']:,} in {decide_s:.2f} s = "
+                  f"{r['unique'] / decide_s:,.0f} rows/s; decision / score CPU time = {decide_cpu / score_cpu:.4f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`reinforge filter`: DataComp-style filtering as two passes, scores first (stats, once), decisions
+after (cheap, any number of rules over the same scores)."""
+from __future__ import annotations
+
+import click
+
+from reinforge.cli.common import user_errors
+
+
+@click.group("filter")
+def filter_group():
+    """DataComp baseline filters: `score` metadata once, then `apply` rules to the scores."""
+
+
+@filter_group.command("score")
+@click.argument("metadata", nargs=-1, required=True)
+@click.option("--out", required=True, help="folder for scores.parquet and score_report.json")
+@click.option("--embeddings", multiple=True,
+              help="row-aligned .npz per metadata file, in order (repeatable); default: paired <stem>.npz")
+@click.option("--embedding-key", default="l14_img", show_default=True, help="array in the embeddings .npz")
+@click.option("--clusters", default=0, show_default=True, help="k-means centroids for the image-based filter (0: none)")
+@click.option("--cluster-targets", default=None, help=".npy/.npz of target image embeddings (e.g. ImageNet-1k)")
+@click.option("--target-key", default=None,
+              help="array in the targets .npz (default: --embedding-key or its only array)")
+@click.option("--train-size", default=0, show_default=True, help="k-means training sample (0: 256 per centroid)")
+@click.option("--niter", default=20, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, target_key, train_size, niter, seed):
+    """Score DataComp metadata Parquet (files or folders): caption, language, size, CLIP, synset and cluster stats."""
+    import time
+
+    from reinforge.pipelines.filter_scores import ScoreOptions, score_metadata
+    started = time.perf_counter()
+    options = ScoreOptions(list(embeddings), embedding_key, clusters, cluster_targets, target_key, train_size,
+                           niter, seed)
+    report = score_metadata(list(metadata), out, options)
+    seconds = time.perf_counter() - started
+    bad = report["malformed_uids"]
+    click.echo(f"scored {report['scored']:,} of {report['rows']:,} rows from {len(report['inputs'])} files in "
+               f"{seconds:.1f} s ({report['rows'] / max(seconds, 1e-9):,.0f} rows/s) -> {out}")
+    invalid = ", ".join(f"{k}={v:,}" for k, v in sorted(report["invalid"].items()) if v) or "none"
+    click.echo(f"malformed uids {bad['rows']:,} {bad['by_reason'] or ''}; english {report['language']['english']:,}; "
+               f"invalid values {invalid}")
+    if "clusters" in report:
+        c = report["clusters"]
+        click.echo(f"clusters: k={c['k']} trained on {c['train_rows']:,} rows; {c['targets']['rows']:,} targets hit "
+                   f"{c['targets']['centroids_hit']} centroids ({c['targets']['invalid']} invalid targets)")
+
+
+@filter_group.command("apply")
+@click.argument("scores_dir")
+@click.option("--rule", default=None,
+              help="e.g. 'basic & top(clip_l14, 0.3)', 'english & text', 'clip_b32>=0.28 | image'")
+@click.option("--top-fraction", type=float, default=None, help="keep the top fraction by --score (ANDed with --rule)")
+@click.option("--score", "score_column", default="clip_l14", show_default=True, help="column ranked by --top-fraction")
+@click.option("--out", required=True, help="DataComp subset file (.npy, sorted u8,u8 uids)")
+@click.option("--report", default=None, help="JSON report (default: <out stem>.report.json)")
+@user_errors
+def apply(scores_dir, rule, top_fraction, score_column, out, report):
+    """Apply a filter rule to stored scores: write the subset file and a report (counts, resolved thresholds)."""
+    from reinforge.pipelines.filter_clusters import FilterError
+    from reinforge.pipelines.filters import decide, default_report_path
+    if top_fraction is not None:
+        top = f"top({score_column}, {top_fraction!r})"
+        rule = f"({rule}) & {top}" if rule else top
+    if not rule:
+        raise FilterError("give --rule and/or --top-fraction")
+    r = decide(scores_dir, rule, out, report)
+    click.echo(f"kept {r['kept']:,} of {r['unique']:,} unique uids ({r['rows_in']:,} rows in: "
+               f"{r['malformed_uids']:,} malformed, {r['duplicate_uids']['rows']:,} duplicates) -> {out}")
+    for a in r["atoms"]:
+        extra = f", threshold {a['threshold']:.6g}" if "threshold" in a else ""
+        click.echo(f"  {a['atom']:<22} pass {a['pass']:>10,}  fail {a['fail']:>10,}  invalid {a['invalid']:>8,}{extra}")
+    click.echo(f"report -> {report or default_report_path(out)}")

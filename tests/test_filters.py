@@ -1,0 +1,333 @@
+"""DataComp-style filters: the score pass over generated DataComp-like metadata (+ paired npz
+embeddings), then every decision checked against a direct numpy computation of the same rule."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from reinforge.pipelines.filter_clusters import FilterError
+from reinforge.pipelines.filter_scores import ScoreOptions, score_metadata
+from reinforge.pipelines.filters import decide
+from reinforge.schemas.subset import SUBSET_DTYPE, read_subset
+
+ROWS_PER_FILE, FILES, DIM, CENTERS = 1500, 2, 32, 8
+SYNSET_NOUNS = ["dog", "cat", "beach", "piano", "guitar", "castle", "tree", "bicycle"]
+EN_WITH_NOUN = ["a photo of the {} during the weekend", "look at this {} again", "what a day for the {}",
+                "we went there with the {}"]
+EN_PLAIN = ["look at this, so happy about it", "we went there again during the weekend", "what a day it was"]
+FOREIGN = ["wir fahren morgen nach hause", "ich liebe dich so sehr", "el perro come en la mañana",
+           "nous allons au marché demain"]
+MALFORMED = {"not_hex": 2, "wrong_length": 2, "null": 1}  # per file
+DUPLICATES = 3  # per file: later rows repeating an earlier uid of the same file
+
+
+def _uid_strings(rng, n):
+    raw = rng.integers(0, 2**64 - 1, size=(n, 2), dtype=np.uint64, endpoint=True)
+    return [f"{h:016x}{l:016x}" for h, l in raw.tolist()]
+
+
+def make_pool(folder, seed: int = 0) -> dict:
+    """FILES metadata parquet files (2 row groups each) + paired npz, and a targets .npy; returns the
+    raw columns concatenated over files plus the generator's ground truth."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    centers = rng.normal(size=(CENTERS, DIM))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    truth = {k: [] for k in ("uid", "text", "width", "height", "b32", "l14", "emb", "has_noun")}
+    for f in range(FILES):
+        n = ROWS_PER_FILE
+        uids = _uid_strings(rng, n)
+        bad = rng.choice(np.arange(10, n), sum(MALFORMED.values()) + 2 * DUPLICATES, replace=False)
+        bad_kinds = [k for k, c in MALFORMED.items() for _ in range(c)]
+        for i, kind in zip(bad, bad_kinds):
+            uids[i] = {"not_hex": "z" * 32, "wrong_length": uids[i][:30], "null": None}[kind]
+        dup = bad[len(bad_kinds):]
+        for later, earlier in zip(dup[:DUPLICATES], sorted(dup[DUPLICATES:])):
+            earlier, later = sorted((earlier, later))
+            uids[later] = uids[earlier]
+        kind = rng.random(n)
+        texts, has_noun = [], []
+        for i in range(n):
+            noun = SYNSET_NOUNS[rng.integers(len(SYNSET_NOUNS))]
+            if kind[i] < 0.5:
+                texts.append(EN_WITH_NOUN[rng.integers(len(EN_WITH_NOUN))].format(noun + ("s" if i % 7 == 0 else "")))
+            elif kind[i] < 0.65:
+                texts.append(EN_PLAIN[rng.integers(len(EN_PLAIN))])
+            elif kind[i] < 0.8:
+                texts.append(FOREIGN[rng.integers(len(FOREIGN))])
+            elif kind[i] < 0.9:
+                texts.append(["the {}", "{}", "a {} x"][i % 3].format(noun))  # short: 2, 1, 3 words
+            elif kind[i] < 0.97:
+                texts.append("")
+            else:
+                texts.append(None)
+            has_noun.append(kind[i] < 0.5 or 0.8 <= kind[i] < 0.9)
+        width = rng.integers(50, 1500, n).astype(float)
+        height = rng.integers(50, 1500, n).astype(float)
+        width[:6], height[:6] = [200, 600, 199, 601, 0, 300], [600, 200, 600, 200, 400, 300]  # boundaries
+        width[rng.random(n) < 0.01] = np.nan
+        b32 = np.round(rng.random(n) * 0.4, 2)  # 41 distinct values: many exact ties
+        l14 = np.round(rng.random(n) * 0.5, 3)
+        l14[rng.choice(n, 6, replace=False)] = [np.nan, np.inf, -np.inf, np.nan, np.nan, np.inf]
+        which = rng.integers(CENTERS, size=n)
+        emb = (centers[which] + 0.2 * rng.normal(size=(n, DIM)) / np.sqrt(DIM)).astype(np.float16)
+        emb[rng.choice(n, 4, replace=False)] = np.nan
+        emb[rng.choice(n, 2, replace=False)] = 0
+        table = pa.table({"uid": pa.array(uids, pa.string()), "url": [f"http://x/{i}.jpg" for i in range(n)],
+                          "text": pa.array(texts, pa.string()),
+                          "original_width": pa.array(width, pa.float64(), mask=np.isnan(width)).cast(pa.int64()),
+                          "original_height": pa.array(height.astype(np.int64)),
+                          "clip_b32_similarity_score": pa.array(b32, pa.float32()),
+                          "clip_l14_similarity_score": pa.array(l14, pa.float32()),
+                          "sha256": ["0" * 64] * n})
+        pq.write_table(table, os.path.join(folder, f"{f:08d}.parquet"), row_group_size=n // 2 + 1)
+        np.savez(os.path.join(folder, f"{f:08d}.npz"), l14_img=emb, b32_img=emb[:, :16])
+        for key, value in (("uid", uids), ("text", texts), ("width", width), ("height", height), ("b32", b32),
+                           ("l14", l14), ("emb", emb), ("has_noun", has_noun)):
+            truth[key].append(np.asarray(value, object if key in ("uid", "text") else None))
+    targets = centers[:3].repeat(10, axis=0) + 0.2 * rng.normal(size=(30, DIM)) / np.sqrt(DIM)
+    targets = np.concatenate([targets, np.full((2, DIM), np.nan)]).astype(np.float32)
+    np.save(os.path.join(folder, "targets.npy"), targets)
+    truth = {k: np.concatenate(v) for k, v in truth.items()}
+    truth["targets"] = targets
+    return truth
+
+
+# ---------------------------------------------------------------- direct computations (the oracle)
+
+def unique_rows(uids) -> np.ndarray:
+    """Row indices of the first occurrence of every well-formed uid, in input order."""
+    seen, out = set(), []
+    for i, u in enumerate(uids):
+        if u is None or len(u) != 32 or any(c not in "0123456789abcdef" for c in u) or u in seen:
+            continue
+        seen.add(u)
+        out.append(i)
+    return np.array(out)
+
+
+def english(texts) -> np.ndarray:
+    import py3langid
+    return np.array([t is not None and py3langid.classify(t.replace("\n", " "))[0] == "en" for t in texts])
+
+
+def basic(t) -> np.ndarray:
+    words = np.array([len(x.split()) if x is not None else 0 for x in t["text"]])
+    chars = np.array([len(x) if x is not None else 0 for x in t["text"]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        short = np.minimum(t["width"], t["height"])
+        aspect = np.maximum(t["width"], t["height"]) / short
+        return english(t["text"]) & (words > 2) & (chars > 5) & (short >= 200) & (aspect <= 3)
+
+
+def top_fraction(values, uids, rows, fraction) -> set:
+    valid = [i for i in rows if np.isfinite(values[i])]
+    ranked = sorted(valid, key=lambda i: (-float(np.float32(values[i])), uids[i]))
+    return {uids[i] for i in ranked[:int(np.floor(fraction * len(valid) + 0.5))]}
+
+
+def uid_set(path) -> set:
+    arr = np.load(path)
+    return {f"{h:016x}{l:016x}" for h, l in zip(arr["f0"].tolist(), arr["f1"].tolist())}
+
+
+def pool_options(folder) -> ScoreOptions:
+    """k-means on every usable pool row (train_size), so the test can check the fixed point."""
+    return ScoreOptions(clusters=CENTERS, cluster_targets=str(folder / "targets.npy"),
+                        train_size=FILES * ROWS_PER_FILE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pool")
+    truth = make_pool(str(folder))
+    scores = str(folder / "scores")
+    report = score_metadata([str(folder)], scores, pool_options(folder))
+    truth["rows"] = unique_rows(truth["uid"])
+    return folder, scores, report, truth
+
+
+def test_score_report_counts_bad_input(pool):
+    _, scores, report, truth = pool
+    n = FILES * ROWS_PER_FILE
+    assert report["rows"] == n
+    bad = {k: v * FILES for k, v in MALFORMED.items()}
+    assert report["malformed_uids"]["by_reason"] == bad
+    assert report["malformed_uids"]["rows"] == sum(bad.values()) == n - report["scored"]
+    assert report["invalid"]["clip_l14"] == 6 * FILES  # NaN and +-inf, as given
+    assert report["invalid"]["short_side"] == report["invalid"]["aspect"]
+    scored_text = [t for t, u in zip(truth["text"], truth["uid"]) if u is not None and len(u) == 32 and "z" not in u]
+    assert report["invalid"]["words"] == report["invalid"]["lang"] == scored_text.count(None) > 0
+    targets = report["clusters"]["targets"]
+    assert (targets["rows"], targets["invalid"]) == (32, 2) and 1 <= targets["centroids_hit"] <= 3
+    table = pq.read_table(os.path.join(scores, "scores.parquet"))
+    assert table.num_rows == report["scored"]
+    assert table.column("cluster").null_count == report["invalid"]["cluster"] > 0  # NaN / zero embeddings
+
+
+def test_basic_filter_matches_direct_computation(pool, tmp_path):
+    _, scores, _, truth = pool
+    r = decide(scores, "basic", str(tmp_path / "basic.npy"))
+    rows = truth["rows"]
+    expected = {truth["uid"][i] for i in rows[basic(truth)[rows]]}
+    assert uid_set(tmp_path / "basic.npy") == expected
+    assert 0 < r["kept"] == len(expected) < r["unique"]
+    assert r["duplicate_uids"]["rows"] == DUPLICATES * FILES
+    assert r["rows_in"] == r["malformed_uids"] + r["duplicate_uids"]["rows"] + r["kept"] + r["dropped"]
+    assert [a["atom"] for a in r["atoms"]] == ["lang==en", "words>2", "chars>5", "short_side>=200", "aspect<=3"]
+    assert r["atoms"][3]["invalid"] > 0  # null widths
+
+
+def test_clip_threshold_and_exact_top_fraction(pool, tmp_path):
+    _, scores, _, truth = pool
+    rows, uids = truth["rows"], truth["uid"]
+    decide(scores, "clip_l14>=0.3", str(tmp_path / "t.npy"))
+    l14 = truth["l14"].astype(np.float32)
+    assert uid_set(tmp_path / "t.npy") == {uids[i] for i in rows if np.isfinite(l14[i]) and l14[i] >= np.float32(0.3)}
+    for fraction in (0.3, 0.1, 0.0, 1.0):
+        r = decide(scores, f"top(clip_l14, {fraction})", str(tmp_path / "top.npy"))
+        valid = int(np.isfinite(l14[rows]).sum())
+        kept = uid_set(tmp_path / "top.npy")
+        assert len(kept) == r["kept"] == int(np.floor(fraction * valid + 0.5))
+        assert kept == top_fraction(l14, uids, rows, fraction)
+        atom = r["atoms"][0]
+        assert atom["valid"] == valid and atom["invalid"] == len(rows) - valid
+    r = decide(scores, "top(clip_b32, 0.3)", str(tmp_path / "b.npy"))
+    assert r["atoms"][0]["tied_not_kept"] > 0  # rounded scores: the cut falls inside a tie, broken by uid
+    assert uid_set(tmp_path / "b.npy") == top_fraction(truth["b32"].astype(np.float32), uids, rows, 0.3)
+
+
+def test_text_filter_and_combinations(pool, tmp_path):
+    _, scores, _, truth = pool
+    rows, uids = truth["rows"], truth["uid"]
+    decide(scores, "text", str(tmp_path / "text.npy"))
+    assert uid_set(tmp_path / "text.npy") == {uids[i] for i in rows if truth["has_noun"][i]}
+    decide(scores, "basic & top(clip_l14, 0.3)", str(tmp_path / "both.npy"))
+    b = basic(truth)
+    top = top_fraction(truth["l14"], uids, rows, 0.3)
+    assert uid_set(tmp_path / "both.npy") == {uids[i] for i in rows if b[i]} & top
+    # SQL logic: an invalid score passes neither an atom nor its negation
+    decide(scores, "!(clip_l14>=0.3) | text", str(tmp_path / "or.npy"))
+    l14 = truth["l14"].astype(np.float32)
+    assert uid_set(tmp_path / "or.npy") == {uids[i] for i in rows if (np.isfinite(l14[i]) and l14[i] < np.float32(0.3))
+                                            or truth["has_noun"][i]}
+
+
+def test_image_filter_one_metric(pool, tmp_path):
+    _, scores, report, truth = pool
+    centroids = np.load(os.path.join(scores, "centroids.npy"))
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, rtol=1e-5)
+    x = truth["emb"].astype(np.float32)
+    ok = np.isfinite(x).all(axis=1) & (np.linalg.norm(np.nan_to_num(x), axis=1) > 0)
+    norms = np.linalg.norm(np.nan_to_num(x), axis=1)
+    unit = np.where(ok[:, None], np.nan_to_num(x), 0) / np.where(ok, norms, 1)[:, None]
+    by_ip = np.argmax(unit @ centroids.T, axis=1)
+    by_l2 = np.argmin(((unit[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert np.array_equal(by_ip[ok], by_l2[ok])  # unit vectors: the same assignment either way
+    table = pq.read_table(os.path.join(scores, "scores.parquet"))
+    scored_rows = np.flatnonzero([u is not None and len(u) == 32 and "z" not in u for u in truth["uid"]])
+    stored = table.column("cluster").to_numpy(zero_copy_only=False)
+    assert np.array_equal(stored[ok[scored_rows]], by_ip[scored_rows][ok[scored_rows]])
+    # training used the same metric: each centroid is (close to) the normalised mean of its members
+    for c in range(CENTERS):
+        members = unit[ok & (by_ip == c)]
+        mean = members.sum(0) / np.linalg.norm(members.sum(0))
+        assert mean @ centroids[c] > 0.999
+    t = truth["targets"]
+    t_ok = np.isfinite(t).all(axis=1)
+    hit = np.unique(np.argmax((t[t_ok] / np.linalg.norm(t[t_ok], axis=1, keepdims=True)) @ centroids.T, axis=1))
+    assert np.array_equal(np.flatnonzero(np.load(os.path.join(scores, "centroid_targets.npy"))), hit)
+    r = decide(scores, "image", str(tmp_path / "img.npy"))
+    rows = truth["rows"]
+    assert uid_set(tmp_path / "img.npy") == {truth["uid"][i] for i in rows if ok[i] and by_ip[i] in set(hit)}
+    assert r["atoms"][0]["invalid"] == int((~ok[rows]).sum()) > 0
+
+
+def test_subset_file_round_trip(pool, tmp_path):
+    _, scores, _, _ = pool
+    out = str(tmp_path / "s.npy")
+    decide(scores, "english", out)
+    raw = np.load(out)
+    assert raw.dtype == SUBSET_DTYPE and raw.dtype == np.dtype("u8,u8")
+    order = np.lexsort((raw["f1"], raw["f0"]))
+    assert np.array_equal(order, np.arange(len(raw))) and len(np.unique(raw)) == len(raw)
+    loaded = read_subset(out)
+    assert np.array_equal(loaded.uids, raw) and loaded.total == len(raw) and not loaded.notes
+    assert json.load(open(str(tmp_path / "s.report.json")))["kept"] == len(raw)
+
+
+def test_reruns_are_byte_identical(pool, tmp_path):
+    folder, scores, _, _ = pool
+    again = str(tmp_path / "again")
+    score_metadata([str(folder)], again, pool_options(folder))
+    for name in ("scores.parquet", "score_report.json", "centroids.npy", "centroid_targets.npy"):
+        assert open(os.path.join(scores, name), "rb").read() == open(os.path.join(again, name), "rb").read(), name
+    decide(scores, "basic & top(clip_l14,0.3)", str(tmp_path / "a.npy"))
+    decide(again, "basic & top(clip_l14,0.3)", str(tmp_path / "b.npy"))
+    assert open(tmp_path / "a.npy", "rb").read() == open(tmp_path / "b.npy", "rb").read()
+
+
+def test_bad_inputs_are_clear_errors(pool, tmp_path):
+    folder, scores, _, _ = pool
+    meta = str(folder / "00000000.parquet")
+    with pytest.raises(FilterError, match="unknown name"):
+        decide(scores, "basic & clip_l99>=1", str(tmp_path / "x.npy"))
+    wrong_dim = str(tmp_path / "t.npy")
+    np.save(wrong_dim, np.ones((3, DIM + 1), np.float32))
+    with pytest.raises(FilterError, match="dim 33"):
+        score_metadata([meta], str(tmp_path / "s1"), ScoreOptions(clusters=2, cluster_targets=wrong_dim))
+    short = str(tmp_path / "short.npz")
+    np.savez(short, l14_img=np.ones((10, DIM), np.float16))
+    with pytest.raises(FilterError, match="10 rows"):
+        score_metadata([meta], str(tmp_path / "s2"), ScoreOptions(embeddings=[short], clusters=2,
+                                                                   cluster_targets=str(folder / "targets.npy")))
+    other = str(tmp_path / "other.npz")
+    np.savez(other, l14_img=np.ones((ROWS_PER_FILE, DIM // 2), np.float16))
+    with pytest.raises(FilterError, match="dim 16, earlier files have 32"):
+        score_metadata([meta, str(folder / "00000001.parquet")], str(tmp_path / "s6"),
+                       ScoreOptions(embeddings=[str(folder / "00000000.npz"), other], clusters=2,
+                                    cluster_targets=str(folder / "targets.npy")))
+    no_uid = str(tmp_path / "no_uid.parquet")
+    pq.write_table(pa.table({"text": ["a b c d"]}), no_uid)
+    with pytest.raises(FilterError, match="no column 'uid'"):
+        score_metadata([no_uid], str(tmp_path / "s3"), ScoreOptions())
+    # missing optional columns: scored as nulls, reported, and a rule on them is refused by name
+    no_clip = str(tmp_path / "no_clip.parquet")
+    pq.write_table(pq.read_table(meta).drop_columns(["clip_l14_similarity_score"]), no_clip)
+    r = score_metadata([no_clip], str(tmp_path / "s4"), ScoreOptions())
+    assert r["inputs"][0]["missing_columns"] == ["clip_l14_similarity_score"]
+    assert r["invalid"]["clip_l14"] == r["scored"]
+    with pytest.raises(FilterError, match="clip_l14_similarity_score"):
+        decide(str(tmp_path / "s4"), "top(clip_l14, 0.3)", str(tmp_path / "x.npy"))
+    with pytest.raises(FilterError, match="no column cluster_targets"):
+        decide(str(tmp_path / "s4"), "image", str(tmp_path / "x.npy"))
+    empty = str(tmp_path / "empty.parquet")
+    pq.write_table(pq.read_table(meta).slice(0, 0), empty)
+    r = score_metadata([empty], str(tmp_path / "s5"), ScoreOptions())
+    assert r["rows"] == r["scored"] == 0
+    with pytest.raises(FilterError, match="no scored rows"):
+        decide(str(tmp_path / "s5"), "basic", str(tmp_path / "x.npy"))
+
+
+def test_cli_end_to_end(pool, tmp_path):
+    from reinforge.cli.main import cli
+    folder, _, _, truth = pool
+    runner = CliRunner()
+    scores = str(tmp_path / "scores")
+    res = runner.invoke(cli, ["filter", "score", str(folder / "00000001.parquet"), "--out", scores,
+                              "--clusters", "4", "--cluster-targets", str(folder / "targets.npy")])
+    assert res.exit_code == 0, res.output
+    assert "scored 1,495 of 1,500 rows" in res.output
+    out = str(tmp_path / "sub.npy")
+    res = runner.invoke(cli, ["filter", "apply", scores, "--rule", "basic", "--top-fraction", "0.3", "--out", out])
+    assert res.exit_code == 0, res.output
+    report = json.load(open(str(tmp_path / "sub.report.json")))
+    assert report["parsed"].endswith("top(clip_l14,0.3))") and len(np.load(out)) == report["kept"] > 0
+    res = runner.invoke(cli, ["filter", "apply", scores, "--rule", "basic &", "--out", out])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0 and "rule 'basic &'" in res.output
