@@ -4,57 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 
 import click
 
-from reinforge.pipelines.rundir import NotARunError
-from reinforge.pipelines.runner import ConfigChangedError
+from reinforge.cli import filters, join, ops, retrieval
+from reinforge.cli.common import load_recipe_file, run_and_exit, user_errors
 from reinforge.pipelines.sources import InputError
-from reinforge.schemas.config import ConfigError
-from reinforge.schemas.subset import SubsetError
-
-USER_ERRORS = (ConfigError, ConfigChangedError, InputError, NotARunError, FileNotFoundError)
-USER_ERRORS += (SubsetError,)  # bad subset/counts files (time splits, schedules, resharding)
-
-
-def user_errors(fn):
-    """Turn expected user mistakes into one line on stderr and exit code 2 (no traceback)."""
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            message = str(exc)
-            click.echo(message if message.startswith(("config error", "error")) else f"error: {message}", err=True)
-            sys.exit(2)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="reinforge")
 def cli():
     """Build reinforced and curated datasets on Ray."""
-
-
-def load_recipe_file(path: str, overrides: tuple[str, ...]):
-    from reinforge.pipelines.storage import read_text
-    from reinforge.schemas.config import load_recipe
-    try:
-        text = read_text(path)
-    except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"error: config file {path} not found") from None
-    return load_recipe(text, overrides)
-
-
-def print_summary(summary) -> None:
-    click.echo(f"output: {summary.output}")
-    click.echo(f"tasks: {summary.tasks} ({summary.skipped} already done, {summary.done} run, "
-               f"{len(summary.failed)} failed)")
-    click.echo(f"samples written: {summary.samples}, skipped with errors: {summary.errors}, "
-               f"{summary.samples_per_second:.1f} samples/s")
-    for failure in summary.failed:
-        click.echo(f"FAILED {failure['task']}: {failure.get('reason', '?')}", err=True)
 
 
 @cli.command()
@@ -66,19 +27,19 @@ def print_summary(summary) -> None:
 @user_errors
 def run(config, overrides, address, force, progress):
     """Run a recipe (YAML) end to end; rerunning skips finished tasks."""
-    from reinforge.pipelines.runner import run_recipe
-    recipe = load_recipe_file(config, overrides)
-    summary = run_recipe(recipe, address=address, force=force, progress=progress)
-    print_summary(summary)
-    sys.exit(0 if summary.ok else 1)
+    run_and_exit(load_recipe_file(config, overrides), address, force, progress)
 
 
 @cli.command()
 @click.argument("run_dir")
+@click.option("--watch", is_flag=True, help="tail RUN_DIR/status.json, a line per update, until the run finishes")
+@click.option("--interval", default=2.0, show_default=True, help="seconds between reads with --watch")
 @user_errors
-def status(run_dir):
-    """Done / pending / failed tasks and their error files."""
+def status(run_dir, watch, interval):
+    """Done / pending / failed tasks and their error files; --watch follows a live run."""
     from reinforge.pipelines.rundir import run_status
+    if watch:
+        sys.exit(ops.watch_status(run_dir, interval))
     st = run_status(run_dir)
     total = len(st.done) + len(st.pending) + len(st.failed) + len(st.stale)
     click.echo(f"{run_dir}: {len(st.done)}/{total} tasks done, {len(st.pending)} pending, "
@@ -291,14 +252,16 @@ def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_templat
 @user_errors
 def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, address, force, progress):
     """DataComp resharder: write the samples of SUBSET (with multiplicities) as new {:08d}.tar shards."""
-    from reinforge.pipelines.runner import run_recipe
     from reinforge.schemas.config import parse_recipe
     recipe = parse_recipe({"product": "reshard", "output": output, "subset": subset, "counts": counts, "seed": seed,
                            "input": {"path": pool, "uid_field": uid_field}, "samples_per_shard": samples_per_shard,
                            "allow_missing": allow_missing})
-    summary = run_recipe(recipe, address=address, force=force, progress=progress)
-    print_summary(summary)
-    sys.exit(0 if summary.ok else 1)
+    run_and_exit(recipe, address, force, progress)
+
+
+for command in (join.join, ops.report, ops.plan, filters.filter_group, retrieval.embed, retrieval.index,
+                retrieval.transfer_set):
+    cli.add_command(command)
 
 
 def main():

@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from reinforge.pipelines.sources import Task
 from reinforge.schemas.manifest import RunLayout
+from reinforge.schemas.wds import ShardWriter
 from reinforge.stages.base import Stage
 
 
@@ -29,6 +30,15 @@ class Pipeline:
 
     def samples_per_batch(self) -> int:
         raise NotImplementedError
+
+    def output_url(self, layout: RunLayout, task: Task) -> str:
+        """Where a task's one output goes; committed by rename, before the sidecars and the manifest."""
+        return layout.shard(task.id)
+
+    def task_writer(self, fileobj):
+        """A context manager over `fileobj` with write(key, members) and a `samples` count; the default
+        writes a tar shard, a pipeline may write another format (e.g. a Parquet table) instead."""
+        return ShardWriter(fileobj)
 
     def sidecars(self, task: Task, samples_out: int) -> dict[str, bytes]:
         """Extra per-task files, relative to the run directory (e.g. DataComp's shards/<id>_stats.json);

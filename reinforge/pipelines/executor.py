@@ -1,4 +1,5 @@
-"""Runs one task on a worker: read -> stages -> shard, then commit in the exactly-once order.
+"""Runs one task on a worker: read -> stages -> shard (or the pipeline's own output format, see
+Pipeline.task_writer), then commit in the exactly-once order.
 
 Order of commit: shard renamed into place, errors file, manifest last. A task whose input tar is
 unreadable, or whose skipped fraction passes the budget, leaves no shard and no manifest, only
@@ -20,7 +21,7 @@ from reinforge.pipelines.base import Pipeline
 from reinforge.pipelines.sources import Task
 from reinforge.pipelines.storage import atomic_open, remove, write_bytes
 from reinforge.schemas.manifest import OutputFile, RunLayout, StageStats, TaskManifest
-from reinforge.schemas.wds import ShardReadError, ShardWriter
+from reinforge.schemas.wds import ShardReadError
 from reinforge.stages.base import Batch, SampleError
 
 
@@ -134,10 +135,10 @@ class TaskExecutor:
         stats = {stage.name: StageStats() for stage in self.stages}
         errors: list[SampleError] = []
         samples_in = 0
-        shard_url = self.layout.shard(task.id)
+        shard_url = self.pipeline.output_url(self.layout, task)
         try:
             with atomic_open(shard_url) as out:
-                with ShardWriter(out) as writer:
+                with self.pipeline.task_writer(out) as writer:
                     prepared = self._prepared(task, stats)
                     for n_read, batch in (prefetch(prepared) if self.overlap else prepared):
                         samples_in += n_read

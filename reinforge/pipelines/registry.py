@@ -1,19 +1,23 @@
-"""Recipe product name -> pipeline class."""
+"""Recipe product name -> pipeline class (imported on use: a product's models load only when it runs)."""
 from __future__ import annotations
+
+import importlib
 
 from pydantic import BaseModel
 
 from reinforge.pipelines.base import Pipeline
 
+PIPELINES = {
+    "imagenet_plus": "reinforge.pipelines.imagenet_plus:ImageNetPlusPipeline",
+    "mobileclip_dr": "reinforge.pipelines.mobileclip_dr:MobileCLIPPipeline",
+    "join": "reinforge.pipelines.join:JoinPipeline",
+    "reshard": "reinforge.pipelines.reshard:ReshardPipeline",
+    "embed_pool": "reinforge.pipelines.embed_pool:EmbedPoolPipeline",
+}
+
 
 def build_pipeline(recipe: BaseModel) -> Pipeline:
-    if recipe.product == "imagenet_plus":
-        from reinforge.pipelines.imagenet_plus import ImageNetPlusPipeline
-        return ImageNetPlusPipeline(recipe)
-    if recipe.product == "mobileclip_dr":
-        from reinforge.pipelines.mobileclip_dr import MobileCLIPPipeline
-        return MobileCLIPPipeline(recipe)
-    if recipe.product == "reshard":
-        from reinforge.pipelines.reshard import ReshardPipeline
-        return ReshardPipeline(recipe)
-    raise ValueError(f"unknown product {recipe.product!r}")
+    if recipe.product not in PIPELINES:
+        raise ValueError(f"unknown product {recipe.product!r}")
+    module, _, name = PIPELINES[recipe.product].partition(":")
+    return getattr(importlib.import_module(module), name)(recipe)

@@ -125,6 +125,13 @@ def validate_run(root: str) -> tuple[int, list[str]]:
                         problems.append(f"{out.path}: {exc}")
                 while f.read(1 << 20):  # hash whatever the tar reader did not consume
                     pass
+            if out.path.endswith(".parquet"):  # a table output (embeddings): its rows, from the footer
+                import pyarrow.parquet as pq
+                try:
+                    with fs.open(path, "rb") as table_file:
+                        samples = pq.ParquetFile(table_file).metadata.num_rows
+                except Exception as exc:  # noqa: BLE001 - any unreadable table is one problem line
+                    problems.append(f"{out.path}: unreadable parquet ({exc})")
             if f.bytes != out.bytes or f.sha256.hexdigest() != out.sha256:
                 problems.append(f"{out.path}: size/sha256 differ from the manifest")
             if samples != out.samples:

@@ -198,8 +198,67 @@ class ReshardRecipe(Strict):
     resources: Resources = Resources()
 
 
-RECIPES: dict[str, type[BaseModel]] = {"imagenet_plus": ImageNetPlusRecipe, "mobileclip_dr": MobileCLIPRecipe}
-RECIPES["reshard"] = ReshardRecipe
+class JoinInput(Strict):
+    path: str = Field(description="reinforcement-only DataCompDR shards (no images): a glob or brace pattern")
+    dr_config: Optional[str] = Field(
+        None, description="their trainer config JSON (reinforce.image_augmentation tells which slot is a crop "
+                          "box); default: dr_config.json of the run whose shards/ folder holds them")
+
+
+class JoinRecipe(Strict):
+    """Reinforcement-only shards + the DataComp image shards they came from, by uid -> trainable shards."""
+    product: Literal["join"] = "join"
+    output: str
+    input: JoinInput
+    images: ReshardInput = Field(description="the image pool: DataComp {:08d}.tar shards (jpg + txt + json uid)")
+    caption_member: str = Field("txt", description="ground-truth caption member of the image shards")
+    max_error_fraction: float = Field(1.0, ge=0, le=1, description="a task fails above this fraction of refused "
+                                      "samples; default never: every refusal is counted in errors/<task>.jsonl")
+    resources: Resources = Resources()
+
+
+class EmbedEncoder(Strict):
+    """The image encoder of a pool embedding: an open_clip model (also its text tower) or a timm backbone."""
+    kind: Literal["open_clip", "timm"] = "open_clip"
+    model: str = Field(description="open_clip name / hf-hub: / local-dir:, or a timm model name")
+    pretrained: Optional[str] = Field(None, description="open_clip: tag, hf-hub: id or checkpoint; timm: unused")
+    checkpoint: Optional[str] = Field(None, description="timm: local/fsspec path or pkg:<package>/<file>")
+    checkpoint_key_map: Literal["exact", "positional"] = "exact"
+    image_size: Optional[int] = Field(None, ge=8, description="timm: input size (default: the model's); open_clip: its own")
+    batch_size: int = Field(64, ge=1)
+    precision: Precision = "float32"
+    text: bool = Field(False, description="open_clip: also embed the caption member (text_emb)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbedEncoder":
+        if self.kind == "timm" and self.text:
+            raise ValueError("text: a timm backbone has no text tower; use an open_clip encoder")
+        if self.kind == "timm" and self.pretrained:
+            raise ValueError("pretrained: timm weights come from `checkpoint`")
+        return self
+
+
+class EmbedPoolRecipe(Strict):
+    """Embeddings of a DataComp-style pool (jpg + json uid), one Parquet sidecar per shard."""
+    product: Literal["embed_pool"] = "embed_pool"
+    output: str
+    seed: int = 0
+    input: InputSpec
+    encoder: EmbedEncoder
+    caption_member: str = Field("txt", description="caption member embedded when encoder.text")
+    samples_per_batch: int = Field(64, ge=1, description="samples decoded together (the model batch is encoder.batch_size)")
+    max_error_fraction: float = Field(0.1, ge=0, le=1)
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _check_input(self) -> "EmbedPoolRecipe":
+        if self.input.format != "webdataset":
+            raise ValueError("input.format: embed_pool reads webdataset pool shards (jpg + json uid)")
+        return self
+
+
+RECIPES: dict[str, type[BaseModel]] = {"imagenet_plus": ImageNetPlusRecipe, "mobileclip_dr": MobileCLIPRecipe,
+                                       "join": JoinRecipe, "reshard": ReshardRecipe, "embed_pool": EmbedPoolRecipe}
 NON_SEMANTIC_FIELDS = ("output", "resources")
 
 
@@ -249,12 +308,16 @@ def parse_recipe(raw: Any, overrides: tuple[str, ...] = ()) -> BaseModel:
         raise ConfigError(format_validation_error(exc)) from None
 
 
-def load_recipe(text: str, overrides: tuple[str, ...] = ()) -> BaseModel:
+def parse_yaml(text: str) -> Any:
+    """Safe-loaded YAML; a syntax error is one ConfigError line."""
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config error: invalid YAML: {' '.join(str(exc).split())}") from None
-    return parse_recipe(raw, overrides)
+
+
+def load_recipe(text: str, overrides: tuple[str, ...] = ()) -> BaseModel:
+    return parse_recipe(parse_yaml(text), overrides)
 
 
 def semantic_dict(recipe: BaseModel) -> dict:

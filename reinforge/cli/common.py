@@ -1,0 +1,71 @@
+"""What every command shares: user mistakes as one line and exit code 2, recipe files, run summaries.
+Command modules import from here, and main.py imports them all, so there is no import cycle."""
+from __future__ import annotations
+
+import sys
+from functools import wraps
+
+import click
+
+from reinforge.pipelines.rundir import NotARunError
+from reinforge.pipelines.runner import ConfigChangedError
+from reinforge.pipelines.sources import InputError
+from reinforge.schemas.config import ConfigError
+from reinforge.schemas.embeddings import EmbeddingError
+from reinforge.schemas.subset import SubsetError
+
+# InputError covers every product's bad-input errors (splits, schedules, reshard, join, filters, plan);
+# SubsetError: bad subset/counts files; EmbeddingError: unusable embedding files (retrieval)
+USER_ERRORS = (ConfigError, ConfigChangedError, InputError, NotARunError, FileNotFoundError, SubsetError,
+               EmbeddingError)
+
+
+def user_errors(fn):
+    """Turn expected user mistakes into one line on stderr and exit code 2 (no traceback)."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            message = str(exc)
+            click.echo(message if message.startswith(("config error", "error")) else f"error: {message}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def load_yaml_file(path: str, overrides: tuple[str, ...] = ()) -> dict:
+    """A YAML config file (any fsspec URL), safe-loaded, with dotted `--set` overrides applied."""
+    from reinforge.pipelines.storage import read_text
+    from reinforge.schemas.config import apply_override, parse_yaml
+    try:
+        raw = parse_yaml(read_text(path))
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"error: config file {path} not found") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {path} must hold a YAML mapping")
+    for dotted in overrides:
+        apply_override(raw, dotted)
+    return raw
+
+
+def load_recipe_file(path: str, overrides: tuple[str, ...] = ()):
+    from reinforge.schemas.config import parse_recipe
+    return parse_recipe(load_yaml_file(path, overrides))
+
+
+def print_summary(summary) -> None:
+    click.echo(f"output: {summary.output}")
+    click.echo(f"tasks: {summary.tasks} ({summary.skipped} already done, {summary.done} run, "
+               f"{len(summary.failed)} failed)")
+    click.echo(f"samples written: {summary.samples}, skipped with errors: {summary.errors}, "
+               f"{summary.samples_per_second:.1f} samples/s")
+    for failure in summary.failed:
+        click.echo(f"FAILED {failure['task']}: {failure.get('reason', '?')}", err=True)
+
+
+def run_and_exit(recipe, address: str | None, force: bool, progress: bool):
+    """Run a recipe on Ray, print its summary, exit 1 if tasks failed (0 otherwise)."""
+    from reinforge.pipelines.runner import run_recipe
+    summary = run_recipe(recipe, address=address, force=force, progress=progress)
+    print_summary(summary)
+    sys.exit(0 if summary.ok else 1)
