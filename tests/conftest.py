@@ -5,6 +5,7 @@ import io
 import os
 import struct
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -137,6 +138,34 @@ def local_ray(ray_local):
     from reinforge.pipelines.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
+
+
+@contextmanager
+def two_node_cluster():
+    """A real 2-node Ray cluster (ray.cluster_utils, 1 CPU each) in place of the session's embedded Ray;
+    yields its address. Afterwards the next `local_ray` test starts the embedded one again."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from reinforge.pipelines.ray_session import offline_ray_env
+    ray.shutdown()
+    with offline_ray_env():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 150 * 2**20})
+        cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
+        cluster.wait_for_nodes()
+    try:
+        yield cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def manifest_nodes(run_dir) -> set[str]:
+    """The Ray node ids that ran a run's tasks, from its manifests."""
+    import json
+    folder = os.path.join(str(run_dir), "manifests")
+    return {json.loads(open(os.path.join(folder, n)).read())["worker"]["node_id"] for n in os.listdir(folder)}
 
 
 def shard_bytes(run_dir) -> dict[str, bytes]:

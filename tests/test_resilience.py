@@ -9,7 +9,7 @@ import time
 
 import pytest
 import yaml
-from conftest import make_input_shards, shard_bytes, tiny_recipe
+from conftest import make_input_shards, manifest_nodes, shard_bytes, tiny_recipe, two_node_cluster
 
 from reinforge.pipelines.runner import run_recipe
 from reinforge.schemas.config import parse_recipe
@@ -96,26 +96,10 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(inputs, single_node_r
 
 
 def test_two_node_cluster_is_byte_identical_to_one_node(inputs, single_node_run, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from reinforge.pipelines.ray_session import offline_ray_env
-    ray.shutdown()
-    with offline_ray_env():
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 150 * 2**20})
-        cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
-        cluster.wait_for_nodes()
-    try:
-        out = tmp_path / "run"
-        summary = run_recipe(parse_recipe(tiny_recipe(inputs, out, augmentation__num_samples=6)),
-                             address=cluster.address, progress=False)
-        assert summary.ok and summary.samples == 24 and summary.done == 8
-        import json
-        nodes = {json.loads((out / "manifests" / n).read_text())["worker"]["node_id"]
-                 for n in os.listdir(out / "manifests")}
-        assert len(nodes) == 2, "both nodes should have run tasks"
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    out = tmp_path / "run"
+    with two_node_cluster() as address:
+        summary = run_recipe(parse_recipe(tiny_recipe(inputs, out, augmentation__num_samples=6)), address=address,
+                             progress=False)
+    assert summary.ok and summary.samples == 24 and summary.done == 8
+    assert len(manifest_nodes(out)) == 2, "both nodes should have run tasks"
     assert shard_bytes(out) == shard_bytes(single_node_run)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import shard_bytes, write_shard
+from conftest import manifest_nodes, shard_bytes, two_node_cluster, write_shard
 from pool_gen import metadata_table, random_uids, write_metadata, write_pool_shards
 
 from reinforge.pipelines.replay import ScheduleError, allocate, build_schedule, policy_weights
@@ -383,28 +383,12 @@ def test_reshard_is_byte_identical_on_rerun(pool, reshard_run, tmp_path, local_r
 
 @pytest.mark.ray
 def test_reshard_two_nodes_is_byte_identical_to_one(pool, reshard_run, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from reinforge.pipelines.ray_session import offline_ray_env
     root, _, _ = pool
     out, _ = reshard_run
-    ray.shutdown()
-    with offline_ray_env():
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 150 * 2**20})
-        cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
-        cluster.wait_for_nodes()
-    try:
-        summary = run_recipe(parse_recipe(reshard_recipe(root, tmp_path / "run")), address=cluster.address,
-                             progress=False)
-        assert summary.ok
-        nodes = {json.loads((tmp_path / "run" / "manifests" / n).read_text())["worker"]["node_id"]
-                 for n in os.listdir(tmp_path / "run" / "manifests")}
-        assert len(nodes) == 2, "both nodes should have run tasks"
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with two_node_cluster() as address:
+        summary = run_recipe(parse_recipe(reshard_recipe(root, tmp_path / "run")), address=address, progress=False)
+    assert summary.ok
+    assert len(manifest_nodes(tmp_path / "run")) == 2, "both nodes should have run tasks"
     assert shard_bytes(tmp_path / "run") == shard_bytes(out)
 
 
