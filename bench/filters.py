@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from pool_gen import random_uids  # noqa: E402
 
-from reinforge.pipelines.filter_scores import ScoreOptions, score_metadata  # noqa: E402
-from reinforge.pipelines.filter_text import caption_stats  # noqa: E402
-from reinforge.pipelines.filters import decide  # noqa: E402
+from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata  # noqa: E402
+from reinforge.pipelines.filters.text import caption_stats  # noqa: E402
+from reinforge.pipelines.filters.decide import decide  # noqa: E402
 
 WORDS = {
     "en": "a the photo of dog cat on beach with my new car house garden at sunset in city street old man woman "

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from reinforge.pipelines.filter_clusters import FilterError
-from reinforge.pipelines.filter_scores import ScoreOptions, score_metadata
-from reinforge.pipelines.filters import decide
+from reinforge.pipelines.filters.clusters import FilterError
+from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata
+from reinforge.pipelines.filters.decide import decide
 from reinforge.schemas.subset import SUBSET_DTYPE, read_subset
 
 ROWS_PER_FILE, FILES, DIM, CENTERS = 1500, 2, 32, 8

@@ -30,7 +30,7 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
     """Score DataComp metadata Parquet (files or folders): caption, language, size, CLIP, synset and cluster stats."""
     import time
 
-    from reinforge.pipelines.filter_scores import ScoreOptions, score_metadata
+    from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata
     started = time.perf_counter()
     options = ScoreOptions(list(embeddings), embedding_key, clusters, cluster_targets, target_key, train_size,
                            niter, seed)
@@ -59,8 +59,8 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
 @user_errors
 def apply(scores_dir, rule, top_fraction, score_column, out, report):
     """Apply a filter rule to stored scores: write the subset file and a report (counts, resolved thresholds)."""
-    from reinforge.pipelines.filter_clusters import FilterError
-    from reinforge.pipelines.filters import decide, default_report_path
+    from reinforge.pipelines.filters.clusters import FilterError
+    from reinforge.pipelines.filters.decide import decide, default_report_path
     if top_fraction is not None:
         top = f"top({score_column}, {top_fraction!r})"
         rule = f"({rule}) & {top}" if rule else top

@@ -27,9 +27,9 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from reinforge.pipelines.filter_clusters import (FilterError, TrainSample, assign, read_matrix, train_centroids,
+from reinforge.pipelines.filters.clusters import (FilterError, TrainSample, assign, read_matrix, train_centroids,
                                                  unit_rows)
-from reinforge.pipelines.filter_text import caption_stats, synset_lemmas
+from reinforge.pipelines.filters.text import caption_stats, synset_lemmas
 from reinforge.pipelines.storage import atomic_open, filesystem, write_bytes
 from reinforge.schemas.subset import UID_OK, UID_STATUS_NAMES, parse_hex_uids
 

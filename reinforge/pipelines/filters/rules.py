@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from reinforge.pipelines.filter_clusters import FilterError
+from reinforge.pipelines.filters.clusters import FilterError
 
 NUMERIC = ("words", "chars", "synset_hits", "short_side", "aspect", "clip_b32", "clip_l14", "cluster",
            "cluster_sim", "cluster_targets")

@@ -20,9 +20,9 @@ from typing import Optional
 
 import numpy as np
 
-from reinforge.pipelines.filter_clusters import FilterError
-from reinforge.pipelines.filter_rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
-from reinforge.pipelines.filter_scores import REPORT, SCORES
+from reinforge.pipelines.filters.clusters import FilterError
+from reinforge.pipelines.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
+from reinforge.pipelines.filters.scores import REPORT, SCORES
 from reinforge.pipelines.storage import filesystem, read_text, write_bytes
 from reinforge.schemas.subset import first_occurrence, make_subset, uid_hex, uid_order, write_subset
 
