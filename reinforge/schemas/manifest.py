@@ -2,6 +2,7 @@
 
   <run>/run.json                 resolved recipe, its digest, versions (written before any task)
   <run>/shards/<task>.tar        outputs (renamed into place when complete)
+  <run>/embeddings/<task>.parquet  embed_pool's outputs instead of shards
   <run>/errors/<task>.jsonl      skipped samples: key, stage, reason, exception, message
   <run>/failed/<task>.json       why a task failed (removed when it later succeeds)
   <run>/manifests/<task>.json    written last: a task is done iff this exists with the run's digest
@@ -45,7 +46,8 @@ class RunLayout:
 
     @property
     def directories(self) -> tuple[str, ...]:
-        return tuple(join(self.root, d) for d in ("shards", "errors", "failed", "manifests"))
+        """Every folder tasks write into (gc looks for temp files there): embed_pool writes embeddings/."""
+        return tuple(join(self.root, d) for d in ("shards", "embeddings", "errors", "failed", "manifests"))
 
 
 @dataclass
