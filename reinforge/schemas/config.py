@@ -61,9 +61,15 @@ class Augmentation(Strict):
                              "Memory: samples_per_batch x num_samples views are held at once")
 
 
-class ImageNetPlusRecipe(Strict):
-    product: Literal["imagenet_plus"] = "imagenet_plus"
+class Recipe(Strict):
+    """What every runner product has: where to write, the error budget, the pool's resources."""
     output: str
+    max_error_fraction: float = Field(0.1, ge=0, le=1, description="a task fails above this fraction of skipped samples")
+    resources: Resources = Resources()
+
+
+class ImageNetPlusRecipe(Recipe):
+    product: Literal["imagenet_plus"] = "imagenet_plus"
     seed: int = 0
     input: InputSpec
     augmentation: Augmentation
@@ -72,8 +78,6 @@ class ImageNetPlusRecipe(Strict):
     top_k: int = Field(10, ge=1)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     compress_params: bool = Field(True, description="store paug.json.gz instead of paug.json")
-    max_error_fraction: float = Field(0.1, ge=0, le=1, description="a task fails above this fraction of skipped samples")
-    resources: Resources = Resources()
 
     @field_validator("augmentation")
     @classmethod
@@ -144,10 +148,9 @@ class DRStorage(Strict):
         return self
 
 
-class MobileCLIPRecipe(Strict):
+class MobileCLIPRecipe(Recipe):
     """MobileCLIP multi-modal reinforcement (DataCompDR / DFNDR shards, FORMATS §2)."""
     product: Literal["mobileclip_dr"]
-    output: str
     seed: int = 0
     input: InputSpec
     mode: Literal["both", "captions", "embeddings"] = "both"
@@ -157,8 +160,6 @@ class MobileCLIPRecipe(Strict):
     teachers: list[ClipTeacherSpec] = []
     storage: DRStorage = DRStorage()
     keep_images: bool = Field(True, description="write jpg + txt so the shard is trainable as written")
-    max_error_fraction: float = Field(0.1, ge=0, le=1)
-    resources: Resources = Resources()
 
     @model_validator(mode="after")
     def _check_mode(self) -> "MobileCLIPRecipe":
@@ -184,10 +185,9 @@ class ReshardInput(Strict):
     uid_field: str = Field("uid", description="field of each sample's json member holding its 32-hex uid")
 
 
-class ReshardRecipe(Strict):
+class ReshardRecipe(Recipe):
     """DataComp resharder: the samples of a uid subset (with multiplicities) into new {:08d}.tar shards."""
     product: Literal["reshard"] = "reshard"
-    output: str
     seed: int = Field(0, description="spreads repeated copies; same seed => same shards")
     subset: str = Field(description="DataComp subset .npy (u8,u8, sorted)")
     counts: str = Field("auto", description="multiplicities: auto (<subset stem>.counts.npy if present), none, or a path")
@@ -195,7 +195,6 @@ class ReshardRecipe(Strict):
     samples_per_shard: int = Field(10000, ge=1)
     allow_missing: bool = Field(False, description="skip (and report) subset uids absent from the pool instead of failing")
     max_error_fraction: float = Field(0.0, ge=0, le=1, description="a task fails above this fraction of unreadable samples")
-    resources: Resources = Resources()
 
 
 class JoinInput(Strict):
@@ -205,16 +204,14 @@ class JoinInput(Strict):
                           "box); default: dr_config.json of the run whose shards/ folder holds them")
 
 
-class JoinRecipe(Strict):
+class JoinRecipe(Recipe):
     """Reinforcement-only shards + the DataComp image shards they came from, by uid -> trainable shards."""
     product: Literal["join"] = "join"
-    output: str
     input: JoinInput
     images: ReshardInput = Field(description="the image pool: DataComp {:08d}.tar shards (jpg + txt + json uid)")
     caption_member: str = Field("txt", description="ground-truth caption member of the image shards")
     max_error_fraction: float = Field(1.0, ge=0, le=1, description="a task fails above this fraction of refused "
                                       "samples; default never: every refusal is counted in errors/<task>.jsonl")
-    resources: Resources = Resources()
 
 
 class EmbedEncoder(Strict):
@@ -238,17 +235,14 @@ class EmbedEncoder(Strict):
         return self
 
 
-class EmbedPoolRecipe(Strict):
+class EmbedPoolRecipe(Recipe):
     """Embeddings of a DataComp-style pool (jpg + json uid), one Parquet sidecar per shard."""
     product: Literal["embed_pool"] = "embed_pool"
-    output: str
     seed: int = 0
     input: InputSpec
     encoder: EmbedEncoder
     caption_member: str = Field("txt", description="caption member embedded when encoder.text")
     samples_per_batch: int = Field(64, ge=1, description="samples decoded together (the model batch is encoder.batch_size)")
-    max_error_fraction: float = Field(0.1, ge=0, le=1)
-    resources: Resources = Resources()
 
     @model_validator(mode="after")
     def _check_input(self) -> "EmbedPoolRecipe":
