@@ -249,3 +249,32 @@ def test_open_clip_text_tower_prompts(tmp_path, world):
         "index": str(tmp_path / "clip-index"), "output": str(tmp_path / "ts"),
         "prompts": {"classes": ["zero", "seven"]}, "selection": {"k": 5, "per_class": 3, "near_duplicate": None}}))  # random weights: all alike
     assert report["selected"] == 6 and report["per_class"] == {"seven": 3, "zero": 3}
+
+
+def test_candidate_rows_stream_only_the_candidates(world, tmp_path):
+    """Streamed candidates == the same rows of the whole pool (the skipped bad-uid row shifts file 2's
+    rows); a source changed after indexing is refused."""
+    from reinforge.pipelines.index import load_index
+    from reinforge.pipelines.transfer_set import candidate_rows
+    index = load_index(str(world["root"] / "index"))
+    pool = load_embeddings(str(world["root"] / "embed"))
+    rows = np.array([0, 5, PER_SHARD, PER_SHARD + 1, POOL], np.int64)  # both files, the last row
+    cand = candidate_rows(index, rows, "idx")
+    assert np.array_equal(cand.vectors, pool.vectors[rows]) and cand.sha256 == [pool.sha256[r] for r in rows]
+    assert np.array_equal(cand.vectors_of(rows[::-1]), pool.vectors[rows[::-1]])
+    assert candidate_rows(index, np.zeros(0, np.int64), "idx").vectors.shape == (0, 1280)
+
+    rng = np.random.default_rng(0)
+    uids = [f"{i:032x}" for i in range(12)]
+    vectors = rng.standard_normal((12, 8)).astype(np.float32)
+    for name, part in (("a", slice(0, 6)), ("b", slice(6, 12))):
+        (tmp_path / f"{name}.parquet").write_bytes(
+            table_bytes(embeddings_table(uids[part], ["x"] * 6, vectors[part], None, {})))
+    build_index([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], str(tmp_path / "idx"), IndexSpec())
+    small = load_index(str(tmp_path / "idx"))
+    assert len(candidate_rows(small, np.array([1, 7]), "idx").vectors) == 2
+    for changed_uids, changed_vectors in ((uids[6:11] + ["f" * 32], vectors[6:]), (uids[6:11], vectors[6:11])):
+        (tmp_path / "b.parquet").write_bytes(
+            table_bytes(embeddings_table(changed_uids, ["x"] * len(changed_uids), changed_vectors, None, {})))
+        with pytest.raises(ConfigError, match="idx: its embeddings changed since the index was built"):
+            candidate_rows(small, np.array([1, 7]), "idx")

@@ -9,6 +9,11 @@ per-query and per-class quotas and the size budget. Policies:
   cluster  spherical k-means over the candidates; round robin over clusters, most relevant first
 Queries whose neighbours all fall below `min_similarity` are counted and listed, not an error.
 A random subset of the same size (seeded) is always written beside the selection as a baseline.
+
+What the driver holds of the pool: the index and its uids (uids.npy, 16 bytes a row: the baseline draws
+from them) and, for the candidates only (the rows the searches returned, at most k per query), their
+vectors and sha256: one pass over the source files keeps those and drops the rest a file at a time, so
+memory grows with candidates x dim, not with the pool.
 """
 from __future__ import annotations
 
@@ -21,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, ValidationError, model_validator
 
-from reinforge.pipelines.index import load_index
+from reinforge.pipelines.index import LoadedIndex, load_index
 from reinforge.pipelines.storage import exists, read_text, write_bytes
 from reinforge.schemas.config import ConfigError, EmbedEncoder, Strict, format_validation_error
-from reinforge.schemas.embeddings import load_embeddings, table_bytes
+from reinforge.schemas.embeddings import iter_embeddings, load_embeddings, resolve_paths, table_bytes
 from reinforge.schemas.manifest import join
 from reinforge.schemas.subset import make_subset, uid_order, uids_hex, write_subset
 
@@ -165,6 +170,41 @@ def embed_prompts(spec: PromptsSpec, encoder) -> EmbeddedImages:
 
 
 # ---------------------------------------------------------------------------------------------
+# The candidates: the only pool rows whose vectors and sha256 the driver reads.
+
+@dataclass
+class Candidates:
+    rows: np.ndarray  # pool rows (faiss ids), sorted, distinct
+    vectors: np.ndarray  # float32 [len(rows), D], row i of rows
+    sha256: Optional[list]  # row i of rows, where the source has it
+
+    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors of some candidate rows, in the given order."""
+        return self.vectors[np.searchsorted(self.rows, rows)]
+
+
+def candidate_rows(index: LoadedIndex, rows: np.ndarray, name: str) -> Candidates:
+    """One pass over the index's source files, a file at a time, keeping only `rows`. Pool row = position
+    among the usable rows of the files in source order (how build_index numbered them); each file's uids
+    must equal uids.npy at its rows, or the source changed since the index was built."""
+    changed = ConfigError(f"error: {name}: its embeddings changed since the index was built; rebuild it")
+    vectors, sha256, first = [], [], 0
+    for part in iter_embeddings(resolve_paths(index.meta["source"]), index.meta["key"]):
+        n = len(part.vectors)
+        if not np.array_equal(part.uids, index.uids[first:first + n]):
+            raise changed
+        start, stop = np.searchsorted(rows, [first, first + n])  # rows are sorted
+        local = rows[start:stop] - first
+        vectors.append(part.vectors[local])
+        sha256.append(None if part.sha256 is None else [part.sha256[i] for i in local])
+        first += n
+    if first != len(index.uids):
+        raise changed
+    have_sha = all(s is not None for s in sha256)  # as load_embeddings: all files have it, or none counts
+    return Candidates(rows, np.concatenate(vectors), [s for part in sha256 for s in part] if have_sha else None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ordering candidates (policies) and accepting them (dedup, quotas, budget).
 
 def _best_events(events: np.ndarray) -> dict[int, tuple]:
@@ -176,7 +216,7 @@ def _best_events(events: np.ndarray) -> dict[int, tuple]:
     return best
 
 
-def order_events(policy: SelectionSpec, events: np.ndarray, vectors: np.ndarray, seed: int) -> list[tuple]:
+def order_events(policy: SelectionSpec, events: np.ndarray, pool: Candidates, seed: int) -> list[tuple]:
     """Events (query, rank, row, sim) in the order the acceptance pass considers them."""
     if policy.policy == "knn" or not len(events):
         idx = np.lexsort((events[:, 0], events[:, 1])) if len(events) else []
@@ -184,7 +224,7 @@ def order_events(policy: SelectionSpec, events: np.ndarray, vectors: np.ndarray,
     best = _best_events(events)
     rows = np.array(sorted(best), np.int64)
     relevance = np.array([best[int(r)][2] for r in rows], np.float32)
-    cand = vectors[rows]
+    cand = pool.vectors_of(rows)
     if policy.policy == "mmr":
         steps = len(rows) if policy.budget is None else min(len(rows), 2 * policy.budget)
         chosen, closest = [], np.full(len(rows), -np.inf, np.float32)
@@ -213,10 +253,10 @@ def order_events(policy: SelectionSpec, events: np.ndarray, vectors: np.ndarray,
     return [(best[int(rows[i])][0], best[int(rows[i])][1], int(rows[i]), best[int(rows[i])][2]) for i in order]
 
 
-def near_duplicate_pairs(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> dict[int, list[int]]:
+def near_duplicate_pairs(rows: np.ndarray, pool: Candidates, threshold: float) -> dict[int, list[int]]:
     """Pool row -> the other candidate rows with inner product >= threshold (exact, over candidates)."""
     import faiss
-    cand = np.ascontiguousarray(vectors[rows])
+    cand = np.ascontiguousarray(pool.vectors_of(rows))
     flat = faiss.IndexFlatIP(cand.shape[1])
     flat.add(cand)
     lims, _, found = flat.range_search(cand, float(np.nextafter(np.float32(threshold), np.float32(-2))))
@@ -230,13 +270,11 @@ def build_transfer_set(spec: TransferSetSpec, address: Optional[str] = None) -> 
     started = time.perf_counter()
     sel = spec.selection
     index = load_index(spec.index)
-    pool = load_embeddings(index.meta["source"], index.meta["key"])
-    if len(pool.uids) != len(index.uids) or not np.array_equal(pool.uids, index.uids):
-        raise ConfigError(f"error: {spec.index}: its embeddings changed since the index was built; rebuild it")
+    dim = int(index.meta["dim"])
     encoder = Encoder(spec.encoder or pool_encoder(index.meta))
     encoder.setup()
-    if encoder.dim != pool.dim:
-        raise ConfigError(f"error: encoder: dim {encoder.dim}, the pool embeddings have dim {pool.dim}")
+    if encoder.dim != dim:
+        raise ConfigError(f"error: encoder: dim {encoder.dim}, the pool embeddings have dim {dim}")
     targets = embed_images(spec.queries, encoder) if spec.queries else embed_prompts(spec.prompts, encoder)
 
     k = min(sel.k, index.index.ntotal)
@@ -248,26 +286,28 @@ def build_transfer_set(spec: TransferSetSpec, address: Optional[str] = None) -> 
     removed = {"decontaminated": 0, "duplicate_uid": 0, "duplicate_sha256": 0, "near_duplicate": 0,
                "per_query_quota": 0, "per_class_quota": 0, "budget": 0}
     candidates = np.unique(events[:, 2].astype(np.int64)) if len(events) else np.zeros(0, np.int64)
+    pool = candidate_rows(index, candidates, spec.index)
     contaminated: set[int] = set()
     eval_report = None
     if spec.decontaminate and len(candidates):
         d = spec.decontaminate
         evals = (embed_images(d.images, encoder).vectors if d.images else load_embeddings(d.embeddings).vectors)
-        if evals.shape[1] != pool.dim:
-            raise ConfigError(f"error: decontaminate: eval embeddings have dim {evals.shape[1]}, the pool {pool.dim}")
+        if evals.shape[1] != dim:
+            raise ConfigError(f"error: decontaminate: eval embeddings have dim {evals.shape[1]}, the pool {dim}")
         import faiss
-        flat = faiss.IndexFlatIP(pool.dim)
+        flat = faiss.IndexFlatIP(dim)
         flat.add(np.ascontiguousarray(evals, np.float32))
-        closest, _ = flat.search(np.ascontiguousarray(pool.vectors[candidates]), 1)
+        closest, _ = flat.search(pool.vectors, 1)
         contaminated = set(candidates[closest[:, 0] >= d.threshold].tolist())
         removed["decontaminated"] = len(contaminated)
         eval_report = {"eval_items": int(len(evals)), "threshold": d.threshold}
     keep = np.array([int(r) not in contaminated for r in events[:, 2]], bool) if len(events) else np.zeros(0, bool)
     events = events[keep]
-    partners = (near_duplicate_pairs(np.unique(events[:, 2].astype(np.int64)), pool.vectors, sel.near_duplicate)
+    partners = (near_duplicate_pairs(np.unique(events[:, 2].astype(np.int64)), pool, sel.near_duplicate)
                 if sel.near_duplicate is not None and len(events) else {})
 
-    uid_hexes = uids_hex(pool.uids)
+    uid_hexes = dict(zip(candidates.tolist(), uids_hex(index.uids[candidates])))
+    sha256 = dict(zip(candidates.tolist(), pool.sha256 or ()))
     selected: list[tuple] = []
     chosen_rows: set[int] = set()
     taken_uids: set[str] = set()
@@ -276,13 +316,13 @@ def build_transfer_set(spec: TransferSetSpec, address: Optional[str] = None) -> 
     per_query: dict[int, int] = {}
     per_class: dict[str, int] = {}
     dropped_rows: dict[str, set] = {k: set() for k in ("duplicate_uid", "duplicate_sha256", "near_duplicate")}
-    for q, r, row, sim in order_events(sel, events, pool.vectors, spec.seed):
+    for q, r, row, sim in order_events(sel, events, pool, spec.seed):
         if row in chosen_rows:
             continue  # already in the union through another query
         if sel.budget is not None and len(selected) >= sel.budget:
             removed["budget"] += 1
             continue
-        uid, sha = uid_hexes[row], pool.sha256[row] if pool.sha256 else None
+        uid, sha = uid_hexes[row], sha256.get(row)
         reason = ("duplicate_uid" if uid in taken_uids else
                   "duplicate_sha256" if sel.dedup_sha256 and sha and sha in taken_sha else
                   "near_duplicate" if row in blocked else None)
@@ -308,10 +348,10 @@ def build_transfer_set(spec: TransferSetSpec, address: Optional[str] = None) -> 
         removed[reason] = len(rows - chosen_rows)
 
     rows = np.array([s[5] for s in selected], np.int64)
-    chosen = pool.uids[rows] if len(rows) else make_subset(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    chosen = index.uids[rows] if len(rows) else make_subset(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
     chosen = chosen[uid_order(chosen["f0"], chosen["f1"])]
     write_subset(join(spec.output, "transfer_set.npy"), chosen)
-    baseline = random_subset(pool.uids, len(chosen), spec.seed, exclude=np.array(sorted(contaminated), np.int64))
+    baseline = random_subset(index.uids, len(chosen), spec.seed, exclude=np.array(sorted(contaminated), np.int64))
     write_subset(join(spec.output, "random_baseline.npy"), baseline)
     table = pa.table({"uid": [s[0] for s in selected], "query_id": [s[1] for s in selected],
                       "query_class": [s[2] for s in selected], "rank": pa.array([s[3] for s in selected], pa.int32()),
@@ -321,7 +361,7 @@ def build_transfer_set(spec: TransferSetSpec, address: Optional[str] = None) -> 
 
     report = {
         "format": "reinforge.transfer_set/1", "index": spec.index, "selection": sel.model_dump(), "seed": spec.seed,
-        "pool": {"vectors": int(len(pool.uids)), "skipped_rows": pool.skipped},
+        "pool": {"vectors": int(len(index.uids)), "skipped_rows": index.meta["skipped_rows"]},
         "index_recall": index.meta.get("recall"),
         "queries": {"count": len(targets.ids), "skipped_images": targets.skipped,
                     "without_neighbours": len(without),
