@@ -19,7 +19,6 @@ a keep_images run of the same recipe writes.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
@@ -27,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reinforge.pipelines.base import Pipeline
-from reinforge.pipelines.reshard import _one_sample, match_pool
+from reinforge.pipelines.reshard import match_pool
 from reinforge.pipelines.sources import InputError, Task, WebDatasetSource
 from reinforge.pipelines.storage import exists, filesystem, read_text, write_bytes
-from reinforge.pipelines.uid_index import build_index
+from reinforge.pipelines.uid_index import PoolReader, build_index
 from reinforge.readers.mobileclip import augmentation_from_config
 from reinforge.schemas.augment import Augmenter
 from reinforge.schemas.config import JoinRecipe
@@ -39,11 +38,9 @@ from reinforge.schemas.image import IMAGE_EXTENSIONS, find_image
 from reinforge.schemas.imagenet_plus import SchemaError
 from reinforge.schemas.manifest import RunLayout
 from reinforge.schemas.subset import LoadedSubset, first_occurrence, locate, make_subset, uid_hex, uid_order
-from reinforge.schemas.wds import ShardReadError
 from reinforge.stages.base import MapStage, SkipSample, Stage
 from reinforge.stages.text import ParseCaption
 
-OPEN_POOL_SHARDS = 4  # a reinforcement shard usually maps onto one pool shard, read forward
 
 
 class JoinError(InputError):
@@ -56,32 +53,6 @@ def _uid_of(members: dict, field: str = "uid") -> str | None:
     except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
         return None
     return uid if isinstance(uid, str) else None
-
-
-class PoolReader:
-    """Single pool samples by byte range, keeping the last few pool shards open."""
-
-    def __init__(self):
-        self.handles: OrderedDict = OrderedDict()
-
-    def fetch(self, url: str, offset: int, length: int) -> dict:
-        handle = self.handles.pop(url, None)
-        if handle is None:
-            fs, path = filesystem(url)
-            try:
-                handle = fs.open(path, "rb")
-            except OSError as exc:  # a pool shard gone since planning fails the task, loudly
-                raise ShardReadError(f"cannot open pool shard {url}: {exc}") from exc
-            if len(self.handles) >= OPEN_POOL_SHARDS:
-                self.handles.popitem(last=False)[1].close()
-        self.handles[url] = handle
-        handle.seek(offset)
-        return _one_sample(handle.read(length), length, f"{url}@{offset}+{length}")
-
-    def close(self) -> None:
-        for handle in self.handles.values():
-            handle.close()
-        self.handles.clear()
 
 
 class JoinDR(MapStage):

@@ -21,7 +21,6 @@ hard error (count and examples) unless `allow_missing`, which writes them to pla
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -33,12 +32,10 @@ import pyarrow.parquet as pq
 from reinforge.pipelines.base import Pipeline
 from reinforge.pipelines.sources import InputError, Task, WebDatasetSource
 from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, write_bytes
-from reinforge.pipelines.uid_index import INDEX_STATUS, build_index
-from reinforge.schemas import tarscan
+from reinforge.pipelines.uid_index import INDEX_STATUS, PoolReader, build_index
 from reinforge.schemas.config import ReshardRecipe, config_digest
 from reinforge.schemas.manifest import RunLayout, TaskManifest
 from reinforge.schemas.subset import LoadedSubset, locate, make_subset, read_subset, uid_hex, write_subset
-from reinforge.schemas.wds import ShardReadError, iter_samples, split_member_name
 from reinforge.stages.base import MapStage, SkipSample, Stage
 
 SAMPLE = 10
@@ -146,27 +143,6 @@ def _separate_repeats(idx: np.ndarray, copy: np.ndarray) -> None:
             if len(later):
                 j = i + 1 + int(later[0])
                 idx[[i, j]], copy[[i, j]] = idx[[j, i]], copy[[j, i]]
-
-
-def _one_sample(data: bytes, length: int, where: str) -> dict:
-    """The members of one sample from its byte range: the fast header scan, tarfile for unusual tars."""
-    bad = {"__error__": ("bad_range", f"{where} does not hold one sample (pool shard changed since indexing?)")}
-    if len(data) != length:
-        return bad
-    try:
-        members = tarscan.members_of(data)
-        keys = {split_member_name(name)[0] for name, _ in members}
-        sample = {split_member_name(name)[1]: payload for name, payload in members}
-    except tarscan.Unsupported:
-        try:
-            samples = list(iter_samples(io.BytesIO(data)))
-        except ShardReadError:
-            return bad
-        keys, sample = {s["__key__"] for s in samples}, (samples[0] if samples else {})
-        sample.pop("__key__", None)
-    except tarscan.Corrupt:
-        return bad
-    return sample if len(keys) == 1 else bad
 
 
 class Passthrough(MapStage):
@@ -287,30 +263,16 @@ class ReshardPipeline(Pipeline):
         fs, path = filesystem(task.inputs[0])
         with fs.open(path, "rb") as f:
             rows = pq.ParquetFile(f).read_row_group(int(task.id)).to_pydict()
-        current_url, handle = None, None
+        reader = PoolReader(open_limit=1)  # rows are grouped by pool shard within a copy round
         try:
             for url, offset, length, hi, lo, copy in zip(rows["shard"], rows["offset"], rows["length"],
                                                          rows["uid_hi"], rows["uid_lo"], rows["copy"]):
-                if url != current_url:  # rows are grouped by pool shard within a copy round
-                    if handle is not None:
-                        handle.close()
-                    current_url, handle = url, self._open(url)
-                handle.seek(offset)
-                sample = _one_sample(handle.read(length), length, f"{url}@{offset}+{length}")
+                sample = reader.fetch(url, offset, length)
                 sample["__key__"] = sample_key(hi, lo, copy)
                 sample["__uid__"] = uid_hex(hi, lo)
                 yield sample
         finally:
-            if handle is not None:
-                handle.close()
-
-    @staticmethod
-    def _open(url: str):
-        fs, path = filesystem(url)
-        try:
-            return fs.open(path, "rb")
-        except OSError as exc:  # a pool shard gone since planning fails the task, loudly
-            raise ShardReadError(f"cannot open pool shard {url}: {exc}") from exc
+            reader.close()
 
     def build_stages(self) -> list[Stage]:
         return [Passthrough(self.recipe.input.uid_field)]

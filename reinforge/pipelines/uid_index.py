@@ -1,4 +1,5 @@
-"""The resharder's first pass: uid -> (pool shard, byte range) for every sample of the pool.
+"""Where a DataComp pool's samples are, by uid, and reading one back from its byte range (the
+resharder's and join's first pass and their task reads).
 
 One small Parquet per pool shard, `<run>/index/<shard id>.parquet`, columns
   uid_hi, uid_lo  uint64   the sample's uid (from its json member); 0 where status != 0
@@ -8,12 +9,14 @@ One small Parquet per pool shard, `<run>/index/<shard id>.parquet`, columns
   key             string   the sample's key in the pool shard
 plus file metadata {"url", "size", "mtime"} of the shard it describes. A shard is indexed once; the
 file is reused while the shard's size and mtime are unchanged. Indexing reads tar headers and the
-json members only, seeking over image bytes.
+json members only, seeking over image bytes. PoolReader fetches a sample back from its range.
 """
 from __future__ import annotations
 
+import io
 import json
 import tarfile
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,7 +27,7 @@ from reinforge.pipelines.sources import Task
 from reinforge.pipelines.storage import exists, filesystem, write_bytes
 from reinforge.schemas import tarscan
 from reinforge.schemas.subset import UID_OK, parse_hex_uids
-from reinforge.schemas.wds import ShardReadError, split_member_name
+from reinforge.schemas.wds import ShardReadError, iter_samples, split_member_name
 
 INDEX_STATUS = {1: "no_json", 2: "no_uid_field", 3: "malformed_uid", 4: "bad_json"}
 _META_KEY = b"reinforge.uid_index"
@@ -151,3 +154,53 @@ def build_index(tasks: list[Task], index_dir: str, uid_field: str, threads: int 
     """Index tables in shard order; shards are indexed on a few threads (reads release the GIL)."""
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(tasks)))) as pool:
         yield from pool.map(lambda t: load_or_build(t, index_dir, uid_field), tasks)
+
+
+# ---------------------------------------------------------------- reading samples back by byte range
+
+def sample_from_range(data: bytes, length: int, where: str) -> dict:
+    """The members of one sample from its byte range: the fast header scan, tarfile for unusual tars."""
+    bad = {"__error__": ("bad_range", f"{where} does not hold one sample (pool shard changed since indexing?)")}
+    if len(data) != length:
+        return bad
+    try:
+        members = tarscan.members_of(data)
+        keys = {split_member_name(name)[0] for name, _ in members}
+        sample = {split_member_name(name)[1]: payload for name, payload in members}
+    except tarscan.Unsupported:
+        try:
+            samples = list(iter_samples(io.BytesIO(data)))
+        except ShardReadError:
+            return bad
+        keys, sample = {s["__key__"] for s in samples}, (samples[0] if samples else {})
+        sample.pop("__key__", None)
+    except tarscan.Corrupt:
+        return bad
+    return sample if len(keys) == 1 else bad
+
+
+class PoolReader:
+    """Single pool samples by byte range, keeping the last few pool shards open."""
+
+    def __init__(self, open_limit: int = 4):
+        self.open_limit = open_limit
+        self.handles: OrderedDict = OrderedDict()
+
+    def fetch(self, url: str, offset: int, length: int) -> dict:
+        handle = self.handles.pop(url, None)
+        if handle is None:
+            fs, path = filesystem(url)
+            try:
+                handle = fs.open(path, "rb")
+            except OSError as exc:  # a pool shard gone since planning fails the task, loudly
+                raise ShardReadError(f"cannot open pool shard {url}: {exc}") from exc
+            if len(self.handles) >= self.open_limit:
+                self.handles.popitem(last=False)[1].close()
+        self.handles[url] = handle
+        handle.seek(offset)
+        return sample_from_range(handle.read(length), length, f"{url}@{offset}+{length}")
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
