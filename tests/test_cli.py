@@ -95,6 +95,11 @@ def test_validate_detects_tampering_and_gc_removes_orphans(finished_run, tmp_pat
     gc = invoke("gc", str(run))
     assert "1 orphaned temporary files removed" in gc.output
     assert not (run / "shards" / ".tmp-train-0001.tar.123.abcd").exists() and shard.exists()
+    (run / "manifests" / "train-0001.json").write_text('{"task_id": "train-0001", "outp')  # truncated
+    assert "1/2 tasks done, 1 pending" in invoke("status", str(run)).output  # the runner would redo it
+    assert json.loads(invoke("stats", str(run), "--json").output)["totals"]["tasks"] == 1
+    result = CliRunner().invoke(cli, ["validate", str(run)])
+    assert result.exit_code == 1 and "train-0001.json: unreadable manifest" in result.output
 
 
 def test_export_ml_dr(finished_run, tmp_path):

@@ -38,8 +38,20 @@ def load_run(root: str) -> tuple[RunLayout, dict]:
     return layout, json.loads(read_text(layout.run_file))
 
 
+def read_manifests(layout: RunLayout) -> tuple[list[TaskManifest], list[str]]:
+    """Every readable task manifest, and the URLs of unreadable ones (truncated by a crash on a store
+    without rename, or a foreign file): their tasks count as not done, and the runner redoes them."""
+    readable, unreadable = [], []
+    for url in list_files(layout.root + "/manifests", ".json"):
+        try:
+            readable.append(TaskManifest.from_json(read_text(url)))
+        except (ValueError, KeyError, TypeError):
+            unreadable.append(url)
+    return readable, unreadable
+
+
 def manifests(layout: RunLayout) -> list[TaskManifest]:
-    return [TaskManifest.from_json(read_text(u)) for u in list_files(layout.root + "/manifests", ".json")]
+    return read_manifests(layout)[0]
 
 
 @dataclass
@@ -100,7 +112,9 @@ def validate_run(root: str) -> tuple[int, list[str]]:
     check_sample = run_pipeline(root).sample_checker(layout)
     problems: list[str] = []
     checked = 0
-    for m in manifests(layout):
+    readable, unreadable = read_manifests(layout)
+    problems += [f"{url.rpartition('/')[2]}: unreadable manifest (its task counts as not done)" for url in unreadable]
+    for m in readable:
         if m.config_digest != run["config_digest"]:
             problems.append(f"{m.task_id}: manifest digest {m.config_digest} != run digest {run['config_digest']}")
         for out in m.outputs:

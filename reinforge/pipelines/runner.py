@@ -17,10 +17,11 @@ from pydantic import BaseModel
 from reinforge.pipelines.actor_pool import TICK_S, ActorPool, start_pool
 from reinforge.pipelines.ray_session import ray_session
 from reinforge.pipelines.registry import build_pipeline
+from reinforge.pipelines.rundir import manifests
 from reinforge.pipelines.sources import Task
-from reinforge.pipelines.storage import absolute_url, exists, list_files, read_text, write_bytes
+from reinforge.pipelines.storage import absolute_url, exists, read_text, write_bytes
 from reinforge.schemas.config import config_digest, semantic_dict
-from reinforge.schemas.manifest import RunLayout, TaskManifest
+from reinforge.schemas.manifest import RunLayout
 
 
 class ConfigChangedError(Exception):
@@ -80,15 +81,7 @@ def prepare_run_dir(layout: RunLayout, recipe: BaseModel, force: bool) -> str:
 
 
 def done_task_ids(layout: RunLayout, digest: str) -> set[str]:
-    done = set()
-    for url in list_files(layout.root + "/manifests", ".json"):
-        try:
-            manifest = TaskManifest.from_json(read_text(url))
-        except (ValueError, KeyError, TypeError):
-            continue  # unreadable manifest: the task is simply redone
-        if manifest.config_digest == digest:
-            done.add(manifest.task_id)
-    return done
+    return {m.task_id for m in manifests(layout) if m.config_digest == digest}
 
 
 STATUS_FILE = "status.json"
