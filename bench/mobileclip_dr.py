@@ -29,14 +29,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import TINY_CLIP, jpeg_bytes, photo, tiny_open_clip, write_shard  # noqa: E402  real photos, tiny models
+from conftest import TINY_CLIP, jpeg_bytes, photo, tiny_open_clip, write_open_clip_dir, write_shard  # noqa: E402  real photos, tiny models
 
 from reinforge.pipelines.ray_session import start_local_ray  # noqa: E402
 from reinforge.pipelines.rundir import merged_stats  # noqa: E402
 from reinforge.pipelines.runner import run_recipe  # noqa: E402
 from reinforge.schemas.config import parse_recipe  # noqa: E402
 
-OPENAI = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 AUGMENTATION = {"random_resized_crop": {"size": 224, "interpolation": "bicubic"}, "rand_augment": {"p": 1.0}}
 # a ViT-S-32 image tower with a small text decoder: a CoCa that captions in seconds on 2 cores
 SMALL_COCA = {"embed_dim": 256,
@@ -52,17 +51,7 @@ DATACOMPDR_BF16 = (30 + 1 + 5) * 1536 * 2  # N=30 image rows + GT + 5 synthetic 
 
 def open_clip_dir(work: str, name: str, cfg: dict, seed: int) -> str:
     """A local-dir: open_clip model folder (config + seeded random weights) every Ray worker loads identically."""
-    import open_clip
-    folder = f"{work}/models/{name}"
-    os.makedirs(folder, exist_ok=True)
-    with open(f"{folder}/open_clip_config.json", "w") as f:
-        json.dump({"model_cfg": cfg, "preprocess_cfg": {**OPENAI, "interpolation": "bicubic",
-                                                        "resize_mode": "shortest"}}, f)
-    torch.manual_seed(seed)
-    model_cls = open_clip.CoCa if "multimodal_cfg" in cfg else open_clip.CLIP
-    model = model_cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
-    torch.save(model.state_dict(), f"{folder}/open_clip_pytorch_model.bin")
-    return "local-dir:" + folder
+    return write_open_clip_dir(f"{work}/models/{name}", cfg, seed)
 
 
 def open_clip_get(name: str) -> dict:

@@ -191,27 +191,33 @@ TINY_COCA = {"embed_dim": 64,
 _OPEN_CLIP_DIRS: dict[tuple, str] = {}
 
 
-def tiny_open_clip(kind: str = "clip", image_size: int = 32, seed: int = 0) -> str:
-    """A real open_clip model folder (`local-dir:` + config + seeded random weights), as a user's own
-    model directory: every Ray worker loads identical weights. kind: "clip" or "coca"."""
-    import copy
-    import tempfile
+def write_open_clip_dir(folder: str, cfg: dict, seed: int) -> str:
+    """A real open_clip model folder (config + seeded random weights), as a user's own model directory:
+    every Ray worker loads identical weights. Returns its `local-dir:` name."""
+    import json
 
     import open_clip
     import torch
+    os.makedirs(folder, exist_ok=True)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std),
+                                                        "interpolation": "bicubic", "resize_mode": "shortest"}}, f)
+    torch.manual_seed(seed)
+    model_cls = open_clip.CoCa if "multimodal_cfg" in cfg else open_clip.CLIP
+    model = model_cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    torch.save(model.state_dict(), os.path.join(folder, "open_clip_pytorch_model.bin"))
+    return "local-dir:" + folder
+
+
+def tiny_open_clip(kind: str = "clip", image_size: int = 32, seed: int = 0) -> str:
+    """A tiny random-init open_clip model folder (write_open_clip_dir), made once per process.
+    kind: "clip" or "coca"."""
+    import copy
+    import tempfile
     key = (kind, image_size, seed)
     if key not in _OPEN_CLIP_DIRS:
         cfg = copy.deepcopy(TINY_COCA if kind == "coca" else TINY_CLIP)
         cfg["vision_cfg"]["image_size"] = image_size
-        folder = tempfile.mkdtemp(prefix=f"reinforge-{kind}-")
-        mean, std = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-        with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
-            import json
-            json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std),
-                                                            "interpolation": "bicubic", "resize_mode": "shortest"}}, f)
-        torch.manual_seed(seed)
-        model_cls = open_clip.CoCa if kind == "coca" else open_clip.CLIP
-        model = model_cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
-        torch.save(model.state_dict(), os.path.join(folder, "open_clip_pytorch_model.bin"))
-        _OPEN_CLIP_DIRS[key] = "local-dir:" + folder
+        _OPEN_CLIP_DIRS[key] = write_open_clip_dir(tempfile.mkdtemp(prefix=f"reinforge-{kind}-"), cfg, seed)
     return _OPEN_CLIP_DIRS[key]
