@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml docker/install.sh
 demo: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/reinforge demo --output runs/demo
 
+# ORDER=--reverse runs the suite backwards (CI does both): no test may lean on what another left behind.
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider tests
+	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider $(ORDER) tests
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) bench/imagenet_plus.py

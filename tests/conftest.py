@@ -198,6 +198,8 @@ def write_open_clip_dir(folder: str, cfg: dict, seed: int) -> str:
 
     import open_clip
     import torch
+
+    from reinforge.stages.clip_teachers import init_coca_decoder
     os.makedirs(folder, exist_ok=True)
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
     with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
@@ -206,6 +208,7 @@ def write_open_clip_dir(folder: str, cfg: dict, seed: int) -> str:
     torch.manual_seed(seed)
     model_cls = open_clip.CoCa if "multimodal_cfg" in cfg else open_clip.CLIP
     model = model_cls(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    init_coca_decoder(model)
     torch.save(model.state_dict(), os.path.join(folder, "open_clip_pytorch_model.bin"))
     return "local-dir:" + folder
 

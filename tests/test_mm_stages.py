@@ -19,7 +19,7 @@ from reinforge.schemas.config import CaptionerSpec, ClipTeacherSpec
 from reinforge.schemas.image import decode_rgb
 from reinforge.stages.base import Batch
 from reinforge.stages.captioner import CocaCaptioner, clean_caption
-from reinforge.stages.clip_teachers import ClipTeacherEnsemble, clip_teacher_info
+from reinforge.stages.clip_teachers import ClipTeacherEnsemble, clip_teacher_info, init_coca_decoder, load_open_clip
 
 KEYS = [hashlib.md5(str(i).encode()).hexdigest() for i in range(3)]  # DataComp-style 32-hex uids
 NUM_VIEWS = 3
@@ -50,7 +50,9 @@ def models(tmp_path_factory):
     open_clip.add_model_config(folder)
     torch.manual_seed(0)
     checkpoint = tmp_path_factory.mktemp("coca") / "coca.pt"
-    torch.save(open_clip.create_model(COCA).state_dict(), checkpoint)
+    coca_model = open_clip.create_model(COCA)
+    init_coca_decoder(coca_model)
+    torch.save(coca_model.state_dict(), checkpoint)
     return {"coca_checkpoint": str(checkpoint), "clip64": tiny_open_clip("clip", image_size=64)}
 
 
@@ -140,12 +142,34 @@ def test_captions_are_cut_at_the_first_period(models):
         assert all("." not in c and len(c.split()) <= 2 for c in captions)  # "" only after 3 empty draws
 
 
+def test_random_init_coca_is_seeded_and_fully_initialised(models):
+    """open_clip leaves CoCa's decoder projection uninitialised (torch.empty): captions then depend on
+    what the heap held. Random weights must be the same in every process, whatever ran before."""
+    def dirty_heap(value):
+        junk = [torch.full((256, 256), value) for _ in range(64)]
+        del junk
+    dirty_heap(1e30)
+    first = load_open_clip(COCA, None)[0].state_dict()
+    dirty_heap(-3e33)
+    second = load_open_clip(COCA, None)[0].state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    for weights in (first, torch.load(models["coca_checkpoint"], weights_only=True)):
+        projection = weights["text_decoder.text_projection"]
+        assert torch.isfinite(projection).all() and 0.06 < float(projection.std()) < 0.25  # width 64: 0.125
+
+
 def test_beam_search_returns_best_distinct_beams_deterministically(models):
     stage = captioner(models, generation="beam_search", num_beams=3, num_captions=2, max_length=7, min_length=3)
     batched = run_captions(stage, make_samples(False))
-    stage.spec = stage.spec.model_copy(update={"batch_size": 1})
     assert run_captions(stage, make_samples(False)) == batched
     assert all(len(c) == 2 and all(c) for c in batched.values())
+    # batch size 1 vs 3 in float64, where a row's logits do not move with the batch shape (see top-p)
+    exact = {}
+    for size in (3, 1):
+        exact[size] = captioner(models, generation="beam_search", num_beams=3, num_captions=2, max_length=7,
+                                min_length=3, batch_size=size)
+        exact[size].model.double()
+    assert run_captions(exact[1], make_samples(False)) == run_captions(exact[3], make_samples(False))
 
     # scores are the model's own length-normalised log-probabilities, best first
     images = torch.stack([stage._prepare(s) for s in make_samples(False)])

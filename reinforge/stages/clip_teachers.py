@@ -26,7 +26,8 @@ from reinforge.schemas.config import ClipTeacherSpec
 from reinforge.stages.base import Batch, SampleError, SkipSample, Stage, sample_error
 from reinforge.stages.teachers import resolve_checkpoint
 
-__all__ = ["ClipTeacherSpec", "ClipTeacherEnsemble", "clip_teacher_info", "load_open_clip", "fit_views"]
+__all__ = ["ClipTeacherSpec", "ClipTeacherEnsemble", "clip_teacher_info", "fit_views", "init_coca_decoder",
+           "load_open_clip"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RANDOM_INIT_LOGIT_SCALE = 100.0  # what the DataCompDR trainer uses; a random model has no learned scale
@@ -169,6 +170,18 @@ def _downloaded_checkpoint(src: OpenClipSource) -> str | None:
     return None
 
 
+def init_coca_decoder(model: torch.nn.Module) -> None:
+    """open_clip (3.3) builds CoCa's text-decoder projection with torch.empty and never initialises
+    it (the decoder's own init_parameters() is never called, and fails if called): a CoCa created
+    without weights holds whatever the heap held there (logits up to 1e38, captions that change from
+    process to process). Initialise it as that init_parameters() intends. Call on every CoCa made with
+    random weights before using or saving it."""
+    projection = getattr(getattr(model, "text_decoder", None), "text_projection", None)
+    if isinstance(projection, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=model.text_decoder.width ** -0.5)
+
+
 def load_open_clip(model: str, pretrained: str | None, device: str | torch.device = "cpu"):
     """(model in eval mode, eval preprocess, tokenizer, version dict, source) for one open_clip model."""
     import open_clip
@@ -176,9 +189,15 @@ def load_open_clip(model: str, pretrained: str | None, device: str | torch.devic
     # open_clip 3.x only warns when a tag was trained with QuickGELU (e.g. ViT-L-14 `openai`) but the
     # config uses GELU; the embeddings would be silently wrong, so follow the tag.
     quick_gelu = bool(src.tag_cfg.get("quick_gelu"))
-    net, _, preprocess = open_clip.create_model_and_transforms(
-        src.model_name, pretrained=src.create_pretrained, device=device, force_quick_gelu=quick_gelu,
-        weights_only=True)
+    # Random weights are seeded by the model name, so every worker builds the same model; the global
+    # RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(hashlib.blake2b(model.encode(), digest_size=8).digest(), "big"))
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            src.model_name, pretrained=src.create_pretrained, device=device, force_quick_gelu=quick_gelu,
+            weights_only=True)
+        if src.random_init:
+            init_coca_decoder(net)
     tokenizer = open_clip.get_tokenizer(src.model_name)
     version = {"model": model, "pretrained": pretrained, "open_clip": open_clip.__version__,
                "weights": "random_init" if src.random_init else "loaded"}
