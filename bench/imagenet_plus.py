@@ -4,6 +4,8 @@
    forward views/s of the same model, batch size and thread count, in the same process.
 2. storage: bytes per stored augmentation at N=50 with the full ImageNet+ augmentation set.
 3. resume: wall time of a rerun over a finished run directory of 1,000 shards.
+4. replay: cost of rendering one view with the `pil` backend (what Apple's trainers compute, the
+   default) / the `tensor` backend, same entries on the same decoded photos, one thread.
 
 Run: ../shared/tools/offline .venv/bin/python bench/imagenet_plus.py   (or `make bench`)
 """
@@ -72,6 +74,37 @@ def bare_forward_views_per_second(batch_size: int, threads: int, size: int, seco
     return done / (time.perf_counter() - started)
 
 
+def replay(work: str, args) -> None:
+    import random
+
+    from reinforge.schemas.augment import Augmenter, entry_seed
+    from reinforge.schemas.image import decode_rgb
+    torch.set_num_threads(1)
+    images = [decode_rgb(jpeg(photo(i, 400))) for i in range(6)]
+    sets = {"ImageNet+ RRC 224 + flip + RandAugment + erase + normalize": {
+                "random_resized_crop": {"size": 224}, "random_horizontal_flip": {"p": 0.5},
+                "rand_augment": {"p": 1.0}, "random_erase": {"p": 0.25}, "normalize": MEAN_STD},
+            "DataCompDR RRC 224 bicubic + RandAugment": {
+                "random_resized_crop": {"size": 224, "interpolation": "bicubic"}, "rand_augment": {"p": 1.0}}}
+    print(f"[replay] views rendered per second on one thread, {len(images)} photos x {args.num_samples} entries")
+    for label, augmentation in sets.items():
+        rates = {}
+        for backend in ("pil", "tensor"):
+            aug = Augmenter(augmentation, backend)
+            entries = [[aug.sample(random.Random(entry_seed(0, str(i), n)), tuple(img.shape[-2:]))
+                        for n in range(args.num_samples)] for i, img in enumerate(images)]
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 3.0:
+                for image, drawn in zip(images, entries):
+                    source = aug.source(image)  # once per image, as the Augment stage does
+                    for entry in drawn:
+                        aug.apply(entry, source)
+                    done += len(drawn)
+            rates[backend] = done / (time.perf_counter() - started)
+        print(f"  {label}: pil {rates['pil']:.0f}/s, tensor {rates['tensor']:.0f}/s; "
+              f"pil / tensor cost per view = {rates['tensor'] / rates['pil']:.2f}")
+
+
 def efficiency(work: str, args) -> None:
     augmentation = {"random_resized_crop": {"size": 224}, "random_horizontal_flip": {"p": 0.5},
                     "rand_augment": {"p": 1.0}, "normalize": MEAN_STD}
@@ -84,7 +117,7 @@ def efficiency(work: str, args) -> None:
     ray.shutdown()  # free the cores before timing the bare model
     bare = bare_forward_views_per_second(args.batch_size, args.threads, 224)
     print(f"[efficiency] efficientnet_lite0 224px, batch {args.batch_size}, {args.threads} threads, "
-          f"N={args.num_samples}, {summary.samples} images")
+          f"N={args.num_samples}, {summary.samples} images, replay backend {r.augmentation.backend}")
     print(f"  pipeline {pipeline:.1f} views/s (decode+augment+teacher+encode+write, on Ray) / "
           f"bare forward {bare:.1f} views/s = {pipeline / bare:.2f}   (goal >= 0.85)")
     total = sum(s.seconds for s in stages.values())
@@ -146,7 +179,7 @@ def resume(work: str, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["efficiency", "storage", "resume"])
+    parser.add_argument("--only", choices=["efficiency", "storage", "resume", "replay"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=8)
@@ -157,7 +190,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = tempfile.mkdtemp(prefix="reinforge-bench-")
     try:
-        for name, fn in (("efficiency", efficiency), ("storage", storage), ("resume", resume)):
+        for name, fn in (("efficiency", efficiency), ("storage", storage), ("resume", resume), ("replay", replay)):
             if args.only in (None, name):
                 fn(work, args)
     finally:

@@ -85,9 +85,11 @@ def test_layout_rrc_rand_augment(photos):
 
 def test_layout_without_random_parameters(photos):
     aug = Augmenter({"resize": {"size": 256}, "center_crop": {"size": 224}, "normalize": {"mean": MEAN, "std": STD}})
-    assert aug.sample(random.Random(0), (512, 512)) == []
+    # ml-dr's Compose.compress gives resize a slot (its fixed size); only uint8, center_crop, to_tensor
+    # and normalize have none
+    assert aug.sample(random.Random(0), (512, 512)) == [256]
     assert aug.output_size == (224, 224)
-    x = aug.apply([], photos["chelsea"])
+    x = aug.apply([256], photos["chelsea"])
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
 
 
@@ -128,10 +130,11 @@ def test_layout_with_mixing(photos):
             seen["mixup" if mixup is not None else "cutmix"] += 1
             if mixup is not None:
                 assert 0.0 <= mixup <= 0.5  # div_by 2
-            else:
+            else:  # ml-dr: lam is the Beta draw, the box has sides int(96 * sqrt(1 - lam)) before clipping
                 lam, x1, y1, x2, y2 = cutmix
-                assert 0 <= x1 <= x2 <= 96 and 0 <= y1 <= y2 <= 96
-                assert lam == round(1 - (x2 - x1) * (y2 - y1) / 96 ** 2, 6)
+                assert 0 <= x1 <= x2 <= 96 and 0 <= y1 <= y2 <= 96 and 0.0 <= lam <= 1.0
+                side = int(96 * (1.0 - lam) ** 0.5)
+                assert x2 - x1 <= 2 * (side // 2) and y2 - y1 <= 2 * (side // 2)
     # choose one of the two (0.5) then its p (0.5): about 25 / 25 / 50 of 100
     assert seen["mixup"] > 10 and seen["cutmix"] > 10 and seen["plain"] > 30
 
@@ -209,26 +212,34 @@ def test_replay_of_every_transform_type(photos):
     assert aug.output_size == (72, 88)
     for seed in range(40):
         entry = draw(aug, seed, photos, "chelsea", "astronaut")
-        assert len(entry) == 8
+        assert len(entry) == 9  # partner, resize, random_crop, rrc, flip, rand_augment, erase, mixup, cutmix
+        assert entry[1] in (300, [300, 300])  # resize stores its size, as ml-dr does
         x = aug.apply(json.loads(json.dumps(entry)), photos["chelsea"], photos["astronaut"])
         assert x.shape == (3, 72, 88)
         assert torch.equal(x, aug.apply(entry, photos["chelsea"], photos["astronaut"]))
 
 
-def test_replay_matches_torchvision(photos):
+@pytest.mark.parametrize("backend", ["pil", "tensor"])
+def test_replay_matches_torchvision(photos, backend):
+    """pil: torchvision's functional calls on the PIL image, then to_tensor (the reference trainers);
+    tensor: the same calls on the uint8 tensor."""
     image = photos["coffee"]
+    source = F.to_pil_image(image) if backend == "pil" else image
+
+    def to_float(x):
+        return F.to_tensor(x) if backend == "pil" else (x / 255.0).to(torch.float32)
     aug = Augmenter({"random_resized_crop": {"size": 128, "interpolation": "bicubic"},
-                     "random_horizontal_flip": {}, "normalize": {"mean": MEAN, "std": STD}})
+                     "random_horizontal_flip": {}, "normalize": {"mean": MEAN, "std": STD}}, backend)
     for seed in range(5):
         (top, left, h, w), flip = entry = draw(aug, seed, photos, "coffee")
-        expected = F.resized_crop(image, top, left, h, w, [128, 128], InterpolationMode.BICUBIC, antialias=True)
+        expected = F.resized_crop(source, top, left, h, w, [128, 128], InterpolationMode.BICUBIC, antialias=True)
         expected = F.hflip(expected) if flip else expected
-        expected = F.normalize((expected / 255.0).to(torch.float32), MEAN, STD)
+        expected = F.normalize(to_float(expected), MEAN, STD)
         assert torch.equal(aug.apply(entry, image), expected)
 
     # RandAugment ops whose torchvision value survives quantisation replay exactly like torchvision
-    ra = Augmenter({"center_crop": {"size": 224}, "rand_augment": {}})
-    crop = F.center_crop(image, [224, 224])
+    ra = Augmenter({"center_crop": {"size": 224}, "rand_augment": {}}, backend)
+    crop = F.center_crop(source, [224, 224])
     table = RandAugment()._augmentation_space(31, (224, 224))
     for name, sign in [("Rotate", 1), ("Rotate", -1), ("Solarize", 1), ("Posterize", 1), ("TranslateX", -1)]:
         op = RAND_AUGMENT_OPS.index(name)
@@ -237,7 +248,7 @@ def test_replay_matches_torchvision(photos):
         expected = crop
         for _ in range(2):
             expected = _apply_op(expected, name, tv_magnitude, InterpolationMode.NEAREST, None)
-        assert torch.equal(ra.apply([stored], image), (expected / 255.0).to(torch.float32)), name
+        assert torch.equal(ra.apply([stored], image), to_float(expected)), name
 
 
 def test_mixing_math(photos):
@@ -247,8 +258,8 @@ def test_mixing_math(photos):
     xb = (F.center_crop(b, [200, 200]) / 255.0).float()
     assert torch.equal(aug.apply(["b", 0.3, None], a, b), 0.3 * xa + 0.7 * xb)
     mixed = aug.apply(["b", None, [0.75, 10, 20, 110, 70]], a, b)
-    assert torch.equal(mixed[:, 20:70, 10:110], xb[:, 20:70, 10:110])  # x along width, y along height
-    mixed[:, 20:70, 10:110] = xa[:, 20:70, 10:110]
+    assert torch.equal(mixed[:, 10:110, 20:70], xb[:, 10:110, 20:70])  # ml-dr: x along the height, y the width
+    mixed[:, 10:110, 20:70] = xa[:, 10:110, 20:70]
     assert torch.equal(mixed, xa)
 
 
@@ -401,7 +412,7 @@ def test_replay_is_independent_of_thread_count(photos):
     aug = Augmenter({"resize": {"size": 256, "interpolation": "bicubic"}, "rand_augment": {},
                      "normalize": {"mean": MEAN, "std": STD}})
     contrast, sharpness = RAND_AUGMENT_OPS.index("Contrast"), RAND_AUGMENT_OPS.index("Sharpness")
-    entries = [draw(aug, s, photos) for s in range(4)] + [[[[contrast, 0.27], [sharpness, -0.27]]]]
+    entries = [draw(aug, s, photos) for s in range(4)] + [[256, [[contrast, 0.27], [sharpness, -0.27]]]]
     reference = [aug.apply(e, photos["coffee"]) for e in entries]
     try:
         for threads in (2, 4):
@@ -422,8 +433,11 @@ def test_entry_seed_is_stable():
 def test_plain_view(photos):
     aug = Augmenter(IMAGENET_PLUS)
     x = aug.plain(photos["coffee"])
+    resized = F.resize(F.to_pil_image(photos["coffee"]), [96], InterpolationMode.BILINEAR, antialias=True)
+    expected = F.normalize(F.to_tensor(F.center_crop(resized, [96, 96])), MEAN, STD)
+    assert x.shape == (3, 96, 96) and torch.equal(x, expected)
     resized = F.resize(photos["coffee"], [96], InterpolationMode.BILINEAR, antialias=True)
     expected = F.normalize((F.center_crop(resized, [96, 96]) / 255.0).float(), MEAN, STD)
-    assert x.shape == (3, 96, 96) and torch.equal(x, expected)
+    assert torch.equal(Augmenter(IMAGENET_PLUS, "tensor").plain(photos["coffee"]), expected)
     wide = Augmenter({"random_resized_crop": {"size": [64, 128]}})
     assert wide.plain(photos["astronaut"]).shape == (3, 64, 128)

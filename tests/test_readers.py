@@ -13,13 +13,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from consumer_reference import default_loader, reapply
 from conftest import jpeg_bytes, photo, png_bytes
 
 from reinforge.pipelines.export_mldr import export_ml_dr
 from reinforge.readers import ReinforcedImageNet, kd_loss, shard_urls
 from reinforge.schemas.augment import Augmenter
 from reinforge.schemas.image import decode_rgb
-from reinforge.schemas.imagenet_plus import ReinforcedSample, densify, encode_sample, sha256_hex, sparsify
+from reinforge.schemas.imagenet_plus import (ReinforcedSample, SchemaError, densify, encode_sample, sha256_hex,
+                                             sparsify)
 from reinforge.schemas.manifest import OutputFile, RunLayout, TaskManifest
 from reinforge.schemas.wds import ShardWriter
 
@@ -71,7 +73,8 @@ def make_run(root, image_augmentation: dict, keys: list[str], per_shard: int = 4
                                 config_digest="test", versions={}, stages={}, started_at=0.0, seconds=0.0)
         with open(layout.manifest(task), "w") as f:
             f.write(manifest.to_json())
-    reinforce = {"image_augmentation": augmenter.config(), "num_samples": N, "topk": TOPK}
+    reinforce = {"image_augmentation": augmenter.config(), "num_samples": N, "topk": TOPK,
+                 "replay_backend": augmenter.backend}
     if num_classes_in_config:
         reinforce["num_classes"] = NUM_CLASSES
     with open(layout.dr_config, "w") as f:
@@ -113,6 +116,31 @@ def test_length_keys_and_shard_urls(plain_run):
     # explicit shard list + config gives the same dataset
     same = ReinforcedImageNet(urls, image_augmentation=BASE, num_classes=NUM_CLASSES)
     assert same.keys == ds.keys and torch.equal(same[5][0], ds[5][0])
+    assert ds.augmenter.backend == same.augmenter.backend == "pil"
+
+
+def test_backend_follows_the_run(plain_run):
+    """The reader renders with the backend the run recorded (the view its teachers scored); runs from
+    before it was recorded rendered on tensors."""
+    run, written = plain_run
+    config_path = RunLayout(run).dr_config
+    original = open(config_path).read()
+    config = json.loads(original)
+    try:
+        for recorded, expected in (("tensor", "tensor"), (None, "tensor")):
+            config["reinforce"].pop("replay_backend", None)
+            if recorded:
+                config["reinforce"]["replay_backend"] = recorded
+            with open(config_path, "w") as f:
+                json.dump(config, f)
+            ds = ReinforcedImageNet(run, mode="epoch")
+            assert ds.augmenter.backend == expected
+            tensor = Augmenter(BASE, "tensor")
+            assert torch.equal(ds[2][0], replay(tensor, written, ds.keys[2], 0))
+        assert ReinforcedImageNet(run, backend="pil").augmenter.backend == "pil"
+    finally:
+        with open(config_path, "w") as f:
+            f.write(original)
 
 
 @pytest.mark.parametrize("which", ["plain_run", "mixing_run"])
@@ -251,8 +279,12 @@ def test_export_ml_dr_round_trip(which, request, tmp_path):
     counts = export_ml_dr(run, str(tmp_path / "mldr"))
     assert counts == {"images": 8, "augmentations": 8 * N}
     out = tmp_path / "mldr"
-    config = torch.load(out / "config.pth.tar", weights_only=False)
-    assert config == json.loads((out / "config.json").read_text())
+    config = torch.load(out / "config.pth.tar")  # ml-dr's own call; torch's default is weights_only=True
+    as_json = json.loads((out / "config.json").read_text())
+    for fields in as_json["reinforce"]["image_augmentation"].values():  # torchvision's defaults: left out
+        if fields.get("interpolation") in ("bilinear", "nearest"):
+            del fields["interpolation"]
+    assert config == as_json
     assert config["reinforce"]["num_samples"] == N and "image_augmentation" in config["reinforce"]
     keys = list(written)
     index = {int(i): k for i, k in json.loads((out / "index.json").read_text()).items()}
@@ -277,6 +309,32 @@ def test_export_ml_dr_round_trip(which, request, tmp_path):
             assert all(type(v) is float for v in rvalues) and all(type(c) is int for c in rids)
             # stored as float16 in the shard: compare with what was written, rounded the same way
             assert rvalues == values.astype(np.float16).astype(np.float32).tolist() and rids == ids.tolist()
+        # ml-dr's ReinforcedDataset: its record, its partner by dataset index, its PIL replay = reinforge's view
+        j = i % N
+        params = records[j]["params"]
+        partner = index[params[0]] if mixing and params[0] is not None else None
+        theirs = reapply(config["reinforce"]["image_augmentation"], params, default_loader(sample.image),
+                         default_loader(written[partner].image) if partner else None)
+        assert torch.equal(theirs, replay(Augmenter(BASE if which == "plain_run" else MIXING), written, key, j))
+
+
+def test_export_ml_dr_interpolation_modes(tmp_path):
+    """ml-dr hands config fields to torchvision as they are: interpolation must be an InterpolationMode
+    (a string raises TypeError). Defaults are left out so the file loads with weights_only=True."""
+    from torchvision.transforms import InterpolationMode
+    config = {**BASE, "random_resized_crop": {"size": 32, "interpolation": "bicubic"},
+              "rand_augment": {"p": 1.0, "interpolation": "bilinear"}}
+    make_run(tmp_path, config, DECIMAL_KEYS[:4])
+    export_ml_dr(str(tmp_path / "run"), str(tmp_path / "mldr"))
+    with pytest.raises(Exception, match="InterpolationMode"):
+        torch.load(tmp_path / "mldr" / "config.pth.tar")  # torch >= 2.6 default: enums need allow-listing
+    with torch.serialization.safe_globals([InterpolationMode]):
+        exported = torch.load(tmp_path / "mldr" / "config.pth.tar")["reinforce"]["image_augmentation"]
+    assert exported["random_resized_crop"]["interpolation"] is InterpolationMode.BICUBIC
+    assert exported["rand_augment"]["interpolation"] is InterpolationMode.BILINEAR
+    with pytest.raises(SchemaError, match="center_crop"):
+        make_run(tmp_path / "cc", {**BASE, "center_crop": {"size": 48}}, DECIMAL_KEYS[:2])
+        export_ml_dr(str(tmp_path / "cc" / "run"), str(tmp_path / "cc_out"))
 
 
 def test_kd_training_loss_decreases(plain_run):

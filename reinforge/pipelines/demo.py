@@ -4,6 +4,7 @@ teacher sees in the un-augmented photos."""
 from __future__ import annotations
 
 import io
+import random
 
 from PIL import Image
 
@@ -67,7 +68,9 @@ def run_demo(recipe, input_folder: str, address, echo=print) -> None:
         if not sample.key.endswith("_0"):
             continue
         with torch.inference_mode():
-            top1 = int(teacher(plain.apply([], decode_rgb(sample.image))[None]).argmax())
+            image = decode_rgb(sample.image)
+            entry = plain.sample(random.Random(0), tuple(image.shape[-2:]))  # no random slots: resize's size
+            top1 = int(teacher(plain.apply(entry, image)[None]).argmax())
         votes = torch.bincount(torch.as_tensor(sample.ids[:, 0]), minlength=1000)
         echo(f"  {sample.key:<10} label {names.index_to_description(sample.label):<22.22} "
              f"teacher: {names.index_to_description(top1):<22.22} "

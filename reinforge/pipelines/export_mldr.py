@@ -6,7 +6,13 @@
   index.json          {index: sample key}
 
 The reference trainer looks images and mixing partners up by dataset index, so partner keys in
-slot 0 are rewritten to the partner's index.
+slot 0 are rewritten to the partner's index. ml-dr builds its transforms straight from
+`config.pth.tar` (`dr.transforms.compose_from_config`), and torchvision's classes there take
+interpolation as an `InterpolationMode`, not a string: non-default interpolations are written as
+such, default ones are left out (torchvision's own default then applies), so that the common
+configs hold plain values only and load with `torch.load(weights_only=True)`, the default since
+torch 2.6. A config with e.g. a bicubic crop needs `torch.serialization.add_safe_globals(
+[InterpolationMode])` (or `weights_only=False`) in the trainer on those torch versions.
 """
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ import json
 import os
 import re
 
+import copy
+
 import torch
+from torchvision.transforms import InterpolationMode
 
 from reinforge.readers.imagenet_plus import index_shard, shard_urls
 from reinforge.schemas.imagenet_plus import SchemaError, decode_sample
@@ -45,6 +54,23 @@ def _save_json(path: str, obj) -> None:
     _atomic_save(path, write)
 
 
+# torchvision's defaults for the transforms whose interpolation ml-dr passes through unconverted
+_DEFAULT_INTERPOLATION = {"resize": "bilinear", "random_resized_crop": "bilinear", "rand_augment": "nearest"}
+
+
+def ml_dr_augmentation(image_augmentation: dict) -> dict:
+    """image_augmentation as ml-dr's compose_from_config must receive it (see the module docstring)."""
+    config = copy.deepcopy(image_augmentation)
+    for name, default in _DEFAULT_INTERPOLATION.items():
+        fields = config.get(name)
+        if not isinstance(fields, dict) or "interpolation" not in fields:
+            continue
+        value = fields.pop("interpolation")
+        if value != default:
+            fields["interpolation"] = InterpolationMode(value)
+    return config
+
+
 def dataset_indices(keys: list[str]) -> dict[str, int]:
     """int(key) when every key is a decimal integer (ImageFolder runs key by dataset index), else position."""
     if all(re.fullmatch(r"[0-9]+", k) for k in keys) and len({int(k) for k in keys}) == len(keys):
@@ -60,6 +86,14 @@ def export_ml_dr(run_dir: str, out_dir: str) -> dict:
     if "image_augmentation" not in reinforce or "num_samples" not in reinforce:
         raise SchemaError(f"{layout.dr_config}: needs reinforce.image_augmentation and reinforce.num_samples")
     mixing = any(t in reinforce["image_augmentation"] for t in ("mixup", "cutmix"))
+    if "center_crop" in reinforce["image_augmentation"]:
+        # ml-dr's CenterCrop calls .contiguous() on the PIL image it replays on: every image would fail
+        raise SchemaError("ml-dr's trainer cannot replay center_crop (its CenterCrop fails on PIL images); "
+                          "this run cannot be exported to it")
+    if reinforce.get("replay_backend", "tensor") != "pil":
+        raise SchemaError(f"this run's teachers scored views rendered by the "
+                          f"{reinforce.get('replay_backend', 'tensor')!r} backend; ml-dr replays on PIL images, "
+                          f"so its views would not be the ones scored: regenerate with augmentation.backend: pil")
 
     urls = shard_urls(run_dir)
     keys = [key for url in urls for key, _ in index_shard(url)]  # headers only: a cheap first pass
@@ -86,7 +120,9 @@ def export_ml_dr(run_dir: str, out_dir: str) -> dict:
                 images += 1
                 augmentations += len(records)
 
-    _save_torch(os.path.join(out_dir, "config.pth.tar"), config)
+    torch_config = {**config, "reinforce": {**reinforce,
+                                            "image_augmentation": ml_dr_augmentation(reinforce["image_augmentation"])}}
+    _save_torch(os.path.join(out_dir, "config.pth.tar"), torch_config)
     _save_json(os.path.join(out_dir, "config.json"), config)
     _save_json(os.path.join(out_dir, "index.json"), {str(i): k for k, i in index.items()})
     return {"images": images, "augmentations": augmentations}

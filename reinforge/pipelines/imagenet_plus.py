@@ -6,7 +6,7 @@ import json
 from reinforge.pipelines.base import Pipeline
 from reinforge.pipelines.sources import ImageFolderSource, WebDatasetSource
 from reinforge.pipelines.storage import write_bytes
-from reinforge.schemas.augment import Augmenter
+from reinforge.schemas.augment import Augmenter, replay_augmenter
 from reinforge.schemas.config import ImageNetPlusRecipe
 from reinforge.schemas.manifest import RunLayout
 from reinforge.stages.augment import Augment
@@ -22,6 +22,7 @@ def trainer_config(recipe: ImageNetPlusRecipe) -> dict:
         "reinforce": {
             "image_augmentation": Augmenter(recipe.augmentation.image_augmentation).config(),
             "num_samples": recipe.augmentation.num_samples,
+            "replay_backend": recipe.augmentation.backend,
             "topk": recipe.top_k,
             "temperature": recipe.temperature,
             "seed": recipe.seed,
@@ -51,7 +52,8 @@ class ImageNetPlusPipeline(Pipeline):
         return [
             DecodeImage(r.input.max_image_pixels, threads),
             ParseLabel(teachers.num_classes),
-            Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed, threads),
+            Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed, threads,
+                    r.augmentation.backend),
             teachers,
             EncodeImageNetPlus(teachers.num_classes, r.compress_params),
         ]
@@ -71,7 +73,7 @@ def sample_checker(layout: RunLayout):
     from reinforge.schemas.imagenet_plus import decode_sample, sha256_hex
 
     config = json.loads(read_text(layout.dr_config))["reinforce"]
-    augmenter = Augmenter(config["image_augmentation"])
+    augmenter = replay_augmenter(config)
     n, k = config["num_samples"], config["topk"]
 
     def check(members: dict) -> None:

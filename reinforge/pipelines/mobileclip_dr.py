@@ -64,7 +64,8 @@ class MobileCLIPPipeline(Pipeline):
                 stages.append(captioner)
         if r.mode != "captions":
             from reinforge.stages.clip_teachers import ClipTeacherEnsemble
-            stages += [Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed, threads),
+            stages += [Augment(r.augmentation.image_augmentation, r.augmentation.num_samples, r.seed, threads,
+                               r.augmentation.backend),
                        ClipTeacherEnsemble(r.teachers)]
         stages.append(EncodeDataCompDR(self.storage(), r.keep_images, with_embeddings=r.mode != "captions"))
         return stages
@@ -76,7 +77,7 @@ class MobileCLIPPipeline(Pipeline):
         import numpy as np
 
         from reinforge.schemas.datacomp_dr import check_replayable, decode_dr_sample
-        augmenter = Augmenter(self.recipe.augmentation.image_augmentation)
+        augmenter = Augmenter(self.recipe.augmentation.image_augmentation, self.recipe.augmentation.backend)
         dims = [info["embed_dim"] for info in self.teacher_info]
         n = self.recipe.augmentation.num_samples
 
@@ -106,7 +107,8 @@ class MobileCLIPPipeline(Pipeline):
             teachers=[{**t.model_dump(mode="json"), "dim": info["embed_dim"], "image_size": info["image_size"],
                        "mean": info["mean"], "std": info["std"],
                        "logit_scale": t.logit_scale or info.get("logit_scale", 100.0)}
-                      for t, info in zip(r.teachers, self.teacher_info)])
+                      for t, info in zip(r.teachers, self.teacher_info)],
+            replay_backend=r.augmentation.backend)
         config["storage"] = r.storage.model_dump(mode="json")
         config["captioners"] = [c.model_dump(mode="json") for c in r.captioners]
         write_bytes(layout.dr_config, json.dumps(config, indent=1, sort_keys=True).encode())

@@ -15,7 +15,7 @@ import fsspec
 import torch
 import torch.nn.functional as F
 
-from reinforge.schemas.augment import Augmenter
+from reinforge.schemas.augment import replay_augmenter
 from reinforge.schemas.image import IMAGE_EXTENSIONS, decode_rgb
 from reinforge.schemas.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample,
                                              densify, sha256_hex)
@@ -81,10 +81,13 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
     (seed, epoch, i); mode "epoch": j = epoch mod N. With probability p_plain (same generator) the
     plain view and a one-hot target are returned instead. Call set_epoch before each epoch (with
     DataLoader workers that are not persistent, the copy made at iterator creation sees it).
+    backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
+    view its teachers scored), "pil" (Apple's ml-dr) when there is no run config.
     """
 
     def __init__(self, shards: str | list[str], mode: str = "random", p_plain: float = 0.0, seed: int = 0,
-                 num_classes: int | None = None, image_augmentation: dict | None = None):
+                 num_classes: int | None = None, image_augmentation: dict | None = None,
+                 backend: str | None = None):
         if mode not in ("random", "epoch"):
             raise ValueError(f"mode must be 'random' or 'epoch', not {mode!r}")
         if not 0.0 <= p_plain <= 1.0:
@@ -99,11 +102,7 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
         self.shards = list(shards)
         self.config = config
         self.num_classes = num_classes if num_classes is not None else _num_classes_from(config)
-        if image_augmentation is None:
-            image_augmentation = config.get("reinforce", {}).get("image_augmentation")
-        if image_augmentation is None:
-            raise ValueError("no augmentation config: pass a run directory (dr_config.json) or image_augmentation")
-        self.augmenter = Augmenter(image_augmentation)
+        self.augmenter = replay_augmenter(config.get("reinforce"), image_augmentation, backend)
 
         # key -> (shard number, {ext: (offset, size)}); only offsets are kept
         self._index: list[tuple[int, dict]] = []

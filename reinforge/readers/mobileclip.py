@@ -24,7 +24,7 @@ import torch
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
-from reinforge.schemas.augment import Augmenter, entry_seed
+from reinforge.schemas.augment import entry_seed, replay_augmenter
 from reinforge.schemas.datacomp_dr import ReplayError, decode_dr_sample, replayable_image
 from reinforge.schemas.imagenet_plus import SchemaError
 from reinforge.schemas.manifest import RunLayout, TaskManifest
@@ -121,13 +121,15 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
     dr_config.json), or shard URLs / a brace pattern (anything webdataset's gopen opens).
     overrides: per-transform fields merged into the augmentation, e.g. the student's
     {"random_resized_crop": {"size": 256}, "normalize": {"mean": ..., "std": ...}}.
+    backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
+    view its teachers scored), "pil" (Apple's trainers) when there is no run config.
     Shards are split over distributed ranks and DataLoader workers. Call set_epoch(e) before each
     epoch; it is shared with worker processes, persistent ones included.
     """
 
     def __init__(self, urls_or_run_dir: str | list[str], tokenizer: Callable, image_augmentation: dict | None = None,
                  mode: str = "random", seed: int = 0, syn_key: str = "syn_text", overrides: dict | None = None,
-                 shuffle_shards: bool = False):
+                 shuffle_shards: bool = False, backend: str | None = None):
         if mode not in ("random", "epoch"):
             raise ValueError(f"mode must be 'random' or 'epoch', not {mode!r}")
         self.mode, self.seed, self.syn_key, self.shuffle_shards = mode, int(seed), syn_key, shuffle_shards
@@ -153,7 +155,7 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
             augmentation = augmentation_from_config(self.config, overrides)
         else:
             raise ValueError("no augmentation config: pass a run directory with dr_config.json, or image_augmentation")
-        self.augmenter = Augmenter(augmentation)
+        self.augmenter = replay_augmenter(self.config.get("reinforce"), augmentation, backend)
         if self.augmenter.uses_partner:  # contrastive targets are per image-text pair; nothing to mix with
             raise ValueError("mixup/cutmix entries are not supported for image-text shards")
         self.teacher_dims: list[int] | None = self.config.get("teacher_dims")

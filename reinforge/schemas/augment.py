@@ -2,11 +2,18 @@
 
 An `Augmenter` is built from an ml-dr style `image_augmentation` dict. `sample()` draws one entry
 (a plain JSON list) from a caller-owned `random.Random`; `apply()` replays an entry on the decoded
-uint8 image. Generation and replay share the same apply code, so a stored entry reproduces the
-tensor the teachers saw bit for bit (same library versions).
+image. Generation and replay share the same apply code, so a stored entry reproduces the tensor the
+teachers saw bit for bit (same library versions).
+
+What a replay computes is defined by the consumers' trainers (FORMATS §1): Apple's ml-dr and
+ml-mobileclip (`dr/transforms.py`) rebuild each view with torchvision's functional API on the PIL
+image, then `to_tensor`, erase, normalise, mix. The `pil` backend makes exactly those calls with the
+same arguments; the `tensor` backend renders geometry and RandAugment on uint8 tensors instead (the
+same parameters give pixels up to 9/255 apart, more after Solarize/Equalize), for reinforge's own
+reader and GPU augmentation. A run records its backend; the teachers score the backend's view.
 
 Transforms always run in TRANSFORM_ORDER, whatever order the config lists them in:
-geometry and RandAugment on uint8, then float [0, 1], random erasing, normalisation, and finally
+geometry and RandAugment on the image, then float [0, 1], random erasing, normalisation, and finally
 MixUp or CutMix with a partner image that went through the same pipeline with its own parameters.
 
 Nothing here touches the global torch / Python / NumPy random state.
@@ -23,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandAugment as _TorchvisionRandAugment
 from torchvision.transforms import functional as F
@@ -40,7 +48,11 @@ RAND_AUGMENT_OPS: tuple[str, ...] = (
 
 IMPLICIT = ("uint8", "to_tensor")  # always applied; accepted in a config for ml-dr compatibility
 MIXING = ("mixup", "cutmix")
-VIEW_SLOTS = ("random_crop", "random_resized_crop", "random_horizontal_flip", "rand_augment", "random_erase")
+# Every transform but the parameter-free ones has a slot, as ml-dr's Compose.compress writes it:
+# resize too (it stores its fixed size, which replay ignores).
+VIEW_SLOTS = ("resize", "random_crop", "random_resized_crop", "random_horizontal_flip", "rand_augment",
+              "random_erase")
+BACKENDS = ("pil", "tensor")  # see the module docstring
 
 _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,
@@ -59,7 +71,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "random_horizontal_flip": {"p": 0.5},
     "rand_augment": {"p": 1.0, "num_ops": 2, "magnitude": 9, "num_magnitude_bins": 31, "interpolation": "nearest"},
     "to_tensor": {},
-    "random_erase": {"p": 0.5, "scale": [0.02, 0.33], "ratio": [0.3, 3.3], "value": 0.0},
+    "random_erase": {"p": 0.5, "scale": [0.02, 0.33], "ratio": [0.3, 3.3], "value": 0},
     "normalize": {"mean": _REQUIRED, "std": _REQUIRED},
     "mixup": {"alpha": 1.0, "p": 1.0, "div_by": 1.0},
     "cutmix": {"alpha": 1.0, "p": 1.0},
@@ -177,7 +189,10 @@ def _check_fields(key: str, cfg: dict) -> dict:
         elif field == "div_by":
             out[field] = _check_positive(where, v, 1.0, inclusive=True)
         elif field == "value":
-            out[field] = _check_number(where, v)
+            # ml-dr's replay zeroes the box whatever RandomErasing's value says
+            if not (_is_number(v) and v == 0):
+                raise _bad(where, f"must be 0 (the reference trainers always erase with 0), got {v!r}")
+            out[field] = 0
         else:  # pragma: no cover - every default field has a check above
             raise AssertionError(field)
     if key == "rand_augment" and out["magnitude"] >= out["num_magnitude_bins"]:
@@ -231,8 +246,9 @@ def _check_box(name: str, hw: tuple[int, int], top: int, left: int, height: int,
                          f"the {H}x{W} image (is this the image the entry was drawn for?)")
 
 
-def _image_hw(img: torch.Tensor) -> tuple[int, int]:
-    return int(img.shape[-2]), int(img.shape[-1])
+def _image_hw(img: torch.Tensor | Image.Image) -> tuple[int, int]:
+    _, h, w = F.get_dimensions(img)
+    return int(h), int(w)
 
 
 def _interp(cfg: dict) -> InterpolationMode:
@@ -249,7 +265,11 @@ def _resize_hw(cfg: dict, hw: tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _apply_resize(cfg: dict, img: torch.Tensor, slot: None) -> torch.Tensor:
+def _sample_resize(cfg: dict, rng: random.Random, hw: tuple[int, int]) -> int | list[int]:
+    return copy.deepcopy(cfg["size"])  # not random: ml-dr stores Resize's size in the entry
+
+
+def _apply_resize(cfg: dict, img: torch.Tensor, slot: Any) -> torch.Tensor:
     size = cfg["size"]
     return F.resize(img, [size] if isinstance(size, int) else list(size), _interp(cfg), antialias=True)
 
@@ -372,8 +392,10 @@ def _apply_rand_augment(cfg: dict, img: torch.Tensor, slot: Any) -> torch.Tensor
     return img
 
 
-def _apply_to_tensor(cfg: dict, img: torch.Tensor, slot: None) -> torch.Tensor:
-    return (img / 255.0).to(torch.float32)  # as ml-dr's ToTensor on uint8 tensors
+def _apply_to_tensor(cfg: dict, img: torch.Tensor | Image.Image, slot: None) -> torch.Tensor:
+    if isinstance(img, Image.Image):
+        return F.to_tensor(img)
+    return (img / 255.0).to(torch.float32)  # as ml-dr's ToTensor on uint8 tensors: the same float32 values
 
 
 def _sample_random_erase(cfg: dict, rng: random.Random, hw: tuple[int, int]) -> list[int] | None:
@@ -401,7 +423,7 @@ def _apply_random_erase(cfg: dict, img: torch.Tensor, slot: Any) -> torch.Tensor
     i, j, h, w = _ints("random_erase", slot, 4)
     _check_box("random_erase", _image_hw(img), i, j, h, w)
     img = img.clone()  # never write into a caller's tensor
-    img[:, i:i + h, j:j + w] = cfg["value"]
+    img[:, i:i + h, j:j + w] = 0
     return img
 
 
@@ -421,31 +443,34 @@ def _apply_mixup(cfg: dict, x: torch.Tensor, x2: torch.Tensor, slot: Any) -> tor
 
 
 def _sample_cutmix(cfg: dict, rng: random.Random, hw: tuple[int, int]) -> list:
-    """Standard CutMix box: side ratio sqrt(1 - lam), uniform centre, clipped to the image;
-    lam is then the area fraction actually kept from the first image."""
+    """ml-dr's CutMix.rand_bbox: lam ~ Beta(alpha, alpha), box sides sqrt(1 - lam) of the view, a
+    uniform centre, clipped. As in ml-dr, x runs along the height (rows x1:x2) and y along the width
+    (columns y1:y2), and lam is the Beta draw, not the area actually kept."""
     H, W = hw
-    cut = math.sqrt(1.0 - rng.betavariate(cfg["alpha"], cfg["alpha"]))
+    lam = round(rng.betavariate(cfg["alpha"], cfg["alpha"]), 6)
+    cut = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(H * cut), int(W * cut)
-    cy, cx = rng.randrange(H), rng.randrange(W)
-    y1, y2 = min(max(cy - cut_h // 2, 0), H), min(max(cy + cut_h // 2, 0), H)
-    x1, x2 = min(max(cx - cut_w // 2, 0), W), min(max(cx + cut_w // 2, 0), W)
-    lam = round(1.0 - (x2 - x1) * (y2 - y1) / (H * W), 6)
+    cx, cy = rng.randrange(H), rng.randrange(W)
+    x1, x2 = min(max(cx - cut_h // 2, 0), H), min(max(cx + cut_h // 2, 0), H)
+    y1, y2 = min(max(cy - cut_w // 2, 0), W), min(max(cy + cut_w // 2, 0), W)
     return [lam, x1, y1, x2, y2]
 
 
 def _apply_cutmix(cfg: dict, x: torch.Tensor, x2: torch.Tensor, slot: Any) -> torch.Tensor:
+    """Rows x1:x2 and columns y1:y2 come from x2 (ml-dr's `mixed_x[:, bbx1:bbx2, bby1:bby2]`)."""
     if not (isinstance(slot, (list, tuple)) and len(slot) == 5 and _is_number(slot[0])):
         raise ValueError(f"cutmix slot must be [lam, x1, y1, x2, y2], got {slot!r}")
-    bx1, by1, bx2, by2 = _ints("cutmix box", slot[1:], 4)
+    x1, y1, x2_, y2 = _ints("cutmix box", slot[1:], 4)
     H, W = _image_hw(x)
-    if not (0 <= bx1 <= bx2 <= W and 0 <= by1 <= by2 <= H):
-        raise ValueError(f"cutmix box x1={bx1} y1={by1} x2={bx2} y2={by2} falls outside the {H}x{W} view")
+    if not (0 <= x1 <= x2_ <= H and 0 <= y1 <= y2 <= W):
+        raise ValueError(f"cutmix box rows {x1}:{x2_} columns {y1}:{y2} falls outside the {H}x{W} view")
     out = x.clone()
-    out[:, by1:by2, bx1:bx2] = x2[:, by1:by2, bx1:bx2]
+    out[:, x1:x2_, y1:y2] = x2[:, x1:x2_, y1:y2]
     return out
 
 
 _SAMPLERS: dict[str, Callable] = {
+    "resize": _sample_resize,
     "random_crop": _sample_random_crop,
     "random_resized_crop": _sample_random_resized_crop,
     "random_horizontal_flip": _sample_random_horizontal_flip,
@@ -491,9 +516,13 @@ def _check_partner_id(partner: Any) -> None:
 
 
 class Augmenter:
-    """Draws and replays augmentation entries for one `image_augmentation` config."""
+    """Draws and replays augmentation entries for one `image_augmentation` config, rendering views
+    with one backend: "pil" (the reference trainers' own computation) or "tensor"."""
 
-    def __init__(self, image_augmentation: dict):
+    def __init__(self, image_augmentation: dict, backend: str = "pil"):
+        if backend not in BACKENDS:
+            raise ValueError(f"replay backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self._config = _normalise_config(image_augmentation)
         self._pipeline = tuple(k for k in self._config if k not in MIXING)
         self._view_slots = tuple(k for k in VIEW_SLOTS if k in self._config)
@@ -501,7 +530,7 @@ class Augmenter:
         self._entry_len = int(self.uses_partner) + len(self._view_slots) + len(self._mix_slots)
 
     def __repr__(self) -> str:
-        return f"Augmenter({self._config!r})"
+        return f"Augmenter({self._config!r}, backend={self.backend!r})"
 
     @property
     def uses_partner(self) -> bool:
@@ -596,12 +625,21 @@ class Augmenter:
         other = {k: pair[1] for k, pair in zip(self._view_slots, views)}
         return partner, own, other, mix
 
-    def _render(self, image: torch.Tensor, slots: dict) -> torch.Tensor:
+    def source(self, image: torch.Tensor | Image.Image) -> torch.Tensor | Image.Image:
+        """The decoded image (uint8 CHW RGB tensor, or an RGB PIL image) in this backend's form; the
+        conversion is lossless, so convert once per image and render many views from it."""
+        if isinstance(image, Image.Image):
+            if image.mode != "RGB":
+                raise ValueError(f"image must be an RGB PIL image, got mode {image.mode}")
+            return image if self.backend == "pil" else F.pil_to_tensor(image)
         if not (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3
                 and image.shape[0] == 3):
             raise ValueError(f"image must be a uint8 CHW RGB tensor, got "
                              f"{getattr(image, 'dtype', type(image).__name__)} {tuple(getattr(image, 'shape', ()))}")
-        img = image
+        return F.to_pil_image(image) if self.backend == "pil" else image
+
+    def _render(self, image: torch.Tensor | Image.Image, slots: dict) -> torch.Tensor:
+        img = self.source(image)
         for key in self._pipeline:
             img = _APPLIERS[key](self._config[key], img, slots.get(key))
         return img.contiguous()
@@ -621,15 +659,16 @@ class Augmenter:
                 x = _MIXERS[key](self._config[key], x, x2, mix[key])
         return x
 
-    def augment(self, rng: random.Random, image: torch.Tensor, partner: str | int | None = None,
-                partner_image: torch.Tensor | None = None) -> tuple[list, torch.Tensor]:
+    def augment(self, rng: random.Random, image: torch.Tensor | Image.Image, partner: str | int | None = None,
+                partner_image: torch.Tensor | Image.Image | None = None) -> tuple[list, torch.Tensor]:
         partner_hw = _image_hw(partner_image) if partner_image is not None else None
         entry = self.sample(rng, _image_hw(image), partner, partner_hw)
         return entry, self.apply(entry, image, partner_image)
 
-    def plain(self, image: torch.Tensor) -> torch.Tensor:
+    def plain(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
         """The un-augmented view: resize to cover the output size (bilinear, antialias), center crop,
         float, normalize. Without a fixed output size the geometry is left as is."""
+        image = self.source(image)
         out = self.output_size
         if out is not None:
             H, W = out
@@ -644,6 +683,21 @@ class Augmenter:
         if "normalize" in self._config:
             x = _apply_normalize(self._config["normalize"], x, None)
         return x.contiguous()
+
+
+def replay_augmenter(reinforce: dict | None, image_augmentation: dict | None = None,
+                     backend: str | None = None) -> Augmenter:
+    """The Augmenter that replays a run's entries, from its dr_config.json `reinforce` block (either
+    argument overrides it). The backend is the one the run recorded; runs written before it was
+    recorded rendered on tensors; without any run config, the reference trainers' pil."""
+    reinforce = reinforce or {}
+    if image_augmentation is None:
+        image_augmentation = reinforce.get("image_augmentation")
+    if image_augmentation is None:
+        raise ValueError("no augmentation config: pass a run directory (dr_config.json) or image_augmentation")
+    if backend is None:
+        backend = reinforce.get("replay_backend", "tensor" if reinforce else "pil")
+    return Augmenter(image_augmentation, backend)
 
 
 def entry_seed(seed: int, key: str, index: int, *extra: str) -> int:

@@ -56,6 +56,10 @@ class Teacher(Strict):
 class Augmentation(Strict):
     num_samples: int = Field(10, ge=1, description="N stored augmentations per image")
     image_augmentation: dict[str, Any]
+    backend: Literal["pil", "tensor"] = Field(
+        "pil", description="how views are rendered from the parameters: pil = torchvision's functional API on "
+                           "the PIL image, as Apple's ml-dr and ml-mobileclip trainers replay them (their view is "
+                           "the one the teachers must score); tensor = on uint8 tensors (reinforge's reader, GPU)")
     samples_per_batch: int = Field(
         8, ge=1, description="images augmented together; MixUp/CutMix partners come from the same batch. "
                              "Memory: samples_per_batch x num_samples views are held at once")

@@ -457,7 +457,8 @@ def _check_teacher(i: int, teacher: Any) -> dict:
 
 
 def dr_trainer_config(image_augmentation: dict, num_samples: int, teachers: list[dict],
-                      normalize: dict | None = None, config_path: str = "dr_config.json") -> dict:
+                      normalize: dict | None = None, config_path: str = "dr_config.json",
+                      replay_backend: str = "pil") -> dict:
     """The JSON written next to the shards (FORMATS §2), readable by the MobileCLIP trainer
     (`--dataset-reinforcement-config`) and by reinforge.readers.mobileclip.
 
@@ -478,7 +479,7 @@ def dr_trainer_config(image_augmentation: dict, num_samples: int, teachers: list
         "pretrained": ",".join(t["pretrained"] or "" for t in checked),
         "num_samples": num_samples,
         "reinforce": {"image_augmentation": trainer_augmentation(image_augmentation, normalize),
-                      "num_samples": num_samples},
+                      "num_samples": num_samples, "replay_backend": replay_backend},
         "teachers": checked,
         "teacher_dims": dims,
         "teacher_logit_scales": scales,

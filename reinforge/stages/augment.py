@@ -2,7 +2,9 @@
 
 Every draw comes from random.Random(entry_seed(seed, key, n)), so an image's augmentations do not
 depend on batching, worker or order. A mixing partner is another image of the same batch, chosen
-by that generator and recorded by key (the reader finds it by key).
+by that generator and recorded by key (the reader finds it by key). Views are rendered by the
+recipe's replay backend (schemas/augment.py), so the teachers score the view the consumer's
+trainer will make from the stored entry.
 """
 from __future__ import annotations
 
@@ -17,16 +19,25 @@ from reinforge.stages.base import Batch, MapStage
 class Augment(MapStage):
     name = "augment"
 
-    def __init__(self, image_augmentation: dict, num_samples: int, seed: int, threads: int = 1):
-        self.augmenter = Augmenter(image_augmentation)
+    def __init__(self, image_augmentation: dict, num_samples: int, seed: int, threads: int = 1,
+                 backend: str = "pil"):
+        self.augmenter = Augmenter(image_augmentation, backend)
         self.num_samples = num_samples
         self.seed = seed
         self.threads = threads
         self._batch: list[dict] = []
+        self._sources: dict[int, object] = {}
+
+    def _source(self, sample: dict):
+        """The sample's image in the backend's form, converted once per batch (it is lossless)."""
+        if id(sample) not in self._sources:
+            self._sources[id(sample)] = self.augmenter.source(sample["image"])
+        return self._sources[id(sample)]
 
     def _views(self, sample: dict, batch: list[dict]) -> tuple[list, torch.Tensor]:
         entries, views = [], []
-        image = sample["image"]
+        image = self._source(sample)
+        hw = tuple(sample["image"].shape[-2:])
         for n in range(self.num_samples):
             rng = random.Random(entry_seed(self.seed, sample["__key__"], n))
             partner = None
@@ -34,10 +45,9 @@ class Augment(MapStage):
                 others = [s for s in batch if s is not sample] or [sample]
                 partner = others[rng.randrange(len(others))]
             entry = self.augmenter.sample(
-                rng, tuple(image.shape[-2:]),
-                partner=partner["__key__"] if partner else None,
+                rng, hw, partner=partner["__key__"] if partner else None,
                 partner_hw=tuple(partner["image"].shape[-2:]) if partner else None)
-            views.append(self.augmenter.apply(entry, image, partner["image"] if partner else None))
+            views.append(self.augmenter.apply(entry, image, self._source(partner) if partner else None))
             entries.append(entry)
         return entries, torch.stack(views)
 
@@ -50,4 +60,4 @@ class Augment(MapStage):
         try:
             return super().__call__(batch)
         finally:
-            self._batch = []
+            self._batch, self._sources = [], {}
