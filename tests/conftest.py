@@ -48,6 +48,72 @@ def png_header_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=format, **options)
+    return buf.getvalue()
+
+
+def rgba_with_holes(index: int, size: int) -> Image.Image:
+    """A photo whose alpha runs from fully transparent (left) to opaque, with hidden colour under it."""
+    image = photo(index, size).convert("RGBA")
+    alpha = np.tile(np.linspace(0, 255, image.width).astype(np.uint8), (image.height, 1))
+    image.putalpha(Image.fromarray(alpha))
+    return image
+
+
+def gray16(index: int, size: int) -> Image.Image:
+    """A 16-bit grayscale photo (mode I;16) using the full 0..65535 range."""
+    return Image.fromarray(np.asarray(photo(index, size).convert("L"), dtype=np.uint16) * 257)
+
+
+def messy_image_folder(root, size: int = 40) -> dict:
+    """An ImageFolder tree with what real ones hold: many formats and modes (RGBA with transparency,
+    palette with transparency, 16-bit, CMYK, L, 1-bit), upper-case suffixes, nested and symlinked
+    sub-folders (files before and after them by name, and "sub.b" which sorts between "sub" and
+    "sub/deeper"), hidden files and a hidden class, a non-image, a corrupt JPEG and a dangling symlink.
+    Returns {"root", "corrupt", "unreadable"} (paths as torchvision lists them)."""
+    root = str(root)
+    files = {
+        ".hidden_class/a.jpg": jpeg_bytes(photo(0, size)),
+        ".hidden_class/.hidden.jpg": jpeg_bytes(photo(1, size)),
+        "cat/.hidden.jpg": jpeg_bytes(photo(2, size)),
+        "cat/A.JPG": jpeg_bytes(photo(3, size)),
+        "cat/a.jpg": jpeg_bytes(photo(4, size)),
+        "cat/b.bmp": encoded(photo(5, size), "BMP"),
+        "cat/c_rgba.png": png_bytes(rgba_with_holes(6, size)),
+        "cat/notes.txt": b"not an image",
+        "cat/sub/d.tif": encoded(photo(7, size), "TIFF"),
+        "cat/sub/e.jpeg": jpeg_bytes(photo(8, size)),
+        "cat/sub/deeper/f.png": png_bytes(photo(9, size).convert("L")),
+        "cat/sub.b/g.ppm": encoded(photo(10, size), "PPM"),
+        "cat/zz.jpg": jpeg_bytes(photo(11, size)),
+        "cup/cmyk.jpg": jpeg_bytes(photo(12, size).convert("CMYK")),
+        "cup/corrupt.jpg": jpeg_bytes(photo(13, size))[:200],
+        "cup/gray16.png": png_bytes(gray16(14, size)),
+        "cup/l.pgm": encoded(photo(15, size).convert("L"), "PPM"),
+        "cup/one_bit.png": png_bytes(photo(16, size).convert("1")),
+        "cup/palette.png": encoded(photo(17, size).convert("P", palette=Image.Palette.ADAPTIVE, colors=24), "PNG",
+                                   transparency=3),
+        "cup/rgba.webp": encoded(rgba_with_holes(18, size), "WEBP", lossless=True),
+        "cup/upper.TIFF": encoded(rgba_with_holes(19, size).convert("LA"), "TIFF"),
+        "rocket/one_bit.bmp": encoded(photo(20, size).convert("1"), "BMP"),
+        "rocket/r.png": png_bytes(photo(21, size)),
+        "elsewhere/s.jpg": jpeg_bytes(photo(22, size)),  # outside the root, reached through a link
+    }
+    for name, data in files.items():
+        base = os.path.join(root, "tree") if not name.startswith("elsewhere/") else root
+        path = os.path.join(base, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    tree = os.path.join(root, "tree")
+    os.symlink(os.path.join(root, "elsewhere"), os.path.join(tree, "rocket", "linked"))  # followlinks=True
+    os.symlink(os.path.join(root, "missing.jpg"), os.path.join(tree, "rocket", "dangling.jpg"))
+    return {"root": tree, "corrupt": os.path.join(tree, "cup", "corrupt.jpg"),
+            "unreadable": os.path.join(tree, "rocket", "dangling.jpg")}
+
+
 def write_shard(path, samples: list[tuple[str, dict]]) -> None:
     from reinforge.schemas.wds import ShardWriter
     with open(path, "wb") as f, ShardWriter(f) as writer:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from reinforge.schemas.arrays import load_npz, npz_bytes
 from reinforge.schemas.config import ConfigError, config_digest, load_recipe, parse_recipe
-from reinforge.schemas.image import ImageDecodeError, decode_rgb
+from reinforge.schemas.image import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from reinforge.schemas.imagenet_plus import (ReinforcedSample, SchemaError, decode_probs, decode_sample, densify,
                                              encode_probs, encode_sample, sparsify)
 from reinforge.schemas.manifest import OutputFile, StageStats, TaskManifest
@@ -62,14 +62,70 @@ def test_decode_handles_modes_and_rejects_bad_images():
     assert rgb.dtype == torch.uint8 and rgb.shape[0] == 3
     assert decode_rgb(jpeg_bytes(Image.new("CMYK", (8, 8)))).shape == (3, 8, 8)
     assert decode_rgb(png_bytes(photo(1).convert("L"))).shape[0] == 3
-    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert decode_rgb(png_bytes(transparent)).min() == 255  # alpha composited on white, not black
+    transparent = Image.new("RGBA", (4, 4), (200, 100, 50, 0))
+    assert decode_rgb(png_bytes(transparent))[:, 0, 0].tolist() == [200, 100, 50]  # alpha dropped, as default_loader
+    deep = Image.fromarray(np.array([[0, 100, 255, 256, 65535]], dtype=np.uint16))  # I;16: clipped, as default_loader
+    assert decode_rgb(png_bytes(deep))[0, 0].tolist() == [0, 100, 255, 255, 255]
     for data, reason in [(b"", "empty_image"), (b"garbage", "corrupt_image"),
                          (jpeg_bytes(photo(0))[:300], "corrupt_image"),
                          (png_header_claiming(20000, 20000), "image_too_large")]:
         with pytest.raises(ImageDecodeError) as info:
             decode_rgb(data)
         assert info.value.reason == reason
+
+
+def test_max_image_pixels_is_the_limit_above_and_below_pils_own():
+    """The recipe's limit, not PIL's MAX_IMAGE_PIXELS (89.5 MP; an error above 2x that), decides, from the
+    header. A header claiming 10000x9500 (95 MP) with its pixel data missing: past the limit check it fails
+    to decode (corrupt_image), before it is image_too_large. (A real 95 MP decode needs ~1.7 GB and ~5 s
+    here; the real-pixel case below moves PIL's limit under a small photo instead.)"""
+    def reason(data: bytes, limit: int) -> str:
+        with pytest.raises(ImageDecodeError) as info:
+            decode_rgb(data, limit)
+        return info.value.reason
+
+    assert Image.MAX_IMAGE_PIXELS < 95_000_000 < 2 * Image.MAX_IMAGE_PIXELS < 200_000_000
+    claims_95mp, claims_190mp = png_header_claiming(10000, 9500), png_header_claiming(19000, 10000)
+    assert reason(claims_95mp, 200_000_000) == "corrupt_image"  # PIL's 89.5 MP no longer caps it
+    assert reason(claims_190mp, 200_000_000) == "corrupt_image"  # nor its 179 MP hard error
+    assert reason(claims_95mp, 94_999_999) == "image_too_large"
+    assert reason(claims_95mp, DEFAULT_MAX_PIXELS) == "image_too_large"
+    small = jpeg_bytes(photo(0, 40))
+    assert reason(small, 40 * 40 - 1) == "image_too_large"  # below PIL's default too
+    assert decode_rgb(small, 40 * 40).shape == (3, 40, 40)
+    with pytest.raises(Image.DecompressionBombError):  # outside decode_rgb PIL's own check is untouched
+        Image.open(io.BytesIO(claims_190mp))
+
+
+def test_max_image_pixels_above_pils_limit_decodes_real_pixels(monkeypatch):
+    """A real photo over PIL's limit (lowered here to 1000 pixels, so that 9216 is over twice it) decodes
+    to default_loader's pixels when the recipe allows it."""
+    data = png_bytes(photo(2, 96))
+    expected = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    assert torch.equal(decode_rgb(data, 96 * 96 + 96 * 16), expected)
+
+
+def test_max_image_pixels_is_per_thread(monkeypatch):
+    """Concurrent decodes with different limits each see their own (the limit is thread-local). PIL's limit
+    is lowered to 1000 pixels so that a 100x100 header is over it and allocations stay tiny."""
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    claims_10k = png_header_claiming(100, 100)
+
+    def reason(limit: int) -> str:
+        try:
+            decode_rgb(claims_10k, limit)
+        except ImageDecodeError as exc:
+            return exc.reason
+        return "decoded"
+
+    limits = [20_000, 5_000] * 500
+    with ThreadPoolExecutor(8) as pool:
+        reasons = list(pool.map(reason, limits))
+    assert reasons == ["corrupt_image", "image_too_large"] * 500
 
 
 def test_sparse_probabilities_roundtrip_and_densify():

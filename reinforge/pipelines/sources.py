@@ -2,12 +2,14 @@
 execution: a shard's own name, or an ImageFolder group's position in the sorted listing."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from fsspec.implementations.local import LocalFileSystem
+
 from reinforge.pipelines.storage import filesystem
-from reinforge.schemas.image import IMAGE_EXTENSIONS
 from reinforge.schemas.wds import ShardReadError, iter_samples
 
 
@@ -70,27 +72,47 @@ class WebDatasetSource:
             yield from iter_samples(f)
 
 
+# torchvision.datasets.folder.IMG_EXTENSIONS: a file is in the dataset iff its lower-cased name ends so
+IMAGEFOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def member_extension(filename: str) -> str:
+    """The WebDataset member an ImageFolder file's bytes go in: its own suffix (jpeg as jpg), which
+    find_image and webdataset's image decoders both know."""
+    ext = filename.rpartition(".")[2].lower()
+    return "jpg" if ext == "jpeg" else ext
+
+
 class ImageFolderSource:
-    """torchvision ImageFolder order: classes are the sorted sub-folders, files sorted within each;
-    a sample's key is its dataset index (8 digits), which is also the ML-DR record id."""
+    """torchvision `ImageFolder(root)`'s dataset, index for index (torchvision/datasets/folder.py):
+    classes are the root's sub-folders (hidden ones too), sorted; within a class, the folders of
+    `sorted(os.walk(class_dir, followlinks=True))` in turn, each one's files sorted; a file counts when
+    its name ends with one of IMAGEFOLDER_SUFFIXES (any case, hidden files too). A class without such a
+    file is an error, as there. A sample's key is its dataset index (8 digits), which is also the ML-DR
+    record id; a file that cannot be read or decoded keeps its index and becomes a counted skip."""
 
     def __init__(self, root: str, samples_per_task: int):
         self.root = root.rstrip("/")
         self.samples_per_task = samples_per_task
 
     def listing(self) -> tuple[list[str], list[tuple[str, int]]]:
+        """(class names, [(url, class index)] in dataset-index order)."""
         fs, root = filesystem(self.root)
-        if not fs.isdir(root):
+        tree = LocalTree() if isinstance(fs, LocalFileSystem) else RemoteTree(fs)
+        if not tree.isdir(root):
             raise InputError(f"input.path: {self.root} is not a directory")
-        classes = sorted(p.rpartition("/")[2] for p in fs.ls(root, detail=False) if fs.isdir(p))
+        classes = tree.subfolders(root)
         if not classes:
             raise InputError(f"input.path: {self.root} has no class sub-folders")
         prefix = _protocol_prefix(self.root)
         files = []
         for index, name in enumerate(classes):
-            for path in sorted(fs.find(f"{root}/{name}")):
-                if path.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
-                    files.append((path if path.startswith(prefix) else prefix + path, index))
+            images = [path for path in tree.files(tree.join(root, name)) if is_imagefolder_file(path)]
+            files.extend((path if path.startswith(prefix) else prefix + path, index) for path in images)
+        empty = sorted(set(classes) - {classes[index] for _, index in files})
+        if empty:  # torchvision's ImageFolder refuses such a root, so its indices would not exist
+            raise InputError(f"input.path: no image file ({' '.join(IMAGEFOLDER_SUFFIXES)}) in the class "
+                             f"folder(s) {', '.join(empty)} of {self.root}")
         return classes, files
 
     def plan(self) -> list[Task]:
@@ -103,15 +125,58 @@ class ImageFolderSource:
         return tasks
 
     def read(self, task: Task) -> Iterator[dict]:
-        fs, _ = filesystem(self.root)
+        fs, root = filesystem(self.root)
+        root_url = _protocol_prefix(self.root) + root  # as listing() spells it: a relative root made absolute
         for offset, item in enumerate(task.inputs):
             url, _, label = item.rpartition("#")
-            ext = url.rpartition(".")[2].lower()
-            ext = "jpg" if ext == "jpeg" else ext
             sample = {"__key__": f"{task.first_index + offset:08d}", "cls": label.encode(),
-                      "__source__": url[len(self.root) + 1:]}
+                      "__source__": url[len(root_url) + 1:]}
             try:
-                sample[ext] = fs.cat_file(filesystem(url)[1])
-            except OSError as exc:
+                sample[member_extension(url)] = fs.cat_file(filesystem(url)[1])
+            except OSError as exc:  # the index stays taken: the decode stage counts and logs the skip
                 sample["__error__"] = ("unreadable_file", f"{type(exc).__name__}: {exc}")
             yield sample
+
+
+def is_imagefolder_file(path: str) -> bool:
+    return path.lower().endswith(IMAGEFOLDER_SUFFIXES)
+
+
+class LocalTree:
+    """A local root, walked exactly as torchvision walks it (os.scandir, os.walk with followlinks)."""
+
+    isdir = staticmethod(os.path.isdir)
+    join = staticmethod(os.path.join)
+
+    @staticmethod
+    def subfolders(root: str) -> list[str]:
+        return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+    @staticmethod
+    def files(folder: str) -> list[str]:
+        # sorting the walk's (dirpath, dirs, files) tuples orders folders by path string: a folder's
+        # own files come before its sub-folders', and "a.b" sorts before "a/b"
+        return [os.path.join(dirpath, name)
+                for dirpath, _, names in sorted(os.walk(folder, followlinks=True)) for name in sorted(names)]
+
+
+class RemoteTree:
+    """An fsspec root (s3://, gs://, memory://, ...): the same order from fs.ls and fs.walk."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def isdir(self, path: str) -> bool:
+        return self.fs.isdir(path)
+
+    @staticmethod
+    def join(folder: str, name: str) -> str:
+        return f"{folder}/{name}"
+
+    def subfolders(self, root: str) -> list[str]:
+        return sorted(info["name"].rstrip("/").rpartition("/")[2]
+                      for info in self.fs.ls(root, detail=True) if info["type"] == "directory")
+
+    def files(self, folder: str) -> list[str]:
+        return [f"{dirpath}/{name}"
+                for dirpath, _, names in sorted(self.fs.walk(folder)) for name in sorted(names)]
