@@ -98,6 +98,9 @@ def test_layout_shapes_and_skips(dr_run):
         ["caption_not_utf8", "empty_caption", "missing_caption", "corrupt_image", "bad_uid"])
     config = json.loads((dr_run / "dr_config.json").read_text())
     assert config["reinforce"]["num_samples"] == 3
+    teachers = json.loads((dr_run / "run.json").read_text())["recipe"]["teachers"]
+    assert config["model_name"].split(",") == [t["model"] for t in teachers]  # local-dir: names hold the weights
+    assert config["pretrained"] == "," and config["distill_loss_weights"] == [0.0, 1.0]
 
 
 def test_image_embeddings_match_replayed_views(dr_run):

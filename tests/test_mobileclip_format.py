@@ -2,6 +2,7 @@
 loss, on hand-built shards: real photos, embeddings from tiny random-init open_clip teachers. No Ray."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import gzip
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CLIP, jpeg_bytes, photo
+from conftest import TINY_CLIP, jpeg_bytes, photo, tiny_open_clip, write_shard
 from PIL import Image
 
 from reinforge.readers.losses import mobileclip_distill_loss, teacher_targets
@@ -322,6 +323,95 @@ def test_trainer_config_is_what_the_reference_trainer_parses():
     assert json.loads(json.dumps(config)) == config
     with pytest.raises(ValueError, match="teachers\\[0\\].dim"):
         dr_trainer_config(AUG, 30, [{"model": "ViT-L-14"}])
+    with pytest.raises(ValueError, match="teachers\\[0\\].pretrained must be a string without ','"):
+        dr_trainer_config(AUG, 30, [{"model": "ViT-L-14", "pretrained": "/a,b.pt", "dim": 768}])
+    with pytest.raises(ValueError, match="distill_loss_weights"):
+        dr_trainer_config(AUG, 30, [{"model": "ViT-L-14", "dim": 768}], distill_loss_weights=(0.0, 0.0))
+
+
+def _trainer_args(dims, scales, weights=(0.0, 1.0)):
+    """The flags of DataCompDR's run scripts, one logit scale per teacher (the v2 trainer indexes them)."""
+    return ["--dataset-reinforcement", "--dataset-reinforcement-config", "dr_config.json",
+            "--distill-logit-scale", *map(repr, scales), "--distill-loss-weights", *map(repr, weights),
+            "--distill-teacher-dimension", *map(str, dims), "--distill-average-after-softmax"]
+
+
+def test_trainer_args_carry_the_loss_weights_of_datacompdr_scripts():
+    teachers = [{"model": "ViT-L-14", "pretrained": "openai", "dim": 768, "logit_scale": 70.0},
+                {"model": "ViT-L-14", "pretrained": "datacomp_xl_s13b_b90k", "dim": 768, "logit_scale": 60.0}]
+    config = dr_trainer_config(AUG, 30, teachers)
+    assert config["distill_loss_weights"] == [0.0, 1.0] and config["distill_average_after_softmax"] is True
+    assert config["trainer_args"] == _trainer_args([768, 768], [70.0, 60.0])
+    one_b = dr_trainer_config(AUG, 10, teachers, distill_loss_weights=(0.25, 0.75))  # DataCompDR-1B's ViT-B/16
+    assert one_b["trainer_args"] == _trainer_args([768, 768], [70.0, 60.0], (0.25, 0.75))
+    scale = 1 / 0.07  # an exact float reaches the trainer, as the reader uses it
+    args = dr_trainer_config(AUG, 10, [{"model": "t", "dim": 4, "logit_scale": scale}])["trainer_args"]
+    assert float(args[args.index("--distill-logit-scale") + 1]) == scale
+
+
+@pytest.fixture(scope="module")
+def teacher_kinds(tmp_path_factory):
+    """One teacher of each kind that needs no download: a local-dir: folder, a registered open_clip config
+    with a checkpoint file, the same config with random weights, and two ViT-L-14 tags (read from
+    open_clip's tables only)."""
+    import open_clip
+    folder = tmp_path_factory.mktemp("oc_configs")
+    (folder / "rf-fmt-clip.json").write_text(json.dumps({**TINY_CLIP, "embed_dim": 24}))
+    open_clip.add_model_config(folder)
+    checkpoint = tmp_path_factory.mktemp("oc_ckpt") / "tiny.pt"
+    torch.manual_seed(11)
+    torch.save(open_clip.create_model("rf-fmt-clip").state_dict(), checkpoint)
+    return [{"model": tiny_open_clip("clip", 32, seed=4)}, {"model": "rf-fmt-clip", "pretrained": str(checkpoint)},
+            {"model": "rf-fmt-clip"}, {"model": "ViT-L-14", "pretrained": "openai"},
+            {"model": "ViT-L-14", "pretrained": "datacomp_xl_s13b_b90k"}]
+
+
+def test_dr_config_rebuilds_every_teacher_kind_in_open_clip(teacher_kinds, tmp_path):
+    """model_name / pretrained are what the trainer's --distill-model / --distill-pretrained pass, comma-split,
+    to open_clip.create_model: with them open_clip builds the very teachers whose embeddings are stored."""
+    import open_clip
+
+    from reinforge.pipelines.mobileclip_dr import MobileCLIPPipeline
+    from reinforge.schemas.config import parse_recipe
+    from reinforge.stages.clip_teachers import load_open_clip
+    augmentation = {"num_samples": 2, "image_augmentation": {"random_resized_crop": {"size": 224}}}
+    recipe = parse_recipe({"product": "mobileclip_dr", "output": str(tmp_path / "run"), "mode": "embeddings",
+                           "input": {"format": "webdataset", "path": str(tmp_path / "in" / "*.tar")},
+                           "augmentation": augmentation, "teachers": teacher_kinds})
+    layout = RunLayout(str(tmp_path / "run"))
+    MobileCLIPPipeline(recipe).prepare_run(layout)
+    config = json.load(open(layout.dr_config))
+    local_dir, checkpoint = teacher_kinds[0]["model"], teacher_kinds[1]["pretrained"]
+    assert config["model_name"].split(",") == [local_dir, "rf-fmt-clip", "rf-fmt-clip", "ViT-L-14-quickgelu",
+                                               "ViT-L-14"]
+    assert config["pretrained"].split(",") == ["", checkpoint, "", "openai", "datacomp_xl_s13b_b90k"]
+    assert [t["model"] for t in config["teachers"]] == [t["model"] for t in teacher_kinds]  # the recipe's own
+    assert config["trainer_args"] == _trainer_args([32, 24, 24, 768, 768], [100.0] * 5)
+    pairs = list(zip(config["model_name"].split(","), config["pretrained"].split(",")))
+    image = torch.rand(2, 3, 32, 32)
+    for (name, pretrained), teacher in zip(pairs[:2], teacher_kinds[:2]):  # same weights, same embeddings
+        rebuilt = open_clip.create_model(name, pretrained).eval()
+        ours = load_open_clip(teacher["model"], teacher.get("pretrained"))[0]
+        with torch.no_grad():
+            assert torch.equal(rebuilt.encode_image(image), ours.encode_image(image))
+    assert open_clip.create_model(*pairs[2]).text_projection.shape[1] == 24  # random init: the architecture
+    for name, tag in pairs[3:]:  # tags: known to open_clip, with the activation the weights were trained with
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+        assert tag_cfg and open_clip.get_model_config(name).get("quick_gelu", False) == tag_cfg.get("quick_gelu", False)
+
+
+@pytest.mark.parametrize("model, pretrained", [("hf-hub:apple/DFN2B-CLIP-ViT-L-14", None),
+                                               ("ViT-L-14", "hf-hub:apple/DFN2B-CLIP-ViT-L-14")])
+def test_dr_config_names_hf_hub_teachers_by_their_repo(model, pretrained):
+    """An hf-hub: repo carries config and weights: it is the model name and pretrained stays empty (the
+    open_clip of Apple's patch raises on any other pretrained value for an hf-hub: name)."""
+    from reinforge.stages.clip_teachers import resolve_source, trainer_open_clip_args
+    args = trainer_open_clip_args(resolve_source(model, pretrained))
+    assert args == {"model_name": "hf-hub:apple/DFN2B-CLIP-ViT-L-14", "pretrained": ""}
+    teachers = [{"model": model, "pretrained": pretrained, "dim": 768, "open_clip": args}] * 2
+    config = dr_trainer_config(AUG, 30, teachers)
+    assert config["model_name"] == "hf-hub:apple/DFN2B-CLIP-ViT-L-14,hf-hub:apple/DFN2B-CLIP-ViT-L-14"
+    assert config["pretrained"] == ","
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +519,71 @@ def test_reader_urls_overrides_and_refusals(dfndr_run, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# open_clip's own trainer pipeline (open_clip_train.data.get_wds_dataset, shipped in open_clip_torch)
+
+def _wds_args(pattern: str, num_samples: int, batch_size: int) -> argparse.Namespace:
+    """The fields of open_clip_train's parsed arguments that get_wds_dataset reads."""
+    return argparse.Namespace(train_data=pattern, val_data=pattern, dataset_resampled=False,
+                              train_num_samples=num_samples, val_num_samples=num_samples,
+                              train_data_upsampling_factors=None, seed=0, workers=0, world_size=1,
+                              batch_size=batch_size)
+
+
+def _plain_shards(folder) -> str:
+    os.makedirs(folder, exist_ok=True)
+    samples = [(uid(100 + i), {"jpg": jpeg_bytes(photo(i, 48)), "txt": CAPTIONS[i % 6].encode()}) for i in range(6)]
+    write_shard(os.path.join(folder, "00000000.tar"), samples)
+    return os.path.join(str(folder), "00000000.tar")
+
+
+@pytest.fixture(scope="module")
+def trainer_shards(samples, dfndr_run, tmp_path_factory) -> dict[str, tuple[str, int]]:
+    """(shard pattern, samples) of a plain image-text shard and of reinforge DataCompDR / DFNDR runs."""
+    legacy = write_run(tmp_path_factory.mktemp("legacy"), samples, StorageSpec("npz", "float16", "legacy"))
+    return {"plain": (_plain_shards(tmp_path_factory.mktemp("plain")), 6),
+            "datacompdr_npz": (os.path.join(legacy, "shards", "part-{000000..000001}.tar"), NUM_SAMPLES),
+            "dfndr_pth_gz": (os.path.join(dfndr_run, "shards", "part-{000000..000001}.tar"), NUM_SAMPLES)}
+
+
+@pytest.mark.parametrize("kind", ["plain", "datacompdr_npz", "dfndr_pth_gz"])
+def test_open_clip_train_get_wds_dataset_reads_the_shards(trainer_shards, kind):
+    """open_clip's training pipeline yields every sample's image and caption (webdataset >= 0.2.96 breaks
+    its shard reader with KeyError 'fname'); its eval pipeline yields the very image its preprocess makes."""
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+    pattern, count = trainer_shards[kind]
+    model = tiny_open_clip("clip", 32, seed=3)
+    _, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model)
+    tokenizer = open_clip.get_tokenizer(model)
+    caption_of = {tuple(tokenizer(c)[0].tolist()): c for c in CAPTIONS}
+    train = get_wds_dataset(_wds_args(pattern, count, 2), preprocess_train, is_train=True, tokenizer=tokenizer)
+    batches = list(train.dataloader)
+    assert len(batches) == train.dataloader.num_batches == count // 2
+    for images, texts in batches:
+        assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+        assert all(tuple(t.tolist()) in caption_of for t in texts)
+    val = get_wds_dataset(_wds_args(pattern, count, 4), preprocess_val, is_train=False, tokenizer=tokenizer)
+    seen = 0
+    for images, texts in val.dataloader:
+        for image, text in zip(images, texts):
+            jpgs = _jpgs_with_caption(pattern, caption_of[tuple(text.tolist())])
+            assert any(torch.equal(image, preprocess_val(Image.open(io.BytesIO(j)).convert("RGB"))) for j in jpgs)
+            seen += 1
+    assert seen == count
+
+
+def _jpgs_with_caption(pattern: str, caption: str) -> list[bytes]:
+    from webdataset.shardlists import expand_urls
+
+    from reinforge.schemas.wds import iter_samples
+    out = []
+    for url in expand_urls(pattern):
+        with open(url, "rb") as f:
+            out += [m["jpg"] for m in iter_samples(f) if m["txt"].decode() == caption]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Loss
 
 def _hand_ce(logits, target):
@@ -444,47 +599,109 @@ def _hand_softmax(row):
     return [math.exp(v) / z for v in row]
 
 
-def test_loss_matches_a_hand_computation():
-    torch.manual_seed(0)
-    B, dims, scales, lam, s = 3, [2, 1], [10.0, 4.0], 0.3, 5.0
-    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
-    img, txt, syn = (unit(torch.randn(B, 4)) for _ in range(3))
+def _dot(a, b, lo=0, hi=None):
+    return sum(float(x) * float(y) for x, y in list(zip(a, b))[lo:hi])
 
-    def teacher(x):
-        return torch.cat([unit(x[:, :2]), unit(x[:, 2:])], 1)  # each slice unit-norm on its own
-    t_img, t_txt, t_syn = (teacher(torch.randn(B, 3)) for _ in range(3))
-    out = mobileclip_distill_loss(img, txt, syn, torch.tensor(s), t_img, t_txt, t_syn, dims, scales, lam)
 
-    def hand(student_text, teacher_text):
-        L = [[s * float(img[i] @ student_text[j]) for j in range(B)] for i in range(B)]
+def _apple_dr_clip_loss(img, txt, syn, s, t_img, t_txt, t_syn, dims, scales, weights, after_softmax=True):
+    """Apple's DRClipLoss output dict {contrastive_loss, distill_loss}, from its published behaviour, in
+    plain Python: per caption kind, w_c x the mean of open_clip's two CLIP cross-entropies and w_d x the
+    mean of the two soft cross-entropies (image->text rows, text->image rows) to the teachers' target;
+    the target is the mean over teachers of softmax(sigma_t * slice-t similarities) with
+    --distill-average-after-softmax, else softmax(sigma * full-D similarities) with the one sigma.
+    The ground-truth and synthetic caption kinds are summed."""
+    B = len(img)
+    bounds = [(sum(dims[:t]), sum(dims[:t + 1])) for t in range(len(dims))]
+
+    def target(rows, cols):  # rows[i] against every cols[j]
+        if not after_softmax:
+            return [_hand_softmax([scales[0] * _dot(rows[i], cols[j]) for j in range(B)]) for i in range(B)]
+        out = [[0.0] * B for _ in range(B)]
+        for (lo, hi), sigma in zip(bounds, scales):
+            for i in range(B):
+                for j, p in enumerate(_hand_softmax([sigma * _dot(rows[i], cols[k], lo, hi) for k in range(B)])):
+                    out[i][j] += p / len(dims)
+        return out
+
+    def kind(student_text, teacher_text):
+        L = [[s * _dot(img[i], student_text[j]) for j in range(B)] for i in range(B)]
         LT = [list(col) for col in zip(*L)]
         onehot = [[float(i == j) for j in range(B)] for i in range(B)]
-        clip = (_hand_ce(L, onehot) + _hand_ce(LT, onehot)) / 2
-        slices = [(0, 2), (2, 3)]
-        target_i = [[0.0] * B for _ in range(B)]
-        target_t = [[0.0] * B for _ in range(B)]
-        for (a, b), sigma in zip(slices, scales):
-            sim = [[sigma * float(t_img[i, a:b] @ teacher_text[j, a:b]) for j in range(B)] for i in range(B)]
-            for i in range(B):
-                for j, p in enumerate(_hand_softmax(sim[i])):
-                    target_i[i][j] += p / 2
-                for j, p in enumerate(_hand_softmax([sim[k][i] for k in range(B)])):
-                    target_t[i][j] += p / 2
-        distill = (_hand_ce(L, target_i) + _hand_ce(LT, target_t)) / 2
-        return (1 - lam) * clip + lam * distill, clip, distill
+        contrastive = (_hand_ce(L, onehot) + _hand_ce(LT, onehot)) / 2
+        distill = (_hand_ce(L, target(t_img, teacher_text)) + _hand_ce(LT, target(teacher_text, t_img))) / 2
+        return weights[0] * contrastive, weights[1] * distill
 
-    gt, syn_parts = hand(txt, t_txt), hand(syn, t_syn)
-    assert out["loss_gt"].item() == pytest.approx(gt[0], rel=1e-5)
-    assert out["loss_syn"].item() == pytest.approx(syn_parts[0], rel=1e-5)
-    assert out["loss"].item() == pytest.approx((gt[0] + syn_parts[0]) / 2, rel=1e-5)
-    assert out["clip_loss"].item() == pytest.approx((gt[1] + syn_parts[1]) / 2, rel=1e-5)
-    assert out["distill_loss"].item() == pytest.approx((gt[2] + syn_parts[2]) / 2, rel=1e-5)
-    rows_i, rows_t = teacher_targets(t_img, t_txt, dims, scales)
-    assert torch.allclose(rows_i.sum(1), torch.ones(B)) and torch.allclose(rows_t.sum(1), torch.ones(B))
-    only_gt = mobileclip_distill_loss(img, txt, None, s, t_img, t_txt, None, dims, scales, lam)
-    assert only_gt["loss"].item() == pytest.approx(gt[0], rel=1e-5)
-    with pytest.raises(ValueError, match="D=3, teacher_dims sum to 4"):
-        mobileclip_distill_loss(img, txt, syn, s, t_img, t_txt, t_syn, [2, 2], scales, lam)
+    kinds = [kind(txt, t_txt)] + ([kind(syn, t_syn)] if syn is not None else [])
+    return {"contrastive_loss": sum(c for c, _ in kinds), "distill_loss": sum(d for _, d in kinds),
+            "per_kind": [c + d for c, d in kinds]}
+
+
+def _loss_batch(dims, seed=0):
+    """Random unit student features [B, 6] and teacher rows whose slices are unit-norm on their own."""
+    g = torch.Generator().manual_seed(seed)
+    B = 4
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+
+    def teacher():
+        return torch.cat([unit(torch.randn(B, d, generator=g)) for d in dims], 1)
+    img, txt, syn = (unit(torch.randn(B, 6, generator=g)) for _ in range(3))
+    return img, txt, syn, teacher(), teacher(), teacher()
+
+
+@pytest.mark.parametrize("with_syn", [True, False])
+@pytest.mark.parametrize("weights", [None, (0.0, 1.0), (0.25, 0.75)])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_equals_apples_dr_clip_loss(with_syn, weights, reduction):
+    """Two teachers of different widths and logit scales (DFNDR's 70 / 60). Default: Apple's reduction
+    (kinds summed) and Apple's flag default weights (1, 1); "mean" averages the caption kinds."""
+    dims, scales, s = [5, 3], [70.0, 60.0], 12.5
+    img, txt, syn, t_img, t_txt, t_syn = _loss_batch(dims)
+    if not with_syn:
+        syn = t_syn = None
+    kwargs = {} if weights is None else {"loss_weights": weights}
+    out = mobileclip_distill_loss(img, txt, syn, torch.tensor(s), t_img, t_txt, t_syn, dims, scales,
+                                  reduction=reduction, **kwargs)
+    apple = _apple_dr_clip_loss(img, txt, syn, s, t_img, t_txt, t_syn, dims, scales, weights or (1.0, 1.0))
+    kinds = 2 if with_syn else 1
+    per = 1.0 if reduction == "sum" else 1.0 / kinds
+    for key in ("contrastive_loss", "distill_loss"):
+        assert out[key].item() == pytest.approx(per * apple[key], rel=1e-5, abs=1e-7), key
+    assert out["loss"].item() == pytest.approx(per * (apple["contrastive_loss"] + apple["distill_loss"]), rel=1e-5)
+    assert out["loss_gt"].item() == pytest.approx(apple["per_kind"][0], rel=1e-5)
+    assert ("loss_syn" in out) == with_syn
+    if with_syn:
+        assert out["loss_syn"].item() == pytest.approx(apple["per_kind"][1], rel=1e-5)
+
+
+def test_loss_without_average_after_softmax_and_lambda_weighting():
+    """No --distill-average-after-softmax: one softmax over the whole D with the one logit scale; the
+    (1-lam)/lam weighting of FORMATS is loss_weights=(1 - lam, lam)."""
+    dims, s, lam = [5, 3], 9.0, 0.3
+    img, txt, syn, t_img, t_txt, t_syn = _loss_batch(dims, seed=1)
+    out = mobileclip_distill_loss(img, txt, syn, s, t_img, t_txt, t_syn, dims, [50.0, 50.0],
+                                  loss_weights=(1 - lam, lam), average_after_softmax=False)
+    apple = _apple_dr_clip_loss(img, txt, syn, s, t_img, t_txt, t_syn, dims, [50.0], (1 - lam, lam),
+                                after_softmax=False)
+    assert out["contrastive_loss"].item() == pytest.approx(apple["contrastive_loss"], rel=1e-5)
+    assert out["distill_loss"].item() == pytest.approx(apple["distill_loss"], rel=1e-5)
+    rows_i, rows_t = teacher_targets(t_img, t_txt, dims, [70.0, 60.0])
+    assert torch.allclose(rows_i.sum(1), torch.ones(4)) and torch.allclose(rows_t.sum(1), torch.ones(4))
+
+
+def test_loss_refusals():
+    dims, scales = [5, 3], [70.0, 60.0]
+    img, txt, syn, t_img, t_txt, t_syn = _loss_batch(dims)
+    args = (img, txt, syn, 10.0, t_img, t_txt, t_syn)
+    with pytest.raises(ValueError, match="D=8, teacher_dims sum to 9"):
+        mobileclip_distill_loss(*args, [5, 4], scales)
+    with pytest.raises(ValueError, match="reduction"):
+        mobileclip_distill_loss(*args, dims, scales, reduction="average")
+    with pytest.raises(ValueError, match="loss_weights"):
+        mobileclip_distill_loss(*args, dims, scales, loss_weights=(1.0,))
+    with pytest.raises(ValueError, match="one logit scale for all teachers"):
+        mobileclip_distill_loss(*args, dims, scales, average_after_softmax=False)
+    with pytest.raises(ValueError, match="pass both"):
+        mobileclip_distill_loss(img, txt, syn, 10.0, t_img, t_txt, None, dims, scales)
 
 
 def test_student_distillation_loss_decreases(dfndr_run, tokenizer):
@@ -501,7 +718,7 @@ def test_student_distillation_loss_decreases(dfndr_run, tokenizer):
         text = student.encode_text(torch.cat([batch["text"], batch["syn_text"]]), normalize=True)
         out = mobileclip_distill_loss(image, text[:NUM_SAMPLES], text[NUM_SAMPLES:], student.logit_scale.exp(),
                                       batch["image_emb"], batch["text_emb"], batch["syn_emb"],
-                                      ds.teacher_dims, ds.teacher_logit_scales, lam=0.7)
+                                      ds.teacher_dims, ds.teacher_logit_scales, loss_weights=ds.distill_loss_weights)
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()

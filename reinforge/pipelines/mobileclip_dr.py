@@ -105,7 +105,7 @@ class MobileCLIPPipeline(Pipeline):
             image_augmentation=Augmenter(r.augmentation.image_augmentation).config(),
             num_samples=r.augmentation.num_samples,
             teachers=[{**t.model_dump(mode="json"), "dim": info["embed_dim"], "image_size": info["image_size"],
-                       "mean": info["mean"], "std": info["std"],
+                       "mean": info["mean"], "std": info["std"], "open_clip": info["open_clip"],
                        "logit_scale": t.logit_scale or info.get("logit_scale", 100.0)}
                       for t, info in zip(r.teachers, self.teacher_info)],
             replay_backend=r.augmentation.backend)

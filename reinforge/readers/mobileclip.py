@@ -160,6 +160,8 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
             raise ValueError("mixup/cutmix entries are not supported for image-text shards")
         self.teacher_dims: list[int] | None = self.config.get("teacher_dims")
         self.teacher_logit_scales: list[float] | None = self.config.get("teacher_logit_scales")
+        # [contrastive, distillation] for readers.losses.mobileclip_distill_loss(loss_weights=...)
+        self.distill_loss_weights: list[float] | None = self.config.get("distill_loss_weights")
         self._epoch = multiprocessing.Value("q", 0)
         self._skipped = _Counters()
 

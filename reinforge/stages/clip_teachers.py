@@ -27,7 +27,7 @@ from reinforge.stages.base import Batch, SampleError, SkipSample, Stage, sample_
 from reinforge.stages.teachers import resolve_checkpoint
 
 __all__ = ["ClipTeacherSpec", "ClipTeacherEnsemble", "clip_teacher_info", "fit_views", "init_coca_decoder",
-           "load_open_clip"]
+           "load_open_clip", "trainer_open_clip_args"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RANDOM_INIT_LOGIT_SCALE = 100.0  # what the DataCompDR trainer uses; a random model has no learned scale
@@ -100,6 +100,37 @@ def resolve_source(model: str, pretrained: str | None) -> OpenClipSource:
     raise ValueError(f"pretrained {pretrained!r} is neither a known tag of {model} {known} nor a checkpoint file")
 
 
+def trainer_open_clip_args(src: OpenClipSource) -> dict:
+    """{"model_name", "pretrained"} with which open_clip.create_model rebuilds this teacher in another
+    process: the MobileCLIP trainer's --distill-model / --distill-pretrained (one comma-joined pair per
+    teacher). hf-hub: and local-dir: names carry their own weights, so pretrained is "" (the pinned
+    open_clip of Apple's patch raises on any other value for hf-hub:; local-dir: needs open_clip >= 3.0);
+    a checkpoint is an absolute path (the trainer runs elsewhere); a QuickGELU tag (ViT-L-14 openai)
+    names open_clip's -quickgelu config, since the trainer does not force QuickGELU on its teacher.
+    Random init gives "": open_clip then builds the architecture with fresh random weights."""
+    schema = _schema(src.model_name)
+    if schema == "local-dir":
+        return {"model_name": "local-dir:" + os.path.abspath(src.model_name[len("local-dir:"):]), "pretrained": ""}
+    if schema is not None:
+        return {"model_name": src.model_name, "pretrained": ""}
+    if src.checkpoint:
+        return {"model_name": src.model_name, "pretrained": os.path.abspath(src.checkpoint)}
+    if src.tag_cfg:
+        return {"model_name": _quick_gelu_name(src), "pretrained": src.create_pretrained}
+    return {"model_name": src.model_name, "pretrained": ""}
+
+
+def _quick_gelu_name(src: OpenClipSource) -> str:
+    """The open_clip config name that builds a tag's activation without force_quick_gelu."""
+    import open_clip
+    if not src.tag_cfg.get("quick_gelu") or open_clip.get_model_config(src.model_name).get("quick_gelu"):
+        return src.model_name
+    variant = f"{src.model_name}-quickgelu"
+    if open_clip.get_model_config(variant) and open_clip.get_pretrained_cfg(variant, src.create_pretrained):
+        return variant
+    return src.model_name  # no such config: the trainer's open_clip only warns about the mismatch
+
+
 def _model_and_preprocess_cfg(src: OpenClipSource) -> tuple[dict, dict]:
     """The architecture config and preprocessing config open_clip will use, from config files only."""
     from dataclasses import asdict
@@ -133,8 +164,9 @@ def _square_size(size) -> int:
 
 
 def clip_teacher_info(spec: ClipTeacherSpec) -> dict:
-    """image_size (int; the larger side if not square), embed_dim, mean, std of a teacher, from its
-    config files only (no weights are read). Raises ValueError / FileNotFoundError naming the problem."""
+    """image_size (int; the larger side if not square), embed_dim, mean, std of a teacher and the
+    open_clip arguments a trainer rebuilds it with (trainer_open_clip_args), from its config files only
+    (no weights are read). Raises ValueError / FileNotFoundError naming the problem."""
     src = resolve_source(spec.model, spec.pretrained)
     model_cfg, preprocess = _model_and_preprocess_cfg(src)
     if not model_cfg or "vision_cfg" not in model_cfg or "embed_dim" not in model_cfg:
@@ -145,6 +177,7 @@ def clip_teacher_info(spec: ClipTeacherSpec) -> dict:
             "quick_gelu": bool(model_cfg.get("quick_gelu") or src.tag_cfg.get("quick_gelu"))}
     if spec.logit_scale is not None:
         info["logit_scale"] = float(spec.logit_scale)
+    info["open_clip"] = trainer_open_clip_args(src)
     return info
 
 
