@@ -441,3 +441,15 @@ def test_plain_view(photos):
     assert torch.equal(Augmenter(IMAGENET_PLUS, "tensor").plain(photos["coffee"]), expected)
     wide = Augmenter({"random_resized_crop": {"size": [64, 128]}})
     assert wide.plain(photos["astronaut"]).shape == (3, 64, 128)
+
+
+def test_pil_crops_are_not_capped_by_pils_bomb_limit(photos, monkeypatch):
+    """The image is decoded under the run's own max_image_pixels; PIL's process-wide limit (89.5 MP)
+    must not refuse crops of it (a 100 MP recipe limit would otherwise fail in RandomResizedCrop)."""
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as if the photo were far above PIL's limit
+    aug = Augmenter({"random_resized_crop": {"size": 32, "scale": [0.5, 1.0]}})
+    entry = aug.sample(random.Random(0), hw(photos["chelsea"]))  # a box of >= 67k pixels
+    assert aug.apply(entry, photos["chelsea"]).shape == (3, 32, 32)
+    with pytest.raises(Image.DecompressionBombError):  # PIL's own check, elsewhere, is untouched
+        F.to_pil_image(photos["chelsea"]).crop((0, 0, 100, 100))

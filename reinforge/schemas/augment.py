@@ -26,6 +26,7 @@ import hashlib
 import math
 import numbers
 import random
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -35,6 +36,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandAugment as _TorchvisionRandAugment
 from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op
+
+from reinforge.schemas.image import pixel_limit
 
 TRANSFORM_ORDER: tuple[str, ...] = (
     "uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
@@ -640,8 +643,11 @@ class Augmenter:
 
     def _render(self, image: torch.Tensor | Image.Image, slots: dict) -> torch.Tensor:
         img = self.source(image)
-        for key in self._pipeline:
-            img = _APPLIERS[key](self._config[key], img, slots.get(key))
+        # PIL checks every crop against its own bomb limit (89.5 MP), whatever a run's max_image_pixels
+        # says; the image is decoded already (under that limit), and a crop of it allocates no more
+        with pixel_limit(sys.maxsize):
+            for key in self._pipeline:
+                img = _APPLIERS[key](self._config[key], img, slots.get(key))
         return img.contiguous()
 
     def apply(self, entry: list, image: torch.Tensor, partner_image: torch.Tensor | None = None) -> torch.Tensor:
