@@ -301,9 +301,11 @@ def reinforce(work: str, name: str, input_path: str, teachers: list[dict], image
 
 
 def replay_check(run_dir: str, teacher_specs: list[dict], images: int = 8) -> tuple[int, int, float]:
-    """Re-render every stored augmentation of the first images with the reader's own Augmenter (partners
-    found by key) and re-score them with the same teachers: (rows with identical top-k ids, rows,
-    max |stored - recomputed| probability). Stored values are float16, so ~1e-3 is exact."""
+    """Re-render every stored augmentation of the first images as Apple's ml-dr trainer does (PIL replay,
+    tests/consumer_reference.py; partners found by key) and re-score them with the same teachers: (rows
+    with identical top-k ids, rows, max |stored - recomputed| probability). Stored values are float16,
+    so ~1e-3 is exact."""
+    from consumer_reference import default_loader, reapply
     from reinforge.schemas.config import Teacher
     from reinforge.stages.teachers import TeacherEnsemble
     ds = ReinforcedImageNet(run_dir)
@@ -313,12 +315,12 @@ def replay_check(run_dir: str, teacher_specs: list[dict], images: int = 8) -> tu
     worst = 0.0
     for i in range(min(images, len(ds))):
         sample = ds.sample(i)
-        image = decode_rgb(sample.image)
+        image = default_loader(sample.image)
         views = []
         for entry in sample.entries:
             partner = entry[0] if ds.augmenter.uses_partner else None
-            partner_image = None if partner is None else decode_rgb(ds.sample(ds.index_of(partner)).image)
-            views.append(ds.augmenter.apply(entry, image, partner_image))
+            partner_image = None if partner is None else default_loader(ds.sample(ds.index_of(partner)).image)
+            views.append(reapply(ds.augmenter.config(), entry, image, partner_image))
         values, ids = torch.topk(ensemble.probabilities(torch.stack(views)), sample.ids.shape[1], dim=-1)
         same += int((ids.numpy() == sample.ids).all(1).sum())
         rows += len(sample.entries)
@@ -580,7 +582,8 @@ def main(argv=None) -> None:
         f"{args.batch_size}, AdamW lr {args.lr} wd {args.weight_decay}, warm-up + cosine, loss `kd_loss` "
         f"(= cross-entropy for one-hot targets); {args.seeds} seeds (mean ± sample std).",
         f"Augmentation family: RandomResizedCrop({args.size}, scale={tuple(args.scale)}) + RandAugment(2 ops, m9), "
-        f"no flip; +mix adds MixUp (alpha 1, lam/2, p 0.5) or CutMix (alpha 1, p 0.5). Reinforced shards: "
+        f"no flip; +mix adds MixUp (alpha 1, lam/2, p 0.5) or CutMix (alpha 1, p 0.5); views rendered by the "
+        f"`pil` replay backend (Apple's trainers' computation), live and replayed. Reinforced shards: "
         f"N={num_samples} stored augmentations per image, top-{args.top_k} of {NUM_CLASSES} classes (the reader "
         f"spreads the rest of the mass uniformly). Teachers: {', '.join(names)} ({teacher_steps} steps each on "
         f"the full train split).",
@@ -611,8 +614,8 @@ def main(argv=None) -> None:
                      + (f"; teacher forward (d)-(a) {ms['d'] - ms['a']:.0f} ms, reader overhead over live "
                         f"augmentation (b)-(a) {ms['b'] - ms['a']:.0f} ms" if "a" in ms else ""))
     for name, (same, rows, worst) in replay.items():
-        lines.append(f"- replay check ({name}): the first 8 images' stored augmentations re-rendered by the reader's "
-                     f"Augmenter and re-scored by the teachers: top-{args.top_k} ids identical in {same}/{rows} views, "
+        lines.append(f"- replay check ({name}): the first 8 images' stored augmentations re-rendered as ml-dr's "
+                     f"trainer does (PIL) and re-scored by the teachers: top-{args.top_k} ids identical in {same}/{rows} views, "
                      f"max |stored - recomputed| probability {worst:.1e} (float16 storage)")
     lines.append(f"- one-off costs: teachers {teacher_seconds:.0f}s; reinforcement "
                  + ", ".join(f"{k} {v:.0f}s" for k, v in reinforce_seconds.items())
