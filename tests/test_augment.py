@@ -379,6 +379,7 @@ def test_mixing_requires_partner_and_equal_sizes(photos):
     ({"normalize": {"mean": MEAN, "std": [0.2, 0.0, 0.2]}}, "normalize.std"),
     ({"mixup": {"div_by": 0.5}}, "mixup.div_by"),
     ({"cutmix": {"alpha": 0}}, "cutmix.alpha"),
+    ({"random_erase": {"value": 0.5}}, "random_erase.value"),  # ml-dr erases with 0 whatever value says
     ({"random_erase": {"value": "random"}}, "random_erase.value"),
     ({"random_erase": {"ratio": [0.0, 3.3]}}, "random_erase.ratio"),
     ({"to_tensor": {"enable": "yes"}}, "to_tensor.enable"),

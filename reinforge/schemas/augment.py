@@ -149,12 +149,6 @@ def _check_positive(where: str, v: Any, low: float = 0.0, inclusive: bool = Fals
     return float(v)
 
 
-def _check_number(where: str, v: Any) -> float:
-    if not _is_number(v):
-        raise _bad(where, f"must be a number, got {v!r}")
-    return float(v)
-
-
 def _check_fields(key: str, cfg: dict) -> dict:
     """Validate one enabled transform's fields and return them with defaults filled, JSON-safe."""
     out = {}
@@ -650,7 +644,8 @@ class Augmenter:
                 img = _APPLIERS[key](self._config[key], img, slots.get(key))
         return img.contiguous()
 
-    def apply(self, entry: list, image: torch.Tensor, partner_image: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, entry: list, image: torch.Tensor | Image.Image,
+              partner_image: torch.Tensor | Image.Image | None = None) -> torch.Tensor:
         partner, own, other, mix = self._unpack(entry)
         x = self._render(image, own)
         if partner is None:
