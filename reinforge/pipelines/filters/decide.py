@@ -9,6 +9,12 @@ JSON report. No model runs here; a new threshold costs one read of a few score c
   half up) of them: highest first, ties broken by uid ascending. It is an atom like any other, so
   `basic & top(clip_l14, 0.3)` keeps the basic rows among the pool's top 30%, as DataComp's
   intersection baselines do.
+- Semantics `datacomp` (the default) decides as DataComp's baseline code does, uid for uid:
+  `top(col, f)` takes the score at sorted position int(f*n) over every scored row (duplicate uids and
+  invalid values included, invalid ones sorted last) and keeps every row >= it, so ties and one more
+  row are kept; comparisons are made in float32 (the columns' type, as pandas compares them), so a
+  clip_b32 equal to float32(0.22) passes `clip_b32>=0.22`; the named filters `text` and `caption` are
+  DataComp's (rules.py). Semantics `exact` keeps the round(f*n) rule above and float64 comparisons.
 - Accounting (checked before writing): rows in = malformed uids + duplicate rows + kept + dropped.
 The report holds every threshold resolved to a number, so a decision can be reproduced or audited.
 """
@@ -67,14 +73,17 @@ def _round_half_up(x: float) -> int:
 class _Evaluator:
     """Three-valued evaluation over the unique rows (uid order): each atom gives (true, false) masks."""
 
-    def __init__(self, data: dict, rows: np.ndarray):
-        self.data, self.rows = data, rows
+    def __init__(self, data: dict, rows: np.ndarray, semantics: str = "datacomp"):
+        self.data, self.rows, self.semantics = data, rows, semantics
         self.hi, self.lo = data["uid_hi"][rows], data["uid_lo"][rows]
         self.atoms: dict = {}  # atom -> (true, false, details)
 
     def atom(self, a) -> tuple[np.ndarray, np.ndarray]:
         if a not in self.atoms:
-            self.atoms[a] = self._top(a) if isinstance(a, Top) else self._compare(a)
+            if isinstance(a, Top):
+                self.atoms[a] = self._top_datacomp(a) if self.semantics == "datacomp" else self._top(a)
+            else:
+                self.atoms[a] = self._compare(a)
         true, false, _ = self.atoms[a]
         return true, false
 
@@ -82,6 +91,9 @@ class _Evaluator:
         if a.column in NUMERIC:
             v = self.data[a.column][self.rows]
             valid = np.isfinite(v)
+            # stored scores are float32; DataComp (pandas) compares them to the constant in float32
+            value = float(np.float32(a.value)) if self.semantics == "datacomp" else a.value
+            a = Compare(a.column, a.op, value)
             with np.errstate(invalid="ignore"):
                 hit = {">=": v >= a.value, ">": v > a.value, "<=": v <= a.value, "<": v < a.value,
                        "==": v == a.value, "!=": v != a.value}[a.op]
@@ -105,6 +117,23 @@ class _Evaluator:
         if keep:
             threshold = float(v[order[keep - 1]])
             details.update(threshold=threshold, tied_not_kept=int((v[order[keep:]] == threshold).sum()))
+        return true, false, details
+
+    def _top_datacomp(self, a: Top):
+        everything = self.data[a.column]  # every scored row, as DataComp ranks the whole metadata frame
+        n = len(everything)
+        position = int(n * a.fraction)
+        if not 0 <= position < n:
+            raise FilterError(f"{a}: DataComp's threshold is the score at sorted position int(f*n) = {position}, "
+                              f"outside the {n} scored rows (use --semantics exact)")
+        ordered = -np.sort(-everything)  # descending; NaN sorts last, as in DataComp
+        threshold = ordered[position]
+        v = self.data[a.column][self.rows]
+        with np.errstate(invalid="ignore"):
+            true = v >= threshold
+        false = np.isfinite(v) & ~true
+        details = {"valid": int(np.isfinite(v).sum()), "keep": int(true.sum()), "position": position,
+                   "ranked_rows": n, "threshold": float(threshold)}
         return true, false, details
 
     def evaluate(self, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
@@ -137,9 +166,10 @@ def _check_valid(rule: Rule, data: dict, rows: np.ndarray, scores_dir: str) -> N
                               f"(check the metadata column {source} and score_report.json)")
 
 
-def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str] = None) -> dict:
+def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str] = None,
+           semantics: str = "datacomp") -> dict:
     """Apply `rule_text` to the scores; write the subset file `out` and its report; return the report."""
-    rule = parse_rule(rule_text)
+    rule = parse_rule(rule_text, semantics)
     data, score_report = load_scores(scores_dir, columns(rule))
     hi, lo = data["uid_hi"], data["uid_lo"]
     if not len(hi):
@@ -149,13 +179,13 @@ def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str]
     first = first_occurrence(hi[order], lo[order])
     rows, repeats = order[first], order[~first]
     _check_valid(rule, data, rows, scores_dir)
-    evaluator = _Evaluator(data, rows)
+    evaluator = _Evaluator(data, rows, semantics)
     for a in leaves(rule):  # the report lists atoms in rule order
         evaluator.atom(a)
     kept, _ = evaluator.evaluate(rule)
     uids = make_subset(hi[rows][kept], lo[rows][kept])
     malformed = score_report["malformed_uids"]["rows"]
-    report = {"format": FORMAT, "scores": scores_dir, "rule": rule_text, "parsed": str(rule),
+    report = {"format": FORMAT, "scores": scores_dir, "rule": rule_text, "parsed": str(rule), "semantics": semantics,
               "rows_in": score_report["rows"], "malformed_uids": malformed,
               "duplicate_uids": {"rows": len(repeats), "sample": [uid_hex(hi[r], lo[r]) for r in repeats[:SAMPLE]]},
               "unique": len(rows), "kept": len(uids), "dropped": len(rows) - len(uids),

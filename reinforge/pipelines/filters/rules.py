@@ -21,7 +21,7 @@ from typing import Union
 
 from reinforge.pipelines.filters.clusters import FilterError
 
-NUMERIC = ("words", "chars", "synset_hits", "short_side", "aspect", "clip_b32", "clip_l14", "cluster",
+NUMERIC = ("words", "chars", "synset_hits", "wordnet_hits", "ft_words", "short_side", "aspect", "clip_b32", "clip_l14", "cluster",
            "cluster_sim", "cluster_targets")
 STRING = ("lang",)
 OPS = (">=", "<=", "==", "!=", ">", "<")
@@ -31,8 +31,14 @@ FILTERS = {
     "english": "lang==en",
     "basic": "lang==en & words>2 & chars>5 & short_side>=200 & aspect<=3",
     "text": "synset_hits>=1",
+    "caption": "lang==en & words>1 & chars>5",
     "image": "cluster_targets>=1",
 }
+# `datacomp` semantics (the default): the names mean what DataComp's code decides. text: a whitespace
+# token's first WordNet sense is an ImageNet-21k synset; caption: the image-based baselines' caption
+# filter, which counts words with fastText's tokenizer.
+DATACOMP_FILTERS = {**FILTERS, "text": "wordnet_hits>=1", "caption": "lang==en & ft_words>1 & chars>5"}
+SEMANTICS = ("datacomp", "exact")
 _TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op>>=|<=|==|!=|>|<)|"
                     r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[()&|!,]))")
 
@@ -84,8 +90,8 @@ def _tokens(text: str) -> list[str]:
 
 
 class _Parser:
-    def __init__(self, text: str):
-        self.text, self.tokens, self.i = text, _tokens(text), 0
+    def __init__(self, text: str, semantics: str = "datacomp"):
+        self.text, self.tokens, self.i, self.semantics = text, _tokens(text), 0, semantics
 
     def error(self, what: str) -> FilterError:
         at = self.tokens[self.i] if self.i < len(self.tokens) else "the end"
@@ -155,8 +161,9 @@ class _Parser:
             if not 0 <= fraction <= 1:
                 raise FilterError(f"rule {self.text!r}: top({column}, {fraction:g}): the fraction must be in [0, 1]")
             return Top(column, fraction)
-        if name in FILTERS:
-            return parse_rule(FILTERS[name])
+        named = DATACOMP_FILTERS if self.semantics == "datacomp" else FILTERS
+        if name in named:
+            return parse_rule(named[name], self.semantics)
         column = self.column(name)
         if self.peek() not in OPS:
             raise self.error(f"expected a comparison after {column}")
@@ -174,8 +181,10 @@ class _Parser:
         return name
 
 
-def parse_rule(text: str) -> Rule:
-    return _Parser(text).parse()
+def parse_rule(text: str, semantics: str = "datacomp") -> Rule:
+    if semantics not in SEMANTICS:
+        raise FilterError(f"--semantics {semantics!r}: choose one of {', '.join(SEMANTICS)}")
+    return _Parser(text, semantics).parse()
 
 
 def leaves(rule: Rule) -> list[Union[Compare, Top]]:

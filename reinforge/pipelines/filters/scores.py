@@ -30,6 +30,7 @@ import pyarrow as pa
 from reinforge.pipelines.filters.clusters import (FilterError, TrainSample, assign, read_matrix, train_centroids,
                                                  unit_rows)
 from reinforge.pipelines.filters.text import caption_stats, synset_lemmas
+from reinforge.pipelines.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
 from reinforge.pipelines.storage import atomic_open, filesystem, write_bytes
 from reinforge.schemas.subset import UID_OK, UID_STATUS_NAMES, parse_hex_uids
 
@@ -40,7 +41,7 @@ SAMPLE = 10  # examples kept per reported problem
 # metadata column -> what it feeds; only uid is required, a missing one makes its scores null (reported)
 OPTIONAL_COLUMNS = ("text", "original_width", "original_height", "clip_b32_similarity_score",
                     "clip_l14_similarity_score")
-INT_COLUMNS = ("words", "chars", "synset_hits", "synset", "cluster", "cluster_targets")
+INT_COLUMNS = ("words", "chars", "synset_hits", "synset", "wordnet_hits", "ft_words", "cluster", "cluster_targets")
 FLOAT_COLUMNS = ("short_side", "aspect", "clip_b32", "clip_l14", "cluster_sim")
 
 
@@ -54,6 +55,7 @@ class ScoreOptions:
     train_size: int = 0  # k-means training sample; 0 = 256 per centroid (faiss's default cap)
     niter: int = 20
     seed: int = 0
+    cluster_train: str = "caption"  # k-means trains on: "caption" rows (as DataComp did) or "all" rows
 
 
 def metadata_files(paths: list[str]) -> list[str]:
@@ -140,6 +142,17 @@ class Clustering:
     report: dict
 
 
+def _caption_rows(table: pa.Table) -> np.ndarray:
+    """DataComp's caption filter (English, > 1 fastText token, > 5 chars): its k-means saw only these rows."""
+    from reinforge.pipelines.filters.text import _language_identifier
+    from reinforge.pipelines.filters.wordnet import fasttext_words
+    if "text" not in table.column_names:
+        return np.zeros(table.num_rows, bool)
+    identify = _language_identifier().classify
+    return np.array([t is not None and fasttext_words(t) > 1 and len(t) > 5
+                     and identify(t.replace("\n", " "))[0] == "en" for t in table.column("text").to_pylist()], bool)
+
+
 def _cluster(files: list[str], emb_files: list[str], options: ScoreOptions) -> Clustering:
     """Stream the pool embeddings once for the training sample, train, then assign the targets."""
     if not options.cluster_targets:
@@ -154,9 +167,11 @@ def _cluster(files: list[str], emb_files: list[str], options: ScoreOptions) -> C
         with open_metadata(url) as pf:
             vectors = _file_embeddings(emb_url, options.embedding_key, pf.metadata.num_rows, dim)
             dim = vectors.shape[1]
-            for start, _, hi, lo, status in _row_groups(pf, ("uid",)):
+            for start, table, hi, lo, status in _row_groups(pf, ("uid", "text")):
                 unit, ok = unit_rows(vectors[start:start + len(hi)])
                 ok &= status == UID_OK
+                if options.cluster_train == "caption":
+                    ok &= _caption_rows(table)
                 pool_invalid += int((status == UID_OK).sum() - ok.sum())
                 sample.add(hi[ok], lo[ok], unit[ok])
     if dim is None or sample.vectors is None:
@@ -173,6 +188,7 @@ def _cluster(files: list[str], emb_files: list[str], options: ScoreOptions) -> C
     report = {"k": k, "metric": "spherical k-means on L2-normalised vectors; assignment by inner product",
               "embedding_key": options.embedding_key, "dim": int(dim), "train_rows": len(sample.vectors),
               "train_sample": "the rows with the smallest seeded hash of their uid", "seed": options.seed,
+              "train_rows_from": options.cluster_train,
               "niter": options.niter, "pool_invalid_embeddings": pool_invalid,
               "targets": {"path": options.cluster_targets, "rows": len(targets), "invalid": int((~ok).sum()),
                           "centroids_hit": int((hits > 0).sum())}}
@@ -195,6 +211,7 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
 
 def _schema(clustering: bool) -> pa.Schema:
     names = ["uid_hi", "uid_lo", "file", "row", "words", "chars", "lang", "synset_hits", "synset",
+             "wordnet_hits", "ft_words",
              "short_side", "aspect", "clip_b32", "clip_l14"]
     if clustering:
         names += ["cluster", "cluster_sim", "cluster_targets"]
@@ -221,6 +238,7 @@ def _score_group(table: pa.Table, ok: np.ndarray, file_index: int, start: int,
                "words": _ints(stats["words"]), "chars": _ints(stats["chars"]),
                "lang": pa.array(stats["lang"].tolist(), pa.string()).dictionary_encode(),
                "synset_hits": _ints(stats["synset_hits"]), "synset": _ints(stats["synset"]),
+               "wordnet_hits": _ints(stats["wordnet_hits"]), "ft_words": _ints(stats["ft_words"]),
                "short_side": pa.array(np.where(good, short, np.nan), pa.float32()),
                "aspect": pa.array(aspect, pa.float32()),
                "clip_b32": pa.array(_floats(table, "clip_b32_similarity_score"), pa.float32()),
@@ -302,7 +320,12 @@ def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions) -> di
               "invalid": tally.invalid,
               "language": {"method": f"py3langid {version('py3langid')}", "english": tally.english},
               "synsets": {"source": f"timm {version('timm')} ImageNetInfo('imagenet-21k')",
-                          "synsets": len(wnids), "lemmas": sum(i >= 0 for i in lemmas.values())}}
+                          "synsets": len(wnids), "lemmas": sum(i >= 0 for i in lemmas.values())},
+              # DataComp's text filter (wordnet_hits): first WordNet sense per whitespace token
+              "wordnet": {"source": f"nltk {version('nltk')} reader over {WORDNET_PACKAGE} (WordNet 3.0)",
+                          "imagenet21k_offsets": len(imagenet21k_offsets())},
+              # DataComp identified languages with fastText lid.176, which cannot be had here
+              "not_measured": ["fastText lid.176 language labels (lang is py3langid's)"]}
     if clustering is not None:
         report["clusters"] = clustering.report
         write_bytes(f"{out_dir}/{CENTROIDS}", _npy(clustering.centroids))

@@ -79,13 +79,17 @@ def _language_identifier():
 
 
 def caption_stats(texts: list) -> dict[str, np.ndarray]:
-    """Per caption: words, chars, lang, synset_hits, synset. A missing caption (None) gets NaN counts,
-    lang None and synset -1, written as nulls: every rule on it fails and counts it as invalid."""
+    """Per caption: words, chars, lang, synset_hits, synset, and DataComp's own wordnet_hits and
+    ft_words (wordnet.py). A missing caption (None) gets NaN counts, lang None and synset -1, written as
+    nulls: every rule on it fails and counts it as invalid."""
+    from reinforge.pipelines.filters.wordnet import fasttext_words, wordnet_hits
     lemmas, _ = synset_lemmas()
     identify = _language_identifier().classify
-    rows = [(len(t.split()), len(t), identify(t.replace("\n", " "))[0], *synset_matches(t, lemmas))
-            if t is not None else (np.nan, np.nan, None, np.nan, -1) for t in texts]
-    words, chars, lang, hits, first = zip(*rows) if rows else ((),) * 5
+    rows = [(len(t.split()), len(t), identify(t.replace("\n", " "))[0], *synset_matches(t, lemmas),
+             wordnet_hits(t), fasttext_words(t))
+            if t is not None else (np.nan, np.nan, None, np.nan, -1, np.nan, np.nan) for t in texts]
+    words, chars, lang, hits, first, wn_hits, ft_words = zip(*rows) if rows else ((),) * 7
     return {"words": np.array(words, np.float32), "chars": np.array(chars, np.float32),
             "lang": np.array(lang, object), "synset_hits": np.array(hits, np.float32),
-            "synset": np.array(first, np.int32)}
+            "synset": np.array(first, np.int32), "wordnet_hits": np.array(wn_hits, np.float32),
+            "ft_words": np.array(ft_words, np.float32)}
