@@ -1,6 +1,6 @@
 """Losing workers mid-run. A real multi-process Ray cluster (a head and two worker nodes started with
-`ray start` as separate processes) runs a recipe through the CLI with `--address` while one worker node
-is SIGKILLed, raylet first; on the embedded Ray, one actor process is SIGKILLed mid-task. Either way the
+`ray start` as separate processes; the head has no CPUs, so tasks run on the workers only) runs a recipe
+through the CLI with `--address` while one worker node is SIGKILLed, raylet first, and finishes without a rerun; on the embedded Ray, one actor process is SIGKILLed mid-task. Either way the
 output equals a single-node run byte for byte, with no task lost or duplicated."""
 from __future__ import annotations
 
@@ -173,6 +173,13 @@ def _worker(out: Path, task: str) -> dict:
     return json.loads((out / "manifests" / f"{task}.json").read_text())["worker"]
 
 
+def _finished_by(out: Path, pids: set[int]) -> bool:
+    """Whether one of `pids` has finished a task (its manifest names the worker's pid)."""
+    names = os.listdir(out / "manifests") if (out / "manifests").exists() else []
+    return any(_worker(out, n.removesuffix(".json"))["pid"] in pids for n in names
+               if n.endswith(".json") and not n.startswith(TMP_MARKER))
+
+
 def test_killed_actor_process_mid_task_is_replaced(inputs, single_node_run, local_ray, tmp_path):
     """A worker process dies (OOM killer, segfault): its tasks go to the live actor, Ray restarts it."""
     out = tmp_path / "run"
@@ -223,7 +230,11 @@ def test_kill_a_worker_nodes_raylet_mid_run(inputs, single_node_run, cluster, tm
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     manifests = out / "manifests"
     deadline = time.time() + 150
-    while time.time() < deadline and driver.poll() is None and not _writers(out).keys() & set(cluster.pids("w1")):
+    def w1_busy() -> bool:  # w1 finished a task and is writing the next: the kill lands mid-task, after w1 did work
+        w1 = set(cluster.pids("w1"))
+        return bool(_writers(out).keys() & w1) and _finished_by(out, w1)
+
+    while time.time() < deadline and driver.poll() is None and not w1_busy():
         time.sleep(0.02)
     w1 = set(cluster.pids("w1"))
     lost = {task for pid, task in _writers(out).items() if pid in w1}
