@@ -1,7 +1,8 @@
 """Losing workers mid-run. A real multi-process Ray cluster (a head and two worker nodes started with
 `ray start` as separate processes; the head has no CPUs, so tasks run on the workers only) runs a recipe
-through the CLI with `--address` while one worker node is SIGKILLed, raylet first, and finishes without a rerun; on the embedded Ray, one actor process is SIGKILLed mid-task. Either way the
-output equals a single-node run byte for byte, with no task lost or duplicated."""
+through the CLI with `--address` while one worker node is SIGKILLed, raylet first, and finishes without
+a rerun; on the embedded Ray, one actor process is SIGKILLed mid-task. Either way the output equals a
+single-node run byte for byte, with no task lost or duplicated."""
 from __future__ import annotations
 
 import json
