@@ -234,6 +234,16 @@ def manifest_nodes(run_dir) -> set[str]:
     return {json.loads(open(os.path.join(folder, n)).read())["worker"]["node_id"] for n in os.listdir(folder)}
 
 
+def tree_state(root) -> dict:
+    """Every file and folder under root with its size and mtime: what a read-only command must not change."""
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.stat(os.path.join(folder, name))
+            state[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
 def shard_bytes(run_dir) -> dict[str, bytes]:
     folder = os.path.join(str(run_dir), "shards")
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}

@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import make_input_shards, tiny_recipe
+from conftest import jpeg_bytes, make_input_shards, photo, tiny_recipe, tree_state, write_shard
 
 from reinforge.cli.main import cli
+from reinforge.cli.ops import watch_status
 
 pytestmark = pytest.mark.ray
 
@@ -70,7 +71,7 @@ def test_missing_config_and_not_a_run(tmp_path):
 def test_status_stats_inspect_validate(finished_run):
     run = str(finished_run / "run")
     status = invoke("status", run)
-    assert "2/2 tasks done, 0 pending, 0 failed" in status.output
+    assert "2/2 tasks done, 0 pending, 0 failed" in status.output and status.exit_code == 0
     stats = invoke("stats", run, "--json")
     data = json.loads(stats.output)
     assert data["totals"]["samples_out"] == 10 and data["stages"]["teachers"]["samples_in"] == 10
@@ -96,7 +97,8 @@ def test_validate_detects_tampering_and_gc_removes_orphans(finished_run, tmp_pat
     assert "1 orphaned temporary files removed" in gc.output
     assert not (run / "shards" / ".tmp-train-0001.tar.123.abcd").exists() and shard.exists()
     (run / "manifests" / "train-0001.json").write_text('{"task_id": "train-0001", "outp')  # truncated
-    assert "1/2 tasks done, 1 pending" in invoke("status", str(run)).output  # the runner would redo it
+    status = CliRunner().invoke(cli, ["status", str(run)])
+    assert "1/2 tasks done, 1 pending" in status.output and status.exit_code == 3  # the runner would redo it
     assert json.loads(invoke("stats", str(run), "--json").output)["totals"]["tasks"] == 1
     result = CliRunner().invoke(cli, ["validate", str(run)])
     assert result.exit_code == 1 and "train-0001.json: unreadable manifest" in result.output
@@ -123,3 +125,150 @@ def test_demo_runs_the_real_teacher_and_names_the_photos(tmp_path, local_ray):
     assert "teacher: espresso" in lines["coffee_0"]
     assert "teacher: missile" in lines["rocket_0"]
     assert (tmp_path / "demo" / "run" / "shards" / "demo-000000.tar").exists()
+
+
+def test_status_help_documents_exit_codes():
+    text = invoke("status", "--help").output
+    assert all(line in text for line in ("0  every task done", "1  some task failed", "3  incomplete"))
+
+
+@pytest.mark.parametrize("state, failed, code", [("finished", 0, 0), ("finished", 1, 1), ("interrupted", 0, 3),
+                                                 ("interrupted", 2, 1), ("starting", 0, 3), ("running", 0, 3)])
+def test_watch_exit_codes_and_a_stale_start(finished_run, tmp_path, state, failed, code):
+    """A driver killed while starting leaves "starting" for good: --watch gives up on it as on "running"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text((finished_run / "run" / "run.json").read_text())
+    status = json.loads((finished_run / "run" / "status.json").read_text())
+    status["state"] = state
+    status["tasks"]["failed"] = failed
+    (run / "status.json").write_text(json.dumps(status))
+    lines: list[str] = []
+    assert watch_status(str(run), 0.05, lines.append, stale_after=0.3) == code
+    assert ("no update" in lines[-1]) == (state in ("starting", "running"))
+
+
+def bad_sample_shard(path, **members) -> str:
+    write_shard(path, [("k0", {"jpg": jpeg_bytes(photo(0)), "cls": b"1", "json": b"{}",
+                               "paug.json": b'{"param_aug": [{}]}', **members})])
+    return str(path)
+
+
+@pytest.mark.parametrize("members, message", [
+    ({"prob.npz": b"not an npz"}, "sample k0: ValueError: "),
+    ({"prob.npz": b"x", "paug.json": b"{"}, "sample k0: Expecting property name"),
+])
+def test_inspect_reports_a_bad_sample_in_one_line(tmp_path, members, message):
+    shard = bad_sample_shard(tmp_path / "bad.tar", **members)
+    result = subprocess.run([sys.executable, "-m", "reinforge.cli.main", "inspect", shard],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {shard}: {message}") and len(result.stderr.splitlines()) == 1
+    assert result.stdout.startswith("key: k0")  # what could be read is still shown
+
+
+def test_inspect_reports_a_truncated_shard_in_one_line(tmp_path):
+    shard = tmp_path / "cut.tar"
+    bad_sample_shard(shard)
+    shard.write_bytes(shard.read_bytes()[:700])
+    result = subprocess.run([sys.executable, "-m", "reinforge.cli.main", "inspect", str(shard)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {shard}: unreadable tar: ReadError: " \
+                                                               "unexpected end of data"
+
+
+def good_samples(first: int, n: int) -> list:
+    return [(f"img{i:05d}", {"jpg": jpeg_bytes(photo(i, 48)), "cls": str(i % 10).encode()})
+            for i in range(first, first + n)]
+
+
+@pytest.fixture(scope="module")
+def failing_run(tmp_path_factory, ray_local):
+    """Two good shards and one whose bad samples pass the error budget (3 of 5 > 0.5): run exits 1."""
+    import ray
+
+    from reinforge.pipelines.ray_session import start_local_ray
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=2, object_store_memory_mb=256)
+    root = tmp_path_factory.mktemp("failing")
+    (root / "in").mkdir()
+    write_shard(root / "in" / "a-0.tar", good_samples(0, 2))
+    write_shard(root / "in" / "a-1.tar", good_samples(2, 2))
+    bad = [(f"bad{i}", {"jpg": b"not a jpeg", "cls": b"1"}) for i in range(3)]
+    write_shard(root / "in" / "b-0.tar", good_samples(4, 2) + bad)
+    config = root / "recipe.yaml"
+    config.write_text(yaml.safe_dump(tiny_recipe(str(root / "in" / "*.tar"), root / "run")))
+    return root, CliRunner().invoke(cli, ["run", str(config), "--no-progress"], catch_exceptions=False)
+
+
+def test_run_summary_counts_the_samples_of_failed_tasks(failing_run):
+    _, result = failing_run
+    assert result.exit_code == 1, result.output
+    assert "tasks: 3 (0 already done, 2 run, 1 failed)" in result.output
+    assert "samples written: 4, skipped with errors in finished tasks: 0" in result.output
+    assert "failed tasks: 1, nothing written for them: 5 samples read before they failed (3 with errors)" \
+        in result.output
+    assert "FAILED b-0: error budget exceeded: 3/5 samples skipped (max_error_fraction=0.5): " \
+           "decode/corrupt_image=3" in result.output
+
+
+def test_status_of_failed_tasks_exits_1_and_says_why(failing_run):
+    root, _ = failing_run
+    before = tree_state(root / "run")
+    status = CliRunner().invoke(cli, ["status", str(root / "run")])
+    assert status.exit_code == 1
+    assert "2/3 tasks done, 0 pending, 1 failed" in status.output
+    assert "failed  b-0: error budget exceeded: 3/5 samples skipped" in status.output
+    assert "[5 samples read, 3 with errors]" in status.output
+    assert "errors  b-0: 3 skipped samples in errors/b-0.jsonl" in status.output
+    assert tree_state(root / "run") == before, "status must not write into the run directory"
+
+
+def test_changed_inputs_are_reported_refused_then_redone(failing_run):
+    """A shard replaced under its name: status/validate report it, a rerun refuses it unless told to redo
+    it. A manifest without a fingerprint (older reinforge) is not checked, so never reported as changed."""
+    root, _ = failing_run
+    run, config = root / "run", str(root / "recipe.yaml")
+    old = json.loads((run / "manifests" / "a-0.json").read_text())
+    del old["input_fingerprint"]
+    (run / "manifests" / "a-0.json").write_text(json.dumps(old))
+    for name, first in (("a-0", 10), ("a-1", 12)):
+        write_shard(root / "in" / f"{name}.tar", good_samples(first, 3))
+    (root / "in" / "b-0.tar").unlink()  # fixed by removing it: no longer planned
+
+    before = tree_state(run)
+    status = CliRunner().invoke(cli, ["status", str(run)])
+    assert status.exit_code == 3, status.output
+    assert "1/2 tasks done, 0 pending, 0 failed, 0 from an older recipe, 1 with changed inputs" in status.output
+    assert "changed a-1: input size=" in status.output and "changed a-0" not in status.output
+    assert "1 done task(s) have no input fingerprint" in status.output
+    validate = CliRunner().invoke(cli, ["validate", str(run)])
+    assert validate.exit_code == 1 and "INVALID a-1: input changed since the task ran" in validate.output
+    assert "a-0: input" not in validate.output
+    assert tree_state(run) == before, "status and validate must not write into the run directory"
+
+    refused = CliRunner().invoke(cli, ["run", config, "--no-progress"])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "inputs of 1 finished task(s) changed" in refused.output and "a-1: size=" in refused.output
+    assert "--redo-changed-inputs" in refused.output
+    redo = CliRunner().invoke(cli, ["run", config, "--no-progress", "--redo-changed-inputs"])
+    assert redo.exit_code == 0, redo.output
+    assert "tasks: 2 (1 already done, 1 run, 0 failed)" in redo.output
+    assert "redone because their inputs changed: a-1" in redo.output
+    assert CliRunner().invoke(cli, ["status", str(run)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["validate", str(run)]).exit_code == 0
+
+
+def test_a_failed_start_leaves_the_run_interrupted_not_starting(local_ray, tmp_path):
+    """Actors that cannot load their models: status.json must not claim "starting" for ever."""
+    import ray
+
+    from reinforge.pipelines.runner import run_recipe
+    from reinforge.schemas.config import parse_recipe
+    write_shard(tmp_path / "a-0.tar", good_samples(0, 1))
+    recipe = tiny_recipe(str(tmp_path / "a-0.tar"), tmp_path / "run")
+    recipe["teachers"][0]["checkpoint"] = str(tmp_path / "missing.pth")
+    with pytest.raises(ray.exceptions.RayActorError):
+        run_recipe(parse_recipe(recipe), progress=False)
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "interrupted"
+    assert watch_status(str(tmp_path / "run"), 0.05, lambda line: None) == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import jpeg_bytes, photo, shard_bytes, write_shard
+from conftest import jpeg_bytes, photo, shard_bytes, tree_state, write_shard
 from test_mobileclip_e2e import datacomp_shards, recipe, uid
 
 from reinforge.pipelines.runner import run_recipe
@@ -102,8 +102,11 @@ def test_joined_run_validates_and_trains(joined):
     import open_clip
 
     from reinforge.readers.mobileclip import MobileCLIPDRDataset
+    before = tree_state(joined)
     result = cli("validate", str(joined))
     assert result.exit_code == 0 and "ok: 8 samples valid" in result.output, result.output
+    assert cli("status", str(joined)).exit_code == 0
+    assert tree_state(joined) == before, "status and validate must not re-plan (index, plan/) into the run"
     ds = MobileCLIPDRDataset(str(joined), open_clip.get_tokenizer("ViT-B-32"))
     items = list(ds)
     assert sorted(it["uid"] for it in items) == sorted(uid(i) for i in range(8)) and ds.skipped == {}

@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import manifest_nodes, shard_bytes, two_node_cluster, write_shard
+from conftest import manifest_nodes, shard_bytes, tree_state, two_node_cluster, write_shard
 from pool_gen import metadata_table, random_uids, write_metadata, write_pool_shards
 
 from reinforge.pipelines.replay import ScheduleError, allocate, build_schedule, policy_weights
 from reinforge.pipelines.reshard import ReshardError, ReshardPipeline
+from reinforge.pipelines.rundir import run_status
 from reinforge.pipelines.runner import run_recipe
 from reinforge.pipelines.sources import InputError
 from reinforge.pipelines.time_splits import SplitError, SplitOptions, build_splits
@@ -360,6 +361,10 @@ def test_reshard_writes_exactly_the_subset_with_multiplicities(pool, reshard_run
     with open(out / "shards" / "00000000.tar", "rb") as f:
         keys = [s["__key__"] for s in iter_samples(f)]
     assert all(len(k) == 32 or (len(k) > 34 and k[32:34] == "_r") for k in keys)
+    before = tree_state(out)
+    status = run_status(str(out))  # its tasks from the committed plan: never re-planned into the run
+    assert len(status.done) == status.total == summary.tasks and not status.changed
+    assert tree_state(out) == before
 
 
 @pytest.mark.ray

@@ -1,5 +1,5 @@
-"""What every command shares: user mistakes as one line and exit code 2, recipe files, run summaries.
-Command modules import from here, and main.py imports them all, so there is no import cycle."""
+"""What every command shares: user mistakes as one line and exit code 2, recipe files, run summaries,
+exit codes. Command modules import from here, and main.py imports them all, so there is no import cycle."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,7 @@ from functools import wraps
 import click
 
 from reinforge.pipelines.rundir import NotARunError
-from reinforge.pipelines.runner import ConfigChangedError
+from reinforge.pipelines.runner import ConfigChangedError, InputsChangedError
 from reinforge.pipelines.sources import InputError
 from reinforge.schemas.config import ConfigError
 from reinforge.schemas.embeddings import EmbeddingError
@@ -16,8 +16,18 @@ from reinforge.schemas.subset import SubsetError
 
 # InputError covers every product's bad-input errors (splits, schedules, reshard, join, filters, plan);
 # SubsetError: bad subset/counts files; EmbeddingError: unusable embedding files (retrieval)
-USER_ERRORS = (ConfigError, ConfigChangedError, InputError, NotARunError, FileNotFoundError, SubsetError,
-               EmbeddingError)
+USER_ERRORS = (ConfigError, ConfigChangedError, InputsChangedError, InputError, NotARunError, FileNotFoundError,
+               SubsetError, EmbeddingError)
+
+# exit codes of run-like commands and `status` (README "Exit codes")
+EXIT_OK = 0  # every task done
+EXIT_FAILED = 1  # some task failed (run: after finishing all the others)
+EXIT_USAGE = 2  # bad recipe, argument or input, not a run directory, changed recipe/inputs refused
+EXIT_INCOMPLETE = 3  # status: tasks pending or running, interrupted, from an older recipe, or inputs changed
+
+redo_changed_option = click.option(
+    "--redo-changed-inputs", "redo_changed", is_flag=True,
+    help="redo finished tasks whose input files changed since they ran (refused without it)")
 
 
 def user_errors(fn):
@@ -29,7 +39,7 @@ def user_errors(fn):
         except USER_ERRORS as exc:
             message = str(exc)
             click.echo(message if message.startswith(("config error", "error")) else f"error: {message}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_USAGE)
     return wrapper
 
 
@@ -57,15 +67,26 @@ def print_summary(summary) -> None:
     click.echo(f"output: {summary.output}")
     click.echo(f"tasks: {summary.tasks} ({summary.skipped} already done, {summary.done} run, "
                f"{len(summary.failed)} failed)")
-    click.echo(f"samples written: {summary.samples}, skipped with errors: {summary.errors}, "
+    if summary.redone_changed:
+        click.echo(f"redone because their inputs changed: {', '.join(summary.redone_changed[:10])}"
+                   + (f" and {len(summary.redone_changed) - 10} more" if len(summary.redone_changed) > 10 else ""))
+    where = " in finished tasks" if summary.failed else ""
+    click.echo(f"samples written: {summary.samples}, skipped with errors{where}: {summary.errors}, "
                f"{summary.samples_per_second:.1f} samples/s")
+    if summary.failed:  # a failed task writes nothing: its samples are neither written nor skipped
+        click.echo(failed_samples_line(len(summary.failed), summary.failed_samples, summary.failed_errors))
     for failure in summary.failed:
         click.echo(f"FAILED {failure['task']}: {failure.get('reason', '?')}", err=True)
 
 
-def run_and_exit(recipe, address: str | None, force: bool, progress: bool):
+def failed_samples_line(tasks: int, samples: int, errors: int) -> str:
+    return (f"failed tasks: {tasks}, nothing written for them: {samples} samples read before they failed "
+            f"({errors} with errors); see failed/ and errors/ in the run directory")
+
+
+def run_and_exit(recipe, address: str | None, force: bool, progress: bool, redo_changed: bool = False):
     """Run a recipe on Ray, print its summary, exit 1 if tasks failed (0 otherwise)."""
     from reinforge.pipelines.runner import run_recipe
-    summary = run_recipe(recipe, address=address, force=force, progress=progress)
+    summary = run_recipe(recipe, address=address, force=force, progress=progress, redo_changed=redo_changed)
     print_summary(summary)
-    sys.exit(0 if summary.ok else 1)
+    sys.exit(EXIT_OK if summary.ok else EXIT_FAILED)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from reinforge.cli.common import run_and_exit, user_errors
+from reinforge.cli.common import redo_changed_option, run_and_exit, user_errors
 
 
 @click.command()
@@ -18,10 +18,11 @@ from reinforge.cli.common import run_and_exit, user_errors
               help="fail a shard above this fraction of refused samples (refusals are always counted)")
 @click.option("--address", default=None)
 @click.option("--force", is_flag=True)
+@redo_changed_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def join(reinforcement_shards, images, output, dr_config, uid_field, caption_member, max_error_fraction, address,
-         force, progress):
+         force, redo_changed, progress):
     """Join REINFORCEMENT_SHARDS with the image shards they came from, by uid, checking each image's sha256
     and crop boxes; refused samples are counted by reason in OUTPUT/errors/."""
     from reinforge.schemas.config import parse_recipe
@@ -29,4 +30,4 @@ def join(reinforcement_shards, images, output, dr_config, uid_field, caption_mem
                            "input": {"path": reinforcement_shards, "dr_config": dr_config},
                            "images": {"path": images, "uid_field": uid_field}, "caption_member": caption_member,
                            "max_error_fraction": max_error_fraction})
-    run_and_exit(recipe, address, force, progress)
+    run_and_exit(recipe, address, force, progress, redo_changed)

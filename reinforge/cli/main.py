@@ -1,5 +1,5 @@
 """reinforge command line. Thin: parse, load the recipe, call a pipeline; one clear line and exit
-code 2 for a bad recipe or argument, exit code 1 when a run leaves failed tasks."""
+code 2 for a bad recipe or argument, exit code 1 when a run leaves failed tasks (cli/common.py)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ import sys
 import click
 
 from reinforge.cli import filters, join, ops, retrieval
-from reinforge.cli.common import load_recipe_file, run_and_exit, user_errors
+from reinforge.cli.common import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, failed_samples_line, load_recipe_file,
+                                  redo_changed_option, run_and_exit, user_errors)
 from reinforge.pipelines.sources import InputError
 
 
@@ -23,11 +24,16 @@ def cli():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="dotted override, e.g. teachers.0.batch_size=64")
 @click.option("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default RAY_ADDRESS or an embedded local Ray")
 @click.option("--force", is_flag=True, help="redo tasks of a run directory made with a different recipe")
+@redo_changed_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
-def run(config, overrides, address, force, progress):
-    """Run a recipe (YAML) end to end; rerunning skips finished tasks."""
-    run_and_exit(load_recipe_file(config, overrides), address, force, progress)
+def run(config, overrides, address, force, redo_changed, progress):
+    """Run a recipe (YAML) end to end; rerunning skips finished tasks.
+
+    \b
+    Exit codes: 0 every task done; 1 some task failed (the others finished);
+    2 bad recipe, argument or input, or a changed recipe / changed inputs refused."""
+    run_and_exit(load_recipe_file(config, overrides), address, force, progress, redo_changed)
 
 
 @cli.command()
@@ -36,16 +42,40 @@ def run(config, overrides, address, force, progress):
 @click.option("--interval", default=2.0, show_default=True, help="seconds between reads with --watch")
 @user_errors
 def status(run_dir, watch, interval):
-    """Done / pending / failed tasks and their error files; --watch follows a live run."""
+    """Done / pending / failed tasks, why each failed, inputs changed since their task ran, and the
+    error files; --watch follows a live run. Read-only.
+
+    \b
+    Exit codes:
+      0  every task done
+      1  some task failed (failed/<task>.json; wins over 3)
+      2  usage error, or RUN_DIR is not a run directory
+      3  incomplete: tasks pending or running, or the run stopped or went
+         silent (--watch: no update for 60 s), tasks from an older recipe,
+         or done tasks whose inputs changed since they ran"""
     from reinforge.pipelines.rundir import run_status
     if watch:
         sys.exit(ops.watch_status(run_dir, interval))
     st = run_status(run_dir)
-    total = len(st.done) + len(st.pending) + len(st.failed) + len(st.stale)
-    click.echo(f"{run_dir}: {len(st.done)}/{total} tasks done, {len(st.pending)} pending, "
-               f"{len(st.failed)} failed, {len(st.stale)} from an older recipe")
+    click.echo(f"{run_dir}: {len(st.done)}/{st.total} tasks done, {len(st.pending)} pending, "
+               f"{len(st.failed)} failed, {len(st.stale)} from an older recipe, {len(st.changed)} with changed inputs")
+    print_status_details(st)
+    sys.exit(EXIT_FAILED if st.failed else EXIT_INCOMPLETE if len(st.done) < st.total else EXIT_OK)
+
+
+def print_status_details(st) -> None:
+    if st.failed:
+        click.echo("  " + failed_samples_line(len(st.failed), *st.failed_samples))
     for task, reason in sorted(st.failed.items()):
-        click.echo(f"  failed  {task}: {reason}")
+        record = st.failures.get(task, {})
+        read = f" [{record['samples_read']} samples read, {record.get('errors', 0)} with errors]" \
+            if "samples_read" in record else ""
+        click.echo(f"  failed  {task}: {reason}{read}")
+    for task, (old, new) in sorted(st.changed.items()):
+        click.echo(f"  changed {task}: input {old} -> {new} (rerun with --redo-changed-inputs)")
+    if st.unchecked:
+        click.echo(f"  {len(st.unchecked)} done task(s) have no input fingerprint (older manifests): "
+                   f"their inputs are not checked")
     for task, n in sorted(st.error_files.items()):
         click.echo(f"  errors  {task}: {n} skipped samples in errors/{task}.jsonl")
     for task in st.pending[:20]:
@@ -83,23 +113,34 @@ def stats(run_dir, as_json):
 @user_errors
 def inspect(shard, key, augmentations):
     """Human-readable dump of one sample of a reinforced shard."""
+    members = find_sample(shard, key)
+    click.echo(f"key: {members['__key__']}")
+    click.echo("members: " + ", ".join(f"{ext} ({len(v)} B)" for ext, v in members.items() if ext != "__key__"))
+    try:
+        if "prob.npz" in members:
+            show_imagenet_plus(members, augmentations)
+        elif "npz" in members or "pth.gz" in members:
+            show_datacomp_dr(members, augmentations)
+    except Exception as exc:  # noqa: BLE001 - any undecodable member is one line, as validate reports it
+        from reinforge.schemas.imagenet_plus import SchemaError
+        where = "" if isinstance(exc, SchemaError) else f"sample {members['__key__']}: {type(exc).__name__}: "
+        raise InputError(f"{shard}: {where}{exc}") from None
+
+
+def find_sample(shard: str, key: str | None) -> dict:
     from reinforge.pipelines.storage import filesystem
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.schemas.wds import ShardReadError, iter_samples
     fs, path = filesystem(shard)
     if not fs.exists(path):
         raise FileNotFoundError(f"shard {shard} not found")
     with fs.open(path, "rb") as f:
-        for members in iter_samples(f):
-            if key is None or members["__key__"] == key:
-                break
-        else:
-            raise InputError(f"no sample with key {key!r} in {shard}")
-    click.echo(f"key: {members['__key__']}")
-    click.echo("members: " + ", ".join(f"{ext} ({len(v)} B)" for ext, v in members.items() if ext != "__key__"))
-    if "prob.npz" in members:
-        show_imagenet_plus(members, augmentations)
-    elif "npz" in members or "pth.gz" in members:
-        show_datacomp_dr(members, augmentations)
+        try:
+            for members in iter_samples(f):
+                if key is None or members["__key__"] == key:
+                    return members
+        except ShardReadError as exc:
+            raise InputError(f"{shard}: {exc}") from None
+    raise InputError(f"no sample with key {key!r} in {shard}")
 
 
 def show_imagenet_plus(members: dict, augmentations: int) -> None:
@@ -129,7 +170,8 @@ def show_datacomp_dr(members: dict, augmentations: int) -> None:
 @click.argument("run_dir")
 @user_errors
 def validate(run_dir):
-    """Check every shard against its manifest (size, sha256, count) and every sample against the schema."""
+    """Check every shard against its manifest (size, sha256, count), every sample against the schema, and
+    every task's inputs against the fingerprint its manifest recorded. Exit 1 on any problem. Read-only."""
     from reinforge.pipelines.rundir import validate_run
     checked, problems = validate_run(run_dir)
     for problem in problems[:50]:
@@ -248,15 +290,17 @@ def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_templat
 @click.option("--allow-missing", is_flag=True, help="reshard without subset uids that are not in the pool (reported)")
 @click.option("--address", default=None)
 @click.option("--force", is_flag=True)
+@redo_changed_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
-def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, address, force, progress):
+def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, address, force,
+            redo_changed, progress):
     """DataComp resharder: write the samples of SUBSET (with multiplicities) as new {:08d}.tar shards."""
     from reinforge.schemas.config import parse_recipe
     recipe = parse_recipe({"product": "reshard", "output": output, "subset": subset, "counts": counts, "seed": seed,
                            "input": {"path": pool, "uid_field": uid_field}, "samples_per_shard": samples_per_shard,
                            "allow_missing": allow_missing})
-    run_and_exit(recipe, address, force, progress)
+    run_and_exit(recipe, address, force, progress, redo_changed)
 
 
 for command in (join.join, ops.report, ops.plan, filters.filter_group, retrieval.embed, retrieval.index,

@@ -7,9 +7,12 @@ import time
 
 import click
 
-from reinforge.cli.common import load_recipe_file, user_errors
+from reinforge.cli.common import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, load_recipe_file, user_errors
 
-STALE_AFTER_S = 60.0  # --watch gives up when a running run's status.json has not changed for this long
+# --watch gives up when a starting or running run's status.json has not changed for this long (the driver
+# rewrites it every 2 s in both states, model loading included)
+STALE_AFTER_S = 60.0
+LIVE_STATES = ("starting", "running")
 
 
 @click.command()
@@ -58,9 +61,16 @@ def status_line(status: dict) -> str:
             f"{status['errors']} errors" + (f"  [{actors}]" if actors else ""))
 
 
+def final_exit_code(status: dict) -> int:
+    if status["tasks"]["failed"]:
+        return EXIT_FAILED
+    return EXIT_OK if status["state"] == "finished" else EXIT_INCOMPLETE
+
+
 def watch_status(run_dir: str, interval: float, echo=click.echo, stale_after: float = STALE_AFTER_S) -> int:
-    """Print a line per change of RUN/status.json until the run is no longer running. Returns the exit
-    code: 0 finished without failed tasks, 1 otherwise (failed tasks, interrupted, or gone stale)."""
+    """Print a line per change of RUN/status.json until the run is no longer starting or running. Returns
+    the exit code (as `status`): 0 finished with every task done, 1 some task failed, 3 interrupted or gone
+    stale (its driver stopped updating it, e.g. killed while starting or running)."""
     from reinforge.pipelines.rundir import load_run
     from reinforge.pipelines.runner import STATUS_FILE
     from reinforge.pipelines.storage import exists, read_text
@@ -77,9 +87,10 @@ def watch_status(run_dir: str, interval: float, echo=click.echo, stale_after: fl
         if status is not None and status.get("updated_at") != last:
             last, changed = status.get("updated_at"), time.monotonic()
             echo(status_line(status))
-        if status is not None and status["state"] not in ("starting", "running"):
-            return 0 if status["state"] == "finished" and not status["tasks"]["failed"] else 1
-        if status is not None and status["state"] == "running" and time.monotonic() - changed > stale_after:
-            echo(f"no update of {url} for {stale_after:.0f} s: is the run's driver still alive?")
-            return 1
+        if status is not None and status["state"] not in LIVE_STATES:
+            return final_exit_code(status)
+        if status is not None and time.monotonic() - changed > stale_after:
+            echo(f"no update of {url} for {stale_after:.0f} s while {status['state']}: "
+                 f"is the run's driver still alive?")
+            return EXIT_INCOMPLETE
         time.sleep(interval)

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from reinforge.cli.common import load_recipe_file, load_yaml_file, run_and_exit, user_errors
+from reinforge.cli.common import load_recipe_file, load_yaml_file, redo_changed_option, run_and_exit, user_errors
 from reinforge.schemas.config import ConfigError
 
 
@@ -14,14 +14,15 @@ from reinforge.schemas.config import ConfigError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="dotted override, e.g. encoder.batch_size=128")
 @click.option("--address", default=None)
 @click.option("--force", is_flag=True)
+@redo_changed_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
-def embed(config, overrides, address, force, progress):
+def embed(config, overrides, address, force, redo_changed, progress):
     """Embed a pool (an embed_pool recipe): one embeddings/<shard>.parquet per pool shard."""
     recipe = load_recipe_file(config, overrides)
     if recipe.product != "embed_pool":
         raise ConfigError(f"config error: product: embed expects embed_pool, got {recipe.product!r}")
-    run_and_exit(recipe, address, force, progress)
+    run_and_exit(recipe, address, force, progress, redo_changed)
 
 
 @click.command()

@@ -63,15 +63,20 @@ def pool_size(recipe: BaseModel, n_tasks: int) -> int:
     return max(1, min(n_tasks, math.floor(fits + 1e-9)))
 
 
-def start_pool(recipe: BaseModel, n_tasks: int) -> list:
-    """Start the actors and wait until every one has loaded its models (pre-warm)."""
+def start_pool(recipe: BaseModel, n_tasks: int, tick: Callable[[], None] = lambda: None) -> list:
+    """Start the actors and wait until every one has loaded its models (pre-warm); `tick` is called at
+    least every TICK_S seconds meanwhile."""
     import ray
     res = recipe.resources
     worker = worker_class().options(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
                                     max_restarts=3, max_task_retries=0)  # lost tasks come back to us
     recipe_json = recipe.model_dump(mode="json")
     actors = [worker.remote(recipe_json, max(1, int(res.cpus_per_actor))) for _ in range(pool_size(recipe, n_tasks))]
-    ray.get([a.ready.remote() for a in actors])
+    waiting = [a.ready.remote() for a in actors]
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=TICK_S)
+        ray.get(ready)  # raises an actor's start-up error at once
+        tick()
     return actors
 
 

@@ -24,6 +24,15 @@ class Pipeline:
     def read(self, task: Task) -> Iterator[dict]:
         return self.source.read(task)
 
+    def planned_tasks(self) -> list[Task]:
+        """The tasks, for the read-only tools (status, validate): as plan(), but must not write into the
+        run directory; products whose plan() writes plan files there override it."""
+        return self.plan()
+
+    def input_files(self, task: Task) -> list[str]:
+        """The file behind each entry of task.inputs, whose size and version fingerprint the task."""
+        return self.source.input_files(task) if self.source is not None else list(task.inputs)
+
     def build_stages(self) -> list[Stage]:
         """Called once per worker; the last stage must leave {"__key__", "members"} per sample."""
         raise NotImplementedError

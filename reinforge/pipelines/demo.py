@@ -50,7 +50,7 @@ def run_demo(recipe, input_folder: str, address, echo=print) -> None:
 
     n = write_demo_inputs(input_folder)
     echo(f"input: {n} real photos (scikit-image) in {input_folder}")
-    summary = run_recipe(recipe, address=address, force=True)
+    summary = run_recipe(recipe, address=address, force=True, redo_changed=True)  # its inputs are rewritten above
     echo(f"shards: {recipe.output}/shards/  ({summary.done} tasks run, {summary.skipped} already done)")
     echo(f"throughput: {summary.samples} images x {recipe.augmentation.num_samples} augmentations at "
          f"{summary.samples_per_second:.2f} images/s "

@@ -162,7 +162,7 @@ class TaskExecutor:
             outputs=outputs,
             samples_in=samples_in, samples_out=samples_out, config_digest=self.config_digest,
             versions=self.versions, stages=stats, started_at=started, seconds=time.time() - started,
-            worker=worker_identity())
+            worker=worker_identity(), input_fingerprint=task.fingerprint)
         write_bytes(self.layout.manifest(task.id), manifest.to_json().encode())
         remove(self.layout.failure(task.id))
         return {"task": task.id, "status": "done", "samples_in": samples_in, "samples_out": samples_out,

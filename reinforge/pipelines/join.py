@@ -170,6 +170,9 @@ class JoinPipeline(Pipeline):
         write_bytes(f"{self.layout.root}/plan/plan.json", json.dumps(summary, indent=1).encode())
         return tasks
 
+    def planned_tasks(self) -> list[Task]:
+        return self.source.plan()  # the reinforcement shards; plan() also indexes and writes plan/
+
     def read(self, task: Task) -> Iterator[dict]:
         fs, path = filesystem(self.plan_url(task.id))
         with fs.open(path, "rb") as f:

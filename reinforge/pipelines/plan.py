@@ -211,7 +211,7 @@ def plan_capacity(recipe: BaseModel, samples: int, nodes: int = 1, probe_samples
         probe = parse_recipe(raw)
         started = time.perf_counter()
         with ray_session(address, recipe.resources.object_store_memory_mb):
-            summary = run_recipe(probe, force=True, progress=False)
+            summary = run_recipe(probe, force=True, progress=False, redo_changed=True)  # probe shards rewritten
             if summary.failed:
                 raise PlanError(f"plan: the probe task failed: {summary.failed[-1].get('reason', '?')}")
             measured = next(m for m in manifests(RunLayout(probe.output)) if m.task_id == "probe-1")

@@ -198,8 +198,17 @@ class ReshardPipeline(Pipeline):
             "uid_hi": uids["f0"], "uid_lo": uids["f1"], "copy": copy.astype(np.int32)})
         self.meta = self._meta(subset, match, missing, urls)
         self._commit_plan(table, subset.uids[missing])
-        firsts = np.cumsum([0, *self.sizes])
-        return [Task(f"{j:08d}", (self.assignment_url,), int(firsts[j])) for j in range(len(self.sizes))]
+        return self._tasks(self.sizes)
+
+    def _tasks(self, sizes: list[int]) -> list[Task]:
+        firsts = np.cumsum([0, *sizes])
+        return [Task(f"{j:08d}", (self.assignment_url,), int(firsts[j])) for j in range(len(sizes))]
+
+    def planned_tasks(self) -> list[Task]:
+        """From the committed plan/plan.json: plan() may index the pool and rewrite the plan. None
+        committed yet (the run stopped before planning): no tasks."""
+        url = f"{self.layout.root}/plan/plan.json"
+        return self._tasks(json.loads(read_text(url))["sizes"]) if exists(url) else []
 
     def _meta(self, subset: LoadedSubset, match: PoolMatch, missing: np.ndarray, urls: list[str]) -> dict:
         r = self.recipe

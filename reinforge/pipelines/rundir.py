@@ -1,10 +1,12 @@
-"""Read-only views of a run directory (status, merged stats, validation) and garbage collection."""
+"""Read-only views of a run directory (status, merged stats, validation) and garbage collection.
+Status and validate never write into the run directory (they plan with Pipeline.planned_tasks)."""
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
 
+from reinforge.pipelines.fingerprint import changed_inputs, task_fingerprints
 from reinforge.pipelines.registry import build_pipeline
 from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, remove
 from reinforge.schemas.config import parse_recipe
@@ -61,27 +63,64 @@ class RunStatus:
     failed: dict[str, str] = field(default_factory=dict)  # task -> reason
     pending: list[str] = field(default_factory=list)
     error_files: dict[str, int] = field(default_factory=dict)  # task -> skipped samples logged
+    changed: dict[str, tuple[str, str]] = field(default_factory=dict)  # done, but its inputs changed since
+    unchecked: list[str] = field(default_factory=list)  # done, manifest without an input fingerprint (older)
+    failures: dict[str, dict] = field(default_factory=dict)  # task -> its failed/<task>.json record
+
+    @property
+    def total(self) -> int:
+        return len(self.done) + len(self.pending) + len(self.failed) + len(self.stale) + len(self.changed)
+
+    @property
+    def failed_samples(self) -> tuple[int, int]:
+        """(samples read, of which with errors) by the failed tasks before they failed; none is written."""
+        return (sum(r.get("samples_read", 0) for r in self.failures.values()),
+                sum(r.get("errors", 0) for r in self.failures.values()))
+
+
+def read_failure(url: str) -> dict:
+    try:
+        record = json.loads(read_text(url))
+    except (ValueError, UnicodeDecodeError):
+        return {"reason": "unreadable failure record"}
+    return record if isinstance(record, dict) else {"reason": "unreadable failure record"}
 
 
 def run_status(root: str) -> RunStatus:
     layout, run = load_run(root)
-    planned = [t.id for t in run_pipeline(root).plan()]
+    pipeline = run_pipeline(root)
+    planned = pipeline.planned_tasks()
     status = RunStatus()
     by_id = {m.task_id: m for m in manifests(layout)}
     failures = {u.rpartition("/")[2].removesuffix(".json"): u for u in list_files(layout.root + "/failed", ".json")}
-    for task_id in planned:
-        manifest = by_id.get(task_id)
+    done: dict[str, TaskManifest] = {}
+    for task in planned:
+        manifest = by_id.get(task.id)
         if manifest and manifest.config_digest == run["config_digest"]:
-            status.done.append(task_id)
-        elif task_id in failures:
-            status.failed[task_id] = json.loads(read_text(failures[task_id])).get("reason", "?")
+            done[task.id] = manifest
+        elif task.id in failures:
+            status.failures[task.id] = read_failure(failures[task.id])
+            status.failed[task.id] = status.failures[task.id].get("reason", "?")
         elif manifest:
-            status.stale.append(task_id)
+            status.stale.append(task.id)
         else:
-            status.pending.append(task_id)
+            status.pending.append(task.id)
+    status.changed = changed_tasks(pipeline, [t for t in planned if t.id in done], done)
+    status.done = [t for t in done if t not in status.changed]
+    status.unchecked = [t for t, m in done.items() if m.input_fingerprint is None]
     for url in list_files(layout.root + "/errors", ".jsonl"):
         status.error_files[url.rpartition("/")[2].removesuffix(".jsonl")] = read_text(url).count("\n")
     return status
+
+
+def changed_tasks(pipeline, tasks: list, done: dict[str, TaskManifest]) -> dict[str, tuple[str, str]]:
+    """Done tasks whose inputs changed since they ran: task -> (recorded, current) fingerprint. Only
+    tasks whose manifest records a fingerprint cost a stat (or a listing of their folder)."""
+    recorded = {t.id: done[t.id].input_fingerprint for t in tasks if done[t.id].input_fingerprint is not None}
+    if not recorded:
+        return {}
+    current = task_fingerprints([t for t in tasks if t.id in recorded], pipeline.input_files)
+    return changed_inputs(recorded, current)
 
 
 def merged_stats(root: str) -> tuple[dict[str, StageStats], dict]:
@@ -109,11 +148,13 @@ def validate_run(root: str) -> tuple[int, list[str]]:
     """Check every manifest's outputs: present, same size and sha256, same sample count; and every
     sample against the product's schema (its pipeline's sample_checker)."""
     layout, run = load_run(root)
-    check_sample = run_pipeline(root).sample_checker(layout)
+    pipeline = run_pipeline(root)
+    check_sample = pipeline.sample_checker(layout)
     problems: list[str] = []
     checked = 0
     readable, unreadable = read_manifests(layout)
     problems += [f"{url.rpartition('/')[2]}: unreadable manifest (its task counts as not done)" for url in unreadable]
+    problems += changed_input_problems(pipeline, [m for m in readable if m.config_digest == run["config_digest"]])
     for m in readable:
         if m.config_digest != run["config_digest"]:
             problems.append(f"{m.task_id}: manifest digest {m.config_digest} != run digest {run['config_digest']}")
@@ -152,6 +193,14 @@ def validate_run(root: str) -> tuple[int, list[str]]:
                 problems.append(f"{out.path}: {samples} samples, manifest says {out.samples}")
             checked += samples
     return checked, problems
+
+
+def changed_input_problems(pipeline, readable: list[TaskManifest]) -> list[str]:
+    by_id = {m.task_id: m for m in readable}
+    tasks = [t for t in pipeline.planned_tasks() if t.id in by_id]
+    return [f"{task}: input changed since the task ran ({old} -> {new}); its outputs are stale, "
+            f"rerun with --redo-changed-inputs" for task, (old, new) in
+            sorted(changed_tasks(pipeline, tasks, by_id).items())]
 
 
 def collect_garbage(root: str) -> list[str]:

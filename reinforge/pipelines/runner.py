@@ -1,7 +1,9 @@
 """The driver: plan tasks, skip the done ones, run the rest on the actor pool (actor_pool.py).
 
 A task is done iff its manifest exists and carries this run's config digest, so a rerun costs one
-listing plus reading small JSON files. Nothing but small status dicts comes back to the driver.
+listing plus reading small JSON files, plus the inputs' metadata (a stat per file, or one listing per
+folder) to tell an input replaced since its task ran (pipelines/fingerprint.py). Nothing but small
+status dicts comes back to the driver.
 """
 from __future__ import annotations
 
@@ -10,22 +12,27 @@ import math
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
 
 from reinforge.pipelines.actor_pool import TICK_S, ActorPool, start_pool
+from reinforge.pipelines.fingerprint import changed_inputs, task_fingerprints
 from reinforge.pipelines.ray_session import ray_session
 from reinforge.pipelines.registry import build_pipeline
 from reinforge.pipelines.rundir import manifests
 from reinforge.pipelines.sources import Task
 from reinforge.pipelines.storage import absolute_url, exists, read_text, write_bytes
 from reinforge.schemas.config import config_digest, semantic_dict
-from reinforge.schemas.manifest import RunLayout
+from reinforge.schemas.manifest import RunLayout, TaskManifest
 
 
 class ConfigChangedError(Exception):
     """The run directory was made with a different recipe; refuse unless forced."""
+
+
+class InputsChangedError(Exception):
+    """Inputs of finished tasks changed since they ran; refuse unless told to redo them."""
 
 
 @dataclass
@@ -36,8 +43,11 @@ class RunSummary:
     done: int = 0
     failed: list[dict] = field(default_factory=list)
     samples: int = 0
-    errors: int = 0
+    errors: int = 0  # samples skipped with errors in the tasks that finished
     seconds: float = 0.0
+    failed_samples: int = 0  # samples read by failed tasks before they failed: none of them is written
+    failed_errors: int = 0  # of those, samples with errors
+    redone_changed: list[str] = field(default_factory=list)  # done tasks redone for changed inputs
 
     @property
     def samples_per_second(self) -> float:
@@ -54,6 +64,8 @@ class RunSummary:
             self.errors += result["errors"]
         else:
             self.failed.append(result)
+            self.failed_samples += result.get("samples_in", 0)
+            self.failed_errors += result.get("errors", 0)
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:
@@ -80,8 +92,29 @@ def prepare_run_dir(layout: RunLayout, recipe: BaseModel, force: bool) -> str:
     return digest
 
 
-def done_task_ids(layout: RunLayout, digest: str) -> set[str]:
-    return {m.task_id for m in manifests(layout) if m.config_digest == digest}
+def done_manifests(layout: RunLayout, digest: str) -> dict[str, TaskManifest]:
+    return {m.task_id: m for m in manifests(layout) if m.config_digest == digest}
+
+
+def describe_changes(changed: dict[str, tuple[str, str]], limit: int = 3) -> str:
+    shown = "; ".join(f"{task}: {old} -> {new}" for task, (old, new) in sorted(changed.items())[:limit])
+    return shown + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def fingerprinted_todo(pipeline, layout: RunLayout, digest: str, tasks: list[Task],
+                       redo_changed: bool) -> tuple[list[Task], list[str]]:
+    """The tasks to run, each carrying its inputs' fingerprint, and the done ones redone because
+    their inputs changed. A changed input is refused unless `redo_changed`: those outputs may already
+    be in use, and an accidental change (a copy that reset mtimes) would redo costly work silently."""
+    done = done_manifests(layout, digest)
+    prints = task_fingerprints(tasks, pipeline.input_files)
+    changed = changed_inputs({t: m.input_fingerprint for t, m in done.items()}, prints)
+    if changed and not redo_changed:
+        raise InputsChangedError(
+            f"{layout.root}: the inputs of {len(changed)} finished task(s) changed since they ran "
+            f"({describe_changes(changed)}). Rerun with --redo-changed-inputs to redo them, or restore the inputs.")
+    todo = [replace(t, fingerprint=prints[t.id]) for t in tasks if t.id not in done or t.id in changed]
+    return todo, sorted(changed)
 
 
 STATUS_FILE = "status.json"
@@ -119,7 +152,7 @@ class Progress:
     def write_status(self, running: list[tuple[Task, int]], state: str = "running") -> None:
         """`running`: (task, actor index) of every task submitted and not yet returned."""
         now = time.perf_counter()
-        if self.status_url is None or (state == "running" and now - self.written < TICK_S):
+        if self.status_url is None or (state in ("starting", "running") and now - self.written < TICK_S):
             return
         self.written = now
         actors: dict[str, list[str]] = {}
@@ -136,33 +169,56 @@ class Progress:
         self.bar.close()
 
 
+def one_line(reason: str) -> str:
+    """A worker's error (a remote traceback) as its first words and its last line, the exception."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return reason.strip()
+    return f"{lines[0].partition(':')[0]}: {lines[-1]}"
+
+
 def _failed(layout: RunLayout, task: Task, reason: str) -> dict:
     """Record why a task failed (failed/<task>.json, for `status`) and return its result."""
-    result = {"task": task.id, "status": "failed", "reason": reason}
-    write_bytes(layout.failure(task.id), json.dumps(result, indent=1).encode())
+    result = {"task": task.id, "status": "failed", "reason": one_line(reason)}
+    record = {**result, "detail": reason} if result["reason"] != reason else result
+    write_bytes(layout.failure(task.id), json.dumps(record, indent=1).encode())
     return result
 
 
+def _start_pool(recipe: BaseModel, n_tasks: int, starting: Progress) -> list:
+    """Start the actors, refreshing status.json while models load (so `status --watch` can tell a slow
+    start from a dead driver); a start that fails leaves the state "interrupted", not "starting"."""
+    try:
+        # workers resolve a relative local path from their own directory, not the driver's
+        return start_pool(recipe.model_copy(update={"output": absolute_url(recipe.output)}), n_tasks,
+                          tick=lambda: starting.write_status([], "starting"))
+    except BaseException:
+        starting.write_status([], "interrupted")
+        raise
+
+
 def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = False,
-               progress: bool = True) -> RunSummary:
+               progress: bool = True, redo_changed: bool = False) -> RunSummary:
+    """Run every task not yet done. `force`: accept a changed recipe; `redo_changed`: redo finished
+    tasks whose inputs changed since they ran (refused otherwise, see fingerprinted_todo)."""
     started = time.perf_counter()
     pipeline = build_pipeline(recipe)
     layout = RunLayout(recipe.output)
     digest = prepare_run_dir(layout, recipe, force)
     tasks = pipeline.plan()
-    done = done_task_ids(layout, digest)
-    todo = deque(t for t in tasks if t.id not in done)
-    summary = RunSummary(output=recipe.output, tasks=len(tasks), skipped=len(tasks) - len(todo))
+    todo_list, changed = fingerprinted_todo(pipeline, layout, digest, tasks, redo_changed)
+    todo = deque(todo_list)
+    summary = RunSummary(output=recipe.output, tasks=len(tasks), skipped=len(tasks) - len(todo),
+                         redone_changed=changed)
     pipeline.prepare_run(layout)
     status_url = f"{layout.root.rstrip('/')}/{STATUS_FILE}"
-    Progress(len(tasks), summary.skipped, False, status_url).write_status([], "starting" if todo else "finished")
+    starting = Progress(len(tasks), summary.skipped, False, status_url)
+    starting.write_status([], "starting" if todo else "finished")
     if not todo:
         summary.seconds = time.perf_counter() - started
         return summary
     with ray_session(address, recipe.resources.object_store_memory_mb):
-        # workers resolve a relative local path from their own directory, not the driver's
-        pool = ActorPool(start_pool(recipe.model_copy(update={"output": absolute_url(recipe.output)}), len(todo)),
-                         recipe.resources.tasks_in_flight_per_actor)
+        pool = ActorPool(_start_pool(recipe, len(todo), starting), recipe.resources.tasks_in_flight_per_actor)
         bar = Progress(len(tasks), summary.skipped, progress, status_url)
         t0 = time.perf_counter()
         try:

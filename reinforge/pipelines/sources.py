@@ -18,6 +18,7 @@ class Task:
     id: str
     inputs: tuple[str, ...]
     first_index: int = 0  # ImageFolder: dataset index of inputs[0]
+    fingerprint: str | None = None  # of its input files, set by the runner (pipelines/fingerprint.py)
 
 
 class InputError(ValueError):
@@ -61,6 +62,10 @@ class WebDatasetSource:
         if len(set(ids)) != len(ids):
             raise InputError("input.path: shard names are not unique enough to derive task ids")
         return [Task(i, (u,)) for i, u in zip(ids, urls)]
+
+    @staticmethod
+    def input_files(task: Task) -> list[str]:
+        return list(task.inputs)
 
     def read(self, task: Task) -> Iterator[dict]:
         fs, path = filesystem(task.inputs[0])
@@ -136,6 +141,11 @@ class ImageFolderSource:
             except OSError as exc:  # the index stays taken: the decode stage counts and logs the skip
                 sample["__error__"] = ("unreadable_file", f"{type(exc).__name__}: {exc}")
             yield sample
+
+    @staticmethod
+    def input_files(task: Task) -> list[str]:
+        """The file of each entry of task.inputs (they are `url#label`)."""
+        return [item.rpartition("#")[0] for item in task.inputs]
 
 
 def is_imagefolder_file(path: str) -> bool:

@@ -6,6 +6,8 @@
   <run>/errors/<task>.jsonl      skipped samples: key, stage, reason, exception, message
   <run>/failed/<task>.json       why a task failed (removed when it later succeeds)
   <run>/manifests/<task>.json    written last: a task is done iff this exists with the run's digest
+                                 (and, when it records one, its inputs' fingerprint still matches)
+  <run>/status.json              the live run's progress, rewritten by the driver (`status --watch`)
   <run>/dr_config.json           what a trainer needs to replay (reinforce.image_augmentation, ...)
 """
 from __future__ import annotations
@@ -86,6 +88,8 @@ class TaskManifest:
     started_at: float
     seconds: float
     worker: dict = field(default_factory=dict)  # where it ran: host, Ray node id, pid
+    # size + mtime/ETag of its inputs when planned (pipelines/fingerprint.py); None in older manifests
+    input_fingerprint: str | None = None
 
     @property
     def errors(self) -> int:
