@@ -111,10 +111,15 @@ def upload(client, folder, prefix: str) -> None:
         client.upload_file(os.path.join(folder, name), BUCKET, f"{prefix}/{name}")
 
 
+def client_uploads(client) -> list[str]:
+    """Keys of unfinished multipart uploads."""
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])]
+
+
 def assert_no_temp_objects(client) -> None:
     leftovers = [k for k in keys(client) if TMP_MARKER in k.rpartition("/")[2]]
     assert leftovers == [], f"temporary objects left behind: {leftovers}"
-    assert client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == [], "unfinished multipart uploads"
+    assert client_uploads(client) == [], "unfinished multipart uploads"
 
 
 def cli(*args):
@@ -308,7 +313,10 @@ def test_mobileclip_join_reshard_and_reader_on_s3(s3, datacomp_pool, tmp_path):
     assert_no_temp_objects(s3)
 
 
-def test_failed_write_leaves_nothing_and_missing_bucket_is_not_created(s3):
+def test_failed_writes_leave_nothing_and_missing_buckets_are_not_created(s3, monkeypatch):
+    import fsspec.config
+    import s3fs
+
     from reinforge.pipelines.storage import atomic_open, exists, write_bytes
     url = f"{S3}/scratch/partial.bin"
     with pytest.raises(RuntimeError, match="boom"):
@@ -322,7 +330,24 @@ def test_failed_write_leaves_nothing_and_missing_bucket_is_not_created(s3):
             f.write(b"new")
             raise RuntimeError("boom")
     assert s3.get_object(Bucket=BUCKET, Key="scratch/partial.bin")["Body"].read() == b"old"
+
+    # large outputs go up as multipart uploads (S3's smallest part here): aborted on failure, completed on success
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf["s3"], "default_block_size": 5 * 2**20})
+    s3fs.S3FileSystem.clear_instance_cache()
+    big = bytes(range(256)) * (11 * 2**12)  # 11 MiB: two full parts and a tail
+    with pytest.raises(RuntimeError):
+        with atomic_open(f"{S3}/scratch/big.bin") as f:
+            f.write(big)  # two parts are uploaded here
+            raise RuntimeError("boom")
+    assert keys(s3, "scratch/big") == []
+    with atomic_open(f"{S3}/scratch/big.bin") as f:
+        f.write(big)
+    assert s3.get_object(Bucket=BUCKET, Key="scratch/big.bin")["Body"].read() == big
+    assert client_uploads(s3) == []
+    s3fs.S3FileSystem.clear_instance_cache()
+
     with pytest.raises(FileNotFoundError):
         write_bytes("s3://no-such-bucket-here/run/run.json", b"{}")
     assert "no-such-bucket-here" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
-    s3.delete_object(Bucket=BUCKET, Key="scratch/partial.bin")
+    for key in keys(s3, "scratch/"):
+        s3.delete_object(Bucket=BUCKET, Key=key)
