@@ -67,9 +67,12 @@ def start_pool(recipe: BaseModel, n_tasks: int, tick: Callable[[], None] = lambd
     """Start the actors and wait until every one has loaded its models (pre-warm); `tick` is called at
     least every TICK_S seconds meanwhile."""
     import ray
+
+    from reinforge.pipelines.ray_session import worker_options
     res = recipe.resources
     worker = worker_class().options(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
-                                    max_restarts=3, max_task_retries=0)  # lost tasks come back to us
+                                    max_restarts=3, max_task_retries=0,  # lost tasks come back to us
+                                    **worker_options())  # the driver's storage endpoint and credentials
     recipe_json = recipe.model_dump(mode="json")
     actors = [worker.remote(recipe_json, max(1, int(res.cpus_per_actor))) for _ in range(pool_size(recipe, n_tasks))]
     waiting = [a.ready.remote() for a in actors]

@@ -141,7 +141,8 @@ def map_groups(fn, per_group: list[tuple], shared: tuple, parallel: bool):
             yield fn(*args, *shared)
         return
     import ray
-    remote = ray.remote(num_cpus=1)(fn)
+    from reinforge.pipelines.ray_session import worker_options
+    remote = ray.remote(num_cpus=1)(fn).options(**worker_options())
     refs = [ray.put(x) for x in shared]
     pending = [remote.remote(*args, *refs) for args in per_group]
     while pending:  # fixed order, whichever finishes first; a part is freed once merged

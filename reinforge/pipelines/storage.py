@@ -1,18 +1,22 @@
 """fsspec I/O with exactly-once commits: write to a temporary name, then move to the final name.
 
 On filesystems with an atomic rename (local, POSIX mounts) that is os.replace; on object stores a
-single PUT is already all-or-nothing, so the object is written under its final name directly.
+single PUT (or a completed multipart upload) is already all-or-nothing, so the object is written
+under its final name directly, and a write that fails is discarded, never completed: nothing appears.
+Object stores have no folders, so none are made there (s3fs's makedirs would create a missing bucket).
+Listings and existence checks bypass fsspec's listing cache: other processes write the same run.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import IO, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 from reinforge.schemas.manifest import TMP_MARKER
 
@@ -28,6 +32,15 @@ def absolute_url(url: str) -> str:
 
 def has_rename(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+# protocols whose "folders" are key prefixes: nothing to create before a write
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool(OBJECT_STORES.intersection(protocols))
 
 
 def temp_name(path: str) -> str:
@@ -60,18 +73,37 @@ class HashingWriter:
 def atomic_open(url: str) -> Iterator[HashingWriter]:
     """Open `url` for writing; it appears under its final name only if the block completes."""
     fs, path = filesystem(url)
-    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-    target = temp_name(path) if has_rename(fs) else path
+    if not is_object_store(fs):
+        fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    rename = has_rename(fs)
+    target = temp_name(path) if rename else path
+    raw = fs.open(target, "wb")
     try:
-        with fs.open(target, "wb") as raw:
-            writer = HashingWriter(raw)
-            yield writer
-        if target != path:
+        writer = HashingWriter(raw)
+        yield writer
+        raw.close()  # an object store's upload completes here, whole, or not at all
+        if rename:
             os.replace(target, path)
     except BaseException:
+        _abandon(fs, raw, target, rename)
+        raise
+
+
+def _abandon(fs: fsspec.AbstractFileSystem, raw, target: str, rename: bool) -> None:
+    """Drop a failed write: the temporary file, or the object store's pending upload (a file object's
+    close() would complete it under the final name, so it is discarded instead; an object already
+    there, from an earlier run, stays, as a local final file does)."""
+    if not rename and isinstance(raw, AbstractBufferedFile):
+        with suppress(Exception):  # the write's own error is the one to report
+            raw.discard()  # s3fs: abort the multipart upload, drop the buffer; gcsfs: cancel the upload
+        raw.closed = True  # not close(): that would upload what was buffered
+        return
+    try:
+        raw.close()
+    finally:
+        fs.invalidate_cache(target)
         if fs.exists(target):
             fs.rm(target)
-        raise
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -86,11 +118,13 @@ def read_text(url: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 
 def remove(url: str) -> None:
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)
     if fs.exists(path):
         fs.rm(path)
 
@@ -98,6 +132,7 @@ def remove(url: str) -> None:
 def list_files(url: str, suffix: str = "") -> list[str]:
     """Full URLs of the files directly under `url` ending in `suffix` (empty if the folder is missing)."""
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     protocol = url.split("://")[0] + "://" if "://" in url else ""

@@ -23,6 +23,9 @@ from reinforge.schemas.manifest import RunLayout, TaskManifest, join
 from reinforge.schemas.wds import split_member_name
 
 
+RANDOM_READ_BLOCK = 1 << 20
+
+
 def _read_text(url: str) -> str:
     with fsspec.open(url, "rb") as f:
         return f.read().decode()
@@ -128,7 +131,9 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
         if self._pid != os.getpid():  # forked worker: the parent's handles share a file position
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
-            self._files[shard] = fsspec.open(self.shards[shard], "rb").open()
+            # small read blocks: a sample's members are one short range (object stores would read 50 MiB ahead)
+            fs, path = fsspec.core.url_to_fs(self.shards[shard])
+            self._files[shard] = fs.open(path, "rb", block_size=RANDOM_READ_BLOCK)
         return self._files[shard]
 
     def _members(self, i: int, only: tuple[str, ...] | None = None) -> dict:

@@ -12,22 +12,23 @@ an epoch never stops on them.
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import logging
 import multiprocessing
 import os
 import random
 from typing import Callable, Iterator
+from urllib.parse import urlparse
 
+import fsspec
 import torch
-from webdataset.gopen import gopen
+from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 
 from reinforge.schemas.augment import entry_seed, replay_augmenter
 from reinforge.schemas.datacomp_dr import ReplayError, decode_dr_sample, replayable_image
 from reinforge.schemas.imagenet_plus import SchemaError
-from reinforge.schemas.manifest import RunLayout, TaskManifest
+from reinforge.schemas.manifest import RunLayout, TaskManifest, join
 from reinforge.schemas.wds import ShardReadError, iter_samples
 
 log = logging.getLogger(__name__)
@@ -42,18 +43,44 @@ _IGNORED_TRANSFORMS = ("to_rgb",)
 
 
 def run_shards(run_dir: str) -> tuple[list[str], int]:
-    """(shard paths in task order, sample count) of a finished local run: only shards whose task
-    manifest exists, so a half-written run never feeds a trainer."""
+    """(shard URLs in task order, sample count) of a finished run, a local folder or any fsspec URL
+    (s3://bucket/run): only shards whose task manifest exists, so a half-written run never feeds a trainer."""
     layout = RunLayout(run_dir.rstrip("/"))
+    fs, folder = fsspec.core.url_to_fs(join(layout.root, "manifests"))
     urls, samples = [], 0
-    manifests = [TaskManifest.from_json(open(p).read())
-                 for p in glob.glob(os.path.join(layout.root, "manifests", "*.json"))]
+    if not fs.exists(folder):
+        return urls, samples
+    names = sorted(p.rpartition("/")[2] for p in fs.ls(folder, detail=False) if p.endswith(".json"))
+    manifests = [TaskManifest.from_json(fs.cat_file(f"{folder}/{n}").decode()) for n in names]
     for manifest in sorted(manifests, key=lambda m: m.task_id):
         for out in manifest.outputs:
             if out.path.endswith(".tar"):
-                urls.append(os.path.join(layout.root, out.path))
+                urls.append(join(layout.root, out.path))
                 samples += out.samples
     return urls, samples
+
+
+def _fsspec_url(url: str) -> bool:
+    """Read through fsspec (s3://, memory://, ...) rather than webdataset's gopen, which keeps local
+    paths and the schemes it has a handler for (pipe:, http(s) with curl, gs with gsutil, ...)."""
+    scheme = urlparse(url).scheme
+    return scheme not in ("", "file") and scheme not in gopen_schemes
+
+
+def is_run_dir(url: str) -> bool:
+    """A run folder (local, or an fsspec URL such as s3://bucket/run) rather than shard URLs."""
+    if not _fsspec_url(url):
+        return os.path.isdir(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isdir(path)
+
+
+def open_shard(url: str):
+    """A shard's byte stream: gopen for local paths and its own schemes, fsspec for the rest."""
+    if not _fsspec_url(url):
+        return gopen(url, "rb")
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.open(path, "rb")
 
 
 def augmentation_from_config(config: dict, overrides: dict | None = None) -> dict:
@@ -117,8 +144,9 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
     seeded with (seed, epoch, uid), so a sample's choice does not depend on worker or shard order;
     mode "epoch": j = epoch mod N and c = epoch mod S (the reference trainer's sequential mode).
 
-    urls_or_run_dir: a finished local run directory (shards from its manifests; augmentation from its
-    dr_config.json), or shard URLs / a brace pattern (anything webdataset's gopen opens).
+    urls_or_run_dir: a finished run directory, local or an fsspec URL such as s3://bucket/run (shards
+    from its manifests; augmentation from its dr_config.json), or shard URLs / a brace pattern: local
+    paths and what webdataset's gopen opens (pipe:, http(s)), else fsspec URLs (s3://bucket/{000..009}.tar).
     overrides: per-transform fields merged into the augmentation, e.g. the student's
     {"random_resized_crop": {"size": 256}, "normalize": {"mean": ..., "std": ...}}.
     backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
@@ -136,11 +164,11 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
         self.tokenizer = tokenizer
         self.config: dict = {}
         self.num_samples: int | None = None  # known for run directories (from the manifests)
-        if isinstance(urls_or_run_dir, str) and os.path.isdir(urls_or_run_dir):
+        if isinstance(urls_or_run_dir, str) and is_run_dir(urls_or_run_dir):
             layout = RunLayout(urls_or_run_dir.rstrip("/"))
-            if os.path.exists(layout.dr_config):
-                with open(layout.dr_config) as f:
-                    self.config = json.load(f)
+            fs, config_path = fsspec.core.url_to_fs(layout.dr_config)
+            if fs.exists(config_path):
+                self.config = json.loads(fs.cat_file(config_path))
             self.urls, self.num_samples = run_shards(urls_or_run_dir)
         elif isinstance(urls_or_run_dir, str):
             self.urls = list(expand_urls(urls_or_run_dir))
@@ -258,7 +286,7 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
         epoch = self.epoch
         for url in self.shards_for_this_worker(epoch):
             try:
-                with gopen(url, "rb") as stream:
+                with open_shard(url) as stream:
                     for members in iter_samples(stream):
                         item = self._item(members, url, epoch)
                         if item is not None:
