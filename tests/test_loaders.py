@@ -284,3 +284,22 @@ def test_bundled_recipes_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert open(resolve_config("configs/demo.yaml")).read() == open(os.path.join(
         os.path.dirname(__file__), "..", "configs", "demo.yaml")).read()
+
+
+def test_card_features_for_every_array_shape():
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is in the test extra")
+    import gzip
+
+    from reinforge.schemas.hf_card import hf_features
+    npz = io.BytesIO()
+    np.savez(npz, s=np.array(1.5), x=np.zeros(2, np.float16), y=np.zeros((2, 3, 4), np.int32))
+    buf = io.BytesIO()
+    torch.save({"a": torch.zeros(3, dtype=torch.bfloat16), "b": torch.zeros(2, 3, 4, dtype=torch.bfloat16)}, buf)
+    sample = {"__key__": "k", "png": b"\x89PNG", "npz": npz.getvalue(),
+              "pth.gz": gzip.compress(buf.getvalue()), "cls": b"3", "bin": b"x"}
+    f = datasets.Features._from_yaml_list(hf_features(sample))
+    assert f["png"] == datasets.Image() and f["cls"] == datasets.Value("int64") and f["bin"] == datasets.Value("binary")
+    assert f["npz"] == {"s": datasets.Value("float64"), "x": datasets.List(datasets.Value("float16")),
+                        "y": datasets.Array3D((None, 3, 4), "int32")}
+    assert f["pth.gz"] == {"a": datasets.List(datasets.Value("float32")), "b": datasets.Array3D((None, 3, 4), "float32")}
+    assert list(f)[-2:] == ["__key__", "__url__"]
