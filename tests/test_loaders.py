@@ -218,7 +218,8 @@ def test_ray_replay_is_the_readers_view(runs):
     assert len(rows) == len(reader) == 8
     for row in rows:
         view, target = reader[reader.index_of(row["__key__"])]
-        assert torch.equal(torch.from_numpy(row["image"]), view) and torch.equal(torch.from_numpy(row["target"]), target)
+        assert torch.equal(torch.from_numpy(np.array(row["image"])), view)
+        assert torch.equal(torch.from_numpy(np.array(row["target"])), target)
     run = runs["dr_pth"]
     rows = {r["uid"]: r for r in read_run(run, decode=False).flat_map(Replay(run, mode="epoch", epoch=1)).take_all()}
     reader = MobileCLIPDRDataset(run, lambda text: [text], mode="epoch")
@@ -229,7 +230,7 @@ def test_ray_replay_is_the_readers_view(runs):
         row = rows[item["uid"]]
         assert row["text"] == item["text"] and row["aug_index"] == item["aug_index"]
         for field in ("image", "image_emb", "text_emb", "syn_emb"):
-            assert torch.equal(torch.from_numpy(row[field]), item[field]), field
+            assert torch.equal(torch.from_numpy(np.array(row[field])), item[field]), field
 
 
 def test_timm_create_dataset_reads_imagenet_plus_with_labels(runs):

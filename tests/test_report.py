@@ -149,7 +149,7 @@ def test_imagenet_plus_report_renders_in_chromium(ip_run, tmp_path):
     assert f"<td>top-1 probability</td><td>{np.mean(confidences):.3f}</td>" in text
 
     images, shot = render(page, tmp_path)
-    assert [alt for alt, _, _ in images] == ["throughput", "tasks", "errors", "imagenet_plus"]
+    assert [alt for alt, _, _ in images] == ["throughput", "tasks", "errors", "imagenet_plus", "sizes"]
     for alt, width, height in images:
         png = Image.open(tmp_path / "report" / f"{alt}.png")
         assert (width, height) == png.size and width > 300, alt  # every plot decoded at its own size

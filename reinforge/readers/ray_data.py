@@ -63,7 +63,8 @@ class Replay:
             self.product = json.load(f)["product"]
         with fsspec.open(RunLayout(self.run).dr_config, "r") as f:
             self.config = json.load(f)
-        self._dr = None
+        self._dr = None  # built on first use, in the worker that runs the map
+        self._aug = None
         self._partners: tuple[str, dict] | None = None  # (shard url, {key: {ext: (offset, size)}})
 
     def __call__(self, row: dict) -> list[dict]:
@@ -84,7 +85,7 @@ class Replay:
 
     # --- ImageNet+ -------------------------------------------------------------------------------
     def _augmenter(self):
-        if not hasattr(self, "_aug"):
+        if self._aug is None:
             self._aug = replay_augmenter(self.config.get("reinforce"))
         return self._aug
 
