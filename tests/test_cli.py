@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -116,9 +115,9 @@ def test_export_ml_dr(finished_run, tmp_path):
     assert record_index == int(i) and len(records) == 4 and len(records[0]["prob"][0]) == 3
 
 
-def test_demo_runs_the_real_teacher_and_names_the_photos(tmp_path, local_ray):
-    result = invoke("demo", "--output", str(tmp_path / "demo"), "--config",
-                    os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"))
+def test_demo_runs_the_real_teacher_and_names_the_photos(tmp_path, local_ray, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: the demo recipe comes from the package
+    result = invoke("demo", "--output", "demo")
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines() if line.startswith("  ")}
     assert "teacher: tabby" in lines["chelsea_0"] or "teacher: tiger cat" in lines["chelsea_0"]

@@ -156,7 +156,7 @@ def _cli(*args: str) -> list[str]:
 
 def _keys(run_dir: Path) -> dict[str, list[str]]:
     keys = {}
-    for name in sorted(os.listdir(run_dir / "shards")):
+    for name in sorted(n for n in os.listdir(run_dir / "shards") if n.endswith(".tar")):  # not the loader files
         with open(run_dir / "shards" / name, "rb") as f:
             keys[name] = [s["__key__"] for s in iter_samples(f)]
     return keys

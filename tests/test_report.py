@@ -138,17 +138,18 @@ def test_imagenet_plus_report_renders_in_chromium(ip_run, tmp_path):
     for section in ("Throughput", "Tasks", "Errors", "Samples (imagenet_plus)"):
         assert f"<h2>{section}</h2>" in text
     assert "<td>decode</td><td>corrupt_image</td><td>1</td><td>broken</td>" in text  # reason, count, example key
-    assert sorted(os.listdir(tmp_path / "report")) == ["errors.png", "imagenet_plus.png", "index.html",
+    # sizes.png: every run now has shards/sizes.json (samples per shard, for open_clip)
+    assert sorted(os.listdir(tmp_path / "report")) == ["errors.png", "imagenet_plus.png", "index.html", "sizes.png",
                                                       "tasks.png", "throughput.png"]
     confidences = []
-    for name in sorted(os.listdir(ip_run / "shards")):
+    for name in sorted(n for n in os.listdir(ip_run / "shards") if n.endswith(".tar")):
         with open(ip_run / "shards" / name, "rb") as f:
             confidences += [v for s in iter_samples(f) for v in decode_sample(s).values[:, 0]]
     assert len(confidences) == 13 * 4
     assert f"<td>top-1 probability</td><td>{np.mean(confidences):.3f}</td>" in text
 
     images, shot = render(page, tmp_path)
-    assert [alt for alt, _, _ in images] == ["throughput", "tasks", "errors", "imagenet_plus"]
+    assert [alt for alt, _, _ in images] == ["throughput", "tasks", "errors", "imagenet_plus", "sizes"]
     for alt, width, height in images:
         png = Image.open(tmp_path / "report" / f"{alt}.png")
         assert (width, height) == png.size and width > 300, alt  # every plot decoded at its own size

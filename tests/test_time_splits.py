@@ -370,6 +370,7 @@ def test_reshard_writes_exactly_the_subset_with_multiplicities(pool, reshard_run
 @pytest.mark.ray
 def test_reshard_is_byte_identical_on_rerun(pool, reshard_run, tmp_path, local_ray):
     from reinforge.pipelines.executor import TaskExecutor
+    from reinforge.pipelines.loader_files import write_loader_files
     from reinforge.schemas.config import config_digest
     from reinforge.schemas.manifest import RunLayout
     root, _, _ = pool
@@ -383,6 +384,7 @@ def test_reshard_is_byte_identical_on_rerun(pool, reshard_run, tmp_path, local_r
     pipeline.prepare_run(RunLayout(recipe.output))
     executor = TaskExecutor(pipeline, RunLayout(recipe.output), config_digest(recipe), 0.0)
     assert all(executor.run(t)["status"] == "done" for t in reversed(tasks))
+    write_loader_files(RunLayout(recipe.output), config_digest(recipe))  # the runner's last step
     assert shard_bytes(tmp_path / "run") == shard_bytes(out)
 
 

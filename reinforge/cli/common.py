@@ -43,12 +43,31 @@ def user_errors(fn):
     return wrapper
 
 
+def bundled_config(name: str):
+    """A recipe shipped inside the package (reinforge/configs, the repository's configs/), or None."""
+    from importlib.resources import files
+    resource = files("reinforge").joinpath("configs", name)
+    return resource if resource.is_file() else None
+
+
+def resolve_config(path: str) -> str:
+    """`path` itself when it exists; else, for `NAME.yaml` or `configs/NAME.yaml`, the recipe the
+    installed package ships, so the documented commands work from any directory."""
+    from reinforge.pipelines.storage import exists
+    if "://" in path or exists(path):
+        return path
+    directory, _, name = path.replace("\\", "/").rpartition("/")
+    bundled = bundled_config(name) if directory in ("", "configs", "./configs") else None
+    return str(bundled) if bundled is not None else path
+
+
 def load_yaml_file(path: str, overrides: tuple[str, ...] = ()) -> dict:
-    """A YAML config file (any fsspec URL), safe-loaded, with dotted `--set` overrides applied."""
+    """A YAML config file (any fsspec URL, or a bundled recipe name), safe-loaded, with dotted `--set`
+    overrides applied."""
     from reinforge.pipelines.storage import read_text
     from reinforge.schemas.config import apply_override, parse_yaml
     try:
-        raw = parse_yaml(read_text(path))
+        raw = parse_yaml(read_text(resolve_config(path)))
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"error: config file {path} not found") from None
     if not isinstance(raw, dict):

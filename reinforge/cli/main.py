@@ -212,7 +212,8 @@ def export_ml_dr(run_dir, out_dir):
 
 @cli.command()
 @click.option("--output", default="runs/demo", show_default=True, help="folder for the demo's input and run")
-@click.option("--config", default="configs/demo.yaml", show_default=True)
+@click.option("--config", default="configs/demo.yaml", show_default=True,
+              help="recipe; configs/NAME.yaml falls back to the one the package ships, from any directory")
 @click.option("--address", default=None)
 @user_errors
 def demo(output, config, address):

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from reinforge.pipelines.actor_pool import TICK_S, ActorPool, start_pool
 from reinforge.pipelines.fingerprint import changed_inputs, task_fingerprints
+from reinforge.pipelines.loader_files import write_loader_files
 from reinforge.pipelines.ray_session import ray_session
 from reinforge.pipelines.registry import build_pipeline
 from reinforge.pipelines.rundir import manifests
@@ -215,6 +216,7 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
     starting = Progress(len(tasks), summary.skipped, False, status_url)
     starting.write_status([], "starting" if todo else "finished")
     if not todo:
+        write_loader_files(layout, digest)
         summary.seconds = time.perf_counter() - started
         return summary
     with ray_session(address, recipe.resources.object_store_memory_mb):
@@ -232,4 +234,5 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
             bar.close()
             pool.shutdown()
         summary.seconds = time.perf_counter() - t0
+    write_loader_files(layout, digest)  # sizes.json, _info.json, dataset cards: what standard loaders read
     return summary
