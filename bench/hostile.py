@@ -170,12 +170,12 @@ def child(measure: str, argument: str) -> None:
 
 
 def peak(measure: str, argument: str) -> tuple[float, dict, float]:
-    """(peak RSS MiB of the process tree that ran `measure`, its result, seconds)."""
+    """(peak RSS MiB of the process that ran `measure`, its result, seconds)."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", measure, argument],
                             stdout=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the running total of all children
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not RUSAGE_CHILDREN's max over all so far
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{measure} {argument}: exit {proc.returncode}")
