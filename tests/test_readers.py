@@ -207,20 +207,26 @@ def test_num_classes_from_argument(tmp_path):
     assert ReinforcedImageNet(run, num_classes=NUM_CLASSES)[0][1].shape == (NUM_CLASSES,)
 
 
-def test_sha256_mismatch_is_a_clear_error(tmp_path):
+def test_sha256_mismatch_is_skipped_counted_and_logged(tmp_path, caplog):
     def tamper(key, members):
         if key == DECIMAL_KEYS[1]:
             meta = json.loads(members["json"])
             meta["sha256"] = "0" * 64
             members["json"] = json.dumps(meta).encode()
-    make_run(tmp_path, BASE, DECIMAL_KEYS[:3], tamper=tamper)
-    ds = ReinforcedImageNet(os.path.join(str(tmp_path), "run"))
+    written = make_run(tmp_path, BASE, DECIMAL_KEYS[:3], tamper=tamper)
+    ds = ReinforcedImageNet(os.path.join(str(tmp_path), "run"), mode="epoch")
     ds[0]
+    with caplog.at_level("WARNING", logger="reinforge.readers.imagenet_plus"):
+        view, _ = ds[1]  # item 2 in its place: an epoch never stops on one sample
+    assert torch.equal(view, replay(ds.augmenter, written, DECIMAL_KEYS[2], 0))
+    assert ds.skipped == {"sha256_mismatch": 1} and f"{DECIMAL_KEYS[1]} (sha256_mismatch)" in caplog.text
+    ds[1]
+    assert ds.skipped == {"sha256_mismatch": 1}  # met again, passed over unread
     with pytest.raises(ValueError, match=f"{DECIMAL_KEYS[1]}.*sha256"):
-        ds[1]
+        ds._checked_image(ds.sample(1))
 
 
-def test_crop_outside_image_is_a_clear_error(tmp_path):
+def test_crop_outside_image_is_skipped_and_counted(tmp_path):
     def tamper(key, members):
         if key == DECIMAL_KEYS[0]:
             params = json.loads(members["paug.json"])
@@ -229,9 +235,9 @@ def test_crop_outside_image_is_a_clear_error(tmp_path):
             members["paug.json"] = json.dumps(params).encode()
     make_run(tmp_path, BASE, DECIMAL_KEYS[:2], tamper=tamper)
     ds = ReinforcedImageNet(os.path.join(str(tmp_path), "run"))
-    with pytest.raises(ValueError, match=DECIMAL_KEYS[0]):
-        ds[0]
-    ds[1]
+    assert len([ds[0], ds[1]]) == 2 and ds.skipped == {"replay_error": 1}
+    ds.reset_skipped()
+    assert ds.skipped == {}
 
 
 def test_kd_loss_matches_hand_computed_kl():

@@ -112,40 +112,62 @@ def stats(run_dir, as_json):
 @click.option("--augmentations", "-n", default=3, show_default=True, help="stored augmentations to print")
 @user_errors
 def inspect(shard, key, augmentations):
-    """Human-readable dump of one sample of a reinforced shard."""
-    members = find_sample(shard, key)
-    click.echo(f"key: {members['__key__']}")
-    click.echo("members: " + ", ".join(f"{ext} ({len(v)} B)" for ext, v in members.items() if ext != "__key__"))
-    try:
-        if "prob.npz" in members:
-            show_imagenet_plus(members, augmentations)
-        elif "npz" in members or "pth.gz" in members:
-            show_datacomp_dr(members, augmentations)
-    except Exception as exc:  # noqa: BLE001 - any undecodable member is one line, as validate reports it
-        from reinforge.schemas.imagenet_plus import SchemaError
-        where = "" if isinstance(exc, SchemaError) else f"sample {members['__key__']}: {type(exc).__name__}: "
-        raise InputError(f"{shard}: {where}{exc}") from None
-
-
-def find_sample(shard: str, key: str | None) -> dict:
+    """Human-readable dump of one sample of a reinforced shard. Members are read within the bounds its run
+    declares (RUN/dr_config.json beside RUN/shards/); a refused sample (member_too_large, bad_key, ...)
+    is named with its reason, exit code 1; any other undecodable member is one line, exit code 2."""
     from reinforge.pipelines.storage import filesystem
+    from reinforge.schemas.limits import SchemaError
     from reinforge.schemas.wds import ShardReadError, iter_samples
     fs, path = filesystem(shard)
     if not fs.exists(path):
         raise FileNotFoundError(f"shard {shard} not found")
-    with fs.open(path, "rb") as f:
-        try:
-            for members in iter_samples(f):
+    limits = shard_limits(fs, path)
+    try:
+        with fs.open(path, "rb") as f:
+            for members in iter_samples(f, limits):
                 if key is None or members["__key__"] == key:
-                    return members
-        except ShardReadError as exc:
-            raise InputError(f"{shard}: {exc}") from None
-    raise InputError(f"no sample with key {key!r} in {shard}")
+                    break
+            else:
+                raise InputError(f"no sample with key {key!r} in {shard}")
+    except ShardReadError as exc:
+        raise InputError(f"{shard}: {exc}") from None
+    click.echo(f"key: {members['__key__']}")
+    if "__error__" in members:
+        refused(*members["__error__"])
+    click.echo("members: " + ", ".join(f"{ext} ({len(v)} B)" for ext, v in members.items() if ext != "__key__"))
+    try:
+        if "prob.npz" in members:
+            show_imagenet_plus(members, augmentations, limits)
+        elif "npz" in members or "pth.gz" in members:
+            show_datacomp_dr(members, augmentations, limits)
+    except SchemaError as exc:
+        refused(exc.reason, str(exc))
+    except Exception as exc:  # noqa: BLE001 - any other undecodable member is one line, as validate reports it
+        raise InputError(f"{shard}: sample {members['__key__']}: {type(exc).__name__}: {exc}") from None
 
 
-def show_imagenet_plus(members: dict, augmentations: int) -> None:
+def shard_limits(fs, path: str):
+    """What the shard's run declares, when it sits in RUN/shards/ beside RUN/dr_config.json."""
+    from reinforge.schemas.limits import declared_limits
+    folder = path.rpartition("/")[0]
+    run, _, name = folder.rpartition("/")
+    config = None
+    if name == "shards" and fs.exists(f"{run}/dr_config.json"):
+        try:
+            config = json.loads(fs.cat_file(f"{run}/dr_config.json"))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return declared_limits(config)
+
+
+def refused(reason: str, message: str) -> None:
+    click.echo(f"refused: {reason}: {message}", err=True)
+    sys.exit(1)
+
+
+def show_imagenet_plus(members: dict, augmentations: int, limits=None) -> None:
     from reinforge.schemas.imagenet_plus import decode_sample
-    sample = decode_sample(members)
+    sample = decode_sample(members, limits)
     click.echo(f"label: {sample.label}   image: {sample.image_ext}, {len(sample.image)} B   meta: {json.dumps(sample.meta)}")
     click.echo(f"stored augmentations: {sample.num_augmentations}, top-k: {sample.values.shape[1]}")
     for n in range(min(augmentations, sample.num_augmentations)):
@@ -154,9 +176,9 @@ def show_imagenet_plus(members: dict, augmentations: int) -> None:
         click.echo(f"      top-5 {top}  (stored mass {sample.values[n].sum():.3f})")
 
 
-def show_datacomp_dr(members: dict, augmentations: int) -> None:
+def show_datacomp_dr(members: dict, augmentations: int, limits=None) -> None:
     from reinforge.schemas.datacomp_dr import decode_dr_sample
-    sample = decode_dr_sample(members)
+    sample = decode_dr_sample(members, limits)
     click.echo(f"uid: {sample.uid}   caption: {sample.caption!r}   sha256: {sample.meta.get('sha256')}")
     for key, captions in sample.syn.items():
         click.echo(f"{key}: {captions}")

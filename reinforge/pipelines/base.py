@@ -6,6 +6,8 @@ from typing import Iterator
 from pydantic import BaseModel
 
 from reinforge.pipelines.sources import Task
+from reinforge.schemas.image import DEFAULT_MAX_PIXELS
+from reinforge.schemas.limits import Limits, declared_limits
 from reinforge.schemas.manifest import RunLayout
 from reinforge.schemas.wds import ShardWriter
 from reinforge.stages.base import Stage
@@ -53,6 +55,24 @@ class Pipeline:
         """Extra per-task files, relative to the run directory (e.g. DataComp's shards/<id>_stats.json);
         committed after the shard and before the manifest, and listed in the manifest's outputs."""
         return {}
+
+    def max_image_pixels(self) -> int:
+        spec = getattr(self.recipe, "input", None)
+        return getattr(spec, "max_image_pixels", DEFAULT_MAX_PIXELS)
+
+    def output_limits(self, layout: RunLayout) -> Limits:
+        """Bounds for reading the run's own shards back (validate): what its trainer config declares
+        (N, top-k, dims, captions), the defaults of schemas.limits where it has none."""
+        import json
+
+        from reinforge.pipelines.storage import exists, read_text
+        config = None
+        if exists(layout.dr_config):
+            try:
+                config = json.loads(read_text(layout.dr_config))
+            except (ValueError, UnicodeDecodeError):
+                pass  # the checker reports an unreadable trainer config
+        return declared_limits(config, self.max_image_pixels())
 
     def sample_checker(self, layout: RunLayout):
         """A callable(members) raising on a sample that breaks the product's schema, for `validate`."""

@@ -9,6 +9,7 @@ from reinforge.pipelines.base import Pipeline
 from reinforge.pipelines.sources import Task, WebDatasetSource
 from reinforge.schemas.config import EmbedPoolRecipe
 from reinforge.schemas.embeddings import IMAGE_KEY, TEXT_KEY, embeddings_table, table_bytes
+from reinforge.schemas.limits import Limits
 from reinforge.schemas.manifest import RunLayout, join
 from reinforge.stages.base import Stage
 from reinforge.stages.decode import DecodeImage
@@ -54,7 +55,7 @@ class EmbeddingWriter:
 class EmbedPoolPipeline(Pipeline):
     def __init__(self, recipe: EmbedPoolRecipe):
         self.recipe = recipe
-        self.source = WebDatasetSource(recipe.input.path)
+        self.source = WebDatasetSource(recipe.input.path, Limits.for_images(recipe.input.max_image_pixels))
         self.encoder: Encoder | None = None
 
     def samples_per_batch(self) -> int:

@@ -8,6 +8,7 @@ from reinforge.pipelines.sources import ImageFolderSource, WebDatasetSource
 from reinforge.pipelines.storage import write_bytes
 from reinforge.schemas.augment import Augmenter, replay_augmenter
 from reinforge.schemas.config import ImageNetPlusRecipe
+from reinforge.schemas.limits import Limits, declared_limits
 from reinforge.schemas.manifest import RunLayout
 from reinforge.stages.augment import Augment
 from reinforge.stages.base import Stage
@@ -37,8 +38,9 @@ class ImageNetPlusPipeline(Pipeline):
     def __init__(self, recipe: ImageNetPlusRecipe):
         self.recipe = recipe
         spec = recipe.input
-        self.source = (ImageFolderSource(spec.path, spec.samples_per_task) if spec.format == "imagefolder"
-                       else WebDatasetSource(spec.path))
+        inputs = Limits.for_images(spec.max_image_pixels)
+        self.source = (ImageFolderSource(spec.path, spec.samples_per_task, inputs.image)
+                       if spec.format == "imagefolder" else WebDatasetSource(spec.path, inputs))
 
     def samples_per_batch(self) -> int:
         # fixed by the recipe, not by teacher batch sizes: mixing partners are drawn from this batch
@@ -59,25 +61,28 @@ class ImageNetPlusPipeline(Pipeline):
         ]
 
     def sample_checker(self, layout: RunLayout):
-        return sample_checker(layout)
+        return sample_checker(layout, self.max_image_pixels())
 
     def prepare_run(self, layout: RunLayout) -> None:
         write_bytes(layout.dr_config, json.dumps(trainer_config(self.recipe), indent=1, sort_keys=True).encode())
 
 
-def sample_checker(layout: RunLayout):
+def sample_checker(layout: RunLayout, max_pixels: int):
     """A per-sample schema check for `validate`: layout, N, k, class ids, probability mass, sha256,
-    and that the first stored augmentation replays inside the image."""
+    and that the first stored augmentation replays inside the image. Members inflate only within the
+    bounds the config declares (N, k)."""
     from reinforge.pipelines.storage import read_text
     from reinforge.schemas.image import decode_rgb
     from reinforge.schemas.imagenet_plus import decode_sample, sha256_hex
 
-    config = json.loads(read_text(layout.dr_config))["reinforce"]
+    full = json.loads(read_text(layout.dr_config))
+    config = full["reinforce"]
     augmenter = replay_augmenter(config)
     n, k = config["num_samples"], config["topk"]
+    limits = declared_limits(full, max_pixels)
 
     def check(members: dict) -> None:
-        sample = decode_sample(members)
+        sample = decode_sample(members, limits)
         if sample.num_augmentations != n:
             raise ValueError(f"{sample.num_augmentations} augmentations, recipe says {n}")
         if sample.values.shape[1] != k and sample.values.shape[1] > k:
@@ -88,6 +93,6 @@ def sample_checker(layout: RunLayout):
             raise ValueError("sha256 in json does not match the image bytes")
         first = sample.entries[0]
         if not augmenter.uses_partner or first[0] is None:
-            augmenter.apply(first, decode_rgb(sample.image))
+            augmenter.apply(first, decode_rgb(sample.image, max_pixels))
 
     return check

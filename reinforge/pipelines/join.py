@@ -36,6 +36,7 @@ from reinforge.schemas.config import JoinRecipe
 from reinforge.schemas.datacomp_dr import CAPTION_MEMBER, META_MEMBER, URL_MEMBER, check_replayable, decode_dr_sample
 from reinforge.schemas.image import IMAGE_EXTENSIONS, find_image
 from reinforge.schemas.imagenet_plus import SchemaError
+from reinforge.schemas.limits import Limits
 from reinforge.schemas.manifest import RunLayout
 from reinforge.schemas.subset import LoadedSubset, first_occurrence, locate, make_subset, uid_hex, uid_order
 from reinforge.stages.base import MapStage, SkipSample, Stage
@@ -60,8 +61,10 @@ class JoinDR(MapStage):
 
     name = "join"
 
-    def __init__(self, image_augmentation: dict, caption_member: str, uid_field: str, threads: int = 1):
+    def __init__(self, image_augmentation: dict, caption_member: str, uid_field: str, threads: int = 1,
+                 limits: Limits | None = None):
         self.augmenter = Augmenter(image_augmentation)
+        self.limits = limits
         self.caption = ParseCaption(caption_member)
         self.uid_field = uid_field
         self.threads = threads
@@ -71,9 +74,9 @@ class JoinDR(MapStage):
         if "__error__" in reinforcement:
             raise SkipSample(*reinforcement["__error__"])
         try:
-            record = decode_dr_sample({"__key__": sample["__key__"], **reinforcement})
-        except SchemaError as exc:
-            raise SkipSample("schema", str(exc)) from None
+            record = decode_dr_sample({"__key__": sample["__key__"], **reinforcement}, self.limits)
+        except SchemaError as exc:  # reason schema, or member_too_large
+            raise SkipSample(exc.reason, str(exc)) from None
         if pool is None:
             raise SkipSample("missing_image", f"uid {record.uid} is not in the image pool")
         if "__error__" in pool:
@@ -180,8 +183,9 @@ class JoinPipeline(Pipeline):
         where = {uid: (url, offset, length) for uid, url, offset, length in
                  zip(rows["uid"], rows["shard"], rows["offset"], rows["length"])}
         pool = PoolReader()
+        source = WebDatasetSource(self.recipe.input.path, self.output_limits(self.layout))  # the run's dr_config
         try:
-            for members in self.source.read(task):
+            for members in source.read(task):
                 key = members.pop("__key__")
                 found = where.get(_uid_of(members))
                 yield {"__key__": key, "__reinforcement__": members, "__pool__": pool.fetch(*found) if found else None}
@@ -191,7 +195,8 @@ class JoinPipeline(Pipeline):
     def build_stages(self) -> list[Stage]:
         r = self.recipe
         _, augmentation = self.load_dr_config(self.layout.dr_config)  # the run's copy (prepare_run)
-        return [JoinDR(augmentation, r.caption_member, r.images.uid_field, max(1, int(r.resources.cpus_per_actor)))]
+        return [JoinDR(augmentation, r.caption_member, r.images.uid_field, max(1, int(r.resources.cpus_per_actor)),
+                       self.output_limits(self.layout))]
 
     def samples_per_batch(self) -> int:
         return 64
@@ -208,9 +213,10 @@ class JoinPipeline(Pipeline):
         config, augmentation = self.load_dr_config(layout.dr_config)
         augmenter = Augmenter(augmentation)
         n, dims = config["reinforce"].get("num_samples"), config.get("teacher_dims")
+        limits = self.output_limits(layout)
 
         def check(members: dict) -> None:
-            sample = decode_dr_sample(members)
+            sample = decode_dr_sample(members, limits)
             if n is not None and len(sample.entries) != n:
                 raise ValueError(f"{len(sample.entries)} stored augmentations, the trainer config says {n}")
             if dims and sample.dim != sum(dims):

@@ -9,6 +9,7 @@ from reinforge.pipelines.sources import WebDatasetSource
 from reinforge.pipelines.storage import write_bytes
 from reinforge.schemas.augment import Augmenter
 from reinforge.schemas.config import ConfigError, MobileCLIPRecipe
+from reinforge.schemas.limits import Limits
 from reinforge.schemas.manifest import RunLayout
 from reinforge.stages.augment import Augment
 from reinforge.stages.base import Stage
@@ -38,7 +39,7 @@ def check_teachers(recipe: MobileCLIPRecipe) -> list[dict]:
 class MobileCLIPPipeline(Pipeline):
     def __init__(self, recipe: MobileCLIPRecipe):
         self.recipe = recipe
-        self.source = WebDatasetSource(recipe.input.path)
+        self.source = WebDatasetSource(recipe.input.path, Limits.for_images(recipe.input.max_image_pixels))
         self.teacher_info = check_teachers(recipe) if recipe.mode != "captions" else []
 
     def samples_per_batch(self) -> int:
@@ -80,9 +81,10 @@ class MobileCLIPPipeline(Pipeline):
         augmenter = Augmenter(self.recipe.augmentation.image_augmentation, self.recipe.augmentation.backend)
         dims = [info["embed_dim"] for info in self.teacher_info]
         n = self.recipe.augmentation.num_samples
+        limits = self.output_limits(layout)
 
         def check(members: dict) -> None:
-            sample = decode_dr_sample(members)
+            sample = decode_dr_sample(members, limits)
             if len(sample.entries) != n or sample.image_emb.shape[1] != sum(dims):
                 raise ValueError(f"image_emb {sample.image_emb.shape}, expected ({n}, {sum(dims)})")
             start = 0

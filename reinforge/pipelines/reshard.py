@@ -34,6 +34,7 @@ from reinforge.pipelines.sources import InputError, Task, WebDatasetSource
 from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, write_bytes
 from reinforge.pipelines.uid_index import INDEX_STATUS, PoolReader, build_index
 from reinforge.schemas.config import ReshardRecipe, config_digest
+from reinforge.schemas.limits import Limits
 from reinforge.schemas.manifest import RunLayout, TaskManifest
 from reinforge.schemas.subset import LoadedSubset, locate, make_subset, read_subset, uid_hex, write_subset
 from reinforge.stages.base import MapStage, SkipSample, Stage
@@ -272,7 +273,8 @@ class ReshardPipeline(Pipeline):
         fs, path = filesystem(task.inputs[0])
         with fs.open(path, "rb") as f:
             rows = pq.ParquetFile(f).read_row_group(int(task.id)).to_pydict()
-        reader = PoolReader(open_limit=1)  # rows are grouped by pool shard within a copy round
+        # rows are grouped by pool shard within a copy round; samples are passed through whatever they hold
+        reader = PoolReader(open_limit=1, limits=Limits.default())
         try:
             for url, offset, length, hi, lo, copy in zip(rows["shard"], rows["offset"], rows["length"],
                                                          rows["uid_hi"], rows["uid_lo"], rows["copy"]):

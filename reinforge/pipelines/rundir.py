@@ -146,10 +146,13 @@ def run_pipeline(root: str):
 
 def validate_run(root: str) -> tuple[int, list[str]]:
     """Check every manifest's outputs: present, same size and sha256, same sample count; and every
-    sample against the product's schema (its pipeline's sample_checker)."""
+    sample against the product's schema (its pipeline's sample_checker). Members are read and inflated
+    only within the bounds the run declares (a bigger one is a `member_too_large` problem), and a
+    member name that could escape an extraction folder is a `bad_key` problem."""
     layout, run = load_run(root)
     pipeline = run_pipeline(root)
     check_sample = pipeline.sample_checker(layout)
+    limits = pipeline.output_limits(layout)
     problems: list[str] = []
     checked = 0
     readable, unreadable = read_manifests(layout)
@@ -168,16 +171,7 @@ def validate_run(root: str) -> tuple[int, list[str]]:
             with fs.open(path, "rb") as raw:
                 f = HashingReader(raw)
                 if out.path.endswith(".tar"):
-                    try:
-                        for sample in iter_samples(f):
-                            samples += 1
-                            if check_sample is not None:
-                                try:
-                                    check_sample(sample)
-                                except Exception as exc:  # noqa: BLE001 - report every bad sample
-                                    problems.append(f"{out.path}: sample {sample['__key__']}: {exc}")
-                    except ShardReadError as exc:
-                        problems.append(f"{out.path}: {exc}")
+                    samples = _check_shard(f, out.path, limits, check_sample, problems)
                 while f.read(1 << 20):  # hash whatever the tar reader did not consume
                     pass
             if out.path.endswith(".parquet"):  # a table output (embeddings): its rows, from the footer
@@ -201,6 +195,26 @@ def changed_input_problems(pipeline, readable: list[TaskManifest]) -> list[str]:
     return [f"{task}: input changed since the task ran ({old} -> {new}); its outputs are stale, "
             f"rerun with --redo-changed-inputs" for task, (old, new) in
             sorted(changed_tasks(pipeline, tasks, by_id).items())]
+
+
+def _check_shard(f, name: str, limits, check_sample, problems: list[str]) -> int:
+    """Samples in one tar, each checked; appends a line per problem."""
+    samples = 0
+    try:
+        for sample in iter_samples(f, limits):
+            samples += 1
+            if "__error__" in sample:  # bad_key, member_too_large, unreadable_member
+                reason, message = sample["__error__"]
+                problems.append(f"{name}: sample {sample['__key__']!r}: {reason}: {message}")
+            elif check_sample is not None:
+                try:
+                    check_sample(sample)
+                except Exception as exc:  # noqa: BLE001 - report every bad sample
+                    reason = getattr(exc, "reason", type(exc).__name__)
+                    problems.append(f"{name}: sample {sample['__key__']!r}: {reason}: {exc}")
+    except ShardReadError as exc:
+        problems.append(f"{name}: {exc}")
+    return samples
 
 
 def collect_garbage(root: str) -> list[str]:

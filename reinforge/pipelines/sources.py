@@ -10,6 +10,7 @@ from typing import Iterator
 from fsspec.implementations.local import LocalFileSystem
 
 from reinforge.pipelines.storage import filesystem
+from reinforge.schemas.limits import Limits
 from reinforge.schemas.wds import ShardReadError, iter_samples
 
 
@@ -49,10 +50,13 @@ def _safe_id(text: str) -> str:
 
 
 class WebDatasetSource:
-    """One task per input shard; the task id is the shard's file name without extension."""
+    """One task per input shard; the task id is the shard's file name without extension. Shards may be
+    plain or compressed tars (.tar.gz, ...): members are read within `limits` either way (wds.iter_samples),
+    so a sample with an unsafe key or an oversized member reaches the first stage as a counted skip."""
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, limits: Limits | None = None):
         self.pattern = pattern
+        self.limits = limits
 
     def plan(self) -> list[Task]:
         urls = expand_shards(self.pattern)
@@ -74,7 +78,7 @@ class WebDatasetSource:
         except OSError as exc:
             raise ShardReadError(f"cannot open {task.inputs[0]}: {exc}") from exc
         with f:
-            yield from iter_samples(f)
+            yield from iter_samples(f, self.limits)
 
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: a file is in the dataset iff its lower-cased name ends so
@@ -96,9 +100,10 @@ class ImageFolderSource:
     file is an error, as there. A sample's key is its dataset index (8 digits), which is also the ML-DR
     record id; a file that cannot be read or decoded keeps its index and becomes a counted skip."""
 
-    def __init__(self, root: str, samples_per_task: int):
+    def __init__(self, root: str, samples_per_task: int, max_file_bytes: int | None = None):
         self.root = root.rstrip("/")
         self.samples_per_task = samples_per_task
+        self.max_file_bytes = max_file_bytes if max_file_bytes is not None else Limits.for_images().image
 
     def listing(self) -> tuple[list[str], list[tuple[str, int]]]:
         """(class names, [(url, class index)] in dataset-index order)."""
@@ -137,15 +142,25 @@ class ImageFolderSource:
             sample = {"__key__": f"{task.first_index + offset:08d}", "cls": label.encode(),
                       "__source__": url[len(root_url) + 1:]}
             try:
-                sample[member_extension(url)] = fs.cat_file(filesystem(url)[1])
+                data = self._read(fs, url)
             except OSError as exc:  # the index stays taken: the decode stage counts and logs the skip
                 sample["__error__"] = ("unreadable_file", f"{type(exc).__name__}: {exc}")
+            else:
+                if len(data) > self.max_file_bytes:
+                    sample["__error__"] = ("member_too_large",
+                                           f"{url}: over the image bound of {self.max_file_bytes} bytes")
+                else:
+                    sample[member_extension(url)] = data
             yield sample
 
     @staticmethod
     def input_files(task: Task) -> list[str]:
         """The file of each entry of task.inputs (they are `url#label`)."""
         return [item.rpartition("#")[0] for item in task.inputs]
+
+    def _read(self, fs, url: str) -> bytes:
+        # one ranged read, one byte past the bound: enough to refuse a file without holding all of it
+        return fs.cat_file(filesystem(url)[1], start=0, end=self.max_file_bytes + 1)
 
 
 def is_imagefolder_file(path: str) -> bool:

@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 from reinforge.pipelines.sources import Task
 from reinforge.pipelines.storage import exists, filesystem, write_bytes
 from reinforge.schemas import tarscan
+from reinforge.schemas.limits import Limits
 from reinforge.schemas.subset import UID_OK, parse_hex_uids
-from reinforge.schemas.wds import ShardReadError, iter_samples, split_member_name
+from reinforge.schemas.wds import ShardReadError, iter_samples, split_member_name, unsafe_name
 
 INDEX_STATUS = {1: "no_json", 2: "no_uid_field", 3: "malformed_uid", 4: "bad_json"}
 _META_KEY = b"reinforge.uid_index"
@@ -176,17 +177,25 @@ def sample_from_range(data: bytes, length: int, where: str) -> dict:
         sample.pop("__key__", None)
     except tarscan.Corrupt:
         return bad
-    return sample if len(keys) == 1 else bad
+    if len(keys) != 1:
+        return bad
+    problem = unsafe_name(next(iter(keys)))
+    return {"__error__": ("bad_key", f"{where}: sample key {next(iter(keys))!r} {problem}")} if problem else sample
 
 
 class PoolReader:
-    """Single pool samples by byte range, keeping the last few pool shards open."""
+    """Single pool samples by byte range, keeping the last few pool shards open. A range over
+    limits.sample (default Limits.for_images()) is refused unread (`member_too_large`)."""
 
-    def __init__(self, open_limit: int = 4):
+    def __init__(self, open_limit: int = 4, limits: Limits | None = None):
         self.open_limit = open_limit
+        self.limits = limits or Limits.for_images()
         self.handles: OrderedDict = OrderedDict()
 
     def fetch(self, url: str, offset: int, length: int) -> dict:
+        if length > self.limits.sample:  # the index took the size from tar headers: not read yet
+            return {"__error__": ("member_too_large", f"{url}@{offset}: sample of {length} bytes, over the "
+                                                      f"sample bound of {self.limits.sample}")}
         handle = self.handles.pop(url, None)
         if handle is None:
             fs, path = filesystem(url)

@@ -3,10 +3,16 @@ teacher probabilities. Imports only reinforge.schemas, so a trainer can use it w
 
 The dataset indexes each shard once (tar member offsets only) and then reads members by seeking,
 so it is map-style and random-access without holding image bytes in memory.
+
+A bad item (unsafe key, a member over the bounds the run declares, schema error, wrong sha256, an
+undecodable image, a box outside it) never ends an epoch: the next readable item (i+1, i+2, ...) is
+returned in its place. The first time a process meets it, it is logged with its key and counted in
+`skipped` by reason (shared with DataLoader workers); later it is passed over without being read.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tarfile
@@ -15,12 +21,22 @@ import fsspec
 import torch
 import torch.nn.functional as F
 
+from reinforge.readers.skips import SkipCounters
 from reinforge.schemas.augment import replay_augmenter
 from reinforge.schemas.image import IMAGE_EXTENSIONS, decode_rgb
 from reinforge.schemas.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample,
                                              densify, sha256_hex)
+from reinforge.schemas.limits import Limits, declared_limits, too_large
 from reinforge.schemas.manifest import RunLayout, TaskManifest, join
-from reinforge.schemas.wds import split_member_name
+from reinforge.schemas.wds import split_member_name, unsafe_name
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS: tuple[str, ...] = (
+    "bad_key", "member_too_large", "unreadable_member", "schema", "sha256_mismatch", "missing_partner",
+    "empty_image", "corrupt_image", "image_too_large", "replay_error",
+)
+MAX_CONSECUTIVE_SKIPS = 64  # then the shards are broken, not a sample: raise
 
 
 RANDOM_READ_BLOCK = 1 << 20
@@ -86,11 +102,14 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
     DataLoader workers that are not persistent, the copy made at iterator creation sees it).
     backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
     view its teachers scored), "pil" (Apple's ml-dr) when there is no run config.
+    limits: byte bounds on what a sample's members may read or inflate to (schemas.limits); default:
+    from the run config's num_samples and topk, else schemas.limits' defaults.
+    A bad item is skipped and counted (module docstring): `skipped` {reason: count}.
     """
 
     def __init__(self, shards: str | list[str], mode: str = "random", p_plain: float = 0.0, seed: int = 0,
                  num_classes: int | None = None, image_augmentation: dict | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, limits: Limits | None = None):
         if mode not in ("random", "epoch"):
             raise ValueError(f"mode must be 'random' or 'epoch', not {mode!r}")
         if not 0.0 <= p_plain <= 1.0:
@@ -106,6 +125,9 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
         self.config = config
         self.num_classes = num_classes if num_classes is not None else _num_classes_from(config)
         self.augmenter = replay_augmenter(config.get("reinforce"), image_augmentation, backend)
+        self.limits = limits or declared_limits(config)
+        self._skipped = SkipCounters(SKIP_REASONS)
+        self._bad: set[int] = set()  # items this process found unreadable
 
         # key -> (shard number, {ext: (offset, size)}); only offsets are kept
         self._index: list[tuple[int, dict]] = []
@@ -137,13 +159,24 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
         return self._files[shard]
 
     def _members(self, i: int, only: tuple[str, ...] | None = None) -> dict:
+        """The members of item i, each size checked against its bound before it is read."""
+        key = self.keys[i]
+        problem = unsafe_name(key)
+        if problem:
+            raise SchemaError(f"sample key {key!r} {problem}", "bad_key")
         shard, offsets = self._index[i]
+        wanted = {ext: where for ext, where in offsets.items() if only is None or ext in only}
+        for ext, (_, size) in wanted.items():
+            if size > self.limits.bound(ext):
+                raise too_large(f"sample {key}: {ext}", size, self.limits.bound(ext))
+        total = sum(size for _, size in wanted.values())
+        if total > self.limits.sample:
+            raise too_large(f"sample {key}: its members", total, self.limits.sample)
         f = self._file(shard)
-        members = {"__key__": self.keys[i]}
-        for ext, (offset, size) in offsets.items():
-            if only is None or ext in only:
-                f.seek(offset)
-                members[ext] = f.read(size)
+        members = {"__key__": key}
+        for ext, (offset, size) in wanted.items():
+            f.seek(offset)
+            members[ext] = f.read(size)
         return members
 
     # --- public API --------------------------------------------------------------------------------
@@ -156,27 +189,42 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
     def index_of(self, key: str) -> int:
         return self._position[key]
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of items skipped so far, all DataLoader workers together."""
+        return self._skipped.as_dict()
+
+    def reset_skipped(self) -> None:
+        self._skipped.reset()
+
     def sample(self, i: int) -> ReinforcedSample:
-        return decode_sample(self._members(i))
+        """Item i's stored sample; raises SchemaError (with a reason) instead of skipping it."""
+        return decode_sample(self._members(i), self.limits)
 
     def _checked_image(self, sample: ReinforcedSample) -> torch.Tensor:
         # crop boxes refer to exactly these bytes; anything else would replay a different picture
         if sample.meta.get("sha256") != sha256_hex(sample.image):
-            raise SchemaError(f"sample {sample.key}: sha256 in {META_MEMBER!r} does not match the image bytes")
+            raise SchemaError(f"sample {sample.key}: sha256 in {META_MEMBER!r} does not match the image bytes",
+                              "sha256_mismatch")
         return decode_rgb(sample.image)
 
     def _partner_image(self, partner: str | int) -> torch.Tensor:
         # our shards name partners by key; an int is a dataset index (ML-DR's convention)
         position = self._position.get(partner) if isinstance(partner, str) else partner
         if not isinstance(position, int) or not 0 <= position < len(self.keys):
-            raise SchemaError(f"mixing partner {partner!r} is not in these shards")
+            raise SchemaError(f"mixing partner {partner!r} is not in these shards", "missing_partner")
         key = self.keys[position]
         members = self._members(position, only=(META_MEMBER, *IMAGE_EXTENSIONS))
         image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
         if image is None or META_MEMBER not in members:
-            raise SchemaError(f"mixing partner {key}: no image or no {META_MEMBER!r} member")
-        if json.loads(members[META_MEMBER]).get("sha256") != sha256_hex(image):
-            raise SchemaError(f"mixing partner {key}: sha256 in {META_MEMBER!r} does not match the image bytes")
+            raise SchemaError(f"mixing partner {key}: no image or no {META_MEMBER!r} member", "missing_partner")
+        try:
+            meta = json.loads(members[META_MEMBER])
+        except (ValueError, RecursionError) as exc:
+            raise SchemaError(f"mixing partner {key}: {META_MEMBER!r} is not JSON: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("sha256") != sha256_hex(image):
+            raise SchemaError(f"mixing partner {key}: sha256 in {META_MEMBER!r} does not match the image bytes",
+                              "sha256_mismatch")
         return decode_rgb(image)
 
     def choose(self, i: int, num_augmentations: int) -> int | None:
@@ -193,7 +241,29 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         num_classes = self._require_classes()
+        i = range(len(self))[i]  # IndexError as usual; negative indices count from the end
+        for step in range(MAX_CONSECUTIVE_SKIPS):
+            j = (i + step) % len(self)
+            if j in self._bad:
+                continue
+            try:
+                return self._item(j, num_classes)
+            except (ValueError, OSError) as exc:  # SchemaError and ImageDecodeError are ValueErrors
+                self._skip(j, exc)
+        raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} items in a row from index {i} could not be read "
+                           f"(skipped: {self.skipped}): are these the run's shards?")
+
+    def _skip(self, i: int, exc: Exception) -> None:
+        self._bad.add(i)
+        reason = getattr(exc, "reason", "unreadable_member" if isinstance(exc, OSError) else "replay_error")
+        self._skipped.add(reason if reason in SKIP_REASONS else "schema")
+        log.warning("skipping sample %s (%s): %s", self.keys[i], reason, exc)
+
+    def _item(self, i: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.sample(i)
+        ids_ok = sample.ids.size == 0 or 0 <= sample.ids.min() <= sample.ids.max() < num_classes
+        if not (0 <= sample.label < num_classes and ids_ok):  # one_hot / densify would raise otherwise
+            raise SchemaError(f"sample {sample.key}: label or class ids outside [0, {num_classes})")
         image = self._checked_image(sample)
         j = self.choose(i, sample.num_augmentations)
         if j is None:
@@ -203,6 +273,6 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
         partner = self._partner_image(partner_id) if partner_id is not None else None
         try:
             view = self.augmenter.apply(entry, image, partner)
-        except ValueError as exc:  # e.g. a crop box outside the stored image
-            raise SchemaError(f"sample {sample.key}, augmentation {j}: cannot replay: {exc}") from exc
+        except (ValueError, TypeError, IndexError, KeyError) as exc:  # a box outside the image, a malformed slot
+            raise SchemaError(f"sample {sample.key}, augmentation {j}: cannot replay: {exc}", "replay_error") from exc
         return view, densify(sample.values[j], sample.ids[j], num_classes)

@@ -5,9 +5,9 @@ param_aug[j] on the stored image bytes and returns the view with the matching te
 image_emb[j], the ground-truth text_emb row and <syn_key>_emb[c]. Imports reinforge.schemas, torch
 and webdataset only (no Ray), so a trainer can use it as is.
 
-Bad samples (wrong sha256, crop boxes outside the stored image, schema errors, unreadable shards)
-are skipped, logged with their uid and counted in `skipped`, whichever DataLoader worker saw them;
-an epoch never stops on them.
+Bad samples (wrong sha256, crop boxes outside the stored image, schema errors, unsafe keys, members
+that would inflate past the bounds the run declares, unreadable shards) are skipped, logged with their
+uid and counted in `skipped`, whichever DataLoader worker saw them; an epoch never stops on them.
 """
 from __future__ import annotations
 
@@ -25,18 +25,20 @@ import torch
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 
+from reinforge.readers.skips import SkipCounters, spawning
 from reinforge.schemas.augment import entry_seed, replay_augmenter
 from reinforge.schemas.datacomp_dr import ReplayError, decode_dr_sample, replayable_image
 from reinforge.schemas.imagenet_plus import SchemaError
+from reinforge.schemas.limits import Limits, declared_limits
 from reinforge.schemas.manifest import RunLayout, TaskManifest, join
 from reinforge.schemas.wds import ShardReadError, iter_samples
 
 log = logging.getLogger(__name__)
 
 SKIP_REASONS: tuple[str, ...] = (
-    "unreadable_shard", "unreadable_member", "schema", "missing_image", "missing_caption",
-    "missing_syn_captions", "missing_augmentations", "missing_sha256", "sha256_mismatch", "corrupt_image",
-    "bad_params", "crop_out_of_bounds", "replay_error",
+    "unreadable_shard", "unreadable_member", "bad_key", "member_too_large", "schema", "missing_image",
+    "missing_caption", "missing_syn_captions", "missing_augmentations", "missing_sha256", "sha256_mismatch",
+    "corrupt_image", "bad_params", "crop_out_of_bounds", "replay_error",
 )
 # Keys of Apple's configs that torchvision-free replay does not need (their trainer ignores them too).
 _IGNORED_TRANSFORMS = ("to_rgb",)
@@ -97,38 +99,6 @@ def augmentation_from_config(config: dict, overrides: dict | None = None) -> dic
     return augmentation
 
 
-def _spawning() -> bool:
-    from multiprocessing.context import get_spawning_popen
-    return get_spawning_popen() is not None
-
-
-class _Counters:
-    """Skip counts in shared memory: DataLoader workers (forked or spawned) add to the parent's copy.
-    Pickled any other way (deepcopy, another framework), the copy gets its own counts."""
-
-    def __init__(self, values: list[int] | None = None):
-        self._array = multiprocessing.Array("q", values or len(SKIP_REASONS))
-
-    def __getstate__(self):
-        return {"array": self._array} if _spawning() else {"values": list(self._array)}
-
-    def __setstate__(self, state):
-        self._array = state["array"] if "array" in state else multiprocessing.Array("q", state["values"])
-
-    def add(self, reason: str) -> None:
-        with self._array.get_lock():
-            self._array[SKIP_REASONS.index(reason)] += 1
-
-    def as_dict(self) -> dict[str, int]:
-        with self._array.get_lock():
-            return {r: int(n) for r, n in zip(SKIP_REASONS, self._array) if n}
-
-    def reset(self) -> None:
-        with self._array.get_lock():
-            for i in range(len(SKIP_REASONS)):
-                self._array[i] = 0
-
-
 class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
     """Iterable DataCompDR / DFNDR dataset yielding, per sample, a dict of
 
@@ -151,13 +121,15 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
     {"random_resized_crop": {"size": 256}, "normalize": {"mean": ..., "std": ...}}.
     backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
     view its teachers scored), "pil" (Apple's trainers) when there is no run config.
+    limits: byte bounds on what a sample's members may read or inflate to (schemas.limits); default:
+    from the run config's num_samples, teacher dims and captioners, else schemas.limits' defaults.
     Shards are split over distributed ranks and DataLoader workers. Call set_epoch(e) before each
     epoch; it is shared with worker processes, persistent ones included.
     """
 
     def __init__(self, urls_or_run_dir: str | list[str], tokenizer: Callable, image_augmentation: dict | None = None,
                  mode: str = "random", seed: int = 0, syn_key: str = "syn_text", overrides: dict | None = None,
-                 shuffle_shards: bool = False, backend: str | None = None):
+                 shuffle_shards: bool = False, backend: str | None = None, limits: Limits | None = None):
         if mode not in ("random", "epoch"):
             raise ValueError(f"mode must be 'random' or 'epoch', not {mode!r}")
         self.mode, self.seed, self.syn_key, self.shuffle_shards = mode, int(seed), syn_key, shuffle_shards
@@ -190,12 +162,13 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
         self.teacher_logit_scales: list[float] | None = self.config.get("teacher_logit_scales")
         # [contrastive, distillation] for readers.losses.mobileclip_distill_loss(loss_weights=...)
         self.distill_loss_weights: list[float] | None = self.config.get("distill_loss_weights")
+        self.limits = limits or declared_limits(self.config)
         self._epoch = multiprocessing.Value("q", 0)
-        self._skipped = _Counters()
+        self._skipped = SkipCounters(SKIP_REASONS)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        if not _spawning():  # shared memory travels only to worker processes; elsewhere copy the value
+        if not spawning():  # shared memory travels only to worker processes; elsewhere copy the value
             state["_epoch"] = int(self._epoch.value)
         return state
 
@@ -247,13 +220,14 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
 
     def _item(self, members: dict, url: str, epoch: int) -> dict | None:
         uid = str(members.get("__key__", "?")).rpartition("/")[2]
-        if "__error__" in members:
-            self._skip("unreadable_member", uid, url, members["__error__"][1])
+        if "__error__" in members:  # unreadable_member, bad_key, member_too_large
+            reason, message = members["__error__"]
+            self._skip(reason, uid, url, message)
             return None
         try:
-            sample = decode_dr_sample(members)
-        except SchemaError as exc:
-            self._skip("schema", uid, url, str(exc))
+            sample = decode_dr_sample(members, self.limits)
+        except SchemaError as exc:  # schema, or member_too_large
+            self._skip(exc.reason, uid, url, str(exc))
             return None
         captions = sample.syn.get(self.syn_key) or []
         problem = ("missing_caption" if sample.caption is None else
@@ -269,7 +243,7 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
         except ReplayError as exc:
             self._skip(exc.reason, uid, url, str(exc))
             return None
-        except ValueError as exc:  # a slot the bounds check does not cover (e.g. a malformed RandAugment op)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:  # a slot the bounds check does not cover
             self._skip("replay_error", uid, url, str(exc))
             return None
         return {
@@ -287,7 +261,7 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
         for url in self.shards_for_this_worker(epoch):
             try:
                 with open_shard(url) as stream:
-                    for members in iter_samples(stream):
+                    for members in iter_samples(stream, self.limits):
                         item = self._item(members, url, epoch)
                         if item is not None:
                             yield item

@@ -27,6 +27,7 @@ import json
 import math
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from reinforge.schemas.arrays import load_npz, npz_bytes
 from reinforge.schemas.augment import Augmenter
 from reinforge.schemas.image import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from reinforge.schemas.imagenet_plus import SchemaError, dumps_compact, sha256_hex
+from reinforge.schemas.limits import SLACK, Limits, MemberTooLarge, gunzip, too_large
 
 UID = re.compile(r"^[0-9a-f]{32}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,8 +60,7 @@ class ReplayError(SchemaError):
     crop_out_of_bounds."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason)
 
 
 @dataclass(frozen=True)
@@ -240,24 +241,44 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, (bytes, bytearray, str)) else value
 
 
-def _load_arrays(members: dict, fail) -> dict[str, np.ndarray]:
+def _load_arrays(members: dict, fail, limits: Limits) -> dict[str, np.ndarray]:
     if NPZ_MEMBER in members:  # FORMATS: a trainer prefers npz (float32) when both exist
         try:
-            arrays = load_npz(members[NPZ_MEMBER])
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-            raise fail(f"{NPZ_MEMBER}: unreadable: {type(exc).__name__}: {exc}") from None
+            arrays = load_npz(members[NPZ_MEMBER], limits.arrays)
+        except SchemaError as exc:  # MemberTooLarge stays itself: readers count it apart
+            raise fail(f"{NPZ_MEMBER}: {exc}", type(exc)) from None
         return {k: v.astype(np.float32) for k, v in arrays.items()}
     if PTH_MEMBER in members:
-        try:
-            raw = gzip.decompress(members[PTH_MEMBER])
-            # weights_only: tensors and plain containers only; never unpickle arbitrary objects
-            tensors = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - gzip, zip and unpickling errors all mean "bad member"
-            raise fail(f"{PTH_MEMBER}: unreadable: {type(exc).__name__}: {exc}") from None
+        tensors = _load_pth_gz(members[PTH_MEMBER], fail, limits.arrays + SLACK)  # + torch.save's own records
         if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
             raise fail(f"{PTH_MEMBER} must hold a dict of tensors")
         return {str(k): v.float().numpy() for k, v in tensors.items()}
     raise fail(f"no embeddings: neither {NPZ_MEMBER!r} nor {PTH_MEMBER!r} is present")
+
+
+def _torch_zip_size(raw: bytes) -> int:
+    """What torch.load may inflate and allocate: the declared sizes of the zip's records (it checks
+    every tensor's record against its claimed size before filling it)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            return sum(info.file_size for info in zf.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, zlib.error):
+        return 0  # not a zip (a legacy pickle file): torch.load's weights_only refusal names it
+
+
+def _load_pth_gz(data: bytes, fail, bound: int):
+    try:
+        raw = gunzip(data, bound, PTH_MEMBER)
+        size = _torch_zip_size(raw)
+        if size > bound:
+            raise too_large(f"{PTH_MEMBER} records", size, bound)
+    except SchemaError as exc:
+        raise fail(str(exc), type(exc)) from None
+    try:
+        # weights_only: tensors and plain containers only; never unpickle arbitrary objects
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip and unpickling errors all mean "bad member"
+        raise fail(f"{PTH_MEMBER}: unreadable: {type(exc).__name__}: {exc}") from None
 
 
 def _split_text_rows(arrays: dict, syn: dict, fail) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -281,23 +302,28 @@ def _split_text_rows(arrays: dict, syn: dict, fail) -> tuple[np.ndarray, dict[st
     return text[:text.shape[0] - s], rows
 
 
-def decode_dr_sample(members: dict) -> DRSample:
+def decode_dr_sample(members: dict, limits: Limits | None = None) -> DRSample:
     """Either layout, npz or pth.gz, param_aug as a list or a JSON string, image present or not.
-    Embeddings come back as float32. Raises SchemaError naming the uid and the member."""
+    Embeddings come back as float32. Raises SchemaError naming the uid and the member; MemberTooLarge
+    (a SchemaError) when a member would inflate past `limits` (default: Limits.default())."""
+    limits = limits or Limits.default()
     key = str(members.get("__key__", "?"))
     uid = key.rpartition("/")[2]
 
-    def fail(message: str) -> SchemaError:
-        return SchemaError(f"sample {uid}: {message}")
+    def fail(message: str, kind: type[SchemaError] = SchemaError) -> SchemaError:
+        return kind(f"sample {uid}: {message}")
 
     for name in (META_MEMBER, PARAMS_MEMBER, SYN_MEMBER):
         if name not in members:
             raise fail(f"missing member {name!r}")
+    params_size = len(members[PARAMS_MEMBER]) if isinstance(members[PARAMS_MEMBER], (bytes, str)) else 0
+    if params_size > limits.params:  # parsed JSON takes many times its bytes
+        raise fail(f"{PARAMS_MEMBER}: {params_size} bytes, over its bound of {limits.params}", MemberTooLarge)
     try:
         meta = _json(members[META_MEMBER])
         syn = _json(members[SYN_MEMBER])
         params = _json(members[PARAMS_MEMBER])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise fail(f"invalid JSON in {META_MEMBER!r}/{SYN_MEMBER!r}/{PARAMS_MEMBER!r}: {exc}") from None
     if not isinstance(meta, dict):
         raise fail(f"{META_MEMBER!r} must be an object")
@@ -311,12 +337,12 @@ def decode_dr_sample(members: dict) -> DRSample:
     if isinstance(entries, str):  # tolerated on read: some writers stored the list as a JSON string
         try:
             entries = json.loads(entries)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise fail(f"{PARAMS_MEMBER}: param_aug string is not JSON: {exc}") from None
     if not (isinstance(entries, list) and all(isinstance(e, list) for e in entries)):
         raise fail(f"{PARAMS_MEMBER} must hold a list of entries under 'param_aug'")
 
-    arrays = _load_arrays(members, fail)
+    arrays = _load_arrays(members, fail, limits)
     image_emb = arrays.get("image_emb")
     if image_emb is None:
         raise fail(f"embeddings lack 'image_emb' (arrays: {sorted(arrays)})")

@@ -22,16 +22,14 @@ import torch
 
 from reinforge.schemas.arrays import load_npz, npz_bytes
 from reinforge.schemas.image import find_image
+# SchemaError lives in limits (beside MemberTooLarge, its subclass); it is imported from here too
+from reinforge.schemas.limits import Limits, SchemaError, gunzip, too_large
 
 PARAMS_MEMBER = "paug.json"
 PARAMS_MEMBER_GZ = "paug.json.gz"
 PROBS_MEMBER = "prob.npz"
 LABEL_MEMBER = "cls"
 META_MEMBER = "json"
-
-
-class SchemaError(ValueError):
-    """A stored sample does not follow the layout above."""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -56,8 +54,8 @@ def encode_probs(values: np.ndarray, ids: np.ndarray, num_classes: int) -> bytes
     return npz_bytes({"values": values.astype(np.float16), "ids": ids.astype(id_dtype(num_classes))})
 
 
-def decode_probs(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    arrays = load_npz(data)
+def decode_probs(data: bytes, limits: Limits | None = None) -> tuple[np.ndarray, np.ndarray]:
+    arrays = load_npz(data, (limits or Limits.default()).arrays)
     if set(arrays) != {"values", "ids"}:
         raise SchemaError(f"{PROBS_MEMBER} holds {sorted(arrays)}, expected ['ids', 'values']")
     values, ids = arrays["values"], arrays["ids"]
@@ -107,19 +105,29 @@ def encode_sample(sample: ReinforcedSample, num_classes: int, compress_params: b
     }
 
 
-def params_json(members: dict) -> bytes:
-    """The paug JSON of a sample, from the gzip or the plain member."""
+def params_json(members: dict, limits: Limits | None = None) -> bytes:
+    """The paug JSON of a sample, from the gzip or the plain member, at most limits.params bytes."""
+    bound = (limits or Limits.default()).params
     if PARAMS_MEMBER_GZ in members:
-        try:
-            return gzip.decompress(members[PARAMS_MEMBER_GZ])
-        except (OSError, EOFError) as exc:
-            raise SchemaError(f"{PARAMS_MEMBER_GZ}: {exc}") from exc
+        return gunzip(members[PARAMS_MEMBER_GZ], bound, PARAMS_MEMBER_GZ)
     if PARAMS_MEMBER in members:
+        if len(members[PARAMS_MEMBER]) > bound:  # parsed JSON takes many times its bytes
+            raise too_large(PARAMS_MEMBER, len(members[PARAMS_MEMBER]), bound)
         return members[PARAMS_MEMBER]
     raise SchemaError(f"missing member {PARAMS_MEMBER_GZ!r} (or {PARAMS_MEMBER!r})")
 
 
-def decode_sample(members: dict) -> ReinforcedSample:
+def _named(key: str, read, *args):
+    """read(*args), its SchemaError (or MemberTooLarge) naming the sample."""
+    try:
+        return read(*args)
+    except SchemaError as exc:
+        raise type(exc)(f"sample {key}: {exc}") from None
+
+
+def decode_sample(members: dict, limits: Limits | None = None) -> ReinforcedSample:
+    """Raises SchemaError naming the key; MemberTooLarge (a SchemaError) when a member would inflate
+    past `limits` (default: Limits.default())."""
     key = members.get("__key__", "?")
     found = find_image(members)
     if found is None:
@@ -130,15 +138,20 @@ def decode_sample(members: dict) -> ReinforcedSample:
     try:
         label = int(members[LABEL_MEMBER].decode().strip())
         meta = json.loads(members[META_MEMBER])
-        params = json.loads(params_json(members))
-    except (ValueError, UnicodeDecodeError) as exc:
+        params = json.loads(_named(key, params_json, members, limits))
+    except SchemaError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise SchemaError(f"sample {key}: {exc}") from exc
     entries = params.get("param_aug") if isinstance(params, dict) else None
     if isinstance(entries, str):  # tolerate writers that stored the list as a JSON string
-        entries = json.loads(entries)
+        try:
+            entries = json.loads(entries)
+        except (ValueError, RecursionError) as exc:
+            raise SchemaError(f"sample {key}: param_aug string is not JSON: {exc}") from None
     if not isinstance(entries, list):
         raise SchemaError(f"sample {key}: {PARAMS_MEMBER} must hold a list under 'param_aug'")
-    values, ids = decode_probs(members[PROBS_MEMBER])
+    values, ids = _named(key, decode_probs, members[PROBS_MEMBER], limits)
     if values.shape[0] != len(entries):
         raise SchemaError(f"sample {key}: {len(entries)} augmentations but {values.shape[0]} probability rows")
     return ReinforcedSample(key=key, image_ext=found[0], image=found[1], label=label, entries=entries,
