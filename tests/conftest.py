@@ -300,3 +300,22 @@ def tiny_open_clip(kind: str = "clip", image_size: int = 32, seed: int = 0) -> s
         cfg["vision_cfg"]["image_size"] = image_size
         _OPEN_CLIP_DIRS[key] = write_open_clip_dir(tempfile.mkdtemp(prefix=f"reinforge-{kind}-"), cfg, seed)
     return _OPEN_CLIP_DIRS[key]
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (Ray starts its daemons in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree

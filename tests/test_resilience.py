@@ -9,7 +9,7 @@ import time
 
 import pytest
 import yaml
-from conftest import make_input_shards, manifest_nodes, shard_bytes, tiny_recipe, two_node_cluster
+from conftest import make_input_shards, manifest_nodes, process_tree, shard_bytes, tiny_recipe, two_node_cluster
 
 from reinforge.pipelines.runner import run_recipe
 from reinforge.schemas.config import parse_recipe
@@ -36,25 +36,6 @@ def single_node_run(inputs, tmp_path_factory, ray_local):
     return out
 
 
-def _process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (Ray starts its daemons in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            ppid = int(stat.rpartition(")")[2].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "reinforge.cli.main", *args]
 
@@ -73,7 +54,7 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(inputs, single_node_r
             break
         time.sleep(0.01)
     # the driver and everything it started die at once, mid-task, as on a lost machine
-    for pid in _process_tree(proc.pid):
+    for pid in process_tree(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -19,7 +19,7 @@ import urllib.request
 import numpy as np
 import pytest
 import yaml
-from conftest import make_input_shards, tiny_recipe
+from conftest import make_input_shards, process_tree, tiny_recipe
 from test_mobileclip_e2e import datacomp_shards, recipe as mobileclip_recipe, uid
 
 from reinforge.pipelines.runner import run_recipe
@@ -187,24 +187,6 @@ def test_imagenet_plus_on_s3_rerun_tools_and_reader(s3, imagenet_run, tmp_path):
     assert_no_temp_objects(s3)
 
 
-def _process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (Ray starts its daemons in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
 def test_sigkilled_driver_then_rerun_is_byte_identical(s3, imagenet_run, moto_endpoint, tmp_path):
     """`reinforge run` as its own process, with credentials in ~/.aws/credentials (not the environment, so
     its Ray workers, which get a private HOME, find them only through ray_session's HOME_FILES): killed
@@ -225,7 +207,7 @@ def test_sigkilled_driver_then_rerun_is_byte_identical(s3, imagenet_run, moto_en
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not keys(s3, "runs/killed/manifests/"):
         time.sleep(0.05)
-    for pid in _process_tree(proc.pid):  # as on a lost machine: everything at once, mid-task
+    for pid in process_tree(proc.pid):  # as on a lost machine: everything at once, mid-task
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
