@@ -154,15 +154,16 @@ def bad_sample_shard(path, **members) -> str:
 
 
 @pytest.mark.parametrize("members, message", [
-    ({"prob.npz": b"not an npz"}, "sample k0: ValueError: "),
+    ({"prob.npz": b"not an npz"}, "sample k0: unreadable: BadZipFile"),
     ({"prob.npz": b"x", "paug.json": b"{"}, "sample k0: Expecting property name"),
 ])
 def test_inspect_reports_a_bad_sample_in_one_line(tmp_path, members, message):
+    """A sample that fails its schema is refused in one line with its reason (exit 1), as validate lists it."""
     shard = bad_sample_shard(tmp_path / "bad.tar", **members)
     result = subprocess.run([sys.executable, "-m", "reinforge.cli.main", "inspect", shard],
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {shard}: {message}") and len(result.stderr.splitlines()) == 1
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"refused: schema: {message}") and len(result.stderr.splitlines()) == 1
     assert result.stdout.startswith("key: k0")  # what could be read is still shown
 
 

@@ -190,8 +190,13 @@ def validate_run(root: str) -> tuple[int, list[str]]:
 
 
 def changed_input_problems(pipeline, readable: list[TaskManifest]) -> list[str]:
+    from reinforge.pipelines.sources import InputError
     by_id = {m.task_id: m for m in readable}
-    tasks = [t for t in pipeline.planned_tasks() if t.id in by_id]
+    try:
+        planned = pipeline.planned_tasks()
+    except InputError:  # inputs moved or deleted since the run: nothing to compare; the outputs stand alone
+        return []
+    tasks = [t for t in planned if t.id in by_id]
     return [f"{task}: input changed since the task ran ({old} -> {new}); its outputs are stale, "
             f"rerun with --redo-changed-inputs" for task, (old, new) in
             sorted(changed_tasks(pipeline, tasks, by_id).items())]
