@@ -190,7 +190,11 @@ def failing_run(tmp_path_factory, ray_local):
     from reinforge.pipelines.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
-    root = tmp_path_factory.mktemp("failing")
+    return make_failing_run(tmp_path_factory.mktemp("failing"))
+
+
+def make_failing_run(root):
+    """In root: in/ (two good shards, one with 3 bad of 5 samples), recipe.yaml, run/; the CLI's result."""
     (root / "in").mkdir()
     write_shard(root / "in" / "a-0.tar", good_samples(0, 2))
     write_shard(root / "in" / "a-1.tar", good_samples(2, 2))
@@ -224,10 +228,11 @@ def test_status_of_failed_tasks_exits_1_and_says_why(failing_run):
     assert tree_state(root / "run") == before, "status must not write into the run directory"
 
 
-def test_changed_inputs_are_reported_refused_then_redone(failing_run):
+def test_changed_inputs_are_reported_refused_then_redone(local_ray, tmp_path):
     """A shard replaced under its name: status/validate report it, a rerun refuses it unless told to redo
     it. A manifest without a fingerprint (older reinforge) is not checked, so never reported as changed."""
-    root, _ = failing_run
+    root = tmp_path  # a run of its own: this test rewrites inputs and reruns, the shared fixture stays as it is
+    assert make_failing_run(root)[1].exit_code == 1
     run, config = root / "run", str(root / "recipe.yaml")
     old = json.loads((run / "manifests" / "a-0.json").read_text())
     del old["input_fingerprint"]
