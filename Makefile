@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml docker/install.sh
 demo: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/reinforge demo --output runs/demo
 
-# ORDER=--reverse runs the suite backwards (CI does both): no test may lean on what another left behind.
+# ORDER=--reverse runs the suite backwards (as CI does): no test may lean on what another left behind.
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider $(ORDER) tests
 
