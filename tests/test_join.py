@@ -164,3 +164,15 @@ def test_plan_time_errors_name_the_field(runs, tampered, tmp_path):
     result = cli("join", reinforcement, "--images", str(tmp_path / "missing" / "*.tar"),
                  "--output", str(tmp_path / "d"), "--dr-config", str(root / "reinforcement" / "dr_config.json"))
     assert result.exit_code == 2 and "images.path: no shard matches" in result.output, result.output
+
+
+def test_plan_probes_a_join(runs, tmp_path):
+    """`reinforge plan` on a join recipe: its real run over a few reinforcement samples and the pool."""
+    root, pool = runs
+    recipe = tmp_path / "join.yaml"
+    recipe.write_text(json.dumps(join_recipe(str(root / "reinforcement" / "shards" / "*.tar"), pool, tmp_path / "j")))
+    result = cli("plan", str(recipe), "--samples", "100", "--probe-samples", "3", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["probe_samples"] == 3 and plan["yield_fraction"] == 1.0 and plan["tasks"] == 25
+    assert not (tmp_path / "j").exists()

@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pytest
 from conftest import jpeg_bytes, photo, write_shard
 
@@ -73,8 +74,32 @@ def test_plan_storage_within_10_percent_of_the_real_run(tmp_path, local_ray):
     assert "on 4 node(s) (4 actor(s))" in text
 
 
-def test_plan_refuses_products_without_model_stages(tmp_path):
-    recipe = tmp_path / "reshard.yaml"
-    recipe.write_text(f"product: reshard\noutput: {tmp_path}/out\nsubset: {tmp_path}/s.npy\ninput: {{path: x.tar}}\n")
-    result = cli("plan", str(recipe), "--samples", "10")
-    assert result.exit_code == 2 and "plan probes recipes with model stages" in result.output
+def plan_json(recipe: dict, tmp_path, samples: int = 1000, probe: int = 4) -> dict:
+    path = tmp_path / f"{recipe['product']}.yaml"
+    path.write_text(json.dumps(recipe))
+    result = cli("plan", str(path), "--samples", str(samples), "--probe-samples", str(probe), "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_plan_works_for_reshard_and_embed_pool(tmp_path, local_ray):
+    """Products without augmentation batches (embed_pool) or without an input format (reshard) are
+    planned from their own recipe: the probe is their real run over a few samples."""
+    from output_digests import datacomp_pool
+
+    from conftest import tiny_open_clip
+    from reinforge.schemas.subset import make_subset, write_subset
+    pool = datacomp_pool(tmp_path / "pool", shards=2, per_shard=4)
+    small = {"cpus_per_actor": 1, "object_store_memory_mb": 256}
+    embed = plan_json({"product": "embed_pool", "output": str(tmp_path / "embed"), "resources": small,
+                       "input": {"format": "webdataset", "path": pool},
+                       "encoder": {"model": tiny_open_clip("clip", 32, seed=1)}}, tmp_path)
+    assert embed["probe_samples"] == 4 and embed["yield_fraction"] == 1.0 and 200 <= embed["tasks"] <= 400  # ~4 per shard, from shard sizes
+
+    write_subset(str(tmp_path / "s.npy"), make_subset(np.zeros(1, np.uint64), np.zeros(1, np.uint64)))
+    reshard = plan_json({"product": "reshard", "output": str(tmp_path / "re"), "subset": str(tmp_path / "s.npy"),
+                         "input": {"path": pool}, "samples_per_shard": 100, "resources": small}, tmp_path)
+    assert reshard["probe_samples"] == 4 and reshard["tasks"] == 10 and reshard["samples_per_task"] == 100
+    sizes = [tar_bytes(s) for f in sorted((tmp_path / "pool").glob("*.tar")) for s in iter_samples(open(f, "rb"))]
+    assert min(sizes) <= reshard["bytes_per_sample"] <= max(sizes)  # a copy of the pool's samples
+    assert not (tmp_path / "re").exists() and not (tmp_path / "embed").exists()

@@ -78,5 +78,31 @@ class Pipeline:
         """A callable(members) raising on a sample that breaks the product's schema, for `validate`."""
         return None
 
+    # ---- what `reinforge plan` asks (reinforge.pipelines.probe)
+
+    def probe_source(self):
+        """Where the probe's input samples are read from: the recipe's own input."""
+        return self.source
+
+    def probe_recipe(self, raw: dict, chosen: list[dict], folder: str) -> dict:
+        """The recipe (as a dict) pointed at the chosen input samples, written under `folder` so that the
+        probe run has a warm-up task and then the measured one."""
+        from reinforge.pipelines.probe import probe_shards
+        fields = {"path": probe_shards(folder, chosen)}
+        if "format" in raw["input"]:
+            fields["format"] = "webdataset"
+        return {**raw, "input": {**raw["input"], **fields}}
+
+    def expected_samples_per_task(self, input_bytes_per_sample: float) -> float:
+        """Samples one task will hold: an input shard's worth, from the sizes of the first shards."""
+        from reinforge.pipelines.probe import TAR_TRAILER_MEAN
+        from reinforge.pipelines.sources import expand_shards
+        from reinforge.pipelines.storage import filesystem
+        spec = self.recipe.input
+        if getattr(spec, "format", "webdataset") == "imagefolder":
+            return float(spec.samples_per_task)
+        sizes = [filesystem(u)[0].size(filesystem(u)[1]) for u in expand_shards(spec.path)[:8]]
+        return max(1.0, (sum(sizes) / len(sizes) - TAR_TRAILER_MEAN) / input_bytes_per_sample)
+
     def prepare_run(self, layout: RunLayout) -> None:
         """Driver-side, before any task: write run-level files (e.g. the trainer's config)."""

@@ -127,6 +127,10 @@ class JoinPipeline(Pipeline):
             raise JoinError(f"input.dr_config: {url}: {exc}") from None
         return config, augmentation
 
+    def probe_recipe(self, raw: dict, chosen: list[dict], folder: str) -> dict:
+        raw = super().probe_recipe(raw, chosen, folder)  # the probe shards are not in this run's shards/
+        return {**raw, "input": {**raw["input"], "dr_config": self.dr_config_url()}}
+
     def plan_url(self, task_id: str) -> str:
         return f"{self.layout.root}/plan/{task_id}.parquet"
 

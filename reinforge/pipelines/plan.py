@@ -18,7 +18,6 @@ for N samples on K nodes like the one the probe ran on:
 from __future__ import annotations
 
 import math
-import random
 import shutil
 import tempfile
 import time
@@ -28,32 +27,17 @@ import numpy as np
 from pydantic import BaseModel
 
 from reinforge.pipelines.registry import build_pipeline
-from reinforge.pipelines.sources import InputError, expand_shards
-from reinforge.pipelines.storage import atomic_open, filesystem
-from reinforge.schemas.config import ConfigError, parse_recipe
+from reinforge.pipelines.probe import BLOCK, RECORD, PlanError, make_probe, tar_bytes
+from reinforge.pipelines.storage import filesystem
+from reinforge.schemas.config import ConfigError
 from reinforge.schemas.manifest import RunLayout
-from reinforge.schemas.wds import ShardWriter, iter_samples
+from reinforge.schemas.wds import iter_samples
 
-BLOCK = 512
-RECORD = 20 * BLOCK  # tarfile ends an archive with two zero blocks, then pads it to a multiple of this
-TAR_TRAILER_MEAN = 2 * BLOCK + 9.5 * BLOCK  # that end, averaged over shards of any size
-WINDOW = 4  # the probe is drawn from the first WINDOW * M input samples
-SIZE_SHARDS = 8  # input shards whose byte size sets the expected samples per task
-
-
-class PlanError(InputError):
-    """The probe could not measure the recipe (no readable input, every probe sample skipped, ...)."""
 
 
 def shard_bytes(content: float) -> float:
     """Size of a tar holding `content` bytes of members: plus its end blocks, padded to a record."""
     return math.ceil((content + 2 * BLOCK) / RECORD) * RECORD
-
-
-def tar_bytes(members: dict) -> int:
-    """Bytes a sample takes in a tar: one header block per member plus its data padded to blocks."""
-    return sum(BLOCK + -(-len(v) // BLOCK) * BLOCK for k, v in members.items()
-               if not k.startswith("__") and isinstance(v, bytes))
 
 
 @dataclass
@@ -128,24 +112,6 @@ def human_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h" if s < 3 * 86400 else f"{s / 86400:.1f} days"
 
 
-def _probe_input(pipeline, count: int, seed: int) -> tuple[list[dict], list[int]]:
-    """`count` samples chosen (seeded) among the first WINDOW * count readable input samples, and the
-    tar bytes of every input sample of that window."""
-    window: list[dict] = []
-    for task in pipeline.plan():
-        for sample in pipeline.read(task):
-            if "__error__" not in sample:
-                window.append(sample)
-            if len(window) >= WINDOW * count:
-                break
-        if len(window) >= WINDOW * count:
-            break
-    if not window:
-        raise PlanError("input.path: no readable samples to probe")
-    chosen = sorted(random.Random(seed).sample(range(len(window)), min(count, len(window))))
-    return [window[i] for i in chosen], [tar_bytes(s) for s in window]
-
-
 def _sem(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.inf
 
@@ -163,23 +129,6 @@ def _bytes_per_sample(out: list[int], probe_in: list[int], window_in: list[int])
     return plain
 
 
-def _samples_per_task(recipe: BaseModel, input_bytes_per_sample: float) -> float:
-    if recipe.input.format == "imagefolder":
-        return float(recipe.input.samples_per_task)
-    urls = expand_shards(recipe.input.path)[:SIZE_SHARDS]
-    sizes = [filesystem(u)[0].size(filesystem(u)[1]) for u in urls]
-    return max(1.0, (np.mean(sizes) - TAR_TRAILER_MEAN) / input_bytes_per_sample)
-
-
-def _write_probe_shards(folder: str, samples: list[dict]) -> str:
-    for name in ("probe-0-warmup", "probe-1"):
-        with atomic_open(f"{folder}/{name}.tar") as out, ShardWriter(out) as writer:
-            for sample in samples:
-                writer.write(sample["__key__"], {k: v for k, v in sample.items()
-                                                 if not k.startswith("__") and isinstance(v, bytes)})
-    return f"{folder}/probe-*.tar"
-
-
 def _node_resources(node_id: str | None) -> dict:
     import ray
     for node in ray.nodes():
@@ -194,33 +143,28 @@ def plan_capacity(recipe: BaseModel, samples: int, nodes: int = 1, probe_samples
     from reinforge.pipelines.ray_session import ray_session
     from reinforge.pipelines.rundir import manifests
     from reinforge.pipelines.runner import run_recipe
-    if getattr(recipe, "input", None) is None or not hasattr(recipe.input, "format"):
-        raise ConfigError(f"config error: product: plan probes recipes with model stages over input.path; "
-                          f"{recipe.product!r} has none")
     if samples < 1 or nodes < 1:
         raise ConfigError("error: --samples and --nodes must be at least 1")
-    count = probe_samples or 2 * recipe.augmentation.samples_per_batch
-    chosen, window_in = _probe_input(build_pipeline(recipe), count, recipe.seed)
-    per_task = _samples_per_task(recipe, float(np.mean(window_in)))
+    pipeline = build_pipeline(recipe)
     folder = workdir.rstrip("/") if workdir else tempfile.mkdtemp(prefix="reinforge-plan-")
     try:
-        raw = recipe.model_dump(mode="json")
-        raw["input"] = {**raw["input"], "format": "webdataset", "path": _write_probe_shards(f"{folder}/input", chosen)}
-        raw["output"] = f"{folder}/run"
-        raw["resources"] = {**raw["resources"], "num_actors": 1, "tasks_in_flight_per_actor": 1}
-        probe = parse_recipe(raw)
+        probe = make_probe(pipeline, probe_samples or min(2 * pipeline.samples_per_batch(), 128), folder)
+        per_task = pipeline.expected_samples_per_task(float(np.mean(probe.window_bytes)))
         started = time.perf_counter()
         with ray_session(address, recipe.resources.object_store_memory_mb):
-            summary = run_recipe(probe, force=True, progress=False, redo_changed=True)  # probe shards rewritten
+            summary = run_recipe(probe.recipe, force=True, progress=False, redo_changed=True)  # probe shards rewritten
             if summary.failed:
                 raise PlanError(f"plan: the probe task failed: {summary.failed[-1].get('reason', '?')}")
-            measured = next(m for m in manifests(RunLayout(probe.output)) if m.task_id == "probe-1")
+            measured = max(manifests(RunLayout(probe.recipe.output)), key=lambda m: m.task_id)
             node = _node_resources(measured.worker.get("node_id"))
         seconds = time.perf_counter() - started
-        shard = next(o for o in measured.outputs if o.path.endswith(".tar"))
-        fs, path = filesystem(f"{probe.output}/{shard.path}")
-        with fs.open(path, "rb") as f:
-            sizes = [tar_bytes(s) for s in iter_samples(f)]
+        main = next(o for o in measured.outputs if o.path.endswith((".tar", ".parquet")))
+        fs, path = filesystem(f"{probe.recipe.output}/{main.path}")
+        if main.path.endswith(".tar"):
+            with fs.open(path, "rb") as f:
+                sizes = [tar_bytes(s) for s in iter_samples(f)]
+        else:  # a table (embed_pool): its bytes spread evenly over its rows
+            sizes = [main.bytes / main.samples] * main.samples if main.samples else []
     finally:
         if not workdir:
             shutil.rmtree(folder, ignore_errors=True)
@@ -231,10 +175,11 @@ def plan_capacity(recipe: BaseModel, samples: int, nodes: int = 1, probe_samples
     per_node = max(1, math.floor(fits + 1e-9))
     tasks = math.ceil(samples / per_task)
     actors = min(per_node * nodes, res.num_actors or math.inf, tasks)
-    sidecars = sum(o.bytes for o in measured.outputs if not o.path.endswith(".tar"))
-    bytes_per_sample, sem, estimator = _bytes_per_sample(sizes, [tar_bytes(s) for s in chosen], window_in)
+    sidecars = sum(o.bytes for o in measured.outputs if o is not main)
+    bytes_per_sample, sem, estimator = _bytes_per_sample(sizes, [tar_bytes(s) for s in probe.chosen],
+                                                         probe.window_bytes)
     return CapacityPlan(
-        product=recipe.product, samples=samples, nodes=nodes, probe_samples=len(chosen), probe_seconds=seconds,
+        product=recipe.product, samples=samples, nodes=nodes, probe_samples=len(probe.chosen), probe_seconds=seconds,
         stage_rates={name: st.samples_in / st.seconds for name, st in measured.stages.items() if st.seconds > 0},
         actor_rate=measured.samples_in / measured.seconds, actors_per_node=per_node, actors=int(actors), node=node,
         yield_fraction=measured.samples_out / measured.samples_in, bytes_per_sample=bytes_per_sample,

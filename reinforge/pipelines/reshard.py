@@ -36,7 +36,8 @@ from reinforge.pipelines.uid_index import INDEX_STATUS, PoolReader, build_index
 from reinforge.schemas.config import ReshardRecipe, config_digest
 from reinforge.schemas.limits import Limits
 from reinforge.schemas.manifest import RunLayout, TaskManifest
-from reinforge.schemas.subset import LoadedSubset, locate, make_subset, read_subset, uid_hex, write_subset
+from reinforge.schemas.subset import (UID_OK, LoadedSubset, locate, make_subset, parse_hex_uids, read_subset, uid_hex,
+                                      write_subset)
 from reinforge.stages.base import MapStage, SkipSample, Stage
 
 SAMPLE = 10
@@ -294,6 +295,32 @@ class ReshardPipeline(Pipeline):
     def sidecars(self, task: Task, samples_out: int) -> dict[str, bytes]:
         stats = {"count": samples_out, "successes": samples_out, "failed_to_download": 0, "failed_to_resize": 0}
         return {f"shards/{task.id}_stats.json": json.dumps(stats, sort_keys=True).encode()}
+
+    def probe_source(self):
+        return WebDatasetSource(self.recipe.input.path)
+
+    def probe_recipe(self, raw: dict, chosen: list[dict], folder: str) -> dict:
+        """The chosen pool samples as a one-shard pool, each uid wanted twice: two output shards of
+        len(chosen) samples, the warm-up and the measured task."""
+        from reinforge.pipelines.probe import write_shard
+        uids = []
+        for sample in chosen:
+            try:
+                uids.append(json.loads(sample["json"])[self.recipe.input.uid_field])
+            except (KeyError, ValueError, TypeError):
+                continue
+        hi, lo, status = parse_hex_uids(pa.array(uids, pa.string()))
+        ok = status == UID_OK
+        if not ok.any():
+            raise ReshardError(f"input.path: no probed pool sample has a {self.recipe.input.uid_field!r} uid")
+        unique = np.unique(make_subset(hi[ok], lo[ok]))
+        write_shard(f"{folder}/00000000.tar", chosen)
+        write_subset(f"{folder}/probe.npy", unique, np.full(len(unique), 2, np.uint32))
+        return {**raw, "subset": f"{folder}/probe.npy", "counts": "auto", "samples_per_shard": len(unique),
+                "allow_missing": False, "input": {**raw["input"], "path": f"{folder}/00000000.tar"}}
+
+    def expected_samples_per_task(self, input_bytes_per_sample: float) -> float:
+        return float(self.recipe.samples_per_shard)
 
     def prepare_run(self, layout: RunLayout) -> None:
         if self.meta is None:
