@@ -44,7 +44,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "datacomp_filters")
-FILES, ROWS, DIM, K, SEED = 2, 300, 16, 6, 0
+FILES, ROWS, DIM, CENTRES, K, SEED = 2, 300, 16, 6, 6, 0
 DATA_SEED = 3  # chosen so that no centroid assignment is within 1e-4 of a tie (golden.json's margins)
 CAPTIONS = [
     "a photo of my dog", "my dog.", "a dog, a cat", "(cat) on the sofa", "Dog running on the beach",
@@ -61,25 +61,25 @@ B32_EDGES = np.float32([np.nextafter(np.float32(0.22), np.float32(0)), np.nextaf
 L14 = np.float32([0.15, 0.2, 0.28, 0.3, 0.31, 0.33, 0.4])
 
 
-def make_inputs(meta_dir: str, rng) -> np.ndarray:
+def make_inputs(meta_dir: str, rng, rows: int = ROWS) -> np.ndarray:
     """The metadata files, and the target embeddings (returned)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    centres = rng.normal(size=(K, DIM))
+    centres = rng.normal(size=(CENTRES, DIM))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     for f in range(FILES):
-        raw = rng.integers(0, 2**64 - 1, size=(ROWS, 2), dtype=np.uint64, endpoint=True)
+        raw = rng.integers(0, 2**64 - 1, size=(rows, 2), dtype=np.uint64, endpoint=True)
         uids = [f"{h:016x}{l:016x}" for h, l in raw.tolist()]
-        texts = [CAPTIONS[i] for i in rng.integers(len(CAPTIONS), size=ROWS)]
-        width = rng.integers(100, 900, ROWS)
-        height = rng.integers(100, 900, ROWS)
+        texts = [CAPTIONS[i] for i in rng.integers(len(CAPTIONS), size=rows)]
+        width = rng.integers(100, 900, rows)
+        height = rng.integers(100, 900, rows)
         width[:6], height[:6] = [200, 600, 199, 601, 0, 300], [600, 200, 600, 200, 400, 300]  # boundaries
-        b32 = B32[rng.integers(len(B32), size=ROWS)]
-        b32[rng.choice(ROWS, 6, replace=False)] = np.tile(B32_EDGES, 3)
-        l14 = L14[rng.integers(len(L14), size=ROWS)]
+        b32 = B32[rng.integers(len(B32), size=rows)]
+        b32[rng.choice(rows, 6, replace=False)] = np.tile(B32_EDGES, 3)
+        l14 = L14[rng.integers(len(L14), size=rows)]
         b32[7], l14[8] = np.nan, np.nan
-        which = rng.integers(K, size=ROWS)
-        emb = centres[which] + 0.25 * rng.normal(size=(ROWS, DIM)) / np.sqrt(DIM)
+        which = rng.integers(CENTRES, size=rows)
+        emb = centres[which] + 0.25 * rng.normal(size=(rows, DIM)) / np.sqrt(DIM)
         emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
         table = pa.table({"uid": uids, "text": texts, "original_width": width, "original_height": height,
                           "clip_b32_similarity_score": pa.array(b32, pa.float32()),
@@ -130,6 +130,9 @@ def main():
     parser.add_argument("--datacomp", required=True, help="checkout of mlfoundations/datacomp")
     parser.add_argument("--extra-site", required=True, help="folder with fasttext, pandas and gcld3 (pip --target)")
     parser.add_argument("--data-seed", type=int, default=DATA_SEED)
+    parser.add_argument("--rows-per-file", type=int, default=ROWS, help="larger runs: measure, do not commit")
+    parser.add_argument("--k", type=int, default=K)
+    parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
     sys.path[:0] = [args.extra_site, args.datacomp]
     import faiss
@@ -140,11 +143,12 @@ def main():
     from timm.data import ImageNetInfo
 
     rng = np.random.default_rng(args.data_seed)
-    shutil.rmtree(OUT, ignore_errors=True)
-    meta_dir = os.path.join(OUT, "metadata")
+    out, k = args.out, args.k
+    shutil.rmtree(out, ignore_errors=True)
+    meta_dir = os.path.join(out, "metadata")
     os.makedirs(meta_dir)
-    targets = make_inputs(meta_dir, rng)
-    np.save(os.path.join(OUT, "targets.npy"), targets)
+    targets = make_inputs(meta_dir, rng, args.rows_per_file)
+    np.save(os.path.join(out, "targets.npy"), targets)
     tmp = tempfile.mkdtemp()
 
     # --- the swaps at the boundary (module doc)
@@ -189,8 +193,8 @@ def main():
     roots = sorted(str(x.split(".parquet")[0]) for x in fs.ls(url) if ".parquet" in x)
     embeddings = np.vstack([ibc.load_embedding_helper((fs, r), key="l14_img", caption_filtering=True)
                             for r in roots]).astype(np.float32)
-    centroids = ibc.train_kmeans(embeddings, K, num_gpus=1, seed=SEED)
-    np.save(os.path.join(OUT, "centroids.npy"), centroids.astype(np.float32))
+    centroids = ibc.train_kmeans(embeddings, k, num_gpus=1, seed=SEED)
+    np.save(os.path.join(out, "centroids.npy"), centroids.astype(np.float32))
     torch.save(centroids, files["golden_centroids"], pickle_protocol=4)
 
     # --- the baselines, by DataComp's functions
@@ -209,7 +213,7 @@ def main():
     counts = {}
     for name, run in baselines.items():
         uids = np.unique(run())  # sorted, as apply_filter saves them (and no duplicate uids were generated)
-        np.save(os.path.join(OUT, f"{name}.npy"), uids)
+        np.save(os.path.join(out, f"{name}.npy"), uids)
         counts[name] = len(uids)
         print(f"{name}: {len(uids)}")
 
@@ -219,7 +223,7 @@ def main():
     def margin(x):
         dots = np.sort(x @ centroids.T, axis=1)
         return float((dots[:, -1] - dots[:, -2]).min())
-    golden = {"rows": FILES * ROWS, "k": K, "seed": SEED, "data_seed": args.data_seed, "dim": DIM, "kept": counts,
+    golden = {"rows": FILES * args.rows_per_file, "k": k, "seed": SEED, "data_seed": args.data_seed, "dim": DIM, "kept": counts,
               "train_rows": len(embeddings),
               "min_assignment_margin": {"pool": margin(pool), "targets": margin(targets)},
               "versions": {p: version(p) for p in ("faiss-cpu", "torch", "numpy", "pandas", "nltk", "py3langid", "timm",
@@ -227,7 +231,7 @@ def main():
               "datacomp": "baselines/apply_filter.py and image_based_clustering.py, swaps in the module doc",
               "language": "py3langid behind fastText's predict (lid.176 cannot be had)",
               "gcld3": gcld3.__file__.replace(args.extra_site, "<extra-site>")}
-    with open(os.path.join(OUT, "golden.json"), "w") as f:
+    with open(os.path.join(out, "golden.json"), "w") as f:
         json.dump(golden, f, indent=1, sort_keys=True)
     print(json.dumps(golden, indent=1))
     shutil.rmtree(tmp)
