@@ -2,12 +2,15 @@
 
 1. score pass: rows/s of `score_metadata` on a generated DataComp-like metadata table (default 1M rows,
    10 row groups, captions of 3-14 words in English and four other languages, sizes, CLIP scores) with
-   paired npz image embeddings and the image-based clustering on (k-means k=256 on a 64-dim pool).
-   Also the share of it spent in the per-caption Python (language id + synset lookup), the cost floor.
+   paired npz image embeddings and the image-based clustering on (k-means k=256 on a 64-dim pool;
+   `--kmeans datacomp`, the default, trains on every caption-filtered row as DataComp did, `spherical` on
+   a 256-per-centroid sample). Also the share of it spent in the per-caption Python (language id + synset
+   lookup), the cost floor, and what `--cld3` (CLD3 for the laion2b baseline) would add to it.
 2. decision pass: seconds of `decide` for `basic & top(clip_l14, 0.3)` and for `image | clip_b32>=0.3`,
    as a fraction of the score pass (CPU time): "scores are stats, decisions are cheap second passes".
 
 Run: ../shared/tools/offline .venv/bin/python bench/filters.py [--rows 1000000] [--dim 64] [--clusters 256]
+     [--kmeans datacomp|spherical]
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from pool_gen import random_uids  # noqa: E402
 
 from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata  # noqa: E402
-from reinforge.pipelines.filters.text import caption_stats  # noqa: E402
+from reinforge.pipelines.filters.text import caption_stats, cld3_languages  # noqa: E402
 from reinforge.pipelines.filters.decide import decide  # noqa: E402
 
 WORDS = {
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--clusters", type=int, default=256)
+    parser.add_argument("--kmeans", choices=["datacomp", "spherical"], default="datacomp")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="reinforge-bench-filters-")
     try:
@@ -75,10 +79,11 @@ def main() -> None:
         scores = os.path.join(tmp, "scores")
         started, cpu = time.perf_counter(), time.process_time()
         report = score_metadata([os.path.join(tmp, "00000000.parquet")], scores,
-                                ScoreOptions(clusters=args.clusters, cluster_targets=os.path.join(tmp, "targets.npy")))
+                                ScoreOptions(clusters=args.clusters, cluster_targets=os.path.join(tmp, "targets.npy"),
+                                             kmeans=args.kmeans))
         score_s, score_cpu = time.perf_counter() - started, time.process_time() - cpu
         print(f"[score] {report['rows']:,} rows in {score_s:.1f} s = {report['rows'] / score_s:,.0f} rows/s wall, "
-              f"{report['rows'] / score_cpu:,.0f} rows per CPU-second (k-means k={args.clusters} on "
+              f"{report['rows'] / score_cpu:,.0f} rows per CPU-second ({args.kmeans} k-means k={args.clusters} on "
               f"{report['clusters']['train_rows']:,} rows, dim {args.dim}; english {report['language']['english']:,})")
         # CPU time, not wall: the machine is shared, and the ratio should not depend on the neighbours
         texts = pq.read_table(os.path.join(tmp, "00000000.parquet"), columns=["text"]).slice(0, 100_000)
@@ -87,6 +92,11 @@ def main() -> None:
         per_caption = (time.process_time() - cpu) / texts.num_rows
         print(f"[score] per-caption Python (language id + synsets): {1 / per_caption:,.0f} captions per CPU-second "
               f"= {per_caption * report['rows'] / score_cpu:.2f} of the score pass's CPU time")
+        cpu = time.process_time()
+        cld3_languages(texts.column("text").to_pylist())
+        per_cld3 = (time.process_time() - cpu) / texts.num_rows
+        print(f"[score] --cld3: {1 / per_cld3:,.0f} captions per CPU-second; it would add "
+              f"{per_cld3 * report['rows'] / score_cpu:.2f} of this score pass's CPU time")
         for rule in ("basic & top(clip_l14, 0.3)", "image | clip_b32>=0.3"):
             started, cpu = time.perf_counter(), time.process_time()
             r = decide(scores, rule, os.path.join(tmp, "subset.npy"))

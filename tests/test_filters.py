@@ -138,9 +138,10 @@ def uid_set(path) -> set:
 
 
 def pool_options(folder) -> ScoreOptions:
-    """k-means on every usable pool row (train_size), so the test can check the fixed point."""
+    """Spherical k-means on every usable pool row (train_size), so the test can check the fixed point
+    (DataComp's own k-means is checked against DataComp's code in test_datacomp_image_baselines_golden)."""
     return ScoreOptions(clusters=CENTERS, cluster_targets=str(folder / "targets.npy"),
-                        train_size=FILES * ROWS_PER_FILE, seed=3, cluster_train="all")
+                        train_size=FILES * ROWS_PER_FILE, seed=3, cluster_train="all", kmeans="spherical")
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +308,15 @@ def test_bad_inputs_are_clear_errors(pool, tmp_path):
         decide(str(tmp_path / "s4"), "top(clip_l14, 0.3)", str(tmp_path / "x.npy"))
     with pytest.raises(FilterError, match="no column cluster_targets"):
         decide(str(tmp_path / "s4"), "image", str(tmp_path / "x.npy"))
+    with pytest.raises(FilterError, match=r"no column lang_cld3 \(score with --cld3\)"):
+        decide(str(tmp_path / "s4"), "laion2b", str(tmp_path / "x.npy"))
+    targets = str(folder / "targets.npy")
+    three = str(tmp_path / "three.npy")
+    np.save(three, np.ones((3, DIM), np.float32))
+    with pytest.raises(FilterError, match="3 rows, --clusters is 2"):
+        score_metadata([meta], str(tmp_path / "s7"), ScoreOptions(clusters=2, cluster_targets=targets, centroids=three))
+    with pytest.raises(FilterError, match="--kmeans 'l1'"):
+        score_metadata([meta], str(tmp_path / "s8"), ScoreOptions(clusters=2, cluster_targets=targets, kmeans="l1"))
     empty = str(tmp_path / "empty.parquet")
     pq.write_table(pq.read_table(meta).slice(0, 0), empty)
     r = score_metadata([empty], str(tmp_path / "s5"), ScoreOptions())
@@ -331,6 +341,15 @@ def test_cli_end_to_end(pool, tmp_path):
     assert report["parsed"].endswith("top(clip_l14,0.3))") and len(np.load(out)) == report["kept"] > 0
     res = runner.invoke(cli, ["filter", "apply", scores, "--rule", "basic &", "--out", out])
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0 and "rule 'basic &'" in res.output
+    # DataComp's baseline names: the same decision as the rule they stand for
+    named = str(tmp_path / "named.npy")
+    res = runner.invoke(cli, ["filter", "apply", scores, "--baseline", "image_based_intersect_clip_score",
+                              "--out", named])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["filter", "apply", scores, "--rule", "caption & image & top(clip_l14, 0.3)",
+                              "--out", out])
+    assert res.exit_code == 0 and open(named, "rb").read() == open(out, "rb").read()
+    assert 0 < json.load(open(str(tmp_path / "named.report.json")))["kept"] < 1495
 
 
 # ---------------------------------------------------------------- DataComp parity (semantics="datacomp")
@@ -420,3 +439,54 @@ def test_datacomp_semantics_match_datacomp_code(tmp_path):
     # exact semantics stays the exact count
     decide(scores, "top(clip_l14, 0.3)", str(tmp_path / "e.npy"), semantics="exact")
     assert len(uid_set(tmp_path / "e.npy")) == round(0.3 * len(df))
+
+
+# ---------------------------------------------------------------- DataComp's own code, run once (golden data)
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "datacomp_filters")
+# the golden file (DataComp's baseline function and arguments) -> the same decision in reinforge's rules
+GOLDEN_RULES = {"basic_filter": "basic", "text_based": "english & text", "clip_b32_threshold_0.22": "clip_b32>=0.22",
+                "clip_l14_threshold_0.3": "clip_l14>=0.3", "clip_l14_fraction_0.3": "top(clip_l14, 0.3)",
+                "clip_b32_fraction_0.1": "top(clip_b32, 0.1)", "image_based": "caption & image",
+                "image_based_intersect_clip_score_l14_0.3": "caption & image & top(clip_l14, 0.3)",
+                "laion2b": "laion2b"}
+
+
+def _golden_scores(out, **options) -> str:
+    info = json.load(open(os.path.join(GOLDEN, "golden.json")))
+    score_metadata([os.path.join(GOLDEN, "metadata")], str(out),
+                   ScoreOptions(clusters=info["k"], cluster_targets=os.path.join(GOLDEN, "targets.npy"),
+                                seed=info["seed"], cld3=True, **options))
+    return str(out)
+
+
+def test_datacomp_baselines_match_datacomp_code_golden(tmp_path):
+    """tests/golden/make_datacomp_filters_golden.py ran DataComp's baselines/ functions on generated metadata
+    (ties, float32 edge values, NaN scores, punctuation, multi-sense words, multi-word synsets, newlines,
+    non-ASCII spaces) and kept their uid sets; with the same language labels (py3langid, as DataComp's
+    fastText lid.176 cannot be had) every baseline must keep exactly the same uids, the image-based ones
+    from k-means trained here as DataComp trains it."""
+    from reinforge.pipelines.filters.rules import BASELINES, parse_rule
+    scores = _golden_scores(tmp_path / "scores")
+    kept = {}
+    for name, rule in GOLDEN_RULES.items():
+        r = decide(scores, rule, str(tmp_path / f"{name}.npy"))
+        got, want = uid_set(tmp_path / f"{name}.npy"), uid_set(os.path.join(GOLDEN, f"{name}.npy"))
+        assert got ^ want == set(), name
+        kept[name] = r["kept"]
+    # `--baseline NAME` means these rules
+    for name, golden in (("basic_filter", "basic_filter"), ("text_based", "text_based"), ("image_based", "image_based"),
+                         ("image_based_intersect_clip_score", "image_based_intersect_clip_score_l14_0.3"),
+                         ("laion2b", "laion2b")):
+        assert parse_rule(BASELINES[name]) == parse_rule(GOLDEN_RULES[golden])
+    # the sets are not trivial: every rule keeps some rows and drops some
+    assert all(0 < n < 600 for n in kept.values()), kept
+    # the k-means is DataComp's: the centroids its train_kmeans produced (faiss, CPU index)
+    np.testing.assert_allclose(np.load(os.path.join(scores, "centroids.npy")),
+                               np.load(os.path.join(GOLDEN, "centroids.npy")), atol=1e-5)
+    # given centroids (e.g. DataComp's released ones) decide the same without training
+    given = _golden_scores(tmp_path / "given", centroids=os.path.join(GOLDEN, "centroids.npy"))
+    assert "train_rows" not in json.load(open(os.path.join(given, "score_report.json")))["clusters"]
+    for name in ("image_based", "image_based_intersect_clip_score_l14_0.3"):
+        decide(given, GOLDEN_RULES[name], str(tmp_path / "g.npy"))
+        assert uid_set(tmp_path / "g.npy") == uid_set(os.path.join(GOLDEN, f"{name}.npy"))

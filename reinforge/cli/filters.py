@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from reinforge.cli.common import user_errors
+from reinforge.pipelines.filters.rules import BASELINES
 
 
 @click.group("filter")
@@ -22,21 +23,27 @@ def filter_group():
 @click.option("--cluster-targets", default=None, help=".npy/.npz of target image embeddings (e.g. ImageNet-1k)")
 @click.option("--target-key", default=None,
               help="array in the targets .npz (default: --embedding-key or its only array)")
-@click.option("--train-size", default=0, show_default=True, help="k-means training sample (0: 256 per centroid)")
+@click.option("--train-size", default=0, show_default=True,
+              help="k-means training sample by uid hash (0: datacomp every caption row, spherical 256 per centroid)")
 @click.option("--niter", default=20, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--cluster-train", type=click.Choice(["caption", "all"]), default="caption", show_default=True,
               help="k-means trains on the caption-filtered rows (English, > 1 word, > 5 chars), as DataComp did, or all")
+@click.option("--kmeans", type=click.Choice(["datacomp", "spherical"]), default="datacomp", show_default=True,
+              help="datacomp: DataComp's faiss L2 k-means on raw embeddings, dot-product assignment; "
+                   "spherical: L2-normalised vectors, inner product throughout")
+@click.option("--centroids", default=None, help=".npy/.npz of centroids to use instead of training (e.g. DataComp's)")
+@click.option("--cld3", is_flag=True, help="also score CLD3's language (lang_cld3) for the laion2b baseline")
 @user_errors
 def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, target_key, train_size, niter, seed,
-          cluster_train):
+          cluster_train, kmeans, centroids, cld3):
     """Score DataComp metadata Parquet (files or folders): caption, language, size, CLIP, synset and cluster stats."""
     import time
 
     from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata
     started = time.perf_counter()
     options = ScoreOptions(list(embeddings), embedding_key, clusters, cluster_targets, target_key, train_size,
-                           niter, seed, cluster_train)
+                           niter, seed, cluster_train, kmeans, centroids, cld3)
     report = score_metadata(list(metadata), out, options)
     seconds = time.perf_counter() - started
     bad = report["malformed_uids"]
@@ -47,12 +54,15 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
                f"invalid values {invalid}")
     if "clusters" in report:
         c = report["clusters"]
-        click.echo(f"clusters: k={c['k']} trained on {c['train_rows']:,} rows; {c['targets']['rows']:,} targets hit "
+        source = f"trained on {c['train_rows']:,} rows" if "train_rows" in c else f"from {c['centroids']}"
+        click.echo(f"clusters ({c['kmeans']}): k={c['k']} {source}; {c['targets']['rows']:,} targets hit "
                    f"{c['targets']['centroids_hit']} centroids ({c['targets']['invalid']} invalid targets)")
 
 
 @filter_group.command("apply")
 @click.argument("scores_dir")
+@click.option("--baseline", type=click.Choice(sorted(BASELINES)), default=None,
+              help="one of DataComp's baselines by its name (ANDed with --rule and --top-fraction)")
 @click.option("--rule", default=None,
               help="e.g. 'basic & top(clip_l14, 0.3)', 'english & text', 'clip_b32>=0.28 | image'")
 @click.option("--top-fraction", type=float, default=None, help="keep the top fraction by --score (ANDed with --rule)")
@@ -63,15 +73,16 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
               help="datacomp: DataComp's own decisions (top keeps ties, float32 compares, its text/caption "
                    "filters); exact: exactly round(f*n) rows, float64 compares, reinforge's synset matcher")
 @user_errors
-def apply(scores_dir, rule, top_fraction, score_column, out, report, semantics):
+def apply(scores_dir, baseline, rule, top_fraction, score_column, out, report, semantics):
     """Apply a filter rule to stored scores: write the subset file and a report (counts, resolved thresholds)."""
     from reinforge.pipelines.filters.clusters import FilterError
     from reinforge.pipelines.filters.decide import decide, default_report_path
+    parts = [f"({p})" for p in (BASELINES.get(baseline), rule) if p]
     if top_fraction is not None:
-        top = f"top({score_column}, {top_fraction!r})"
-        rule = f"({rule}) & {top}" if rule else top
-    if not rule:
-        raise FilterError("give --rule and/or --top-fraction")
+        parts.append(f"top({score_column}, {top_fraction!r})")
+    if not parts:
+        raise FilterError("give --baseline, --rule and/or --top-fraction")
+    rule = parts[0][1:-1] if len(parts) == 1 else " & ".join(parts)
     r = decide(scores_dir, rule, out, report, semantics)
     click.echo(f"kept {r['kept']:,} of {r['unique']:,} unique uids ({r['rows_in']:,} rows in: "
                f"{r['malformed_uids']:,} malformed, {r['duplicate_uids']['rows']:,} duplicates) -> {out}")

@@ -51,8 +51,8 @@ def load_scores(scores_dir: str, names: list[str]) -> tuple[dict, dict]:
         available = pq.ParquetFile(f).schema_arrow.names
         missing = [n for n in names if n not in available]
         if missing:
-            clusters = any(n.startswith("cluster") for n in missing)
-            hint = " (score with --clusters K --cluster-targets ...)" if clusters else ""
+            hint = (" (score with --clusters K --cluster-targets ...)" if any(n.startswith("cluster") for n in missing)
+                    else " (score with --cld3)" if "lang_cld3" in missing else "")
             raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
         table = pq.read_table(f, columns=["uid_hi", "uid_lo"] + names)
     data = {"uid_hi": table.column("uid_hi").to_numpy(), "uid_lo": table.column("uid_lo").to_numpy()}

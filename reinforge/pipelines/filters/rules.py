@@ -23,7 +23,7 @@ from reinforge.pipelines.filters.clusters import FilterError
 
 NUMERIC = ("words", "chars", "synset_hits", "wordnet_hits", "ft_words", "short_side", "aspect", "clip_b32", "clip_l14", "cluster",
            "cluster_sim", "cluster_targets")
-STRING = ("lang",)
+STRING = ("lang", "lang_cld3")
 OPS = (">=", "<=", "==", "!=", ">", "<")
 # DataComp's baselines: basic (English, caption > 2 words and > 5 chars, short side >= 200 px,
 # aspect <= 3); text-based is `english & text`, image-based `english & words>1 & chars>5 & image`
@@ -33,12 +33,22 @@ FILTERS = {
     "text": "synset_hits>=1",
     "caption": "lang==en & words>1 & chars>5",
     "image": "cluster_targets>=1",
+    "laion2b": "lang_cld3==en & clip_b32>=0.28",  # DataComp's LAION-2B reproduction (CLD3 English)
 }
 # `datacomp` semantics (the default): the names mean what DataComp's code decides. text: a whitespace
 # token's first WordNet sense is an ImageNet-21k synset; caption: the image-based baselines' caption
 # filter, which counts words with fastText's tokenizer.
 DATACOMP_FILTERS = {**FILTERS, "text": "wordnet_hits>=1", "caption": "lang==en & ft_words>1 & chars>5"}
 SEMANTICS = ("datacomp", "exact")
+# DataComp's baseline names (baselines.py --name) as rules; clip_score is `top(COL, F)` or `COL>=T`, and
+# image_based_intersect_clip_score with another score or fraction is `--baseline image_based --top-fraction F`
+BASELINES = {
+    "basic_filter": "basic",
+    "text_based": "english & text",
+    "image_based": "caption & image",
+    "image_based_intersect_clip_score": "caption & image & top(clip_l14, 0.3)",  # its README's l14 30 %
+    "laion2b": "laion2b",
+}
 _TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op>>=|<=|==|!=|>|<)|"
                     r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[()&|!,]))")
 

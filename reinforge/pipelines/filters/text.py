@@ -5,6 +5,10 @@ matches against ImageNet-21k synset names.
 - Language: py3langid (langid.py's model, shipped inside the PyPI package, 97 languages, ~12k short
   captions/s on one core here). DataComp used fastText's lid.176, which must be downloaded; both are
   n-gram classifiers, so short or odd captions get noisy labels either way. Newlines become spaces.
+- CLD3 (optional, `filter score --cld3`): DataComp's LAION-2B reproduction (`laion2b`) keeps captions
+  Google's CLD3 calls English, via `gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)`.
+  The PyPI `gcld3` is a source package that needs protoc and libprotobuf to build; `cld3-py` ships the
+  same bindings (import name `gcld3`, the model compiled in) as wheels.
 - Synsets: the 21,843 ImageNet-21k (fall 2011) synsets' lemma lists as timm ships them. DataComp
   looked up each caption word's most frequent WordNet sense (nltk + a WordNet download); without
   WordNet we match the lemma names themselves, case-folded, as 1- to 3-word phrases of the caption
@@ -76,6 +80,19 @@ def synset_matches(text: str, lemmas: dict[str, int]) -> tuple[int, int]:
 def _language_identifier():
     from py3langid.langid import MODEL_FILE, LanguageIdentifier  # the model ships inside the package (npz, no pickle)
     return LanguageIdentifier.from_model_file(MODEL_FILE)
+
+
+@lru_cache(maxsize=1)
+def _cld3():
+    import gcld3
+    return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)  # DataComp's settings
+
+
+def cld3_languages(texts: list) -> np.ndarray:
+    """CLD3's language code per caption (None for a missing caption), newlines as spaces as DataComp did."""
+    identify = _cld3().FindLanguage
+    return np.array([identify(text=t.replace("\n", " ")).language if t is not None else None for t in texts],
+                    object)
 
 
 def caption_stats(texts: list) -> dict[str, np.ndarray]:
