@@ -210,12 +210,12 @@ def test_reencode_matches_datacomps_webp():
     data, meta = golden()
     for i, image in enumerate(meta["images"]):
         webp = reencode_blurred(bytes(data[f"jpeg_{i}"]), image["boxes"])
-        assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP"
-        ours = cv2.imdecode(np.frombuffer(webp, np.uint8), cv2.IMREAD_UNCHANGED)
-        theirs = data[f"webp_decoded_{i}"]
-        assert ours.shape == theirs.shape
-        # the JPEG decoder and libwebp are OpenCV's bundled ones: versions may differ by a level or two
-        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 3, image["name"]
+        theirs = bytes(data[f"webp_{i}"])
+        if webp != theirs:  # OpenCV bundles its JPEG decoder and libwebp: say how far another version lands
+            ours = cv2.imdecode(np.frombuffer(webp, np.uint8), cv2.IMREAD_UNCHANGED).astype(int)
+            diff = np.abs(ours - cv2.imdecode(np.frombuffer(theirs, np.uint8), cv2.IMREAD_UNCHANGED))
+            pytest.fail(f"{image['name']}: WebP bytes differ from DataComp's (OpenCV {cv2.__version__} vs "
+                        f"{meta['versions']['opencv']}); decoded max |diff| {diff.max()}")
 
 
 @needs_cv2

@@ -93,7 +93,6 @@ def main():
         arrays[f"decoded_{i}"] = decoded
         arrays[f"blurred_{i}"] = blurred
         arrays[f"webp_{i}"] = np.frombuffer(webp, np.uint8)
-        arrays[f"webp_decoded_{i}"] = cv2.imdecode(np.frombuffer(webp, np.uint8), cv2.IMREAD_UNCHANGED)
         meta.append({"name": name, "boxes": boxes})
     arrays["meta"] = np.frombuffer(json.dumps({
         "images": meta, "versions": {"opencv": cv2.__version__, "albumentations": albumentations.__version__,
