@@ -159,6 +159,37 @@ def test_meta_json_is_datacomps_and_train_py_finds_every_shard(photo_pool, tmp_p
     assert open(os.path.join(folder, "sample_ids.npy"), "rb").read() == open(root / "subset.npy", "rb").read()
 
 
+def train_golden_run(tmp) -> str:
+    """A 20-sample reshard run of 4 shards (the run tests/golden/make_datacomp_train_golden.py fed to train.py)."""
+    from reinforge.schemas.subset import uid_hex
+    _, hi, lo = random_uids(20, np.random.default_rng(1))
+    os.makedirs(tmp / "pool" / "pool")
+    for s in range(2):
+        write_shard(tmp / "pool" / "pool" / f"{s:08d}.tar", [
+            (f"{s:05d}{i:04d}", {"jpg": b"x", "json": json.dumps({"uid": uid_hex(hi[10 * s + i], lo[10 * s + i])}).encode()})
+            for i in range(10)])
+    sub = make_subset(hi, lo)
+    write_subset(str(tmp / "pool" / "subset.npy"), sub[uid_order(sub["f0"], sub["f1"])])
+    run, _ = run_reshard({"product": "reshard", "output": str(tmp / "parent" / "run"), "subset": str(tmp / "pool" / "subset.npy"),
+                          "input": {"path": str(tmp / "pool" / "pool" / "*.tar")}, "samples_per_shard": 6})
+    return run
+
+
+def test_what_datacomps_train_py_made_of_a_reshard_folder(tmp_path):
+    """Golden: DataComp's own get_input_shards on this run. `--data_dir RUN/shards` is exactly the shards;
+    `--data_dir RUN` finds them through meta.json (this used to be a KeyError) and adds one empty part per
+    other folder of the run (index, manifests, plan), as README says."""
+    golden = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "datacomp_train_shards.json")))
+    theirs = golden["get_input_shards"]
+    run = train_golden_run(tmp_path)
+    assert theirs["RUN/shards"] == "RUN/shards/{00000000..00000003}.tar"
+    parts = theirs["RUN"].split("::")
+    assert [p for p in parts if p] == ["RUN/shards/{00000000..00000003}.tar"]
+    assert parts.count("") == 3  # index/, manifests/, plan/ of the run then
+    # our reading of the same train.py lines gives the same pattern from this run's meta.json
+    assert datacomp_train_shards(run) == os.path.join(run, "shards", "{00000000..00000003}.tar")
+
+
 # ---------------------------------------------------------------- face blur: DataComp's pixels
 
 def golden():
