@@ -452,7 +452,17 @@ def test_nested_buffer_old_draws_only_shrink(tic_splits, tmp_path, policy):
                for t in range(1, len(steps) - 1) for s in steps[:t])
 
 
+def comeback_weights(step, steps, sizes):
+    """2016 replayed at step 1, left out at step 2, asked for again at step 3."""
+    return {0: {"2016": 1}, 1: {"2016": 1, "2017": 1}, 3: {"2016": 1, "2019": 1}}.get(step, {steps[step]: 1})
+
+
 def test_nested_buffer_cli_and_refusal(tic_splits, tmp_path):
+    from reinforge.pipelines.replay import ScheduleError
+    with pytest.raises(ScheduleError, match=r"step 3: the policy draws 50 samples from split 2016, which left"):
+        build_schedule(str(tic_splits), "test_reshard_datacomp:comeback_weights", 100, str(tmp_path / "c"),
+                       buffer="nested")
+    build_schedule(str(tic_splits), "test_reshard_datacomp:comeback_weights", 100, str(tmp_path / "d"))  # independent
     result = cli("schedule", str(tic_splits), "--policy", "cumulative-exp", "--budget", "150", "--out",
                  str(tmp_path / "s"), "--buffer", "nested")
     assert result.returncode == 0, result.output
