@@ -198,6 +198,7 @@ def boxes_report(found: FaceBoxes, subset_index: np.ndarray, uid_names) -> dict:
             "uids_without_metadata": len(set(without)),
             "without_metadata_sample": [uid_names(i) for i in sorted(set(without))[:SAMPLE]],
             "samples_with_faces": sum(1 for b in per_uid if b),
+            "uids_with_faces": sum(1 for i in set(subset_index.tolist()) if found.boxes[i]),
             "policy": "samples with a non-empty face_bboxes list are blurred / annotated; samples without "
                       "a metadata row are written unchanged (DataComp logs them and does the same)"}
 

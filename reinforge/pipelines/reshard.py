@@ -368,7 +368,8 @@ class ReshardPipeline(Pipeline):
                 "blur_metadata_map": ",".join(r.blur_metadata) or None, "apply_blur": r.apply_blur,
                 "inject_blur_metadata": r.inject_blur_metadata, "reencode_webp_quality": r.reencode_webp_quality,
                 "dry_run": r.dry_run, "overwrite": False, "verbose": None, "quiet": None}
-        blurred = self.meta.get("blur", {}).get("samples_with_faces", 0) if r.apply_blur else 0
+        # DataComp counts a blurred pool sample once, however many copies of it are written
+        blurred = self.meta.get("blur", {}).get("uids_with_faces", 0) if r.apply_blur else 0
         return {**{k: str(v) for k, v in args.items()},
                 "processed_count": self.pool_samples, "output_count": int(sum(self.sizes)), "blur_count": blurred,
                 "output_shard_count": len(self.sizes), "worker_success": len(self.sizes)}
