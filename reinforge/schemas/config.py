@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -191,6 +191,10 @@ class ReshardInput(Strict):
 
 class ReshardRecipe(Recipe):
     """DataComp resharder: the samples of a uid subset (with multiplicities) into new {:08d}.tar shards."""
+    # options added after runs existed: left out of the digest at their defaults, so those runs resume
+    DIGEST_OMITS_DEFAULTS: ClassVar[tuple[str, ...]] = (
+        "first_shard", "num_shards", "shuffle_bufsize", "blur_metadata", "apply_blur", "inject_blur_metadata",
+        "reencode_webp_quality", "cls_file")
     product: Literal["reshard"] = "reshard"
     seed: int = Field(0, description="spreads repeated copies; same seed => same shards")
     subset: str = Field(description="DataComp subset .npy (u8,u8, sorted)")
@@ -339,7 +343,9 @@ def load_recipe(text: str, overrides: tuple[str, ...] = ()) -> BaseModel:
 
 
 def semantic_dict(recipe: BaseModel) -> dict:
-    return recipe.model_dump(mode="json", exclude=set(NON_SEMANTIC_FIELDS))
+    omit = {name for name in getattr(recipe, "DIGEST_OMITS_DEFAULTS", ())
+            if getattr(recipe, name) == type(recipe).model_fields[name].get_default(call_default_factory=True)}
+    return recipe.model_dump(mode="json", exclude=set(NON_SEMANTIC_FIELDS) | omit)
 
 
 def config_digest(recipe: BaseModel) -> str:
