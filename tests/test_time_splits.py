@@ -352,7 +352,7 @@ def test_reshard_writes_exactly_the_subset_with_multiplicities(pool, reshard_run
     assert sizes == {f"{i:08d}.tar": len(u) for i, u in enumerate(per_shard)}
     for i, uids in enumerate(per_shard):
         assert json.loads((out / "shards" / f"{i:08d}_stats.json").read_text())["successes"] == len(uids)
-    meta = json.loads((out / "shards" / "meta.json").read_text())
+    meta = json.loads((out / "shards" / "reshard.json").read_text())  # meta.json is DataComp's (test_reshard_datacomp)
     assert meta["pool"]["samples_without_uid"] == {"no_json": 1, "malformed_uid": 1}
     assert meta["pool"]["duplicate_uids_requested"] == 1  # the first occurrence was used, not the repeat
     texts = [s["txt"] for name in sorted(os.listdir(out / "shards")) if name.endswith(".tar")

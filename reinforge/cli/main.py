@@ -290,12 +290,18 @@ def splits(metadata, out, uid_column, timestamp_column, timestamp_format, by, bo
               help="shard pattern or reshard run folder per split, with {split}, e.g. runs/tic/{split}")
 @click.option("--allow-size-mismatch", is_flag=True, help="accept shard folders whose sizes.json differ from the split")
 @click.option("--no-subsets", is_flag=True, help="write schedule.json only, no per-step uid files")
+@click.option("--buffer", default="independent", show_default=True, type=click.Choice(["independent", "nested"]),
+              help="which uids an old split gives at each step. independent: drawn afresh per step (seeded by "
+                   "seed, step, split), so dropped uids can come back. nested: a replay buffer as TiC-CLIP's paper "
+                   "describes -Exp/-Equal (ml-tic-clip has no code for them): an old split's uids at step t+1 are "
+                   "a subset of those at step t, a uid that leaves never returns (fixed priorities from seed, uid)")
 @user_errors
-def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_template, allow_size_mismatch, no_subsets):
+def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_template, allow_size_mismatch, no_subsets,
+             buffer):
     """Replay schedule over time splits: per-step sampling weights and uid subsets with multiplicities."""
     from reinforge.pipelines.replay import build_schedule
     sched = build_schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_template,
-                           allow_size_mismatch, write_subsets=not no_subsets)
+                           allow_size_mismatch, write_subsets=not no_subsets, buffer=buffer)
     for step in sched["steps"]:
         parts = ", ".join(f"{s['split']}={s['samples']:,} (x{s['upsampling_factor']:.3g})" for s in step["sources"])
         click.echo(f"step {step['step']}: {step['total']:,} = {parts}")
@@ -311,19 +317,64 @@ def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_templat
 @click.option("--seed", default=0, show_default=True)
 @click.option("--uid-field", default="uid", show_default=True)
 @click.option("--allow-missing", is_flag=True, help="reshard without subset uids that are not in the pool (reported)")
+@click.option("--first-shard", default=0, show_default=True,
+              help="DataComp's --first-shard: use pool shards numbered from this one ({:08d}.tar names)")
+@click.option("--num-shards", type=int, default=None,
+              help="DataComp's -n: use this many pool shard numbers from --first-shard (default: all); subset "
+                   "uids outside them are missing (add --allow-missing)")
+@click.option("--shuffle-bufsize", default=0, show_default=True,
+              help="shuffle the samples inside each output shard through a buffer of this size (DataComp's "
+                   "webdataset shuffle, seeded by --seed and the shard). Which shard a sample lands in is "
+                   "always a seeded draw over the whole subset; 0 keeps pool read order inside a shard")
+@click.option("--blur-metadata", multiple=True,
+              help="metadata parquet(s) with uid + face_bboxes (path, glob or folder; repeatable), or DataComp's "
+                   "--blur-metadata-map JSON")
+@click.option("--apply-blur", is_flag=True,
+              help="blur the faces in face_bboxes as DataComp does; blurred images are re-encoded as webp")
+@click.option("--inject-blur-metadata", is_flag=True, help="add face_bboxes to the json member of samples with faces")
+@click.option("--reencode-webp-quality", default=100, show_default=True, help="WebP quality of blurred images")
+@click.option("--cls-file", default=None,
+              help="ml-tic-clip's -c: uid2classid/<year>.pkl (or JSON {uid: class id}); every sample gets a cls member")
+@click.option("--dry-run", is_flag=True, help="plan and report (shards, samples, blur, missing); write nothing")
 @click.option("--address", default=None)
 @click.option("--force", is_flag=True)
 @redo_changed_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
-def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, address, force,
-            redo_changed, progress):
+def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, first_shard, num_shards,
+            shuffle_bufsize, blur_metadata, apply_blur, inject_blur_metadata, reencode_webp_quality, cls_file, dry_run,
+            address, force, redo_changed, progress):
     """DataComp resharder: write the samples of SUBSET (with multiplicities) as new {:08d}.tar shards."""
     from reinforge.schemas.config import parse_recipe
     recipe = parse_recipe({"product": "reshard", "output": output, "subset": subset, "counts": counts, "seed": seed,
                            "input": {"path": pool, "uid_field": uid_field}, "samples_per_shard": samples_per_shard,
-                           "allow_missing": allow_missing})
+                           "allow_missing": allow_missing, "first_shard": first_shard, "num_shards": num_shards,
+                           "shuffle_bufsize": shuffle_bufsize, "blur_metadata": list(blur_metadata),
+                           "apply_blur": apply_blur, "inject_blur_metadata": inject_blur_metadata,
+                           "reencode_webp_quality": reencode_webp_quality, "cls_file": cls_file, "dry_run": dry_run})
+    if dry_run:
+        import json
+
+        from reinforge.pipelines.reshard import ReshardPipeline
+        report = ReshardPipeline(recipe).dry_run_report()
+        out = report["reshard"]["output"]
+        click.echo(f"dry run: {out['samples']:,} samples in {out['shards']:,} shards from "
+                   f"{report['datacomp_meta']['processed_count']:,} pool samples; nothing written")
+        click.echo(json.dumps(report, indent=1))
+        return
     run_and_exit(recipe, address, force, progress, redo_changed)
+
+
+@cli.command("datacompnet-classes")
+@click.option("--year2uids", required=True, help="ml-tic-clip's tic-datacompnet_year2uids.pkl {year: {synset: [uids]}}")
+@click.option("--class-info", required=True, help="BREEDS dataset_class_info.json [[class id, synset, names], ...]")
+@click.option("--out", required=True, help="folder; writes OUT/uid2classid/<year>.pkl (reshard --cls-file)")
+@user_errors
+def datacompnet_classes(year2uids, class_info, out):
+    """TiC DataCompNet labels: uid2classid/<year>.pkl as ml-tic-clip's generate_datacompnet_uid2classid writes them."""
+    from reinforge.pipelines.datacompnet import write_uid2classid
+    for year, n in write_uid2classid(year2uids, class_info, out).items():
+        click.echo(f"{out}/uid2classid/{year}.pkl: {n:,} uids")
 
 
 for command in (join.join, ops.report, ops.plan, filters.filter_group, retrieval.embed, retrieval.index,

@@ -18,6 +18,19 @@ Each step is written two ways: as open_clip sampling weights (`::`-joined shard 
 with factor f contributes f x its size), and as a uid subset `<step>.npy` + `<step>.counts.npy`
 (multiplicity of each uid: split i gives every uid floor(c_i / S_i) copies and a seeded choice of
 c_i mod S_i uids one more). Sums are checked at every level; a mismatch is a hard error.
+
+Which uids an old split contributes (`buffer`):
+  independent  (the default, as before) each step draws its uids afresh, seeded by (seed, step, split):
+               a uid left out at step t may come back at step t+1.
+  nested       a replay buffer under a memory budget, as TiC-CLIP describes -Exp and -Equal (a buffer
+               of old data that shrinks as new data arrives; ml-tic-clip ships configs for sequential,
+               cumulative-all and oracle only, no code for the buffered policies): every uid of a split
+               gets a fixed priority from (seed, uid); once the split is old (t > its own step) it keeps
+               the k_t = min(c_t, k_{t-1}) highest-priority uids, so each old split's uids at step t+1
+               are a subset of its uids at step t and a uid that left never returns. A count above the
+               kept size is met by repeating kept uids (c // k copies, the first c % k by priority one
+               more); a policy that asks an old split for samples after it drew none is refused.
+The open_clip weights cannot express a buffer (they resample each split's shards); the uid subsets can.
 """
 from __future__ import annotations
 
@@ -37,6 +50,8 @@ from reinforge.pipelines.storage import exists, filesystem, read_text, write_byt
 from reinforge.schemas.subset import COUNTS_DTYPE, first_occurrence, read_subset, uid_order, write_subset
 
 POLICIES = ("sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "oracle")
+BUFFERS = ("independent", "nested")
+NESTED_SALT = 0x6E65737465640000  # decorrelates buffer priorities from reshard's copy phases (same hash)
 WeightFn = Callable[[int, list, dict], dict]
 
 
@@ -160,8 +175,43 @@ def split_shards(template: str, split: str, expected: int, allow_mismatch: bool)
     return f"{folder}/{_brace(names)}", found
 
 
+class NestedBuffer:
+    """The kept uids of each old split, as positions in the split file sorted by priority (a prefix
+    of the split's priority order; it only ever shrinks)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.kept: dict[str, np.ndarray] = {}
+        self.seen: set[str] = set()
+
+    def priority_order(self, uids: np.ndarray) -> np.ndarray:
+        from reinforge.pipelines.reshard import uid_phase
+        return np.argsort(uid_phase(uids["f0"], uids["f1"], self.seed + NESTED_SALT), kind="stable")
+
+    def multiplicities(self, split: str, uids: np.ndarray, c: int, old: bool, t: int) -> np.ndarray:
+        self.seen.add(split)
+        order = self.kept[split] if split in self.kept else self.priority_order(uids)
+        k = min(c, len(order))
+        if k == 0:
+            raise ScheduleError(f"step {t}: the policy draws {c} samples from split {split}, which left the "
+                                f"nested replay buffer at an earlier step (it drew none there); use --buffer "
+                                f"independent or a larger budget")
+        if old:  # the buffer keeps only what this step draws from it
+            self.kept[split] = order[:k]
+        mult = np.zeros(len(uids), np.int64)
+        mult[order[:k]] = c // k
+        mult[order[:c % k]] += 1
+        return mult
+
+    def drop_undrawn(self, drawn: dict[str, int], steps: list[str], t: int) -> None:
+        """An old split the step draws nothing from has left the buffer for good."""
+        for split in steps[:t]:
+            if split in self.seen and split not in drawn:
+                self.kept[split] = np.zeros(0, np.int64)
+
+
 def step_subset(files: dict[str, str], counts: dict[str, int], seed: int, t: int,
-                split_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+                split_index: dict[str, int], nested: Optional[NestedBuffer] = None) -> tuple[np.ndarray, np.ndarray]:
     """uids of the step and their multiplicities (sorted, unique, uint32)."""
     parts_u, parts_c = [], []
     for split, c in counts.items():
@@ -169,11 +219,14 @@ def step_subset(files: dict[str, str], counts: dict[str, int], seed: int, t: int
         size = len(uids)
         if size == 0:
             raise ScheduleError(f"step {t}: split {split} is empty but the policy draws {c} samples from it")
-        mult = np.full(size, c // size, np.int64)
-        extra = c % size
-        if extra:  # which uids get one more copy: seeded by (seed, step, split), independent of the rest
-            rng = np.random.default_rng([seed, t, split_index[split]])
-            mult[rng.choice(size, extra, replace=False)] += 1
+        if nested is not None:
+            mult = nested.multiplicities(split, uids, c, split_index[split] < t, t)
+        else:
+            mult = np.full(size, c // size, np.int64)
+            extra = c % size
+            if extra:  # which uids get one more copy: seeded by (seed, step, split), independent of the rest
+                rng = np.random.default_rng([seed, t, split_index[split]])
+                mult[rng.choice(size, extra, replace=False)] += 1
         keep = mult > 0
         if int(mult.sum()) != c:
             raise ScheduleError(f"step {t}: split {split} multiplicities sum to {int(mult.sum())}, expected {c}")
@@ -190,7 +243,10 @@ def step_subset(files: dict[str, str], counts: dict[str, int], seed: int, t: int
 
 def build_schedule(splits_dir: str, policy: str, budget: int, out_dir: str, seed: int = 0,
                    new_fraction: float = 0.5, shards_template: Optional[str] = None,
-                   allow_size_mismatch: bool = False, write_subsets: bool = True) -> dict:
+                   allow_size_mismatch: bool = False, write_subsets: bool = True,
+                   buffer: str = "independent") -> dict:
+    if buffer not in BUFFERS:
+        raise ScheduleError(f"--buffer {buffer!r}: expected one of {', '.join(BUFFERS)}")
     if budget < 1:
         raise ScheduleError(f"--budget {budget}: must be >= 1")
     if not 0 < new_fraction <= 1:
@@ -207,7 +263,8 @@ def build_schedule(splits_dir: str, policy: str, budget: int, out_dir: str, seed
     available = {s: shards[s][1] if s in shards else sizes[s] for s in steps}
     index = {s: i for i, s in enumerate(steps)}
     schedule = {"format": "reinforge.replay_schedule/1", "splits_dir": splits_dir, "policy": policy,
-                "budget": budget, "seed": seed, "new_fraction": new_fraction, "steps": []}
+                "budget": budget, "seed": seed, "new_fraction": new_fraction, "buffer": buffer, "steps": []}
+    nested = NestedBuffer(seed) if buffer == "nested" else None
     for t, name in enumerate(steps):
         label = f"step {t} ({name})"
         weights = policy_weights(policy, t, steps, sizes, Fraction(new_fraction), fn)
@@ -226,7 +283,9 @@ def build_schedule(splits_dir: str, policy: str, budget: int, out_dir: str, seed
                 "train_data_upsampling_factors": "::".join(f"{s['upsampling_factor']:.10g}" for s in sources),
                 "train_num_samples": budget, "dataset_resampled": True}
         if write_subsets:
-            uids, mult = step_subset(files, counts, seed, t, index)
+            if nested is not None:
+                nested.drop_undrawn(counts, steps, t)
+            uids, mult = step_subset(files, counts, seed, t, index, nested)
             if int(mult.sum()) != budget:
                 raise ScheduleError(f"{label}: subset multiplicities sum to {int(mult.sum())}, budget is {budget}")
             write_subset(f"{out_dir.rstrip('/')}/{name}.npy", uids, mult)

@@ -15,13 +15,22 @@ uid is swapped with the next different sample.
 
 Keys: the uid (32 hex) for the first copy, `<uid>_r<k>` for copy k >= 1; members are copied byte
 for byte (json keeps the original uid). Pool uids that occur twice: the first (pool shard order, then
-position) is used and the repeats are counted in meta.json. Subset uids absent from the pool are a
+position) is used and the repeats are counted in reshard.json. Subset uids absent from the pool are a
 hard error (count and examples) unless `allow_missing`, which writes them to plan/missing_uids.npy.
+
+DataComp's resharder options: `first_shard`/`num_shards` pick pool shards by their number;
+`shuffle_bufsize` shuffles each output shard's samples through a seeded buffer as they are read;
+`blur_metadata` + `apply_blur`/`inject_blur_metadata` (face_blur.py) and `cls_file` (datacompnet.py)
+are looked up per uid while planning and travel in the assignment (columns face_bboxes, cls);
+`dry_run` plans and reports without writing the plan or any shard. Beside the shards: meta.json in
+the schema DataComp's resharder writes (its train.py reads output_shard_count/_format from it),
+reshard.json with reinforge's own account, and sample_ids.npy (the subset file, as DataComp copies it).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -29,7 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reinforge.pipelines import face_blur
 from reinforge.pipelines.base import Pipeline
+from reinforge.pipelines.datacompnet import class_id_array, read_class_ids
 from reinforge.pipelines.sources import InputError, Task, WebDatasetSource
 from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, write_bytes
 from reinforge.pipelines.uid_index import INDEX_STATUS, PoolReader, build_index
@@ -41,6 +52,8 @@ from reinforge.schemas.subset import (UID_OK, LoadedSubset, locate, make_subset,
 from reinforge.stages.base import MapStage, SkipSample, Stage
 
 SAMPLE = 10
+SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
+EXTRA_FIELDS = ("__face_bboxes__", "__cls__")  # per-sample facts read() hands to the stages
 
 
 class ReshardError(InputError):
@@ -66,6 +79,51 @@ def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
 
 def sample_key(hi: int, lo: int, copy: int) -> str:
     return uid_hex(hi, lo) if copy == 0 else f"{uid_hex(hi, lo)}_r{copy}"
+
+
+def select_shards(pool: list[Task], first: int, num: int | None) -> tuple[list[Task], dict]:
+    """DataComp's --first-shard/--num-shards: the pool shards numbered first .. first+num-1 (all from
+    `first` on when num is None), by the number in their file name; absent numbers are counted."""
+    if first == 0 and num is None:
+        return pool, {}
+    numbered = {}
+    for task in pool:
+        stem = task.inputs[0].rpartition("/")[2].split(".")[0]
+        if not stem.isdigit():
+            raise ReshardError(f"first_shard/num_shards select pool shards by number, but {task.inputs[0]} has "
+                               f"no number as its name")
+        numbered.setdefault(int(stem), task)
+    last = first + num - 1 if num is not None else max(numbered, default=first - 1)
+    chosen = [numbered[n] for n in sorted(numbered) if first <= n <= last]
+    if not chosen:
+        raise ReshardError(f"no pool shard is numbered {first}..{last}")
+    absent = [n for n in range(first, last + 1) if n not in numbered]
+    return chosen, {"first_shard": first, "num_shards": num, "shards_selected": len(chosen),
+                    "numbers_absent": len(absent), "absent_sample": absent[:SAMPLE]}
+
+
+def buffer_shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """webdataset's _shuffle(bufsize, initial=bufsize), as DataComp's --shuffle-bufsize calls it: fill a
+    buffer (taking two samples per step while it is short), then emit a random buffered sample per
+    incoming one, and drain at the end. Here rng is seeded, so the order is the same on every run."""
+    buf: list = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            nxt = next(samples, None)
+            if nxt is not None:
+                buf.append(nxt)
+        if len(buf) >= bufsize:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list, rng: random.Random) -> dict:
+    k = rng.randint(0, len(buf) - 1)
+    sample, buf[k] = buf[k], buf[-1]
+    buf.pop()
+    return sample
 
 
 @dataclass
@@ -164,7 +222,39 @@ class Passthrough(MapStage):
         if not isinstance(uid, str) or uid.lower() != sample["__uid__"]:
             raise SkipSample("uid_mismatch", f"pool sample has uid {uid!r}, the index said {sample['__uid__']}")
         return {"__key__": sample["__key__"],
-                "members": {ext: data for ext, data in sample.items() if not ext.startswith("__")}}
+                "members": {ext: data for ext, data in sample.items() if not ext.startswith("__")},
+                **{k: sample[k] for k in EXTRA_FIELDS if k in sample}}
+
+
+class DataCompExtras(MapStage):
+    """What DataComp's resharder (with ml-tic-clip's -c) adds to a sample: the cls member, blurred faces
+    (the image becomes webp), the face boxes in the json member."""
+    name = "datacomp_extras"
+
+    def __init__(self, apply_blur: bool, inject_blur_metadata: bool, webp_quality: int):
+        self.apply_blur, self.inject, self.quality = apply_blur, inject_blur_metadata, webp_quality
+
+    def process(self, sample: dict) -> dict:
+        members = sample["members"]
+        boxes = sample.get("__face_bboxes__")
+        if boxes and self.apply_blur:
+            image = face_blur.image_member(members)
+            if image is None:
+                raise SkipSample("no_image", "sample has face boxes but no jpg/jpeg/png/webp member to blur")
+            try:
+                webp = face_blur.reencode_blurred(members[image], boxes, self.quality)
+            except ValueError as exc:
+                raise SkipSample("undecodable_image", f"cannot blur {image}: {exc}") from None
+            members = {("webp" if ext == image else ext): (webp if ext == image else data)
+                       for ext, data in members.items() if ext != "webp" or image == "webp"}
+        if boxes and self.inject:
+            try:
+                members["json"] = face_blur.inject_boxes(members["json"], boxes)
+            except (KeyError, ValueError, AttributeError):
+                raise SkipSample("bad_json", "cannot add face_bboxes to the json member") from None
+        if "__cls__" in sample:
+            members["cls"] = str(int(sample["__cls__"])).encode("ascii")  # webdataset's encoding of an int cls
+        return {"__key__": sample["__key__"], "members": members}
 
 
 class ReshardPipeline(Pipeline):
@@ -173,6 +263,9 @@ class ReshardPipeline(Pipeline):
         self.layout = RunLayout(recipe.output.rstrip("/"))
         self.meta: dict | None = None
         self.sizes: list[int] = []
+        self.selection: dict = {}
+        self.extras_report: dict = {}
+        self.pool_samples = 0
 
     @property
     def assignment_url(self) -> str:
@@ -180,7 +273,7 @@ class ReshardPipeline(Pipeline):
 
     def plan(self) -> list[Task]:
         r = self.recipe
-        pool = WebDatasetSource(r.input.path).plan()
+        pool, self.selection = select_shards(WebDatasetSource(r.input.path).plan(), r.first_shard, r.num_shards)
         urls = [t.inputs[0] for t in pool]
         subset = read_subset(r.subset, r.counts)
         match = match_pool(subset, build_index(pool, f"{self.layout.root}/index", r.input.uid_field), urls)
@@ -194,13 +287,40 @@ class ReshardPipeline(Pipeline):
         idx, copy, self.sizes = assign(subset.uids[found], subset.counts[found], match.shard[found],
                                        match.offset[found], r.samples_per_shard, r.seed)
         uids = subset.uids[found][idx]
-        table = pa.table({
+        columns = {
             "shard": pa.array(np.asarray(urls, object)[match.shard[found][idx]] if len(idx) else [], pa.string()),
             "offset": match.offset[found][idx], "length": match.length[found][idx],
-            "uid_hi": uids["f0"], "uid_lo": uids["f1"], "copy": copy.astype(np.int32)})
+            "uid_hi": uids["f0"], "uid_lo": uids["f1"], "copy": copy.astype(np.int32)}
+        columns.update(self._extra_columns(subset, np.flatnonzero(found)[idx]))
+        table = pa.table(columns)
         self.meta = self._meta(subset, match, missing, urls)
+        self.meta.update(self.extras_report)
+        self.pool_samples = match.samples
+        if r.dry_run:  # the whole plan is known now; nothing of it is written
+            return []
         self._commit_plan(table, subset.uids[missing])
         return self._tasks(self.sizes)
+
+    def _extra_columns(self, subset: LoadedSubset, subset_index: np.ndarray) -> dict:
+        """Per output sample: its face boxes and / or class id, looked up by uid now so workers need
+        neither the metadata nor the class file."""
+        r, columns = self.recipe, {}
+        self.extras_report = {}
+        if r.apply_blur:
+            face_blur.cv2_module()  # no OpenCV: say so now, not in every task
+        if r.blur_metadata:
+            boxes = face_blur.load_face_boxes(r.blur_metadata, subset.uids)
+            columns["face_bboxes"] = boxes.column(subset_index)
+            report = face_blur.boxes_report(boxes, subset_index, lambda i: uid_hex(*subset.uids[i]))
+            self.extras_report["blur"] = {"apply_blur": r.apply_blur, "inject_blur_metadata": r.inject_blur_metadata,
+                                          "reencode_webp_quality": r.reencode_webp_quality, **report}
+        if r.cls_file:
+            ids = class_id_array(read_class_ids(r.cls_file), subset.uids, r.cls_file)
+            columns["cls"] = ids[subset_index]
+            self.extras_report["cls"] = {"file": r.cls_file, "classes": int(len(np.unique(ids[subset_index])))}
+        if self.selection:
+            self.extras_report["pool_selection"] = self.selection
+        return columns
 
     def _tasks(self, sizes: list[int]) -> list[Task]:
         firsts = np.cumsum([0, *sizes])
@@ -229,8 +349,31 @@ class ReshardPipeline(Pipeline):
                      "duplicate_policy": "first occurrence (pool shard order, then position) is used"},
             "output": {"shards": len(self.sizes), "samples": int(sum(self.sizes)),
                        "samples_per_shard": r.samples_per_shard, "seed": r.seed,
+                       "shuffle_bufsize": r.shuffle_bufsize,
+                       "order_in_shard": (f"shuffled through a {r.shuffle_bufsize}-sample buffer seeded by (seed, "
+                                          f"shard)" if r.shuffle_bufsize else "pool read order"),
                        "keys": "<uid> for a uid's first copy, <uid>_r<k> for copy k >= 1"},
         }
+
+    def datacomp_meta(self) -> dict:
+        """meta.json as DataComp's resharder writes it: its arguments as strings, then its counters.
+        DataComp's train.py reads output_shard_count and output_shard_format from it. Left out: the
+        timing (blur_time) and the driver's cwd, which would make reruns differ; output_dir is "." (the
+        folder of this file), so equal runs in different places write equal bytes."""
+        r = self.recipe
+        args = {"input_dir": r.input.path, "output_dir": ".", "subset_file": r.subset, "cls_file": r.cls_file,
+                "num_shards": r.num_shards, "first_shard": r.first_shard, "num_workers": None,
+                "shard_size": r.samples_per_shard, "shard_format": SHARD_FORMAT, "output_shard_format": SHARD_FORMAT,
+                "shard_stats_format": STATS_FORMAT, "output_shard_stats_format": STATS_FORMAT,
+                "shard_table": "sizes.json", "write_shard_table": False, "shuffle_bufsize": r.shuffle_bufsize,
+                "blur_metadata_map": ",".join(r.blur_metadata) or None, "apply_blur": r.apply_blur,
+                "inject_blur_metadata": r.inject_blur_metadata, "reencode_webp_quality": r.reencode_webp_quality,
+                "dry_run": r.dry_run, "overwrite": False, "verbose": None, "quiet": None}
+        # DataComp counts a blurred pool sample once, however many copies of it are written
+        blurred = self.meta.get("blur", {}).get("uids_with_faces", 0) if r.apply_blur else 0
+        return {**{k: str(v) for k, v in args.items()},
+                "processed_count": self.pool_samples, "output_count": int(sum(self.sizes)), "blur_count": blurred,
+                "output_shard_count": len(self.sizes), "worker_success": len(self.sizes)}
 
     def _commit_plan(self, table: pa.Table, missing: np.ndarray) -> None:
         """Write the assignment unless an identical one exists; refuse to change the plan under finished tasks."""
@@ -238,7 +381,10 @@ class ReshardPipeline(Pipeline):
         shards = table.column("shard").combine_chunks().dictionary_encode()
         digest.update("|".join(shards.dictionary.to_pylist()).encode())
         for column in [shards.indices, *table.columns[1:]]:
-            digest.update(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)).tobytes())
+            if pa.types.is_list(column.type):  # face boxes: their values, not the addresses of numpy objects
+                digest.update(json.dumps(column.to_pylist()).encode())
+            else:
+                digest.update(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)).tobytes())
         fingerprint = digest.hexdigest()
         plan_url = f"{self.layout.root}/plan/plan.json"
         if exists(plan_url) and exists(self.assignment_url):
@@ -271,23 +417,39 @@ class ReshardPipeline(Pipeline):
         return False
 
     def read(self, task: Task) -> Iterator[dict]:
+        samples = self._read_planned(task)
+        if self.recipe.shuffle_bufsize > 0:
+            samples = buffer_shuffle(samples, self.recipe.shuffle_bufsize,
+                                     random.Random(f"{self.recipe.seed}:{task.id}"))
+        return samples
+
+    def _read_planned(self, task: Task) -> Iterator[dict]:
         fs, path = filesystem(task.inputs[0])
         with fs.open(path, "rb") as f:
             rows = pq.ParquetFile(f).read_row_group(int(task.id)).to_pydict()
+        boxes, classes = rows.get("face_bboxes"), rows.get("cls")
         # rows are grouped by pool shard within a copy round; samples are passed through whatever they hold
         reader = PoolReader(open_limit=1, limits=Limits.default())
         try:
-            for url, offset, length, hi, lo, copy in zip(rows["shard"], rows["offset"], rows["length"],
-                                                         rows["uid_hi"], rows["uid_lo"], rows["copy"]):
+            for i, (url, offset, length, hi, lo, copy) in enumerate(zip(
+                    rows["shard"], rows["offset"], rows["length"], rows["uid_hi"], rows["uid_lo"], rows["copy"])):
                 sample = reader.fetch(url, offset, length)
                 sample["__key__"] = sample_key(hi, lo, copy)
                 sample["__uid__"] = uid_hex(hi, lo)
+                if boxes is not None and boxes[i] is not None:
+                    sample["__face_bboxes__"] = boxes[i]
+                if classes is not None:
+                    sample["__cls__"] = classes[i]
                 yield sample
         finally:
             reader.close()
 
     def build_stages(self) -> list[Stage]:
-        return [Passthrough(self.recipe.input.uid_field)]
+        r = self.recipe
+        stages: list[Stage] = [Passthrough(r.input.uid_field)]
+        if r.apply_blur or r.inject_blur_metadata or r.cls_file:
+            stages.append(DataCompExtras(r.apply_blur, r.inject_blur_metadata, r.reencode_webp_quality))
+        return stages
 
     def samples_per_batch(self) -> int:
         return 256
@@ -325,6 +487,19 @@ class ReshardPipeline(Pipeline):
     def prepare_run(self, layout: RunLayout) -> None:
         if self.meta is None:
             self.plan()
-        sizes = {f"{j:08d}.tar": n for j, n in enumerate(self.sizes)}
-        write_bytes(f"{layout.root.rstrip('/')}/shards/sizes.json", json.dumps(sizes, indent=1).encode())
-        write_bytes(f"{layout.root.rstrip('/')}/shards/meta.json", json.dumps(self.meta, indent=1).encode())
+        if self.recipe.dry_run:
+            return
+        shards = f"{layout.root.rstrip('/')}/shards"
+        sizes = {SHARD_FORMAT.format(j): n for j, n in enumerate(self.sizes)}
+        write_bytes(f"{shards}/sizes.json", json.dumps(sizes, indent=1).encode())
+        write_bytes(f"{shards}/meta.json", json.dumps(self.datacomp_meta(), indent=1).encode())
+        write_bytes(f"{shards}/reshard.json", json.dumps(self.meta, indent=1).encode())
+        fs, path = filesystem(self.recipe.subset)
+        write_bytes(f"{shards}/sample_ids.npy", fs.cat_file(path))  # DataComp copies the subset file there
+
+    def dry_run_report(self) -> dict:
+        """plan() without writing the plan: the facts reshard.json and meta.json would hold."""
+        self.recipe = self.recipe.model_copy(update={"dry_run": True})
+        self.plan()
+        return {"reshard": self.meta, "datacomp_meta": self.datacomp_meta(),
+                "sizes": {SHARD_FORMAT.format(j): n for j, n in enumerate(self.sizes)}}
