@@ -8,7 +8,6 @@ import functools
 import io
 import struct
 import tarfile
-import zipfile
 import zlib
 
 import numpy as np

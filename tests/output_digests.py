@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from conftest import jpeg_bytes, make_input_shards, photo, teacher_checkpoint, tiny_open_clip, write_shard
-from PIL import Image
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 CAPTIONS = ["a cat sitting on a sofa", "a cup of coffee", "an astronaut in a suit", "a rocket on a launch pad"]

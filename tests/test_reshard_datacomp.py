@@ -4,20 +4,18 @@ as DataComp's resharder does it (golden from its own code), ml-tic-clip's --cls-
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import pickle
-import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes, photo, write_shard
-from pool_gen import random_uids, write_pool_shards
+from pool_gen import random_uids
 
-from reinforge.pipelines.datacompnet import ClassFileError, read_class_ids, write_uid2classid
+from reinforge.pipelines.datacompnet import ClassFileError, read_class_ids
 from reinforge.pipelines.executor import TaskExecutor
 from reinforge.pipelines.face_blur import blur_faces, mask_box
 from reinforge.pipelines.loader_files import write_loader_files

@@ -478,8 +478,11 @@ class ReshardPipeline(Pipeline):
         unique = np.unique(make_subset(hi[ok], lo[ok]))
         write_shard(f"{folder}/00000000.tar", chosen)
         write_subset(f"{folder}/probe.npy", unique, np.full(len(unique), 2, np.uint32))
+        # the probe pool is one shard named 00000000, its uids are not in a class file: select and label
+        # nothing; blurring stays as asked (its cost is part of the measurement)
         return {**raw, "subset": f"{folder}/probe.npy", "counts": "auto", "samples_per_shard": len(unique),
-                "allow_missing": False, "input": {**raw["input"], "path": f"{folder}/00000000.tar"}}
+                "allow_missing": False, "first_shard": 0, "num_shards": None, "cls_file": None, "dry_run": False,
+                "input": {**raw["input"], "path": f"{folder}/00000000.tar"}}
 
     def expected_samples_per_task(self, input_bytes_per_sample: float) -> float:
         return float(self.recipe.samples_per_shard)
