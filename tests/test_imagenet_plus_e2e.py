@@ -196,3 +196,24 @@ def test_imagefolder_input_keys_by_dataset_index(tmp_path, local_ray):
     counts = export_ml_dr(str(out), str(tmp_path / "mldr"))
     assert counts == {"images": 9, "augmentations": 36}
     assert (tmp_path / "mldr" / "8.pth.tar").exists()
+
+
+def test_one_bad_sample_costs_only_itself_in_the_teacher_stage():
+    """The timm ensemble isolates a failing batch: the bad sample is a counted error, the others are
+    scored exactly as in a batch of their own."""
+    from conftest import tiny_recipe
+
+    from reinforge.stages.base import Batch
+    from reinforge.stages.teachers import TeacherEnsemble
+    recipe = parse_recipe(tiny_recipe("unused", "unused"))
+    ensemble = TeacherEnsemble(recipe.teachers, recipe.top_k, recipe.temperature)
+    ensemble.setup()
+    torch.manual_seed(0)
+    good = [{"__key__": f"k{i}", "entries": [None] * 2, "views": torch.rand(2, 3, 32, 32)} for i in range(3)]
+    bad = {"__key__": "bad", "entries": [None] * 2, "views": torch.rand(2, 1, 32, 32)}  # one channel
+    alone = ensemble(Batch([{**s, "views": s["views"].clone()} for s in good]))
+    out = ensemble(Batch([{**good[0]}, bad, {**good[1]}, {**good[2]}]))
+    assert [s["__key__"] for s in out.samples] == ["k0", "k1", "k2"], out.errors
+    assert [(e.key, e.stage) for e in out.errors] == [("bad", "teachers")]
+    for got, want in zip(out.samples, alone.samples):
+        assert np.array_equal(got["ids"], want["ids"]) and np.allclose(got["values"], want["values"], atol=1e-6)

@@ -304,3 +304,32 @@ def test_card_features_for_every_array_shape():
                         "y": datasets.Array3D((None, 3, 4), "int32")}
     assert f["pth.gz"] == {"a": datasets.List(datasets.Value("float32")), "b": datasets.Array3D((None, 3, 4), "float32")}
     assert list(f)[-2:] == ["__key__", "__url__"]
+
+
+def test_an_unreadable_manifest_means_not_done_for_every_reader(runs, tmp_path):
+    """One task's manifest truncated (a crash on a store without rename): status, validate, the run's
+    own readers, Hugging Face and Ray Data all leave that task's shard out; none crashes."""
+    import shutil
+
+    from reinforge.pipelines.rundir import run_status, validate_run
+    from reinforge.readers.hf import load_run
+    from reinforge.readers.imagenet_plus import ReinforcedImageNet
+    from reinforge.readers.mobileclip import MobileCLIPDRDataset
+    from reinforge.readers.ray_data import read_run
+    for name in ("imagenet_plus", "dr_npz"):
+        run = str(tmp_path / name)
+        shutil.copytree(runs[name], run)
+        first, *rest = committed_shards(run)
+        manifest = os.path.join(run, "manifests", os.path.basename(first.url).replace(".tar", ".json"))
+        with open(manifest, "r+b") as f:
+            f.truncate(os.path.getsize(manifest) // 2)
+        kept = sum(s.samples for s in rest)
+        assert [s.url for s in committed_shards(run)] == [s.url for s in rest] and kept > 0
+        status = run_status(run)
+        assert len(status.pending) == 1 and len(status.done) == len(rest)
+        assert any("unreadable manifest" in p for p in validate_run(run)[1])
+        assert len(load_run(run, cache_dir=str(tmp_path / f"hf-{name}"))) == kept
+        assert read_run(run).count() == kept
+        reader = (ReinforcedImageNet(run) if name == "imagenet_plus" else MobileCLIPDRDataset(run, lambda t: [t]))
+        keys = list(reader.keys) if name == "imagenet_plus" else [item["uid"] for item in reader]
+        assert len(keys) == kept

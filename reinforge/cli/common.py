@@ -7,7 +7,7 @@ from functools import wraps
 
 import click
 
-from reinforge.pipelines.rundir import NotARunError
+from reinforge.readers.runs import NotARunError
 from reinforge.pipelines.runner import ConfigChangedError, InputsChangedError
 from reinforge.pipelines.sources import InputError
 from reinforge.schemas.config import ConfigError

@@ -63,15 +63,11 @@ class Pipeline:
     def output_limits(self, layout: RunLayout) -> Limits:
         """Bounds for reading the run's own shards back (validate): what its trainer config declares
         (N, top-k, dims, captions), the defaults of schemas.limits where it has none."""
-        import json
-
-        from reinforge.pipelines.storage import exists, read_text
-        config = None
-        if exists(layout.dr_config):
-            try:
-                config = json.loads(read_text(layout.dr_config))
-            except (ValueError, UnicodeDecodeError):
-                pass  # the checker reports an unreadable trainer config
+        from reinforge.readers.runs import dr_config
+        try:
+            config = dr_config(layout.root)
+        except ValueError:
+            config = None  # the checker reports an unreadable trainer config
         return declared_limits(config, self.max_image_pixels())
 
     def sample_checker(self, layout: RunLayout):

@@ -26,6 +26,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 
 from reinforge.readers.imagenet_plus import index_shard, shard_urls
+from reinforge.readers.runs import require_dr_config
 from reinforge.schemas.imagenet_plus import SchemaError, decode_sample
 from reinforge.schemas.manifest import RunLayout, TMP_MARKER
 from reinforge.schemas.wds import iter_samples
@@ -80,8 +81,7 @@ def dataset_indices(keys: list[str]) -> dict[str, int]:
 
 def export_ml_dr(run_dir: str, out_dir: str) -> dict:
     layout = RunLayout(run_dir.rstrip("/"))
-    with open(layout.dr_config) as f:
-        config = json.load(f)
+    config = require_dr_config(layout.root)
     reinforce = config.get("reinforce", {})
     if "image_augmentation" not in reinforce or "num_samples" not in reinforce:
         raise SchemaError(f"{layout.dr_config}: needs reinforce.image_augmentation and reinforce.num_samples")

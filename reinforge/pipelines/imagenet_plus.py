@@ -71,11 +71,11 @@ def sample_checker(layout: RunLayout, max_pixels: int):
     """A per-sample schema check for `validate`: layout, N, k, class ids, probability mass, sha256,
     and that the first stored augmentation replays inside the image. Members inflate only within the
     bounds the config declares (N, k)."""
-    from reinforge.pipelines.storage import read_text
+    from reinforge.readers.runs import require_dr_config
     from reinforge.schemas.image import decode_rgb
     from reinforge.schemas.imagenet_plus import decode_sample, sha256_hex
 
-    full = json.loads(read_text(layout.dr_config))
+    full = require_dr_config(layout.root)
     config = full["reinforce"]
     augmenter = replay_augmenter(config)
     n, k = config["num_samples"], config["topk"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import posixpath
 
-from reinforge.pipelines.rundir import manifests
+from reinforge.readers.runs import scan_manifests
 from reinforge.pipelines.storage import filesystem, list_files, write_bytes
 from reinforge.schemas.hf_card import dataset_card, hf_features
 from reinforge.schemas.manifest import RunLayout, join
@@ -25,7 +25,7 @@ from reinforge.schemas.wds import iter_samples
 def committed_shards(layout: RunLayout, digest: str | None) -> dict[str, int]:
     """{path relative to the run: samples} of every tar a finished task of this recipe wrote, in name order."""
     shards = {}
-    for manifest in manifests(layout):
+    for manifest in scan_manifests(layout.root)[0]:
         if digest is None or manifest.config_digest == digest:
             shards.update({o.path: o.samples for o in manifest.outputs if o.path.endswith(".tar")})
     return dict(sorted(shards.items()))

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reinforge.pipelines.rundir import NotARunError, load_run, manifests
+from reinforge.pipelines.rundir import load_run, manifests
+from reinforge.readers.runs import NotARunError
 from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, write_bytes
 from reinforge.schemas.manifest import RunLayout, TaskManifest
 from reinforge.schemas.wds import ShardReadError, iter_samples
@@ -297,9 +298,8 @@ def _mobileclip_stats(layout: RunLayout):
     """Caption lengths (words), distinct-caption ratio per sample, and per-teacher L2 norms of every
     stored embedding row (each teacher slice must be unit-norm, FORMATS §2)."""
     from reinforge.schemas.datacomp_dr import decode_dr_sample
-    dims = []
-    if exists(layout.dr_config):
-        dims = [int(t["dim"]) for t in json.loads(read_text(layout.dr_config)).get("teachers", [])]
+    from reinforge.readers.runs import dr_config
+    dims = [int(t["dim"]) for t in (dr_config(layout.root) or {}).get("teachers", [])]
 
     def stats(members: dict) -> dict[str, list]:
         syn = json.loads(members["syn.json"]) if "syn.json" in members else {}

@@ -42,11 +42,12 @@ from reinforge.pipelines import face_blur
 from reinforge.pipelines.base import Pipeline
 from reinforge.pipelines.datacompnet import class_id_array, read_class_ids
 from reinforge.pipelines.sources import InputError, Task, WebDatasetSource
-from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, write_bytes
+from reinforge.pipelines.storage import exists, filesystem, read_text, write_bytes
+from reinforge.readers.runs import done_manifests
 from reinforge.pipelines.uid_index import INDEX_STATUS, PoolReader, build_index
 from reinforge.schemas.config import ReshardRecipe, config_digest
 from reinforge.schemas.limits import Limits
-from reinforge.schemas.manifest import RunLayout, TaskManifest
+from reinforge.schemas.manifest import RunLayout
 from reinforge.schemas.subset import (UID_OK, LoadedSubset, locate, make_subset, parse_hex_uids, read_subset, uid_hex,
                                       write_subset)
 from reinforge.stages.base import MapStage, SkipSample, Stage
@@ -407,14 +408,7 @@ class ReshardPipeline(Pipeline):
                                          indent=1).encode())
 
     def _finished_tasks(self) -> bool:
-        digest = config_digest(self.recipe)
-        for url in list_files(self.layout.root + "/manifests", ".json"):
-            try:
-                if TaskManifest.from_json(read_text(url)).config_digest == digest:
-                    return True
-            except (ValueError, KeyError, TypeError):
-                continue
-        return False
+        return bool(done_manifests(self.layout.root, config_digest(self.recipe)))
 
     def read(self, task: Task) -> Iterator[dict]:
         samples = self._read_planned(task)

@@ -8,14 +8,11 @@ from dataclasses import dataclass, field
 
 from reinforge.pipelines.fingerprint import changed_inputs, task_fingerprints
 from reinforge.pipelines.registry import build_pipeline
-from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, remove
+from reinforge.pipelines.storage import filesystem, list_files, read_text, remove
+from reinforge.readers.runs import run_record, scan_manifests
 from reinforge.schemas.config import parse_recipe
 from reinforge.schemas.manifest import TMP_MARKER, RunLayout, StageStats, TaskManifest
 from reinforge.schemas.wds import ShardReadError, iter_samples
-
-
-class NotARunError(ValueError):
-    pass
 
 
 class HashingReader:
@@ -34,22 +31,13 @@ class HashingReader:
 
 
 def load_run(root: str) -> tuple[RunLayout, dict]:
-    layout = RunLayout(root.rstrip("/"))
-    if not exists(layout.run_file):
-        raise NotARunError(f"{root} is not a reinforge run directory (no run.json)")
-    return layout, json.loads(read_text(layout.run_file))
+    return RunLayout(root.rstrip("/")), run_record(root)
 
 
 def read_manifests(layout: RunLayout) -> tuple[list[TaskManifest], list[str]]:
-    """Every readable task manifest, and the URLs of unreadable ones (truncated by a crash on a store
-    without rename, or a foreign file): their tasks count as not done, and the runner redoes them."""
-    readable, unreadable = [], []
-    for url in list_files(layout.root + "/manifests", ".json"):
-        try:
-            readable.append(TaskManifest.from_json(read_text(url)))
-        except (ValueError, KeyError, TypeError):
-            unreadable.append(url)
-    return readable, unreadable
+    """Every readable task manifest, and the URLs of unreadable ones (readers.runs.scan_manifests):
+    their tasks count as not done, and the runner redoes them."""
+    return scan_manifests(layout.root)
 
 
 def manifests(layout: RunLayout) -> list[TaskManifest]:

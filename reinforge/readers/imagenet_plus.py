@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from reinforge.readers.skips import SkipCounters
-from reinforge.schemas.augment import replay_augmenter
+from reinforge.readers.runs import committed_shards, dr_config, is_run_dir
+from reinforge.schemas.augment import entry_seed, replay_augmenter
 from reinforge.schemas.image import IMAGE_EXTENSIONS, decode_rgb
 from reinforge.schemas.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample,
                                              densify, sha256_hex)
 from reinforge.schemas.limits import Limits, declared_limits, too_large
-from reinforge.schemas.manifest import RunLayout, TaskManifest, join
 from reinforge.schemas.wds import split_member_name, unsafe_name
 
 log = logging.getLogger(__name__)
@@ -42,26 +42,9 @@ MAX_CONSECUTIVE_SKIPS = 64  # then the shards are broken, not a sample: raise
 RANDOM_READ_BLOCK = 1 << 20
 
 
-def _read_text(url: str) -> str:
-    with fsspec.open(url, "rb") as f:
-        return f.read().decode()
-
-
-def _is_run_dir(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.isdir(path)
-
-
 def shard_urls(run_dir: str) -> list[str]:
-    """Shards of a finished run, from its manifests (a shard without a manifest is not done)."""
-    layout = RunLayout(run_dir.rstrip("/"))
-    fs, path = fsspec.core.url_to_fs(join(layout.root, "manifests"))
-    names = sorted(p.rpartition("/")[2] for p in fs.ls(path, detail=False) if p.endswith(".json"))
-    manifests = [TaskManifest.from_json(_read_text(join(layout.root, "manifests", n))) for n in names]
-    urls = []
-    for manifest in sorted(manifests, key=lambda m: m.task_id):
-        urls.extend(join(layout.root, out.path) for out in manifest.outputs if out.path.endswith(".tar"))
-    return urls
+    """Shards of a finished run (readers.runs: a shard without a readable manifest is not done)."""
+    return [shard.url for shard in committed_shards(run_dir)]
 
 
 def _num_classes_from(config: dict) -> int | None:
@@ -97,7 +80,8 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
     """Map-style ImageNet+ dataset: item i -> (replayed view float32 CHW, dense target float32 [C]).
 
     mode "random": the stored augmentation j is drawn uniformly by a generator seeded with
-    (seed, epoch, i); mode "epoch": j = epoch mod N. With probability p_plain (same generator) the
+    (seed, sample key, epoch), as the MobileCLIP reader keys by uid: a sample's choice does not depend
+    on shard order or on which shards are loaded; mode "epoch": j = epoch mod N. With probability p_plain (same generator) the
     plain view and a one-hot target are returned instead. Call set_epoch before each epoch (with
     DataLoader workers that are not persistent, the copy made at iterator creation sees it).
     backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
@@ -116,8 +100,8 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
             raise ValueError(f"p_plain must be in [0, 1], not {p_plain}")
         self.mode, self.p_plain, self.seed, self.epoch = mode, float(p_plain), int(seed), 0
         config: dict = {}
-        if isinstance(shards, str) and _is_run_dir(shards):
-            config = json.loads(_read_text(RunLayout(shards.rstrip("/")).dr_config))
+        if isinstance(shards, str) and is_run_dir(shards):
+            config = dr_config(shards) or {}
             shards = shard_urls(shards)
         elif isinstance(shards, str):
             shards = [shards]
@@ -229,7 +213,7 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
 
     def choose(self, i: int, num_augmentations: int) -> int | None:
         """The stored augmentation used for item i this epoch, or None for the plain view."""
-        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds hash deterministically
+        rng = random.Random(entry_seed(self.seed, self.keys[i], self.epoch, "imagenet_plus"))
         plain = rng.random() < self.p_plain
         j = rng.randrange(num_augmentations) if self.mode == "random" else self.epoch % num_augmentations
         return None if plain else j

@@ -12,10 +12,8 @@ uid and counted in `skipped`, whichever DataLoader worker saw them; an epoch nev
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import multiprocessing
-import os
 import random
 from typing import Callable, Iterator
 from urllib.parse import urlparse
@@ -25,12 +23,12 @@ import torch
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 
+from reinforge.readers.runs import committed_shards, dr_config, is_run_dir
 from reinforge.readers.skips import SkipCounters, spawning
 from reinforge.schemas.augment import entry_seed, replay_augmenter
 from reinforge.schemas.datacomp_dr import ReplayError, decode_dr_sample, replayable_image
 from reinforge.schemas.imagenet_plus import SchemaError
 from reinforge.schemas.limits import Limits, declared_limits
-from reinforge.schemas.manifest import RunLayout, TaskManifest, join
 from reinforge.schemas.wds import ShardReadError, iter_samples
 
 log = logging.getLogger(__name__)
@@ -44,37 +42,11 @@ SKIP_REASONS: tuple[str, ...] = (
 _IGNORED_TRANSFORMS = ("to_rgb",)
 
 
-def run_shards(run_dir: str) -> tuple[list[str], int]:
-    """(shard URLs in task order, sample count) of a finished run, a local folder or any fsspec URL
-    (s3://bucket/run): only shards whose task manifest exists, so a half-written run never feeds a trainer."""
-    layout = RunLayout(run_dir.rstrip("/"))
-    fs, folder = fsspec.core.url_to_fs(join(layout.root, "manifests"))
-    urls, samples = [], 0
-    if not fs.exists(folder):
-        return urls, samples
-    names = sorted(p.rpartition("/")[2] for p in fs.ls(folder, detail=False) if p.endswith(".json"))
-    manifests = [TaskManifest.from_json(fs.cat_file(f"{folder}/{n}").decode()) for n in names]
-    for manifest in sorted(manifests, key=lambda m: m.task_id):
-        for out in manifest.outputs:
-            if out.path.endswith(".tar"):
-                urls.append(join(layout.root, out.path))
-                samples += out.samples
-    return urls, samples
-
-
 def _fsspec_url(url: str) -> bool:
     """Read through fsspec (s3://, memory://, ...) rather than webdataset's gopen, which keeps local
     paths and the schemes it has a handler for (pipe:, http(s) with curl, gs with gsutil, ...)."""
     scheme = urlparse(url).scheme
     return scheme not in ("", "file") and scheme not in gopen_schemes
-
-
-def is_run_dir(url: str) -> bool:
-    """A run folder (local, or an fsspec URL such as s3://bucket/run) rather than shard URLs."""
-    if not _fsspec_url(url):
-        return os.path.isdir(url)
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.isdir(path)
 
 
 def open_shard(url: str):
@@ -137,11 +109,9 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
         self.config: dict = {}
         self.num_samples: int | None = None  # known for run directories (from the manifests)
         if isinstance(urls_or_run_dir, str) and is_run_dir(urls_or_run_dir):
-            layout = RunLayout(urls_or_run_dir.rstrip("/"))
-            fs, config_path = fsspec.core.url_to_fs(layout.dr_config)
-            if fs.exists(config_path):
-                self.config = json.loads(fs.cat_file(config_path))
-            self.urls, self.num_samples = run_shards(urls_or_run_dir)
+            self.config = dr_config(urls_or_run_dir) or {}
+            shards = committed_shards(urls_or_run_dir)
+            self.urls, self.num_samples = [s.url for s in shards], sum(s.samples for s in shards)
         elif isinstance(urls_or_run_dir, str):
             self.urls = list(expand_urls(urls_or_run_dir))
         else:

@@ -86,7 +86,8 @@ class Embeddings:
 
 
 def resolve_paths(paths_or_run_dir: str | Sequence[str]) -> list[str]:
-    """A run directory (its embeddings/*.parquet), a folder of parquet files, globs, or files."""
+    """A run directory (the embeddings/*.parquet its finished tasks wrote), a folder of parquet files,
+    globs, or files."""
     from reinforge.pipelines.storage import filesystem, list_files
     from reinforge.schemas.manifest import TMP_MARKER
     items = [paths_or_run_dir] if isinstance(paths_or_run_dir, str) else list(paths_or_run_dir)
@@ -97,6 +98,9 @@ def resolve_paths(paths_or_run_dir: str | Sequence[str]) -> list[str]:
         if any(c in path for c in "*?["):
             prefix = item.split("://")[0] + "://" if "://" in item else ""
             files += [m if m.startswith(prefix) else prefix + m for m in sorted(fs.glob(path))]
+        elif fs.exists(f"{path}/run.json"):  # an embed_pool run: the tables of its finished tasks only
+            from reinforge.readers.runs import committed_outputs
+            files += [table.url for table in committed_outputs(item, ".parquet")]
         elif fs.isdir(path):
             folder = f"{item}/embeddings" if fs.isdir(f"{path}/embeddings") else item
             files += [u for u in list_files(folder, ".parquet") if not u.rpartition("/")[2].startswith(TMP_MARKER)]

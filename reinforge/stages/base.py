@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 class SkipSample(Exception):
@@ -81,3 +82,21 @@ class MapStage(Stage):
             results = [self._attempt(s) for s in batch.samples]
         kept = [sample for sample, _ in results if sample is not None]
         return Batch(kept, batch.errors + [error for _, error in results if error is not None])
+
+
+def run_isolated(stage: str, samples: list[dict], fn: Callable[[list[dict]], list]
+                 ) -> tuple[list[tuple[dict, object]], list[SampleError]]:
+    """fn over the whole batch; if it raises, again one sample at a time, so one bad sample costs only
+    itself (skipped and counted) and never the batch."""
+    try:
+        return list(zip(samples, fn(samples))), []
+    except Exception as exc:  # noqa: BLE001 - isolate below
+        if len(samples) == 1:
+            return [], [sample_error(samples[0], stage, exc)]
+    kept, errors = [], []
+    for sample in samples:
+        try:
+            kept.append((sample, fn([sample])[0]))
+        except Exception as exc:  # noqa: BLE001 - per-sample failures are counted, never fatal
+            errors.append(sample_error(sample, stage, exc))
+    return kept, errors

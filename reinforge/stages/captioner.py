@@ -29,7 +29,8 @@ from PIL import Image
 from reinforge.schemas.augment import entry_seed
 from reinforge.schemas.config import CaptionerSpec
 from reinforge.stages.base import Batch, SkipSample, Stage, sample_error
-from reinforge.stages.clip_teachers import autocast, load_open_clip, run_isolated
+from reinforge.stages.base import run_isolated
+from reinforge.stages.clip_teachers import autocast, load_open_clip
 
 __all__ = ["CaptionerSpec", "CocaCaptioner", "clean_caption"]
 

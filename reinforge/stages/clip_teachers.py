@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from reinforge.schemas.config import ClipTeacherSpec
-from reinforge.stages.base import Batch, SampleError, SkipSample, Stage, sample_error
+from reinforge.stages.base import Batch, SkipSample, Stage, run_isolated, sample_error
 from reinforge.stages.teachers import resolve_checkpoint
 
 __all__ = ["ClipTeacherSpec", "ClipTeacherEnsemble", "clip_teacher_info", "fit_views", "init_coca_decoder",
@@ -246,24 +246,6 @@ def autocast(device: str | torch.device, precision: str):
     if precision == "float32":
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
-
-
-def run_isolated(stage: str, samples: list[dict], fn: Callable[[list[dict]], list]
-                 ) -> tuple[list[tuple[dict, object]], list[SampleError]]:
-    """fn over the whole batch; if it raises, again one sample at a time, so one bad sample costs only
-    itself (skipped and counted) and never the batch."""
-    try:
-        return list(zip(samples, fn(samples))), []
-    except Exception as exc:  # noqa: BLE001 - isolate below
-        if len(samples) == 1:
-            return [], [sample_error(samples[0], stage, exc)]
-    kept, errors = [], []
-    for sample in samples:
-        try:
-            kept.append((sample, fn([sample])[0]))
-        except Exception as exc:  # noqa: BLE001 - per-sample failures are counted, never fatal
-            errors.append(sample_error(sample, stage, exc))
-    return kept, errors
 
 
 # ---------------------------------------------------------------------------------------------

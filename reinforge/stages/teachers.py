@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import itertools
 from contextlib import nullcontext
 
 import fsspec
+import numpy as np
 import torch
 
 from reinforge.schemas.config import Teacher
 from reinforge.schemas.imagenet_plus import sparsify
-from reinforge.stages.base import Batch, Stage
+from reinforge.stages.base import Batch, Stage, run_isolated
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,14 +144,17 @@ class TeacherEnsemble(Stage):
             total = probs if total is None else total + probs
         return (total / len(self.models)).cpu()
 
+    def _score(self, samples: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(top-k values, ids) of each sample's views."""
+        values, ids = sparsify(self.probabilities(torch.cat([s["views"] for s in samples])), self.top_k)
+        ends = list(itertools.accumulate(len(s["views"]) for s in samples))[:-1]
+        return list(zip(np.split(values, ends), np.split(ids, ends)))
+
     def __call__(self, batch: Batch) -> Batch:
         if not batch.samples:
             return batch
-        views = torch.cat([s.pop("views") for s in batch.samples])
-        values, ids = sparsify(self.probabilities(views), self.top_k)
-        offset = 0
-        for sample in batch.samples:
-            n = len(sample["entries"])
-            sample["values"], sample["ids"] = values[offset:offset + n], ids[offset:offset + n]
-            offset += n
-        return batch
+        kept, failed = run_isolated(self.name, batch.samples, self._score)  # one bad sample costs only itself
+        for sample, (values, ids) in kept:
+            sample.pop("views")
+            sample["values"], sample["ids"] = values, ids
+        return Batch([sample for sample, _ in kept], list(batch.errors) + failed)
