@@ -115,6 +115,8 @@ def write_run(root, samples: list[DRSample], storage: StorageSpec, per_shard: in
                                 config_digest="test", versions={}, stages={}, started_at=0.0, seconds=0.0)
         with open(layout.manifest(task), "w") as f:
             f.write(manifest.to_json())
+    with open(layout.run_file, "w") as f:  # the run's recipe digest: its manifests say "test"
+        json.dump({"config_digest": "test", "product": "mobileclip_dr"}, f)
     teachers = [{"model": f"tiny-{i}", "dim": d, "logit_scale": s} for i, (d, s) in enumerate(zip(DIMS, SCALES))]
     with open(layout.dr_config, "w") as f:
         json.dump(dr_trainer_config(AUG, N, teachers), f)
