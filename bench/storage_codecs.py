@@ -238,7 +238,7 @@ def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
                lambda m, c=codec: c.decode(load_npz(m)), test=test)
 
 
-LOGQ_SPAN = 16.0  # nats of -log p on 256 levels (measured below; bench/dr_effect.py's arm b-q8 trains with it)
+LOGQ_SPAN = 8.0  # nats of -log p on 256 levels: the least error of 8/16/32 below; dr_effect.py's arm b-q8 uses it
 
 
 def logq8_encode(values: np.ndarray, span: float = LOGQ_SPAN) -> np.ndarray:
@@ -266,17 +266,20 @@ def imagenet_plus(probs: np.ndarray, k: int = 10) -> None:
             for n in range(v.shape[0]):
                 p = densify(v[n], i[n], classes).double()
                 q = densify(dv[n], di[n], classes).double()
-                kls.append(float((p * (p.log() - q.log())).sum()))
+                # total variation: KL is infinite whenever rounding makes the stored top-k sum reach 1 (densify
+                # then leaves the other classes at 0), which fp16 already does
+                kls.append(float((p - q).abs().sum() / 2))
                 worst = max(worst, float((p - q).abs().max()))
         per_view = np.mean([len(m) for m in members]) / values.shape[1]
-        print(f"{label:<30} {per_view:6.1f} B/view  mean KL vs float32 {np.mean(kls):.2e}  max |dp| {worst:.2e}")
+        print(f"{label:<34} {per_view:6.1f} B/view  mean total variation vs float32 {np.mean(kls):.2e}  "
+              f"max |dp| {worst:.2e}")
 
     def fp16_decode(m):
         a = load_npz(m)
         return a["values"].astype(np.float32), a["ids"]
 
     measure("fp16 values + int16 ids (today)", lambda v, i: encode_probs(v, i, classes), fp16_decode)
-    for span in (8.0, LOGQ_SPAN, 32.0):
+    for span in (LOGQ_SPAN, 16.0, 32.0):
         def enc(v, i, span=span):
             return npz_bytes({"logq": logq8_encode(v, span), "ids": i.astype(np.int16)})
 

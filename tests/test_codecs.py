@@ -277,3 +277,17 @@ def test_damaged_codec_members_are_schema_errors():
     arrays["image_emb"] = arrays["image_emb"][:1]
     with pytest.raises(CodecError, match=r"image_emb: expected one uint8 array \[2, 1 \+ rows, D\]"):
         decode_member(npz_bytes(arrays))
+
+
+def test_the_encode_stage_writes_the_codec_member_and_records_it_in_manifests():
+    from reinforge.stages.encode import EncodeDataCompDR
+    sample = make_samples(1)[0]
+    stage = EncodeDataCompDR(StorageSpec(codec="quant"))
+    assert stage.versions() == {"storage_codec": {"codec": "quant", "step": Quant.DEFAULT_STEP}}
+    assert EncodeDataCompDR(StorageSpec()).versions() == {}  # manifests of runs without a codec: as before
+    out = stage.process({"__key__": sample.uid, "image_bytes": sample.image, "image_ext": "jpg",
+                         "caption": sample.caption, "syn": sample.syn, "entries": sample.entries,
+                         "image_emb": sample.image_emb, "text_emb": sample.text_emb, "syn_emb": sample.syn_emb})
+    assert list(out["members"]) == ["jpg", "txt", "syn.json", "paug.json", CODEC_MEMBER, "json"]
+    decoded = decode_dr_sample({"__key__": sample.uid, **out["members"]})
+    assert np.abs(decoded.image_emb - sample.image_emb).max() <= Quant.DEFAULT_STEP / 2 + 1e-7
