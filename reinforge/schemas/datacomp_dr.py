@@ -279,7 +279,8 @@ def _load_arrays(members: dict, fail, limits: Limits) -> dict[str, np.ndarray]:
             return _codecs.decode_member(members[_codecs.CODEC_MEMBER], limits.arrays)
         except SchemaError as exc:
             raise fail(f"{_codecs.CODEC_MEMBER}: {exc}", type(exc)) from None
-    raise fail(f"no embeddings: none of {NPZ_MEMBER!r}, {PTH_MEMBER!r}, {_codecs.CODEC_MEMBER!r} is present")
+    raise fail(f"no embeddings: neither {NPZ_MEMBER!r} nor {PTH_MEMBER!r} is present (nor a storage codec's "
+               f"{_codecs.CODEC_MEMBER!r})")
 
 
 def _torch_zip_size(raw: bytes) -> int:
