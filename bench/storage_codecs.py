@@ -149,14 +149,21 @@ def kd_errors(ref_img, ref_txt, got_img, got_txt, dims) -> tuple[float, float]:
     return float(np.mean(kls)), worst
 
 
-def timed(fn, items, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for item in items:
-            fn(item)
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(fn, items) -> float:
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return time.perf_counter() - start
+
+
+def speed_ratio(reference, candidate, ref_items, items, rounds: int = 3) -> float:
+    """reference seconds / candidate seconds, each the best of `rounds`, measured alternately: on the shared
+    cores the load changes within seconds, so both see the same conditions."""
+    ref = cand = float("inf")
+    for _ in range(rounds):
+        ref = min(ref, timed(reference, ref_items))
+        cand = min(cand, timed(candidate, items))
+    return ref / cand
 
 
 def entropy_bytes(codes: list[np.ndarray]) -> float:
@@ -195,9 +202,7 @@ def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
               ("int8_row", StorageSpec(codec="int8_row"))]
     codecs += [(f"quant step=2^{int(np.log2(s))}", StorageSpec(codec="quant", codec_params={"step": s})) for s in steps]
     reference = storage_path(codecs[0][1])
-    ref_enc = timed(reference[0], samples)
     ref_members = [reference[0](a) for a in samples]
-    ref_dec = timed(reference[1], ref_members)
     ref_img = np.stack([kd_img(a) for a in samples])
     ref_txt = np.stack([kd_txt(a) for a in samples])
     print(f"{'codec':<22} {'bytes':>6} {'ideal':>6} {'max cos err':>11} {'med cos err':>11} {'KD mean KL':>10} "
@@ -210,8 +215,8 @@ def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
         cos = np.concatenate([cos_errors(a[k], d[k], dims) for a, d in zip(test, decoded) for k in a])
         kl, worst = kd_errors(np.stack([kd_img(a) for a in test]), np.stack([kd_txt(a) for a in test]),
                               np.stack([kd_img(d) for d in decoded]), np.stack([kd_txt(d) for d in decoded]), dims)
-        enc = ref_enc / timed(encode, samples) if test is samples else float("nan")
-        dec = ref_dec / timed(decode, [encode(a) for a in samples]) if test is samples else float("nan")
+        enc = speed_ratio(reference[0], encode, samples, samples) if test is samples else float("nan")
+        dec = speed_ratio(reference[1], decode, ref_members, members) if test is samples else float("nan")
         ideal = f"{codes(test) / bf16_layout:6.3f}" if codes else f"{'':>6}"
         ok = size <= 0.5 and kl <= 1e-4 and (dec >= 0.5 or test is not samples)
         print(f"{label:<22} {size:6.3f} {ideal} {cos.max():11.2e} {np.median(cos):11.2e} {kl:10.2e} {worst:11.2e} "
