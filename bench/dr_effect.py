@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # storage_codecs (arm b-q8)
 from conftest import write_shard  # noqa: E402  the tests' WebDataset shard writer
 
 from reinforge.readers import ReinforcedImageNet, kd_loss  # noqa: E402
@@ -68,6 +69,7 @@ ARM_NAMES = {
     "a+mix": "(a) plain labels, live aug + MixUp/CutMix",
     "b": "(b) reinforced shards (KD from stored top-k)",
     "b+mix": "(b) reinforced shards + MixUp/CutMix",
+    "b-q8": "(b) from a compressed run: top-k as 8-bit log-probabilities",
     "c": "(c) control: misaligned stored targets",
     "c+mix": "(c) control: misaligned + MixUp/CutMix",
     "d": "(d) online KD, live teachers every step",
@@ -375,6 +377,17 @@ class CachedLastSample(ReinforcedImageNet):
         return self._last[1]
 
 
+class Logq8Targets(ReinforcedImageNet):
+    """(b-q8): what a reader decodes from a run whose top-k probabilities were stored as 8-bit codes of -log p
+    (bench/storage_codecs.py): the same views, the stored values through that codec's round trip."""
+
+    def sample(self, i: int):
+        from storage_codecs import logq8_decode, logq8_encode
+        sample = super().sample(i)
+        sample.values = logq8_decode(logq8_encode(sample.values))
+        return sample
+
+
 def student_setup(spec: dict) -> tuple:
     """(dataset, teachers or None, model) of one student arm and seed."""
     arm, seed = spec["arm"], spec["seed"]
@@ -389,6 +402,8 @@ def student_setup(spec: dict) -> tuple:
             from reinforge.stages.teachers import TeacherEnsemble
             teachers = TeacherEnsemble([Teacher(**t) for t in spec["teachers"]], top_k=NUM_CLASSES, device="cpu")
             teachers.setup()  # the same checkpoints and ensemble code the pipeline used
+    elif arm.startswith("b-q8"):
+        dataset = Logq8Targets(spec["run_dirs"][mix], mode="random", seed=seed)
     elif kind == "b":
         dataset = ReinforcedImageNet(spec["run_dirs"][mix], mode="random", seed=seed)
     else:

@@ -138,7 +138,7 @@ def inspect(shard, key, augmentations):
     try:
         if "prob.npz" in members:
             show_imagenet_plus(members, augmentations, limits)
-        elif "npz" in members or "pth.gz" in members:
+        elif "npz" in members or "pth.gz" in members or "qemb.npz" in members:
             show_datacomp_dr(members, augmentations, limits)
     except SchemaError as exc:
         refused(exc.reason, str(exc))
@@ -230,6 +230,25 @@ def export_ml_dr(run_dir, out_dir):
     from reinforge.pipelines.export_mldr import export_ml_dr as export_fn
     counts = export_fn(run_dir, out_dir)
     click.echo(f"wrote {counts['images']} images, {counts['augmentations']} augmentations to {out_dir}")
+
+
+@export.command("datacompdr")
+@click.argument("run_dir")
+@click.argument("out_dir")
+@click.option("--format", "format_", type=click.Choice(["npz", "pth.gz"]), default=None,
+              help="default: the run's storage.format")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="default: the run's storage.dtype (the format's usual one with --format)")
+@user_errors
+def export_datacompdr(run_dir, out_dir, format_, dtype):
+    """The standard DataCompDR layout Apple's trainer reads (npz / pth.gz) from a run written with a storage codec."""
+    from reinforge.pipelines.export_datacompdr import export_datacompdr as export_fn
+    try:
+        counts = export_fn(run_dir, out_dir, format_, dtype)
+    except ValueError as exc:  # a bad --format/--dtype pair, not a mobileclip_dr run (SchemaError is one)
+        raise InputError(str(exc)) from None
+    skipped = ", ".join(f"{r}={n}" for r, n in sorted(counts["skipped"].items())) or "none"
+    click.echo(f"wrote {counts['samples']} samples in {counts['shards']} shards to {out_dir}; skipped: {skipped}")
 
 
 @cli.command()

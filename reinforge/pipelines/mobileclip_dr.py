@@ -48,7 +48,8 @@ class MobileCLIPPipeline(Pipeline):
     def storage(self):
         from reinforge.schemas.datacomp_dr import StorageSpec
         s = self.recipe.storage
-        return StorageSpec(format=s.format, dtype=s.dtype, layout=s.layout)
+        return StorageSpec(format=s.format, dtype=s.dtype, layout=s.layout, codec=s.codec,
+                           codec_params=dict(s.codec_params) or None)
 
     def build_stages(self) -> list[Stage]:
         r = self.recipe

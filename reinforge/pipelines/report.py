@@ -306,7 +306,7 @@ def _mobileclip_stats(layout: RunLayout):
         captions = [c for key in sorted(syn) for c in syn[key]]
         out = {"caption_words": [len(c.split()) for c in captions],
                "distinct": [len(set(captions)) / len(captions)] if captions else []}
-        if "npz" in members or "pth.gz" in members:
+        if "npz" in members or "pth.gz" in members or "qemb.npz" in members:
             sample = decode_dr_sample(members)
             rows = np.concatenate([sample.image_emb, sample.text_emb, *sample.syn_emb.values()]).astype(np.float32)
             bounds = np.cumsum([0] + (dims if sum(dims) == rows.shape[1] else [rows.shape[1]]))

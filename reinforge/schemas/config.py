@@ -11,7 +11,8 @@ import json
 from typing import Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from reinforge.schemas.image import DEFAULT_MAX_PIXELS
 
@@ -145,11 +146,30 @@ class DRStorage(Strict):
     layout: Literal["legacy", "dfndr"] = Field(
         "legacy", description="legacy: text_emb = [GT rows + synthetic rows] (one captioner); dfndr: <syn_key>_emb")
 
+    codec: str = Field("none", description="none: npz / pth.gz as above (what Apple's trainer reads); quant or "
+                       "int8_row: a smaller `qemb.npz` member only reinforge's readers decode (schemas.codecs); "
+                       "`reinforge export datacompdr` re-expands such a run to format/dtype")
+    codec_params: dict[str, Any] = Field({}, description="the codec's parameters, e.g. {step: 0.000244} for quant")
+
     @model_validator(mode="after")
     def _check(self) -> "DRStorage":
         if self.format == "npz" and self.dtype == "bfloat16":
             raise ValueError("npz cannot hold bfloat16: use format pth.gz, or dtype float16/float32")
+        from reinforge.schemas.codecs import NONE, make_codec
+        if self.codec != NONE:
+            make_codec(self.codec, self.codec_params)  # ValueError naming a bad name or parameter
+        elif self.codec_params:
+            raise ValueError("codec_params given with codec none")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_codec(self, handler):
+        # without a codec, recipes, digests and dr_config.json stay what they were before codecs existed
+        data = handler(self)
+        if self.codec == "none" and not self.codec_params:
+            data.pop("codec", None)
+            data.pop("codec_params", None)
+        return data
 
 
 class MobileCLIPRecipe(Recipe):

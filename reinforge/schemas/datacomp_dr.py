@@ -9,6 +9,7 @@ in this order:
   paug.json  {"param_aug": [N entries]} (FORMATS §1), a real JSON list, plain (not gzipped)
   npz        numpy .npz (float32 or float16), byte-deterministic (arrays.npz_bytes)
   pth.gz     gzip(torch.save(dict of tensors)), bfloat16 by default: the alternative to npz
+  qemb.npz   instead of both, when a storage codec is chosen (schemas.codecs): reinforge's readers only
   json       {"uid", "sha256" (of the image bytes the crop boxes refer to), ...extra meta}
 
 Tensors: image_emb [N, D] (row n = teachers' embedding of param_aug[n]) and then either
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from reinforge.schemas import augment as _augment
+from reinforge.schemas import codecs as _codecs
 from reinforge.schemas.arrays import load_npz, npz_bytes
 from reinforge.schemas.augment import Augmenter
 from reinforge.schemas.image import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
@@ -66,12 +68,24 @@ class ReplayError(SchemaError):
 @dataclass(frozen=True)
 class StorageSpec:
     """How the embeddings are stored. dtype None = the format's usual one: float32 for npz (DataCompDR),
-    bfloat16 for pth.gz (DataCompDR-12M-bf16)."""
+    bfloat16 for pth.gz (DataCompDR-12M-bf16). codec "none" writes that format; another codec
+    (schemas.codecs) writes its `qemb.npz` member instead, which only reinforge's readers decode (format and
+    dtype then say what `reinforge export datacompdr` re-expands to)."""
     format: str = "npz"  # "npz" | "pth.gz"
     dtype: str | None = None  # npz: "float32" | "float16"; pth.gz: also "bfloat16"
     layout: str = "legacy"  # "legacy" | "dfndr"
+    codec: str = _codecs.NONE
+    codec_params: dict | None = None
+
+    def encoder(self) -> _codecs.Codec | None:
+        """The codec that writes the embeddings, None for the plain npz / pth.gz member."""
+        return None if self.codec == _codecs.NONE else _codecs.make_codec(self.codec, self.codec_params)
 
     def __post_init__(self):
+        if self.codec != _codecs.NONE:
+            self.encoder()  # ValueError naming a bad codec name or parameter
+        elif self.codec_params:
+            raise ValueError(f"storage codec_params {self.codec_params!r} given without a codec")
         if self.format not in ("npz", "pth.gz"):
             raise ValueError(f"storage format must be 'npz' or 'pth.gz', not {self.format!r}")
         if self.layout not in ("legacy", "dfndr"):
@@ -178,6 +192,16 @@ def _pth_gz(arrays: dict[str, np.ndarray], dtype: str) -> bytes:
     return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
 
 
+def embedding_member(arrays: dict[str, np.ndarray], storage: StorageSpec) -> tuple[str, bytes]:
+    """(member name, bytes) of a sample's embedding arrays: the codec's qemb.npz, else npz or pth.gz."""
+    codec = storage.encoder()
+    if codec is not None:
+        return _codecs.CODEC_MEMBER, codec.encode({k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    if storage.format == "npz":
+        return NPZ_MEMBER, npz_bytes({k: np.asarray(v).astype(_NUMPY_DTYPES[storage.dtype]) for k, v in arrays.items()})
+    return PTH_MEMBER, _pth_gz(arrays, storage.dtype)
+
+
 def _resolve_sha256(sample: DRSample, sha256: str | None) -> str:
     if sample.image is not None:
         actual = sha256_hex(sample.image)
@@ -220,11 +244,8 @@ def encode_dr_sample(sample: DRSample, storage: StorageSpec, sha256: str | None 
         members[CAPTION_MEMBER] = sample.caption.encode("utf-8")
     members[SYN_MEMBER] = dumps_compact(sample.syn)
     members[PARAMS_MEMBER] = params
-    if storage.format == "npz":
-        members[NPZ_MEMBER] = npz_bytes({k: np.asarray(v).astype(_NUMPY_DTYPES[storage.dtype])
-                                         for k, v in arrays.items()})
-    else:
-        members[PTH_MEMBER] = _pth_gz(arrays, storage.dtype)
+    name, data = embedding_member(arrays, storage)
+    members[name] = data
     members[META_MEMBER] = dumps_compact({**sample.meta, "uid": sample.uid, "sha256": digest})
     return members
 
@@ -253,7 +274,13 @@ def _load_arrays(members: dict, fail, limits: Limits) -> dict[str, np.ndarray]:
         if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
             raise fail(f"{PTH_MEMBER} must hold a dict of tensors")
         return {str(k): v.float().numpy() for k, v in tensors.items()}
-    raise fail(f"no embeddings: neither {NPZ_MEMBER!r} nor {PTH_MEMBER!r} is present")
+    if _codecs.CODEC_MEMBER in members:  # a storage codec's member: its header names the codec
+        try:
+            return _codecs.decode_member(members[_codecs.CODEC_MEMBER], limits.arrays)
+        except SchemaError as exc:
+            raise fail(f"{_codecs.CODEC_MEMBER}: {exc}", type(exc)) from None
+    raise fail(f"no embeddings: neither {NPZ_MEMBER!r} nor {PTH_MEMBER!r} is present (nor a storage codec's "
+               f"{_codecs.CODEC_MEMBER!r})")
 
 
 def _torch_zip_size(raw: bytes) -> int:

@@ -12,6 +12,8 @@ import json
 import numpy as np
 
 from reinforge.schemas.arrays import load_npz
+from reinforge.schemas.codecs import CODEC_MEMBER
+from reinforge.schemas.codecs import decode_member as decode_codec_member
 
 TEXT = ("txt", "text", "transcript")
 INTEGER = ("cls", "cls2", "index", "inx", "id")
@@ -31,8 +33,11 @@ def load_pth(data: bytes):
 
 
 def decode_member(ext: str, data: bytes):
-    """One member's value: dict/list for JSON, str for text, int for labels, {name: array} for npz,
+    """One member's value: dict/list for JSON, str for text, int for labels, {name: array} for npz (and
+    for a storage codec's qemb.npz: the decoded float32 embeddings),
     the saved object for pth (tensors keep their dtype, bfloat16 included), bytes otherwise."""
+    if ext.lower() == CODEC_MEMBER:  # a storage codec's embeddings: decoded to {name: float32 array}
+        return decode_codec_member(data)
     if ext.lower().endswith(".gz") or ext.lower() == "gz":
         data = gzip.decompress(data)
     kind = inner_extension(ext)

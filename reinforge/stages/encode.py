@@ -37,6 +37,11 @@ class EncodeDataCompDR(MapStage):
         self.keep_images = keep_images
         self.with_embeddings = with_embeddings
 
+    def versions(self) -> dict:
+        """A storage codec (and its parameters) is recorded in every task manifest; none records nothing."""
+        codec = self.storage.encoder() if self.with_embeddings else None
+        return {"storage_codec": codec.describe()} if codec is not None else {}
+
     def process(self, sample: dict) -> dict:
         from reinforge.schemas.datacomp_dr import DRSample, encode_dr_sample
         from reinforge.schemas.imagenet_plus import dumps_compact, sha256_hex
