@@ -167,6 +167,7 @@ class Passthrough(MapStage):
 
 
 class ReshardPipeline(Pipeline):
+    libraries = ("numpy", "pyarrow")  # plans and copies bytes: no model, no image decoding
     def __init__(self, recipe: ReshardRecipe):
         self.recipe = recipe
         self.layout = RunLayout(recipe.output.rstrip("/"))
