@@ -9,7 +9,7 @@ import click
 
 from reinforge.cli import filters, join, ops, retrieval
 from reinforge.cli.common import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, failed_samples_line, load_recipe_file,
-                                  redo_changed_option, run_and_exit, user_errors)
+                                  redo_changed_option, run_and_exit, runner_option, user_errors)
 from reinforge.pipelines.sources import InputError
 
 
@@ -314,16 +314,17 @@ def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_templat
 @click.option("--address", default=None)
 @click.option("--force", is_flag=True)
 @redo_changed_option
+@runner_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, address, force,
-            redo_changed, progress):
+            redo_changed, runner, progress):
     """DataComp resharder: write the samples of SUBSET (with multiplicities) as new {:08d}.tar shards."""
     from reinforge.schemas.config import parse_recipe
     recipe = parse_recipe({"product": "reshard", "output": output, "subset": subset, "counts": counts, "seed": seed,
                            "input": {"path": pool, "uid_field": uid_field}, "samples_per_shard": samples_per_shard,
                            "allow_missing": allow_missing})
-    run_and_exit(recipe, address, force, progress, redo_changed)
+    run_and_exit(recipe, address, force, progress, redo_changed, runner)
 
 
 for command in (join.join, ops.report, ops.plan, filters.filter_group, retrieval.embed, retrieval.index,
