@@ -39,7 +39,8 @@ def small_pool(tmp_path_factory):
 
 def recipe(root, out, runner="auto", pool=None, **extra):
     return parse_recipe({"product": "reshard", "output": str(out), "subset": str(root / "subset.npy"),
-                         "input": {"path": str(pool or root / "pool") + "/*.tar"}, "samples_per_shard": 32, "seed": 1,
+                         "input": {"path": str(pool or root / "pool") + "/*.tar"}, "seed": 1,
+                         "samples_per_shard": extra.pop("samples_per_shard", 32),
                          "resources": {"cpus_per_actor": 1, "object_store_memory_mb": 256, "runner": runner},
                          **extra})
 
@@ -93,17 +94,24 @@ def test_runner_rule():
 
 
 @pytest.mark.ray
-def test_in_process_run_writes_the_bytes_of_a_ray_run(small_pool, tmp_path, private_cache, local_ray):
-    on_ray = run_recipe(recipe(small_pool, tmp_path / "ray", runner="ray"), progress=False)
-    in_process = run_recipe(recipe(small_pool, tmp_path / "local", runner="local"), progress=False)
-    assert on_ray.ok and in_process.ok and on_ray.tasks == in_process.tasks == 4  # 121 samples / 32
-    assert on_ray.samples == in_process.samples == 121
+@pytest.mark.parametrize("per_shard, tasks", [(32, 4), (200, 1)])  # worker processes / the driver's own
+def test_run_without_ray_writes_the_bytes_of_a_ray_run(small_pool, tmp_path, private_cache, local_ray,
+                                                        per_shard, tasks):
+    on_ray = run_recipe(recipe(small_pool, tmp_path / "ray", runner="ray", samples_per_shard=per_shard), progress=False)
+    local = run_recipe(recipe(small_pool, tmp_path / "local", runner="local", samples_per_shard=per_shard),
+                       progress=False)
+    assert on_ray.ok and local.ok and on_ray.tasks == local.tasks == tasks  # 121 samples
+    assert on_ray.samples == local.samples == 121
     assert shard_bytes(tmp_path / "local") == shard_bytes(tmp_path / "ray")  # tars, stats, sizes.json, meta.json
     assert tree_bytes(tmp_path / "local" / "plan") == tree_bytes(tmp_path / "ray" / "plan")
     assert manifest_facts(tmp_path / "local") == manifest_facts(tmp_path / "ray")
-    pids = {run: {json.loads(p.read_text())["worker"]["pid"] for p in (tmp_path / run / "manifests").iterdir()}
-            for run in ("ray", "local")}
-    assert pids["local"] == {os.getpid()} and os.getpid() not in pids["ray"]  # each ran where it says
+    workers = {run: [json.loads(p.read_text())["worker"] for p in (tmp_path / run / "manifests").iterdir()]
+               for run in ("ray", "local")}
+    assert all("node_id" in w and w["pid"] != os.getpid() for w in workers["ray"])
+    if tasks == 1:
+        assert [w["pid"] for w in workers["local"]] == [os.getpid()]
+    else:  # spawned worker processes, no Ray in them
+        assert all("node_id" not in w and w["pid"] != os.getpid() for w in workers["local"])
 
 
 def test_in_process_run_resumes_like_ray(small_pool, tmp_path, private_cache):

@@ -27,7 +27,8 @@ EXIT_INCOMPLETE = 3  # status: tasks pending or running, interrupted, from an ol
 
 runner_option = click.option(
     "--runner", type=click.Choice(["auto", "ray", "local"]), default=None,
-    help="where tasks run: ray, local (in this process, no Ray), auto = local for a job of one task "
+    help="where tasks run: ray, local (no Ray: this process, or worker processes of this machine), auto = local "
+         "for a job of one task "
          "[default: the recipe's resources.runner, auto]")
 
 redo_changed_option = click.option(

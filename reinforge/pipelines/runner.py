@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from reinforge.pipelines.actor_pool import TICK_S, ActorPool, start_pool
 from reinforge.pipelines.fingerprint import changed_inputs, task_fingerprints
 from reinforge.pipelines.loader_files import write_loader_files
-from reinforge.pipelines.local_pool import LocalPool
+from reinforge.pipelines.local_pool import LocalPool, local_processes
 from reinforge.pipelines.ray_session import ray_session
 from reinforge.pipelines.registry import build_pipeline
 from reinforge.pipelines.rundir import manifests
@@ -203,11 +203,11 @@ def _start_pool(recipe: BaseModel, n_tasks: int, starting: Progress) -> list:
 
 
 def runs_in_process(recipe: BaseModel, address: str | None, tasks_to_run: int) -> bool:
-    """Whether the runner skips Ray and runs the tasks in this process (local_pool.py). resources.runner:
-    "local" always, "ray" never; "auto" (the default) when all of these hold: exactly one task is left
-    to run (Ray would start one actor for it anyway), no cluster is named (`address`, RAY_ADDRESS), no
-    Ray is already initialised in this process, and the recipe asks for no GPU (on Ray the actor gets
-    its GPU assigned). Outputs are the same bytes either way."""
+    """Whether the runner skips Ray (local_pool.py: one task in this process, more on worker processes
+    of this machine). resources.runner: "local" always, "ray" never; "auto" (the default) when all of
+    these hold: exactly one task is left to run (Ray would start one actor for it anyway), no cluster is
+    named (`address`, RAY_ADDRESS), no Ray is already initialised in this process, and the recipe asks
+    for no GPU (on Ray the actor gets its GPU assigned). Outputs are the same bytes either way."""
     mode = recipe.resources.runner
     if mode != "auto":
         return mode == "local"
@@ -240,7 +240,8 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
         return summary
     in_process = runs_in_process(recipe, address, len(todo))
     with nullcontext() if in_process else ray_session(address, recipe.resources.object_store_memory_mb):
-        pool = (LocalPool(recipe.model_copy(update={"output": absolute_url(recipe.output)})) if in_process else
+        absolute = recipe.model_copy(update={"output": absolute_url(recipe.output)})
+        pool = (LocalPool(absolute, local_processes(recipe, len(todo))) if in_process else
                 ActorPool(_start_pool(recipe, len(todo), starting), recipe.resources.tasks_in_flight_per_actor))
         bar = Progress(len(tasks), summary.skipped, progress, status_url)
         t0 = time.perf_counter()

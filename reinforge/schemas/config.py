@@ -35,9 +35,10 @@ class Resources(Strict):
                           "default: on when the actor has a GPU")
     object_store_memory_mb: int = Field(1024, ge=100, description="cap for an embedded local Ray")
     runner: Literal["auto", "ray", "local"] = Field(
-        "auto", description="where tasks run: ray (an actor pool), local (one after another in the driver's "
-                            "process, no Ray), auto = local for a job of exactly one task with no cluster address "
-                            "and no GPU, else ray (runner.runs_in_process); the outputs are the same bytes")
+        "auto", description="where tasks run: ray (an actor pool), local (no Ray: one task in the driver's process, "
+                            "more on num_actors (default: CPUs / cpus_per_actor) worker processes of this machine), "
+                            "auto = local for a job of exactly one task with no cluster address and no GPU, else "
+                            "ray (runner.runs_in_process); the outputs are the same bytes")
 
 
 class InputSpec(Strict):
