@@ -4,7 +4,8 @@ issue #16 indexing and per-task plan reads). Prints ratios measured in one run; 
 1. small pool (--small samples, default 4,000, in 4 shards): `reinforge reshard` of every uid, as a user
    runs it (a fresh process each time): wall time, the tasks' own copy time (from their manifests), and
    the overhead = wall - copy (interpreter, imports, indexing, planning, runner). Cold index cache, warm
-   cache, and the same with Ray forced (--runner ray). With --before TREE (e.g. /work/main), the same
+   cache, the same with Ray forced (--runner ray), and run_recipe called in the bench's own process (the
+   imports already paid). With --before TREE (e.g. /work/main), the same
    command from that tree. With --datacomp-python, DataComp's resharder.py (/work/ref/datacomp) on the
    same pool, run unchanged (only img2dataset's package __init__ is bypassed, it imports a downloader
    stack the resharder never uses). Goal: overhead <= 2 s.
@@ -134,6 +135,21 @@ def bench_small(tmp: str, args) -> None:
     if args.datacomp_python:
         wall = datacomp(args.datacomp_python, folder, subset, os.path.join(folder, "datacomp"), 2)
         say(f"| DataComp resharder.py -j 2 | {wall:.2f} | | | | {load()} |")
+    # the same in this process, imports paid: what a Python caller or a long-lived driver sees
+    from reinforge.pipelines.runner import run_recipe
+    from reinforge.pipelines.uid_index import INDEX_CACHE_ENV
+    from reinforge.schemas.config import parse_recipe
+    os.environ[INDEX_CACHE_ENV] = os.path.join(tmp, "cache-small-in-process")
+    for label in ("cold", "warm"):
+        out = os.path.join(folder, f"in-process-{label}")
+        started = time.perf_counter()
+        summary = run_recipe(parse_recipe({"product": "reshard", "output": out, "subset": subset,
+                                           "input": {"path": pool}}), progress=False)
+        wall = time.perf_counter() - started
+        copy = sum(json.load(open(m))["seconds"] for m in glob.glob(os.path.join(out, "manifests", "*.json")))
+        say(f"| run_recipe in this process (imports paid), {label} index cache | {wall:.2f} | {copy:.2f} | "
+            f"**{wall - copy:.2f}** | {summary.tasks} | {load()} |")
+    del os.environ[INDEX_CACHE_ENV]
     say()
 
 

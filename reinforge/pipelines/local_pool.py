@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import os
-import time
+import sys
 import traceback
+import types
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Callable, Iterator, Union
 
@@ -57,6 +59,19 @@ def _run(executor, task: Task) -> Union[dict, str]:
         return executor.run(task)
     except Exception:  # noqa: BLE001 - what a Ray actor reports as a worker error
         return f"worker error: {traceback.format_exc()[-500:]}"
+
+
+@contextmanager
+def _plain_main():
+    """Spawned workers re-run the parent's __main__ script unless it is guarded by `if __name__ ==
+    "__main__"`; they need nothing from it (their code is this module), so while a worker is being
+    started (ProcessPoolExecutor starts them inside submit) __main__ is an empty module."""
+    real = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = real
 
 
 def local_processes(recipe: BaseModel, tasks: int) -> int:
@@ -101,7 +116,16 @@ class LocalPool:
         while todo or self.running_tasks:
             while todo and len(self.running_tasks) < self.width:
                 task = todo.popleft()
-                self.running_tasks[self.processes.submit(_run_in_worker, task)] = task
+                try:
+                    with _plain_main():
+                        self.running_tasks[self.processes.submit(_run_in_worker, task)] = task
+                except BrokenProcessPool as exc:  # the workers died: like Ray with no live actors left
+                    for lost in [task, *todo]:
+                        yield lost, f"no live workers left: {exc}"
+                    todo.clear()
+                    break
+            if not self.running_tasks:
+                continue
             done, _ = wait(list(self.running_tasks), timeout=TICK_S, return_when=FIRST_COMPLETED)
             tick()
             for future in done:
