@@ -137,6 +137,14 @@ class LocalPool:
                 yield task, result
 
     def shutdown(self) -> None:
+        """Stop the workers at once (as ray.kill stops actors): a task still running leaves only its
+        temporary file, never a committed shard or manifest, and runs again on the next run."""
         if self.processes is not None:
-            self.processes.shutdown(wait=True, cancel_futures=True)
+            workers = list((getattr(self.processes, "_processes", None) or {}).values())
+            self.processes.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()
+            for worker in workers:
+                worker.join()
         self.running_tasks.clear()
