@@ -192,7 +192,6 @@ def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
         samples = samples[:BATCH]
     rows = sum(a.shape[0] for a in samples[0].values())
     bf16_layout = rows * sum(dims) * 2
-    total_rows = rows * len(samples)
     print(f"\n[{name}] {len(samples)} samples x {rows} rows x D={sum(dims)} (teachers {dims}); "
           f"bf16 DataCompDR layout {bf16_layout} B/sample")
     half = len(samples) // 2
@@ -203,8 +202,6 @@ def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
     codecs += [(f"quant step=2^{int(np.log2(s))}", StorageSpec(codec="quant", codec_params={"step": s})) for s in steps]
     reference = storage_path(codecs[0][1])
     ref_members = [reference[0](a) for a in samples]
-    ref_img = np.stack([kd_img(a) for a in samples])
-    ref_txt = np.stack([kd_txt(a) for a in samples])
     print(f"{'codec':<22} {'bytes':>6} {'ideal':>6} {'max cos err':>11} {'med cos err':>11} {'KD mean KL':>10} "
           f"{'KD max |dp|':>11} {'enc':>5} {'dec':>5}")
 
@@ -224,8 +221,9 @@ def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
 
     for label, spec in codecs:
         encode, decode = storage_path(spec)
-        codes = None
-        if spec.codec == "quant":
+        if spec.codec != "quant":
+            codes = None
+        else:
             step = spec.codec_params["step"]
 
             def codes(test, step=step):

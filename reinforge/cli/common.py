@@ -25,6 +25,12 @@ EXIT_FAILED = 1  # some task failed (run: after finishing all the others)
 EXIT_USAGE = 2  # bad recipe, argument or input, not a run directory, changed recipe/inputs refused
 EXIT_INCOMPLETE = 3  # status: tasks pending or running, interrupted, from an older recipe, or inputs changed
 
+runner_option = click.option(
+    "--runner", type=click.Choice(["auto", "ray", "local"]), default=None,
+    help="where tasks run: ray, local (no Ray: this process, or worker processes of this machine), auto = local "
+         "for a job of one task "
+         "[default: the recipe's resources.runner, auto]")
+
 redo_changed_option = click.option(
     "--redo-changed-inputs", "redo_changed", is_flag=True,
     help="redo finished tasks whose input files changed since they ran (refused without it)")
@@ -103,9 +109,13 @@ def failed_samples_line(tasks: int, samples: int, errors: int) -> str:
             f"({errors} with errors); see failed/ and errors/ in the run directory")
 
 
-def run_and_exit(recipe, address: str | None, force: bool, progress: bool, redo_changed: bool = False):
-    """Run a recipe on Ray, print its summary, exit 1 if tasks failed (0 otherwise)."""
+def run_and_exit(recipe, address: str | None, force: bool, progress: bool, redo_changed: bool = False,
+                 runner: str | None = None):
+    """Run a recipe (on Ray, or in this process: runner.runs_in_process), print its summary, exit 1 if
+    tasks failed (0 otherwise). `runner` overrides resources.runner."""
     from reinforge.pipelines.runner import run_recipe
+    if runner:
+        recipe = recipe.model_copy(update={"resources": recipe.resources.model_copy(update={"runner": runner})})
     summary = run_recipe(recipe, address=address, force=force, progress=progress, redo_changed=redo_changed)
     print_summary(summary)
     sys.exit(EXIT_OK if summary.ok else EXIT_FAILED)

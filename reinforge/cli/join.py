@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from reinforge.cli.common import redo_changed_option, run_and_exit, user_errors
+from reinforge.cli.common import redo_changed_option, run_and_exit, runner_option, user_errors
 
 
 @click.command()
@@ -19,10 +19,11 @@ from reinforge.cli.common import redo_changed_option, run_and_exit, user_errors
 @click.option("--address", default=None)
 @click.option("--force", is_flag=True)
 @redo_changed_option
+@runner_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def join(reinforcement_shards, images, output, dr_config, uid_field, caption_member, max_error_fraction, address,
-         force, redo_changed, progress):
+         force, redo_changed, runner, progress):
     """Join REINFORCEMENT_SHARDS with the image shards they came from, by uid, checking each image's sha256
     and crop boxes; refused samples are counted by reason in OUTPUT/errors/."""
     from reinforge.schemas.config import parse_recipe
@@ -30,4 +31,4 @@ def join(reinforcement_shards, images, output, dr_config, uid_field, caption_mem
                            "input": {"path": reinforcement_shards, "dr_config": dr_config},
                            "images": {"path": images, "uid_field": uid_field}, "caption_member": caption_member,
                            "max_error_fraction": max_error_fraction})
-    run_and_exit(recipe, address, force, progress, redo_changed)
+    run_and_exit(recipe, address, force, progress, redo_changed, runner)

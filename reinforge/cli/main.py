@@ -9,7 +9,7 @@ import click
 
 from reinforge.cli import filters, join, ops, retrieval
 from reinforge.cli.common import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, failed_samples_line, load_recipe_file,
-                                  redo_changed_option, run_and_exit, user_errors)
+                                  redo_changed_option, run_and_exit, runner_option, user_errors)
 from reinforge.pipelines.sources import InputError
 
 
@@ -358,11 +358,12 @@ def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_templat
 @click.option("--address", default=None)
 @click.option("--force", is_flag=True)
 @redo_changed_option
+@runner_option
 @click.option("--progress/--no-progress", default=True)
 @user_errors
 def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, allow_missing, first_shard, num_shards,
             shuffle_bufsize, blur_metadata, apply_blur, inject_blur_metadata, reencode_webp_quality, cls_file, dry_run,
-            address, force, redo_changed, progress):
+            address, force, redo_changed, runner, progress):
     """DataComp resharder: write the samples of SUBSET (with multiplicities) as new {:08d}.tar shards."""
     from reinforge.schemas.config import parse_recipe
     recipe = parse_recipe({"product": "reshard", "output": output, "subset": subset, "counts": counts, "seed": seed,
@@ -381,7 +382,7 @@ def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, al
                    f"{report['datacomp_meta']['processed_count']:,} pool samples; nothing written")
         click.echo(json.dumps(report, indent=1))
         return
-    run_and_exit(recipe, address, force, progress, redo_changed)
+    run_and_exit(recipe, address, force, progress, redo_changed, runner)
 
 
 @cli.command("datacompnet-classes")

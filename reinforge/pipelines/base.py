@@ -19,6 +19,9 @@ class Pipeline:
 
     recipe: BaseModel
     source = None  # a reinforge.pipelines.sources source: plan() -> tasks, read(task) -> samples
+    # libraries whose versions each task manifest records (those that can change the output bytes);
+    # a product that runs no model declares fewer, and its workers then never import torch
+    libraries: tuple[str, ...] = ("torch", "torchvision", "timm", "numpy", "pillow")
 
     def plan(self) -> list[Task]:
         return self.source.plan()

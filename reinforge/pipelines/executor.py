@@ -29,17 +29,19 @@ class TaskFailed(Exception):
     pass
 
 
-def library_versions() -> dict:
-    import numpy
-    import PIL
-    import timm
-    import torch
-    import torchvision
+_MODULE_OF = {"pillow": "PIL"}  # distribution name -> module name, where they differ
+
+
+def library_versions(libraries: tuple[str, ...] = ("torch", "torchvision", "timm", "numpy", "pillow")) -> dict:
+    """Versions for a task manifest: reinforge, Python, and the libraries the product declares
+    (Pipeline.libraries); only those are imported, so a product without models never loads torch."""
+    import importlib
 
     import reinforge
-    return {"reinforge": reinforge.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "numpy": numpy.__version__,
-            "pillow": PIL.__version__}
+    versions = {"reinforge": reinforge.__version__, "python": platform.python_version()}
+    for name in libraries:
+        versions[name] = importlib.import_module(_MODULE_OF.get(name, name)).__version__
+    return versions
 
 
 def worker_identity() -> dict:
@@ -109,7 +111,7 @@ class TaskExecutor:
         first_model = next((i for i, s in enumerate(self.stages) if s.is_model), len(self.stages))
         self.prep, self.rest = self.stages[:first_model], self.stages[first_model:]
         self.overlap = overlap
-        self.versions = library_versions()
+        self.versions = library_versions(pipeline.libraries)
         for stage in self.stages:
             self.versions.update(stage.versions())
 

@@ -1,10 +1,12 @@
 """DataComp resharder on the runner: a uid subset (optionally with multiplicities) -> new shards.
 
 plan() (driver): index the pool (uid_index.py), locate every subset uid, expand multiplicities into
-copies, and assign copies to output shards deterministically; the assignment is written to
-`<run>/plan/assignment.parquet`, one row group per output shard, and `<run>/plan/plan.json`.
-Tasks are output shards (task id = `{:08d}`), so workers share no state and take no lock; read(task)
-reads its row group and fetches each sample's byte range from its pool shard.
+copies, and assign copies to output shards deterministically; the assignment is written as one
+small Parquet per output shard, `<run>/plan/tasks/{:08d}.parquet`, then `<run>/plan/plan.json` (its
+fingerprint, shard sizes and meta; written last, it commits the plan). Tasks are output shards (task id
+= `{:08d}`, input = its own plan file), so workers share no state and take no lock, and a task reads
+only its own rows: its cost does not grow with the number of tasks. read(task) fetches each sample's
+byte range from its pool shard.
 
 Assignment. Copy r of a uid with multiplicity m gets the sort key (r + phase) / m, where phase in
 [0, 1) is a hash of (seed, uid): copies of one uid sit 1/m of the run apart, and distinct uids are
@@ -31,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -42,7 +45,7 @@ from reinforge.pipelines import face_blur
 from reinforge.pipelines.base import Pipeline
 from reinforge.pipelines.datacompnet import class_id_array, read_class_ids
 from reinforge.pipelines.sources import InputError, Task, WebDatasetSource
-from reinforge.pipelines.storage import exists, filesystem, read_text, write_bytes
+from reinforge.pipelines.storage import exists, filesystem, list_files, read_text, remove, write_bytes
 from reinforge.readers.runs import done_manifests
 from reinforge.pipelines.uid_index import INDEX_STATUS, PoolReader, build_index
 from reinforge.schemas.config import ReshardRecipe, config_digest
@@ -55,6 +58,7 @@ from reinforge.stages.base import MapStage, SkipSample, Stage
 SAMPLE = 10
 SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 EXTRA_FIELDS = ("__face_bboxes__", "__cls__")  # per-sample facts read() hands to the stages
+TASK_PLANS = "plan/tasks/{:08d}.parquet"  # recorded in plan.json: a plan of another layout is rewritten
 
 
 class ReshardError(InputError):
@@ -259,6 +263,7 @@ class DataCompExtras(MapStage):
 
 
 class ReshardPipeline(Pipeline):
+    libraries = ("numpy", "pyarrow")  # plans and copies bytes: no model, no image decoding
     def __init__(self, recipe: ReshardRecipe):
         self.recipe = recipe
         self.layout = RunLayout(recipe.output.rstrip("/"))
@@ -268,9 +273,8 @@ class ReshardPipeline(Pipeline):
         self.extras_report: dict = {}
         self.pool_samples = 0
 
-    @property
-    def assignment_url(self) -> str:
-        return f"{self.layout.root}/plan/assignment.parquet"
+    def task_plan_url(self, task_id: str) -> str:
+        return f"{self.layout.root}/{TASK_PLANS.format(int(task_id))}"
 
     def plan(self) -> list[Task]:
         r = self.recipe
@@ -325,7 +329,7 @@ class ReshardPipeline(Pipeline):
 
     def _tasks(self, sizes: list[int]) -> list[Task]:
         firsts = np.cumsum([0, *sizes])
-        return [Task(f"{j:08d}", (self.assignment_url,), int(firsts[j])) for j in range(len(sizes))]
+        return [Task(f"{j:08d}", (self.task_plan_url(f"{j:08d}"),), int(firsts[j])) for j in range(len(sizes))]
 
     def planned_tasks(self) -> list[Task]:
         """From the committed plan/plan.json: plan() may index the pool and rewrite the plan. None
@@ -388,24 +392,30 @@ class ReshardPipeline(Pipeline):
                 digest.update(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)).tobytes())
         fingerprint = digest.hexdigest()
         plan_url = f"{self.layout.root}/plan/plan.json"
-        if exists(plan_url) and exists(self.assignment_url):
+        if exists(plan_url):
             saved = json.loads(read_text(plan_url))
-            if saved.get("fingerprint") == fingerprint:
+            if saved.get("fingerprint") == fingerprint and saved.get("task_plans") == TASK_PLANS:
                 return
             if self._finished_tasks():
                 raise ReshardError(f"{self.layout.root}: the subset or the pool changed since its tasks ran "
                                    f"(plan fingerprint differs); write to a new output directory")
-        buf = pa.BufferOutputStream()
-        with pq.ParquetWriter(buf, table.schema) as writer:
-            start = 0
-            for size in self.sizes:  # one row group per output shard: read(task) reads just its own
-                writer.write_table(table.slice(start, size), row_group_size=max(size, 1))
-                start += size
-        write_bytes(self.assignment_url, buf.getvalue().to_pybytes())
+            remove(plan_url)  # uncommitted while the task plans are rewritten
+        starts = np.cumsum([0, *self.sizes])
+
+        def write_task_plan(j: int) -> None:  # one file per output shard: a task reads just its own rows
+            buf = pa.BufferOutputStream()
+            pq.write_table(table.slice(int(starts[j]), self.sizes[j]), buf)
+            write_bytes(self.task_plan_url(f"{j:08d}"), buf.getvalue().to_pybytes())
+        with ThreadPoolExecutor(max_workers=8) as pool:  # many small writes: overlap their latency
+            list(pool.map(write_task_plan, range(len(self.sizes))))
+        ours = {f"{j:08d}.parquet" for j in range(len(self.sizes))}
+        for url in list_files(f"{self.layout.root}/plan/tasks", ".parquet"):  # a former, larger plan's
+            if url.rpartition("/")[2] not in ours:
+                remove(url)
         if len(missing):
             write_subset(f"{self.layout.root}/plan/missing_uids.npy", make_subset(missing["f0"], missing["f1"]))
-        write_bytes(plan_url, json.dumps({"fingerprint": fingerprint, "sizes": self.sizes, "meta": self.meta},
-                                         indent=1).encode())
+        write_bytes(plan_url, json.dumps({"fingerprint": fingerprint, "task_plans": TASK_PLANS, "sizes": self.sizes,
+                                          "meta": self.meta}, indent=1).encode())
 
     def _finished_tasks(self) -> bool:
         return bool(done_manifests(self.layout.root, config_digest(self.recipe)))
@@ -420,7 +430,7 @@ class ReshardPipeline(Pipeline):
     def _read_planned(self, task: Task) -> Iterator[dict]:
         fs, path = filesystem(task.inputs[0])
         with fs.open(path, "rb") as f:
-            rows = pq.ParquetFile(f).read_row_group(int(task.id)).to_pydict()
+            rows = pq.read_table(f).to_pydict()
         boxes, classes = rows.get("face_bboxes"), rows.get("cls")
         # rows are grouped by pool shard within a copy round; samples are passed through whatever they hold
         reader = PoolReader(open_limit=1, limits=Limits.default())

@@ -1,4 +1,5 @@
-"""The driver: plan tasks, skip the done ones, run the rest on the actor pool (actor_pool.py).
+"""The driver: plan tasks, skip the done ones, run the rest on the actor pool (actor_pool.py), or in
+this process when only one task is left to run (local_pool.py; the rule is runs_in_process).
 
 A task is done iff its manifest exists and carries this run's config digest, so a rerun costs one
 listing plus reading small JSON files, plus the inputs' metadata (a stat per file, or one listing per
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
@@ -19,6 +22,7 @@ from pydantic import BaseModel
 from reinforge.pipelines.actor_pool import TICK_S, ActorPool, start_pool
 from reinforge.pipelines.fingerprint import changed_inputs, task_fingerprints
 from reinforge.pipelines.loader_files import write_loader_files
+from reinforge.pipelines.local_pool import LocalPool, local_processes
 from reinforge.pipelines.ray_session import ray_session
 from reinforge.pipelines.registry import build_pipeline
 from reinforge.pipelines.rundir import manifests
@@ -198,10 +202,25 @@ def _start_pool(recipe: BaseModel, n_tasks: int, starting: Progress) -> list:
         raise
 
 
+def runs_in_process(recipe: BaseModel, address: str | None, tasks_to_run: int) -> bool:
+    """Whether the runner skips Ray (local_pool.py: one task in this process, more on worker processes
+    of this machine). resources.runner: "local" always, "ray" never; "auto" (the default) when all of
+    these hold: exactly one task is left to run (Ray would start one actor for it anyway), no cluster is
+    named (`address`, RAY_ADDRESS), no Ray is already initialised in this process, and the recipe asks
+    for no GPU (on Ray the actor gets its GPU assigned). Outputs are the same bytes either way."""
+    mode = recipe.resources.runner
+    if mode != "auto":
+        return mode == "local"
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    return (tasks_to_run == 1 and not (address or os.environ.get("RAY_ADDRESS")) and not ray_up
+            and not recipe.resources.gpus_per_actor)
+
+
 def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = False,
                progress: bool = True, redo_changed: bool = False) -> RunSummary:
     """Run every task not yet done. `force`: accept a changed recipe; `redo_changed`: redo finished
-    tasks whose inputs changed since they ran (refused otherwise, see fingerprinted_todo)."""
+    tasks whose inputs changed since they ran (refused otherwise, see fingerprinted_todo). The tasks run
+    on Ray, or in this process for a one-task job (runs_in_process)."""
     started = time.perf_counter()
     pipeline = build_pipeline(recipe)
     layout = RunLayout(recipe.output)
@@ -219,8 +238,11 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
         write_loader_files(layout, digest)
         summary.seconds = time.perf_counter() - started
         return summary
-    with ray_session(address, recipe.resources.object_store_memory_mb):
-        pool = ActorPool(_start_pool(recipe, len(todo), starting), recipe.resources.tasks_in_flight_per_actor)
+    in_process = runs_in_process(recipe, address, len(todo))
+    with nullcontext() if in_process else ray_session(address, recipe.resources.object_store_memory_mb):
+        absolute = recipe.model_copy(update={"output": absolute_url(recipe.output)})
+        pool = (LocalPool(absolute, local_processes(recipe, len(todo))) if in_process else
+                ActorPool(_start_pool(recipe, len(todo), starting), recipe.resources.tasks_in_flight_per_actor))
         bar = Progress(len(tasks), summary.skipped, progress, status_url)
         t0 = time.perf_counter()
         try:

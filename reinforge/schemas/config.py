@@ -35,6 +35,11 @@ class Resources(Strict):
         None, description="prepare the next batch (decode, augment) in a thread while the model runs; "
                           "default: on when the actor has a GPU")
     object_store_memory_mb: int = Field(1024, ge=100, description="cap for an embedded local Ray")
+    runner: Literal["auto", "ray", "local"] = Field(
+        "auto", description="where tasks run: ray (an actor pool), local (no Ray: one task in the driver's process, "
+                            "more on num_actors (default: CPUs / cpus_per_actor) worker processes of this machine), "
+                            "auto = local for a job of exactly one task with no cluster address and no GPU, else "
+                            "ray (runner.runs_in_process); the outputs are the same bytes")
 
 
 class InputSpec(Strict):

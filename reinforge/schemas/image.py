@@ -10,11 +10,13 @@ from __future__ import annotations
 import io
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; above this a file is treated as a decompression bomb
@@ -104,4 +106,5 @@ def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    import torch  # here, not at module level: tools that never decode (reshard, join) start without torch
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()

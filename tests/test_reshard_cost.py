@@ -1,0 +1,335 @@
+"""The cheap paths of resharding: one-task jobs without Ray, the shared uid index cache, the vectorised
+indexer and the template tar writer. Each must give exactly the bytes of the path it shortcuts."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import shard_bytes
+from pool_gen import random_uids, write_pool_shards
+
+from reinforge.pipelines import uid_index
+from reinforge.pipelines.reshard import ReshardPipeline
+from reinforge.pipelines.runner import run_recipe, runs_in_process
+from reinforge.schemas.config import parse_recipe
+from reinforge.schemas.subset import make_subset, uid_order, write_subset
+from reinforge.schemas.wds import ShardWriter
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory):
+    """3 pool shards x 40 samples; a subset of 70 uids, some twice or three times (121 samples)."""
+    root = tmp_path_factory.mktemp("cost-pool")
+    rng = np.random.default_rng(5)
+    strings, hi, lo = random_uids(120, rng)
+    write_pool_shards(root / "pool", strings.to_pylist(), per_shard=40, payload=300)
+    chosen = rng.choice(120, 70, replace=False)
+    subset = make_subset(hi[chosen], lo[chosen])
+    order = uid_order(subset["f0"], subset["f1"])
+    counts = rng.choice([1, 1, 2, 3], 70).astype(np.uint32)
+    write_subset(str(root / "subset.npy"), subset[order], counts[order])
+    return root
+
+
+def recipe(root, out, runner="auto", pool=None, **extra):
+    return parse_recipe({"product": "reshard", "output": str(out), "subset": str(root / "subset.npy"),
+                         "input": {"path": str(pool or root / "pool") + "/*.tar"}, "seed": 1,
+                         "samples_per_shard": extra.pop("samples_per_shard", 32),
+                         "resources": {"cpus_per_actor": 1, "object_store_memory_mb": 256, "runner": runner},
+                         **extra})
+
+
+def tree_bytes(folder) -> dict[str, bytes]:
+    out = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def manifest_facts(run) -> dict:
+    """The manifests without what differs by placement and time: timings, worker, the run's own path and
+    the plan file's mtime (input_fingerprint)."""
+    facts = {}
+    for name in sorted(os.listdir(run / "manifests")):
+        m = json.loads((run / "manifests" / name).read_text())
+        for key in ("started_at", "seconds", "worker", "input_fingerprint"):
+            m.pop(key)
+        for stage in m["stages"].values():
+            stage.pop("seconds")
+        m["inputs"] = [os.path.relpath(i, run) for i in m["inputs"]]
+        facts[name] = m
+    return facts
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "index-cache"
+    monkeypatch.setenv(uid_index.INDEX_CACHE_ENV, str(cache))
+    return cache
+
+
+# ---------------------------------------------------------------- in process or on Ray
+
+def test_runner_rule():
+    auto = parse_recipe({"product": "reshard", "output": "x", "subset": "s.npy", "input": {"path": "p/*.tar"}})
+    assert auto.resources.runner == "auto"
+    import ray
+    if not ray.is_initialized():  # the rule reads whether this process already has a Ray
+        assert runs_in_process(auto, None, 1)
+    assert not runs_in_process(auto, None, 2)
+    assert not runs_in_process(auto, "ray://head:10001", 1)
+    gpu = auto.model_copy(update={"resources": auto.resources.model_copy(update={"gpus_per_actor": 1})})
+    assert not runs_in_process(gpu, None, 1)
+    for mode, expected in (("local", True), ("ray", False)):
+        forced = auto.model_copy(update={"resources": auto.resources.model_copy(update={"runner": mode})})
+        assert runs_in_process(forced, None, 1) is expected and runs_in_process(forced, "auto", 7) is expected
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("per_shard, tasks", [(32, 4), (200, 1)])  # worker processes / the driver's own
+def test_run_without_ray_writes_the_bytes_of_a_ray_run(small_pool, tmp_path, private_cache, local_ray,
+                                                        per_shard, tasks):
+    on_ray = run_recipe(recipe(small_pool, tmp_path / "ray", runner="ray", samples_per_shard=per_shard), progress=False)
+    local = run_recipe(recipe(small_pool, tmp_path / "local", runner="local", samples_per_shard=per_shard),
+                       progress=False)
+    assert on_ray.ok and local.ok and on_ray.tasks == local.tasks == tasks  # 121 samples
+    assert on_ray.samples == local.samples == 121
+    assert shard_bytes(tmp_path / "local") == shard_bytes(tmp_path / "ray")  # tars, stats, sizes.json, meta.json
+    assert tree_bytes(tmp_path / "local" / "plan") == tree_bytes(tmp_path / "ray" / "plan")
+    assert manifest_facts(tmp_path / "local") == manifest_facts(tmp_path / "ray")
+    workers = {run: [json.loads(p.read_text())["worker"] for p in (tmp_path / run / "manifests").iterdir()]
+               for run in ("ray", "local")}
+    assert all("node_id" in w and w["pid"] != os.getpid() for w in workers["ray"])
+    if tasks == 1:
+        assert [w["pid"] for w in workers["local"]] == [os.getpid()]
+    else:  # spawned worker processes, no Ray in them
+        assert all("node_id" not in w and w["pid"] != os.getpid() for w in workers["local"])
+
+
+def test_in_process_run_resumes_like_ray(small_pool, tmp_path, private_cache):
+    out = tmp_path / "run"
+    first = run_recipe(recipe(small_pool, out, runner="local"), progress=False)
+    assert first.ok and first.done == 4
+    before = shard_bytes(out)
+    os.remove(out / "manifests" / "00000002.json")  # as if the run stopped before committing task 2
+    os.remove(out / "shards" / "00000002.tar")
+    again = run_recipe(recipe(small_pool, out, runner="local"), progress=False)
+    assert again.ok and again.done == 1 and again.skipped == 3
+    assert shard_bytes(out) == before
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["tasks"]["done"] == 4
+
+
+# ---------------------------------------------------------------- the uid index cache
+
+def cache_entries(cache) -> dict[str, int]:
+    return {name: os.stat(cache / name).st_mtime_ns for name in sorted(os.listdir(cache))}
+
+
+def test_cached_index_gives_the_same_plan(small_pool, tmp_path, private_cache, monkeypatch):
+    ReshardPipeline(recipe(small_pool, tmp_path / "a")).plan()
+    entries = cache_entries(private_cache)
+    assert len(entries) == 3 and not (tmp_path / "a" / "index").exists()
+    ReshardPipeline(recipe(small_pool, tmp_path / "b")).plan()
+    assert cache_entries(private_cache) == entries, "the second run read the entries, wrote none"
+    monkeypatch.setenv(uid_index.INDEX_CACHE_ENV, "off")  # no shared cache: the run's own index/ folder
+    ReshardPipeline(recipe(small_pool, tmp_path / "c")).plan()
+    assert len(os.listdir(tmp_path / "c" / "index")) == 3
+    plans = [tree_bytes(tmp_path / run / "plan") for run in "abc"]
+    assert plans[0] == plans[1] == plans[2] and len(plans[0]) == 5  # plan.json + 4 task plans
+
+
+def test_changed_shard_is_indexed_again(small_pool, tmp_path, private_cache, monkeypatch):
+    pool = tmp_path / "pool"
+    shutil.copytree(small_pool / "pool", pool)
+    ReshardPipeline(recipe(small_pool, tmp_path / "a", pool=pool)).plan()
+    entries = cache_entries(private_cache)
+    # the same samples in reverse order: same size, other byte ranges
+    shard = pool / "00000001.tar"
+    with open(shard, "rb") as f:
+        from reinforge.schemas.wds import iter_samples
+        samples = list(iter_samples(f))
+    stat = os.stat(shard)
+    with open(shard, "wb") as f, ShardWriter(f) as writer:
+        for s in reversed(samples):
+            writer.write(s.pop("__key__"), s)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert os.path.getsize(shard) == stat.st_size
+    ReshardPipeline(recipe(small_pool, tmp_path / "b", pool=pool)).plan()
+    now = cache_entries(private_cache)
+    assert len(now) == 4 and all(now[k] == v for k, v in entries.items()), "one new entry, old ones untouched"
+    monkeypatch.setenv(uid_index.INDEX_CACHE_ENV, "off")
+    ReshardPipeline(recipe(small_pool, tmp_path / "fresh", pool=pool)).plan()
+    assert tree_bytes(tmp_path / "b" / "plan") == tree_bytes(tmp_path / "fresh" / "plan")
+    assert tree_bytes(tmp_path / "b" / "plan") != tree_bytes(tmp_path / "a" / "plan")
+    run_recipe(recipe(small_pool, tmp_path / "b", pool=pool, runner="local"), progress=False)
+    run_recipe(recipe(small_pool, tmp_path / "a2", runner="local"), progress=False)  # the original pool
+    # the same samples in the same output shards, found at their new places (read in pool order)
+    assert shard_samples(tmp_path / "b") == shard_samples(tmp_path / "a2")
+
+
+def shard_samples(run) -> dict[str, list]:
+    from reinforge.schemas.wds import iter_samples
+    out = {}
+    for name in sorted(os.listdir(run / "shards")):
+        if name.endswith(".tar"):
+            with open(run / "shards" / name, "rb") as f:
+                out[name] = sorted(sorted(s.items()) for s in iter_samples(f))
+    return out
+
+
+def test_unreadable_cache_entry_is_rebuilt(small_pool, tmp_path, private_cache):
+    ReshardPipeline(recipe(small_pool, tmp_path / "a")).plan()
+    name = sorted(os.listdir(private_cache))[0]
+    (private_cache / name).write_bytes(b"not parquet")
+    ReshardPipeline(recipe(small_pool, tmp_path / "b")).plan()
+    assert (private_cache / name).read_bytes()[:4] == b"PAR1"
+    assert tree_bytes(tmp_path / "a" / "plan") == tree_bytes(tmp_path / "b" / "plan")
+
+
+# ---------------------------------------------------------------- the indexer decides as json.loads does
+
+def reference_index(path, uid_field="uid") -> list[tuple]:
+    """(key, offset, length, uid text or None, status) per sample: tarfile + json.loads, one by one."""
+    rows = []
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rpartition("/")[2]
+            if "." not in base or not base.partition(".")[2]:
+                continue
+            key = info.name[:len(info.name) - len(base)] + base.partition(".")[0]
+            end = info.offset_data + -(-info.size // 512) * 512
+            if not rows or rows[-1][0] != key:
+                rows.append([key, info.offset, end, None, 1])
+            rows[-1][2] = end
+            if base.partition(".")[2] == "json":
+                try:
+                    meta = json.loads(tar.extractfile(info).read())
+                except ValueError:
+                    rows[-1][3:] = [None, 4]
+                    continue
+                if not isinstance(meta, dict) or uid_field not in meta:
+                    rows[-1][3:] = [None, 2]
+                else:
+                    value = meta[uid_field]
+                    ok = isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdefABCDEF" for c in value)
+                    rows[-1][3:] = [value.lower() if ok else None, 0 if ok else 3]
+    return [(k, a, b - a, u, s) for k, a, b, u, s in rows]
+
+
+def index_rows(path) -> list[tuple]:
+    t = uid_index.index_shard(str(path)).to_pydict()
+    uids = [f"{h:016x}{l:016x}" if s == 0 else None for h, l, s in zip(t["uid_hi"], t["uid_lo"], t["status"])]
+    return list(zip(t["key"], t["offset"], t["length"], uids, t["status"]))
+
+
+UID = "0123456789abcdef" * 2
+ODD_JSON = [b'{"uid": "%s"}' % UID.encode(), b'{"uid": null}', b'{"uid": 5}', b'{"uid": ["x"]}',
+            b'{"uid": "%s", "uid": "%s"}' % (UID.encode(), UID.upper().encode()),  # json.loads keeps the last
+            b'{\n "uid": "%s"\n}' % UID.encode(), b"", b"   ", b'{"uid": "%s", "x": "\xff"}' % UID.encode(),
+            b"[1, 2]", b'{"x": 1}', b'{"uid": "zz"}', b'{"uid": "%s"}{"uid": "%s"}' % (UID.encode(), UID.encode()),
+            b'{"uid": "%s", "n": NaN}' % UID.encode(), b'\xef\xbb\xbf{"uid": "%s"}' % UID.encode(),
+            b'{"a": {"uid": "%s"}}' % UID.encode(), b'{"uid": "%s"}\r' % UID.encode(), b'{"uid": "a\tb"}']
+
+
+def odd_members():
+    members = [(f"s{i:02d}.json", data) for i, data in enumerate(ODD_JSON)]
+    members += [("img.jpg", b"x" * 700), ("img.json", json.dumps({"uid": UID}).encode()), ("noext", b"q"),
+                ("dir", None), ("sub/m.n.json", json.dumps({"uid": UID}).encode()), ("sub/m.n.txt", b"t"),
+                ("\u00e9t\u00e9.json", json.dumps({"uid": UID}).encode()), ("dup.json", b'{"uid": "%s"}' % UID.encode()),
+                ("dup.json", b'{"uid": "bad"}'), ("dot.", b"x"), ("empty.jpg", b"")]
+    return members
+
+
+def write_tar(path, members, fmt=tarfile.USTAR_FORMAT) -> None:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "pax", "long_prefix"])
+def test_index_decides_as_tarfile_and_json_loads(tmp_path, fmt):
+    members = odd_members()
+    if fmt == "long_prefix":  # a name that needs ustar's prefix field: the fast walk hands it to tarfile
+        members.append(("d" * 90 + "/" + "e" * 60 + ".json", json.dumps({"uid": UID}).encode()))
+    if fmt == "pax":
+        members.append(("x" * 120 + ".json", json.dumps({"uid": UID}).encode()))
+    write_tar(tmp_path / "odd.tar", members, tarfile.PAX_FORMAT if fmt == "pax" else tarfile.USTAR_FORMAT)
+    expected = reference_index(tmp_path / "odd.tar")
+    assert index_rows(tmp_path / "odd.tar") == expected
+    statuses = [s for *_, s in expected]
+    assert {0, 1, 2, 3, 4} <= set(statuses)
+
+
+def test_index_refuses_damaged_shards(tmp_path):
+    write_tar(tmp_path / "ok.tar", odd_members())
+    data = (tmp_path / "ok.tar").read_bytes()
+    damaged = bytearray(data)
+    damaged[1024 + 10] ^= 1  # a name byte of the second header: its checksum no longer matches
+    for name, content in (("bad.tar", bytes(damaged)), ("cut.tar", data[:1500])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(uid_index.ShardReadError, match="cannot index pool shard"):
+            uid_index.index_shard(str(tmp_path / name))
+
+
+def test_index_reads_mapped_and_pread_shards_alike(tmp_path):
+    """Dense headers are read through a memory map, sparse ones (large images) by pread: same table."""
+    strings, _, _ = random_uids(30, np.random.default_rng(2))
+    small = write_pool_shards(tmp_path / "small", strings.to_pylist(), 30, payload=200)[0]
+    large = write_pool_shards(tmp_path / "large", strings.to_pylist(), 30, payload=uid_index.SPARSE_HEADERS * 2)[0]
+    a, b = uid_index.index_shard(small), uid_index.index_shard(large)
+    assert a.column("uid_hi").equals(b.column("uid_hi")) and a.column("key").equals(b.column("key"))
+    assert index_rows(small) == reference_index(small) and index_rows(large) == reference_index(large)
+
+
+# ---------------------------------------------------------------- the writer writes tarfile's bytes
+
+def tarfile_bytes(samples) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                    len(data), 0, 0o444, 0, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def writer_bytes(samples) -> bytes:
+    buf = io.BytesIO()
+    with ShardWriter(buf) as writer:
+        for key, members in samples:
+            writer.write(key, members)
+    return buf.getvalue()
+
+
+def test_shard_writer_writes_tarfiles_bytes():
+    rng = random.Random(0)
+    cases = [[], [("a", {"jpg": b""})], [("k" * 95, {"json": b"x" * 513})], [("k" * 96, {"jpg": b"1"})],
+             [("d" * 80 + "/" + "e" * 40, {"txt": b"y"})], [("\u00e9t\u00e9", {"txt": b"z" * 1024})],
+             [("a\udcff", {"txt": b"q"})]]
+    for _ in range(40):
+        cases.append([(f"{rng.getrandbits(128):032x}" + (f"_r{rng.randint(1, 9)}" if rng.random() < .3 else ""),
+                       {e: rng.randbytes(rng.randint(0, 3000)) for e in rng.sample(["jpg", "txt", "json", "syn.json"], 3)})
+                      for _ in range(rng.randint(1, 25))])
+    for samples in cases:
+        assert writer_bytes(samples) == tarfile_bytes(samples)
+    with pytest.raises(ValueError, match="too long"):  # tarfile's own refusal, unchanged
+        writer_bytes([("n" * 300, {"jpg": b"x"})])
