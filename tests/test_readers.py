@@ -170,7 +170,8 @@ def test_getitem_replays_bit_identical(which, request):
     if which == "mixing_run":
         assert partners > 0
     # the draw depends on (seed, sample key, epoch) only: not on shard order or on the shards loaded
-    other = ReinforcedImageNet(list(reversed(ds.shards)), seed=3, num_classes=NUM_CLASSES)
+    other = ReinforcedImageNet(list(reversed(ds.shards)), seed=3, num_classes=NUM_CLASSES,
+                               image_augmentation=ds.config["reinforce"]["image_augmentation"])
     other.set_epoch(2)
     assert other.keys != ds.keys and sorted(other.keys) == sorted(ds.keys)
     assert ({k: other.choose(i, N) for i, k in enumerate(other.keys)}

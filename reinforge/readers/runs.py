@@ -80,6 +80,7 @@ def scan_manifests(run: str) -> tuple[list[TaskManifest], list[str]]:
     layout = RunLayout(run.rstrip("/"))
     fs, folder = _fs(join(layout.root, "manifests"))
     readable, unreadable = [], []
+    fs.invalidate_cache(folder)  # object stores cache listings: a manifest committed since must be seen
     if not fs.exists(folder):
         return readable, unreadable
     for name in sorted(p.rpartition("/")[2] for p in fs.ls(folder, detail=False) if p.endswith(".json")):
