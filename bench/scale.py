@@ -11,7 +11,7 @@ The growth column is log(peak_b/peak_a)/log(n_b/n_a) between consecutive sizes: 
 0 = flat. Nothing here is asserted; tests check results, this prints costs.
 
 Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000,4000000] [--tools filter,schedule]
-     [--out bench/results/scale.md]
+     [--out bench/results/scale.md] [--tree DIR]   (DIR: e.g. `git archive <commit> | tar -x -C DIR`, for before/after)
 """
 from __future__ import annotations
 
@@ -30,11 +30,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ROW_GROUP = 128 * 1024
+TREE = ROOT  # the reinforge tree measured (--tree: e.g. an export of an older commit, for before/after)
 
 # A child measures one tool call: RSS after imports (statm), then ru_maxrss after the call.
 CHILD = r"""
 import json, os, resource, sys, time
 import numpy as np, pyarrow, pyarrow.parquet
+import pandas  # pyarrow imports it on a column's first to_numpy(): an import, not a per-sample cost
 from reinforge.pipelines.filters.decide import decide
 from reinforge.pipelines.replay import build_schedule
 def rss():
@@ -116,7 +118,7 @@ def make_splits(folder: str, n: int, seed: int = 0) -> None:
 
 
 def measure(tool: str, args: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=TREE, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", CHILD, tool, json.dumps(args)], env=env, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,7 +140,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated pool sizes (rows)")
     parser.add_argument("--tools", default="filter,schedule")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one)")
     args = parser.parse_args()
+    global TREE
+    TREE = os.path.abspath(args.tree)
     sizes = [int(s) for s in args.sizes.split(",")]
     tools = set(args.tools.split(","))
     rows: dict[str, list] = {}
