@@ -8,7 +8,8 @@ tool once, and reports ru_maxrss minus that baseline. Inputs are generated once 
   schedule       four disjoint time splits (sorted u8,u8 .npy, sizes growing 1:2:3:4); cumulative-all,
                  budget = the pool size, independent buffer
 The growth column is log(peak_b/peak_a)/log(n_b/n_a) between consecutive sizes: 1 = linear in samples,
-0 = flat. Nothing here is asserted; tests check results, this prints costs.
+0 = flat; the marginal column is (peak_b - peak_a)/(n_b - n_a), the bytes each extra sample costs (a fixed
+cost such as allocator arenas and one batch of columns divides away at scale, a per-sample one does not). Nothing here is asserted; tests check results, this prints costs.
 
 Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000,4000000] [--tools filter,schedule]
      [--out bench/results/scale.md] [--tree DIR]   (DIR: e.g. `git archive <commit> | tar -x -C DIR`, for before/after)
@@ -51,7 +52,8 @@ elif tool == "schedule":
     build_schedule(**args)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "peak": peak, "seconds": seconds}))
+import reinforge
+print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "tree": os.path.dirname(reinforge.__file__)}))
 """
 
 
@@ -119,8 +121,9 @@ def make_splits(folder: str, n: int, seed: int = 0) -> None:
 
 def measure(tool: str, args: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=TREE, HF_HUB_OFFLINE="1")
+    # cwd: `python -c` puts the working directory first on sys.path, which would shadow --tree
     out = subprocess.run([sys.executable, "-c", CHILD, tool, json.dumps(args)], env=env, check=True,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=tempfile.gettempdir())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -162,18 +165,21 @@ def main() -> None:
                 r = measure(tool, kwargs)
                 extra = r["peak"] - r["base"]
                 rows.setdefault(label, []).append((n, extra, r["seconds"]))
+                if not r["tree"].startswith(TREE):
+                    raise SystemExit(f"measured {r['tree']}, not {TREE}")
                 print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows", flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    lines = ["| tool | rows | driver B/sample above imports | s per M rows | growth vs previous size |",
-             "|---|---|---|---|---|"]
+    lines = ["| tool | rows | driver B/sample above imports | s per M rows | growth vs previous size "
+             "| marginal B per extra sample |", "|---|---|---|---|---|---|"]
     for label, results in rows.items():
         for i, (n, extra, seconds) in enumerate(results):
-            growth = ""
+            growth = marginal = ""
             if i:
                 pn, pe, _ = results[i - 1]
                 growth = f"{math.log(max(extra, 1) / max(pe, 1)) / math.log(n / pn):.2f}"
-            lines.append(f"| {label} | {n:,} | {extra / n:.1f} | {seconds / n * 1e6:.2f} | {growth} |")
+                marginal = f"{(extra - pe) / (n - pn):.1f}"
+            lines.append(f"| {label} | {n:,} | {extra / n:.1f} | {seconds / n * 1e6:.2f} | {growth} | {marginal} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

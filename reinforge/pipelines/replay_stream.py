@@ -17,7 +17,7 @@ from reinforge.pipelines.storage import atomic_open, filesystem
 from reinforge.pipelines.uid_spill import UidSpill, bucket_bits
 from reinforge.schemas.subset import COUNTS_DTYPE, SUBSET_DTYPE, counts_path, first_occurrence, is_sorted_unique, uid_order
 
-CHUNK = 1 << 20  # uids read at a time
+CHUNK = 1 << 18  # uids read at a time (a chunk's working set, ~100 B a row, is the driver's fixed cost)
 
 
 class NotStreamable(Exception):
@@ -101,7 +101,8 @@ def stream_step_subset(files: dict[str, str], counts: dict[str, int], seed: int,
                 chosen = np.zeros(0, np.int64)
                 if extra:  # the same seeded choice as the in-memory step: (seed, step, split)
                     rng = np.random.default_rng([seed, t, split_index[split]])
-                    chosen = np.sort(rng.choice(size, extra, replace=False))
+                    chosen = rng.choice(size, extra, replace=False)  # numpy holds 8 B x size while choosing
+                    chosen.sort()
                 drawn = 0
                 for start, hi, lo in _chunks(files[split]):
                     mult = np.full(len(hi), base, np.int64)

@@ -14,16 +14,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-ROWS_PER_BUCKET = 1 << 20  # aim: a bucket of a few tens of MB, whatever the pool
+ROWS_PER_BUCKET = 1 << 18  # aim: a bucket of a few tens of MB (sorting takes ~100 B a row), up to 2^27 rows
 
 
 def bucket_bits(rows: int, min_bits: int = 4, max_bits: int = 9) -> int:
     """Enough buckets for ~ROWS_PER_BUCKET rows each (at least 16, so small pools use the same path)."""
-    return int(min(max_bits, max(min_bits, math_ceil_log2(max(1, rows) / ROWS_PER_BUCKET))))
-
-
-def math_ceil_log2(x: float) -> int:
-    return 0 if x <= 1 else int(np.ceil(np.log2(x)))
+    wanted = int(np.ceil(np.log2(max(1.0, rows / ROWS_PER_BUCKET))))
+    return min(max_bits, max(min_bits, wanted))  # max_bits: one open file per bucket
 
 
 class UidSpill:
