@@ -2,7 +2,8 @@
 baseline in bytes per sample, seconds per million rows, and how the peak grows between sizes.
 
 Each measurement runs in a fresh subprocess: it imports what the tool needs, records its RSS, runs the
-tool once, and reports ru_maxrss minus that baseline. Inputs are generated once per size (not timed):
+tool once, and reports its peak RSS (VmHWM; Linux carries ru_maxrss over from the parent across fork+exec,
+so a big parent would hide the child's peak) minus that baseline. Inputs are generated once per size (not timed):
   filter apply   a scores.parquet as `filter score` writes it (128k-row groups, 0.1 % duplicate uids,
                  1 % NaN scores); rule `basic & top(clip_l14, 0.3)` in datacomp and exact semantics
   schedule       four disjoint time splits (sorted u8,u8 .npy, sizes growing 1:2:3:4); cumulative-all,
@@ -33,9 +34,9 @@ ROOT = os.path.dirname(HERE)
 ROW_GROUP = 128 * 1024
 TREE = ROOT  # the reinforge tree measured (--tree: e.g. an export of an older commit, for before/after)
 
-# A child measures one tool call: RSS after imports (statm), then ru_maxrss after the call.
+# A child measures one tool call: RSS after imports (statm), then its peak RSS (VmHWM) after the call.
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 import numpy as np, pyarrow, pyarrow.parquet
 import pandas  # pyarrow imports it on a column's first to_numpy(): an import, not a per-sample cost
 from reinforge.pipelines.filters.decide import decide
@@ -51,7 +52,8 @@ if tool == "filter":
 elif tool == "schedule":
     build_schedule(**args)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as f:  # VmHWM: this process's peak; ru_maxrss would carry the parent's across exec
+    peak = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
 import reinforge
 print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "tree": os.path.dirname(reinforge.__file__)}))
 """
