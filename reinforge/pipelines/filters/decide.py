@@ -20,7 +20,8 @@ The report holds every threshold resolved to a number, so a decision can be repr
 
 Memory (issue #16): the scores are streamed in batches, never held whole. The driver keeps a bit per row
 (repeated uid), one top() column at a time in its stored 4-byte type (a selection finds the threshold,
-no sort), and spills uids to files by their high bits to find repeats and to write the sorted subset.
+no sort), and spills uids to files by their high bits to find repeats and to write the sorted subset
+(24 B a row under the temp directory, TMPDIR; removed as each bucket is read).
 """
 from __future__ import annotations
 
