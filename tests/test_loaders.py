@@ -333,3 +333,28 @@ def test_an_unreadable_manifest_means_not_done_for_every_reader(runs, tmp_path):
         reader = (ReinforcedImageNet(run) if name == "imagenet_plus" else MobileCLIPDRDataset(run, lambda t: [t]))
         keys = list(reader.keys) if name == "imagenet_plus" else [item["uid"] for item in reader]
         assert len(keys) == kept
+
+
+def test_validate_in_parallel_reports_what_one_process_does(runs, tmp_path):
+    """validate's worker processes check tasks in parallel; the problems come back in manifest order, the
+    same list as a single process gives (here: one shard's bytes changed, another's manifest digest)."""
+    import json
+    import shutil
+
+    from reinforge.pipelines.rundir import validate_run
+    run = str(tmp_path / "run")
+    shutil.copytree(runs["imagenet_plus"], run)
+    shards = committed_shards(run)
+    assert len(shards) >= 2
+    with open(shards[-1].url, "r+b") as f:
+        f.seek(700)
+        f.write(b"\xff" * 16)
+    manifest = os.path.join(run, "manifests", os.path.basename(shards[0].url).replace(".tar", ".json"))
+    with open(manifest) as f:
+        record = json.load(f)
+    record["config_digest"] = "0" * len(record["config_digest"])
+    with open(manifest, "w") as f:
+        json.dump(record, f)
+    serial = validate_run(run, workers=1)
+    assert len(serial[1]) >= 2
+    assert validate_run(run, workers=2) == serial

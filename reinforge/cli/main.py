@@ -190,12 +190,14 @@ def show_datacomp_dr(members: dict, augmentations: int, limits=None) -> None:
 
 @cli.command()
 @click.argument("run_dir")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="processes checking tasks in parallel (0: one per CPU for runs of 1 GiB or more, else 1)")
 @user_errors
-def validate(run_dir):
+def validate(run_dir, workers):
     """Check every shard against its manifest (size, sha256, count), every sample against the schema, and
     every task's inputs against the fingerprint its manifest recorded. Exit 1 on any problem. Read-only."""
     from reinforge.pipelines.rundir import validate_run
-    checked, problems = validate_run(run_dir)
+    checked, problems = validate_run(run_dir, workers)
     for problem in problems[:50]:
         click.echo(f"INVALID {problem}", err=True)
     if problems:

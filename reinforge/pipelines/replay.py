@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from reinforge.pipelines.replay_stream import stream_step_subset
 from reinforge.pipelines.sources import InputError
 from reinforge.pipelines.storage import exists, filesystem, read_text, write_bytes
 from reinforge.schemas.subset import COUNTS_DTYPE, first_occurrence, read_subset, uid_order, write_subset
@@ -285,11 +286,18 @@ def build_schedule(splits_dir: str, policy: str, budget: int, out_dir: str, seed
         if write_subsets:
             if nested is not None:
                 nested.drop_undrawn(counts, steps, t)
-            uids, mult = step_subset(files, counts, seed, t, index, nested)
-            if int(mult.sum()) != budget:
-                raise ScheduleError(f"{label}: subset multiplicities sum to {int(mult.sum())}, budget is {budget}")
-            write_subset(f"{out_dir.rstrip('/')}/{name}.npy", uids, mult)
-            entry.update(subset=f"{name}.npy", counts=f"{name}.counts.npy", unique_uids=int(len(uids)))
+            step_file = f"{out_dir.rstrip('/')}/{name}.npy"
+            # streamed through uid buckets (driver memory flat in the pool, #16); the nested buffer and
+            # split files not in DataComp's sorted unique form are built in memory
+            unique = None if nested is not None else stream_step_subset(files, counts, seed, t, index, step_file,
+                                                                        ScheduleError)
+            if unique is None:
+                uids, mult = step_subset(files, counts, seed, t, index, nested)
+                if int(mult.sum()) != budget:
+                    raise ScheduleError(f"{label}: subset multiplicities sum to {int(mult.sum())}, budget is {budget}")
+                write_subset(step_file, uids, mult)
+                unique = len(uids)
+            entry.update(subset=f"{name}.npy", counts=f"{name}.counts.npy", unique_uids=int(unique))
         schedule["steps"].append(entry)
     write_bytes(f"{out_dir.rstrip('/')}/schedule.json", json.dumps(schedule, indent=1).encode())
     return schedule

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 from reinforge.pipelines.fingerprint import changed_inputs, task_fingerprints
@@ -132,23 +133,59 @@ def run_pipeline(root: str):
     return build_pipeline(parse_recipe({**run["recipe"], "output": layout.root, "resources": run.get("resources", {})}))
 
 
-def validate_run(root: str) -> tuple[int, list[str]]:
+PARALLEL_BYTES = 1 << 30  # below this much output, worker start-up (imports) costs more than it saves
+
+
+def validate_run(root: str, workers: int = 0) -> tuple[int, list[str]]:
     """Check every manifest's outputs: present, same size and sha256, same sample count; and every
     sample against the product's schema (its pipeline's sample_checker). Members are read and inflated
     only within the bounds the run declares (a bigger one is a `member_too_large` problem), and a
-    member name that could escape an extraction folder is a `bad_key` problem."""
+    member name that could escape an extraction folder is a `bad_key` problem.
+
+    Tasks are checked in parallel by `workers` processes (0: one per CPU once the outputs reach
+    PARALLEL_BYTES, else one); problems come back in manifest order whatever the number of workers."""
     layout, run = load_run(root)
     pipeline = run_pipeline(root)
-    check_sample = pipeline.sample_checker(layout)
-    limits = pipeline.output_limits(layout)
     problems: list[str] = []
-    checked = 0
     readable, unreadable = read_manifests(layout)
     problems += [f"{url.rpartition('/')[2]}: unreadable manifest (its task counts as not done)" for url in unreadable]
     problems += changed_input_problems(pipeline, [m for m in readable if m.config_digest == run["config_digest"]])
-    for m in readable:
-        if m.config_digest != run["config_digest"]:
-            problems.append(f"{m.task_id}: manifest digest {m.config_digest} != run digest {run['config_digest']}")
+    if workers <= 0:
+        big = sum(out.bytes for m in readable for out in m.outputs) >= PARALLEL_BYTES
+        workers = min(os.cpu_count() or 1, len(readable)) if big else 1
+    if workers <= 1 or len(readable) <= 1:
+        checker = _TaskChecker(root, layout, run, pipeline)
+        results = [checker.check(m) for m in readable]
+    else:  # spawn: a fresh interpreter per worker, safe whatever threads the parent runs
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(root,)) as pool:
+            results = list(pool.map(_check_in_worker, readable, chunksize=max(1, len(readable) // (4 * workers))))
+    checked = 0
+    for samples, task_problems in results:
+        checked += samples
+        problems += task_problems
+    return checked, problems
+
+
+class _TaskChecker:
+    """Everything one task's check needs, built once per process."""
+
+    def __init__(self, root: str, layout: RunLayout | None = None, run: dict | None = None, pipeline=None):
+        if layout is None:
+            layout, run = load_run(root)
+            pipeline = run_pipeline(root)
+        self.layout, self.run = layout, run
+        self.check_sample = pipeline.sample_checker(layout)
+        self.limits = pipeline.output_limits(layout)
+
+    def check(self, m: TaskManifest) -> tuple[int, list[str]]:
+        layout, limits, check_sample = self.layout, self.limits, self.check_sample
+        problems: list[str] = []
+        checked = 0
+        if m.config_digest != self.run["config_digest"]:
+            problems.append(f"{m.task_id}: manifest digest {m.config_digest} != run digest {self.run['config_digest']}")
         for out in m.outputs:
             url = f"{layout.root}/{out.path}"
             fs, path = filesystem(url)
@@ -174,7 +211,19 @@ def validate_run(root: str) -> tuple[int, list[str]]:
             if samples != out.samples:
                 problems.append(f"{out.path}: {samples} samples, manifest says {out.samples}")
             checked += samples
-    return checked, problems
+        return checked, problems
+
+
+_WORKER: _TaskChecker | None = None
+
+
+def _init_worker(root: str) -> None:
+    global _WORKER
+    _WORKER = _TaskChecker(root)
+
+
+def _check_in_worker(m: TaskManifest) -> tuple[int, list[str]]:
+    return _WORKER.check(m)
 
 
 def changed_input_problems(pipeline, readable: list[TaskManifest]) -> list[str]:

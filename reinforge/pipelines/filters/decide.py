@@ -17,30 +17,71 @@ JSON report. No model runs here; a new threshold costs one read of a few score c
   DataComp's (rules.py). Semantics `exact` keeps the round(f*n) rule above and float64 comparisons.
 - Accounting (checked before writing): rows in = malformed uids + duplicate rows + kept + dropped.
 The report holds every threshold resolved to a number, so a decision can be reproduced or audited.
+
+Memory (issue #16): the scores are streamed in batches, never held whole. The driver keeps a bit per row
+(repeated uid), one top() column at a time in its stored 4-byte type (a selection finds the threshold,
+no sort), and spills uids to files by their high bits to find repeats and to write the sorted subset
+(24 B a row under the temp directory, TMPDIR; removed as each bucket is read).
 """
 from __future__ import annotations
 
 import json
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import numpy as np
 
 from reinforge.pipelines.filters.clusters import FilterError
 from reinforge.pipelines.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
 from reinforge.pipelines.filters.scores import REPORT, SCORES
-from reinforge.pipelines.storage import filesystem, read_text, write_bytes
-from reinforge.schemas.subset import first_occurrence, make_subset, uid_hex, uid_order, write_subset
+from reinforge.pipelines.storage import atomic_open, filesystem, read_text, write_bytes
+from reinforge.pipelines.uid_spill import UidSpill, bucket_bits
+from reinforge.schemas.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, uid_hex, uid_order
 
 FORMAT = "reinforge.filter_decision/1"
 SAMPLE = 10
+BATCH = 1 << 16  # rows per streamed batch
 _SOURCES = {"clip_b32": "clip_b32_similarity_score", "clip_l14": "clip_l14_similarity_score",
             "short_side": "original_width/original_height", "aspect": "original_width/original_height"}
+_MAX_U64 = np.uint64(2**64 - 1)
 
 
-def load_scores(scores_dir: str, names: list[str]) -> tuple[dict, dict]:
-    """(columns by name, the score report); `lang` comes back as (codes, dictionary), the rest float64."""
-    import pyarrow as pa
+class _Scores:
+    """The scores file, read in batches of a few columns; `repeat` marks rows whose uid came earlier."""
+
+    def __init__(self, pf, report: dict):
+        self.pf, self.report = pf, report
+        self.rows = pf.metadata.num_rows
+        self.repeat = np.zeros((self.rows + 7) // 8, np.uint8)  # packed bits, little bit order
+
+    def batches(self, names: list[str]) -> Iterator[tuple[int, int, dict]]:
+        """(first row, rows, {name: column}) per batch: uids as uint64, numeric columns as numpy in their stored
+        type (nulls as NaN, in float64 then), strings as (codes with -1 for null, dictionary list)."""
+        import pyarrow as pa
+        start = 0
+        for batch in self.pf.iter_batches(batch_size=BATCH, columns=names, use_threads=False):
+            out = {}
+            for name in names:
+                col = batch.column(name)
+                if name in ("uid_hi", "uid_lo"):
+                    out[name] = col.to_numpy(zero_copy_only=False)
+                elif name in NUMERIC:
+                    out[name] = (col.to_numpy(zero_copy_only=False) if col.null_count == 0
+                                 else col.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False))
+                else:  # dictionary-encoded strings: compare codes, not Python strings
+                    out[name] = (col.indices.fill_null(-1).to_numpy(zero_copy_only=False), col.dictionary.to_pylist())
+            yield start, batch.num_rows, out
+            start += batch.num_rows
+
+    def unique(self, start: int, n: int) -> np.ndarray:
+        """Mask of the batch rows [start, start+n) that are the first row of their uid."""
+        bits = np.unpackbits(self.repeat[start // 8:(start + n + 7) // 8], bitorder="little")
+        return bits[start % 8:start % 8 + n] == 0
+
+
+@contextmanager
+def open_scores(scores_dir: str, names: list[str]) -> Iterator[_Scores]:
     import pyarrow.parquet as pq
     scores_dir = scores_dir.rstrip("/")
     fs, path = filesystem(f"{scores_dir}/{SCORES}")
@@ -48,152 +89,251 @@ def load_scores(scores_dir: str, names: list[str]) -> tuple[dict, dict]:
         raise FilterError(f"{scores_dir}: no {SCORES} (run `reinforge filter score` first)")
     report = json.loads(read_text(f"{scores_dir}/{REPORT}"))
     with fs.open(path, "rb") as f:
-        available = pq.ParquetFile(f).schema_arrow.names
+        pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads ahead of iter_batches, O(file) in memory
+        available = pf.schema_arrow.names
         missing = [n for n in names if n not in available]
         if missing:
             hint = (" (score with --clusters K --cluster-targets ...)" if any(n.startswith("cluster") for n in missing)
                     else " (score with --cld3)" if "lang_cld3" in missing else "")
             raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
-        table = pq.read_table(f, columns=["uid_hi", "uid_lo"] + names)
-    data = {"uid_hi": table.column("uid_hi").to_numpy(), "uid_lo": table.column("uid_lo").to_numpy()}
-    for name in names:
-        col = table.column(name)
-        if name in NUMERIC:
-            data[name] = col.cast(pa.float64()).fill_null(np.nan).to_numpy()
-        else:  # dictionary-encoded strings: compare codes, not millions of Python strings
-            col = col.unify_dictionaries().combine_chunks()
-            data[name] = (col.indices.fill_null(-1).to_numpy(), col.dictionary.to_pylist())
-    return data, report
+        yield _Scores(pf, report)
+
+
+def _mark_repeats(scores: _Scores) -> tuple[int, list[str]]:
+    """Set scores.repeat for every row whose uid an earlier row has; return (repeats, sample in uid order)."""
+    repeats, sample = 0, []
+    with UidSpill(bucket_bits(scores.rows), np.int64) as spill:
+        for start, n, b in scores.batches(["uid_hi", "uid_lo"]):
+            spill.add(b["uid_hi"], b["uid_lo"], np.arange(start, start + n, dtype=np.int64))
+        for records in spill.buckets():
+            order = uid_order(records["hi"], records["lo"])  # stable: rows were added in input order
+            hi, lo, rows = records["hi"][order], records["lo"][order], records["p"][order]
+            later = ~first_occurrence(hi, lo)
+            if later.any():
+                r = rows[later]
+                np.bitwise_or.at(scores.repeat, r >> 3, (1 << (r & 7)).astype(np.uint8))
+                repeats += len(r)
+                sample += [uid_hex(h, l) for h, l in zip(hi[later][:SAMPLE - len(sample)], lo[later][:SAMPLE - len(sample)])]
+    return repeats, sample
 
 
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-class _Evaluator:
-    """Three-valued evaluation over the unique rows (uid order): each atom gives (true, false) masks."""
+def _kth_smallest(values: np.ndarray, k: int):
+    values.partition(k)  # in place: a selection, not a sort
+    return values[k]
 
-    def __init__(self, data: dict, rows: np.ndarray, semantics: str = "datacomp"):
-        self.data, self.rows, self.semantics = data, rows, semantics
-        self.hi, self.lo = data["uid_hi"][rows], data["uid_lo"][rows]
-        self.atoms: dict = {}  # atom -> (true, false, details)
 
-    def atom(self, a) -> tuple[np.ndarray, np.ndarray]:
-        if a not in self.atoms:
-            if isinstance(a, Top):
-                self.atoms[a] = self._top_datacomp(a) if self.semantics == "datacomp" else self._top(a)
-            else:
-                self.atoms[a] = self._compare(a)
-        true, false, _ = self.atoms[a]
-        return true, false
+class _Top:
+    """A top() atom resolved to a row-local test: a threshold (and, in exact semantics, the last tied uid kept)."""
 
-    def _compare(self, a: Compare):
-        if a.column in NUMERIC:
-            v = self.data[a.column][self.rows]
-            valid = np.isfinite(v)
-            # stored scores are float32; DataComp (pandas) compares them to the constant in float32
-            value = float(np.float32(a.value)) if self.semantics == "datacomp" else a.value
-            a = Compare(a.column, a.op, value)
-            with np.errstate(invalid="ignore"):
-                hit = {">=": v >= a.value, ">": v > a.value, "<=": v <= a.value, "<": v < a.value,
-                       "==": v == a.value, "!=": v != a.value}[a.op]
-        else:
-            codes, dictionary = self.data[a.column]
-            codes = codes[self.rows]
-            valid = codes >= 0
-            code = dictionary.index(a.value) if a.value in dictionary else -2
-            hit = (codes == code) if a.op == "==" else (codes != code)
-        return hit & valid, ~hit & valid, {}
+    def __init__(self, atom: Top, semantics: str, scores: _Scores):
+        self.atom, self.semantics = atom, semantics
+        self.details: dict = {}
+        self.threshold = math.nan
+        self.boundary = None  # exact: (hi, lo) of the last tied row kept
+        (self._datacomp if semantics == "datacomp" else self._exact)(scores)
 
-    def _top(self, a: Top):
-        v = self.data[a.column][self.rows]
-        valid = np.flatnonzero(np.isfinite(v))
-        keep = _round_half_up(a.fraction * len(valid))
-        order = valid[np.lexsort((self.lo[valid], self.hi[valid], -v[valid]))]
-        true = np.zeros(len(v), bool)
-        true[order[:keep]] = True
-        false = np.isfinite(v) & ~true
-        details = {"valid": len(valid), "keep": keep}
-        if keep:
-            threshold = float(v[order[keep - 1]])
-            details.update(threshold=threshold, tied_not_kept=int((v[order[keep:]] == threshold).sum()))
-        return true, false, details
+    def _values(self, scores: _Scores, unique_only: bool):
+        """The column's non-NaN values (of unique rows, or of every row) in its stored 4-byte type."""
+        column = self.atom.column
+        buffer, m = None, 0
+        for start, n, b in scores.batches([column]):
+            v = b[column]
+            keep = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(n, bool)
+            if unique_only:
+                keep &= scores.unique(start, n)
+            if buffer is None:
+                stored = scores.pf.schema_arrow.field(column).type.to_pandas_dtype()
+                buffer = np.empty(scores.rows, stored)
+            picked = v[keep]
+            buffer[m:m + len(picked)] = picked  # exact: NaN came from nulls, the stored values fit their type
+            m += len(picked)
+        return (buffer if buffer is not None else np.empty(0)), m
 
-    def _top_datacomp(self, a: Top):
-        everything = self.data[a.column]  # every scored row, as DataComp ranks the whole metadata frame
-        n = len(everything)
+    def _datacomp(self, scores: _Scores) -> None:
+        # DataComp ranks every scored row (repeats and invalid values included, NaN last) and takes the
+        # score at descending position int(f*n)
+        n, a = scores.rows, self.atom
         position = int(n * a.fraction)
         if not 0 <= position < n:
             raise FilterError(f"{a}: DataComp's threshold is the score at sorted position int(f*n) = {position}, "
                               f"outside the {n} scored rows (use --semantics exact)")
-        ordered = -np.sort(-everything)  # descending; NaN sorts last, as in DataComp
-        threshold = ordered[position]
-        v = self.data[a.column][self.rows]
+        values, m = self._values(scores, unique_only=False)
+        if position < m:
+            self.threshold = float(_kth_smallest(values[:m], m - 1 - position))
+        self.details = {"position": position, "ranked_rows": n, "threshold": self.threshold}
+
+    def _exact(self, scores: _Scores) -> None:
+        # the round(f*n) highest unique valid rows, ties broken by uid ascending
+        values, valid = self._values(scores, unique_only=True)
+        if np.issubdtype(values.dtype, np.floating):
+            finite = np.isfinite(values[:valid])
+            if not finite.all():  # +-inf are not valid scores
+                values, valid = values[:valid][finite], int(finite.sum())
+        keep = _round_half_up(self.atom.fraction * valid)
+        self.details = {"valid": valid, "keep": keep}
+        if not keep:
+            del values
+            return
+        self.threshold = float(_kth_smallest(values[:valid], valid - keep))
+        del values
+        greater, tied_hi = 0, []
+        column = self.atom.column
+        for start, n, b in scores.batches(["uid_hi", column]):
+            v, unique = b[column], scores.unique(start, n)
+            with np.errstate(invalid="ignore"):
+                greater += int((unique & (v > self.threshold) & np.isfinite(v)).sum())
+                tied_hi.append(b["uid_hi"][unique & (v == self.threshold)])
+        tied = np.concatenate(tied_hi)
+        need = keep - greater  # >= 1: the threshold is the keep-th largest
+        h = _kth_smallest(tied.copy(), need - 1)
+        at_h = int((tied == h).sum())
+        below = int((tied < h).sum())
+        lo = _MAX_U64
+        if at_h > 1:  # a 64-bit collision of high halves at the boundary: resolve by the low half
+            los = []
+            for start, n, b in scores.batches(["uid_hi", "uid_lo", column]):
+                v, unique = b[column], scores.unique(start, n)
+                los.append(b["uid_lo"][unique & (v == self.threshold) & (b["uid_hi"] == h)])
+            lo = np.sort(np.concatenate(los))[need - below - 1]
+        self.boundary = (np.uint64(h), np.uint64(lo))
+        self.details.update(threshold=self.threshold, tied_not_kept=len(tied) - need)
+
+    def test(self, b: dict) -> tuple[np.ndarray, np.ndarray]:
+        v = b[self.atom.column]
+        finite = np.isfinite(v)
         with np.errstate(invalid="ignore"):
-            true = v >= threshold
-        false = np.isfinite(v) & ~true
-        details = {"valid": int(np.isfinite(v).sum()), "keep": int(true.sum()), "position": position,
-                   "ranked_rows": n, "threshold": float(threshold)}
-        return true, false, details
-
-    def evaluate(self, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(rule, Node):
-            return self.atom(rule)
-        if rule.op == "not":
-            true, false = self.evaluate(rule.parts[0])
-            return false, true
-        results = [self.evaluate(p) for p in rule.parts]
-        trues, falses = [r[0] for r in results], [r[1] for r in results]
-        if rule.op == "and":
-            return np.logical_and.reduce(trues), np.logical_or.reduce(falses)
-        return np.logical_or.reduce(trues), np.logical_and.reduce(falses)
-
-    def atom_report(self) -> list[dict]:
-        out = []
-        for a, (true, false, details) in self.atoms.items():
-            out.append({"atom": str(a), "pass": int(true.sum()), "fail": int(false.sum()),
-                        "invalid": int(len(true) - true.sum() - false.sum()), **details})
-        return out
+            if self.semantics == "datacomp":
+                true = v >= self.threshold
+            elif self.boundary is None:
+                true = np.zeros(len(v), bool)
+            else:
+                h, lo = self.boundary
+                hi_, lo_ = b["uid_hi"], b["uid_lo"]
+                tie_kept = (hi_ < h) | ((hi_ == h) & (lo_ <= lo))
+                true = finite & ((v > self.threshold) | ((v == self.threshold) & tie_kept))
+        return true, finite & ~true
 
 
-def _check_valid(rule: Rule, data: dict, rows: np.ndarray, scores_dir: str) -> None:
-    for name in columns(rule):
-        values = data[name]
-        valid = np.isfinite(values[rows]).any() if name in NUMERIC else (values[0][rows] >= 0).any()
-        if not valid:
+def _compare(a: Compare, semantics: str, b: dict) -> tuple[np.ndarray, np.ndarray]:
+    if a.column in NUMERIC:
+        v = b[a.column].astype(np.float64, copy=False)
+        valid = np.isfinite(v)
+        # stored scores are float32; DataComp (pandas) compares them to the constant in float32
+        value = float(np.float32(a.value)) if semantics == "datacomp" else a.value
+        with np.errstate(invalid="ignore"):
+            hit = {">=": v >= value, ">": v > value, "<=": v <= value, "<": v < value,
+                   "==": v == value, "!=": v != value}[a.op]
+    else:
+        codes, dictionary = b[a.column]
+        valid = codes >= 0
+        code = dictionary.index(a.value) if a.value in dictionary else -2
+        hit = (codes == code) if a.op == "==" else (codes != code)
+    return hit & valid, ~hit & valid
+
+
+def _evaluate(rule: Rule, atoms: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Three-valued: (true, false) masks; neither means unknown."""
+    if not isinstance(rule, Node):
+        return atoms[rule]
+    if rule.op == "not":
+        true, false = _evaluate(rule.parts[0], atoms)
+        return false, true
+    results = [_evaluate(p, atoms) for p in rule.parts]
+    trues, falses = [r[0] for r in results], [r[1] for r in results]
+    if rule.op == "and":
+        return np.logical_and.reduce(trues), np.logical_or.reduce(falses)
+    return np.logical_or.reduce(trues), np.logical_and.reduce(falses)
+
+
+def _check_valid(rule: Rule, scores: _Scores, scores_dir: str) -> None:
+    names = columns(rule)
+    seen = dict.fromkeys(names, False)
+    for start, n, b in scores.batches(names):
+        unique = scores.unique(start, n)
+        for name in names:
+            if not seen[name]:
+                v = b[name]
+                seen[name] = bool(((v[0] >= 0) if name not in NUMERIC else np.isfinite(v))[unique].any())
+        if all(seen.values()):
+            return
+    for name in names:
+        if not seen[name]:
             source = _SOURCES.get(name, name)
             raise FilterError(f"{scores_dir}: the rule uses {name}, but no scored row has a valid value "
                               f"(check the metadata column {source} and score_report.json)")
+
+
+def _write_sorted(out: str, spill: UidSpill, total: int) -> None:
+    """The spilled uids as one sorted subset .npy, written bucket by bucket (np.save's bytes)."""
+    header = np.lib.format.header_data_from_array_1_0(np.empty(0, SUBSET_DTYPE))
+    header["shape"] = (total,)
+    last, written = None, 0
+    with atomic_open(out) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for records in spill.buckets():
+            uids = np.empty(len(records), SUBSET_DTYPE)
+            order = uid_order(records["hi"], records["lo"])
+            uids["f0"], uids["f1"] = records["hi"][order], records["lo"][order]
+            edge = uids[:1] if last is None else np.concatenate([last, uids[:1]])
+            if not (is_sorted_unique(uids) and is_sorted_unique(edge)):
+                raise AssertionError(f"{out}: kept uids are not sorted and unique")
+            if len(uids):
+                last = uids[-1:]
+            f.write(uids.tobytes())
+            written += len(uids)
+    if written != total:
+        raise AssertionError(f"{out}: wrote {written} uids, expected {total}")
 
 
 def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str] = None,
            semantics: str = "datacomp") -> dict:
     """Apply `rule_text` to the scores; write the subset file `out` and its report; return the report."""
     rule = parse_rule(rule_text, semantics)
-    data, score_report = load_scores(scores_dir, columns(rule))
-    hi, lo = data["uid_hi"], data["uid_lo"]
-    if not len(hi):
-        raise FilterError(f"{scores_dir}: no scored rows ({score_report.get('rows', 0)} metadata rows, "
-                          f"{score_report.get('malformed_uids', {}).get('rows', 0)} with malformed uids)")
-    order = uid_order(hi, lo)
-    first = first_occurrence(hi[order], lo[order])
-    rows, repeats = order[first], order[~first]
-    _check_valid(rule, data, rows, scores_dir)
-    evaluator = _Evaluator(data, rows, semantics)
-    for a in leaves(rule):  # the report lists atoms in rule order
-        evaluator.atom(a)
-    kept, _ = evaluator.evaluate(rule)
-    uids = make_subset(hi[rows][kept], lo[rows][kept])
-    malformed = score_report["malformed_uids"]["rows"]
-    report = {"format": FORMAT, "scores": scores_dir, "rule": rule_text, "parsed": str(rule), "semantics": semantics,
-              "rows_in": score_report["rows"], "malformed_uids": malformed,
-              "duplicate_uids": {"rows": len(repeats), "sample": [uid_hex(hi[r], lo[r]) for r in repeats[:SAMPLE]]},
-              "unique": len(rows), "kept": len(uids), "dropped": len(rows) - len(uids),
-              "atoms": evaluator.atom_report(),
-              "output": out}
-    if report["rows_in"] != malformed + len(repeats) + report["kept"] + report["dropped"]:
-        raise AssertionError(f"filter accounting is off: {report}")
-    write_subset(out, uids)
+    names = columns(rule)
+    with open_scores(scores_dir, names) as scores:
+        score_report = scores.report
+        if not scores.rows:
+            raise FilterError(f"{scores_dir}: no scored rows ({score_report.get('rows', 0)} metadata rows, "
+                              f"{score_report.get('malformed_uids', {}).get('rows', 0)} with malformed uids)")
+        repeats, sample = _mark_repeats(scores)
+        _check_valid(rule, scores, scores_dir)
+        tops = {a: _Top(a, semantics, scores) for a in leaves(rule) if isinstance(a, Top)}
+        counts = {a: [0, 0, 0] for a in leaves(rule)}  # the report lists atoms in rule order: pass, fail, valid
+        unique_rows, kept = 0, 0
+        with UidSpill(bucket_bits(scores.rows)) as spill:
+            for start, n, b in scores.batches(["uid_hi", "uid_lo"] + names):
+                unique = scores.unique(start, n)
+                b = {k: (v[unique] if isinstance(v, np.ndarray) else (v[0][unique], v[1])) for k, v in b.items()}
+                atoms = {a: tops[a].test(b) if a in tops else _compare(a, semantics, b) for a in counts}
+                for a, (true, false) in atoms.items():
+                    counts[a][0] += int(true.sum())
+                    counts[a][1] += int(false.sum())
+                    if a in tops and semantics == "datacomp":
+                        counts[a][2] += int(np.isfinite(b[a.column]).sum())
+                true, _ = _evaluate(rule, atoms)
+                spill.add(b["uid_hi"][true], b["uid_lo"][true])
+                unique_rows += int(unique.sum())
+                kept += int(true.sum())
+            atom_report = []
+            for a, (passed, failed, valid) in counts.items():
+                details = dict(tops[a].details) if a in tops else {}
+                if a in tops and semantics == "datacomp":
+                    details = {"valid": valid, "keep": passed, **details}
+                atom_report.append({"atom": str(a), "pass": passed, "fail": failed,
+                                    "invalid": unique_rows - passed - failed, **details})
+            malformed = score_report["malformed_uids"]["rows"]
+            report = {"format": FORMAT, "scores": scores_dir, "rule": rule_text, "parsed": str(rule),
+                      "semantics": semantics, "rows_in": score_report["rows"], "malformed_uids": malformed,
+                      "duplicate_uids": {"rows": repeats, "sample": sample},
+                      "unique": unique_rows, "kept": kept, "dropped": unique_rows - kept,
+                      "atoms": atom_report, "output": out}
+            if report["rows_in"] != malformed + repeats + report["kept"] + report["dropped"]:
+                raise AssertionError(f"filter accounting is off: {report}")
+            _write_sorted(out, spill, kept)
     write_bytes(report_path or default_report_path(out), json.dumps(report, indent=1, sort_keys=True).encode())
     return report
 

@@ -1,0 +1,193 @@
+"""Driver memory at scale (issue #16): per tool and pool size, the driver's peak RSS above its import
+baseline in bytes per sample, seconds per million rows, and how the peak grows between sizes.
+
+Each measurement runs in a fresh subprocess: it imports what the tool needs, records its RSS, runs the
+tool once, and reports its peak RSS (VmHWM; Linux carries ru_maxrss over from the parent across fork+exec,
+so a big parent would hide the child's peak) minus that baseline. Inputs are generated once per size (not timed):
+  filter apply   a scores.parquet as `filter score` writes it (128k-row groups, 0.1 % duplicate uids,
+                 1 % NaN scores); rule `basic & top(clip_l14, 0.3)` in datacomp and exact semantics
+  schedule       four disjoint time splits (sorted u8,u8 .npy, sizes growing 1:2:3:4); cumulative-all,
+                 budget = the pool size, independent buffer
+The growth column is log(peak_b/peak_a)/log(n_b/n_a) between consecutive sizes: 1 = linear in samples,
+0 = flat; the marginal column is (peak_b - peak_a)/(n_b - n_a), the bytes each extra sample costs (a fixed
+cost such as allocator arenas and one batch of columns divides away at scale, a per-sample one does not). Nothing here is asserted; tests check results, this prints costs.
+
+Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000,4000000] [--tools filter,schedule]
+     [--out bench/results/scale.md] [--tree DIR]   (DIR: e.g. `git archive <commit> | tar -x -C DIR`, for before/after)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+ROW_GROUP = 128 * 1024
+TREE = ROOT  # the reinforge tree measured (--tree: e.g. an export of an older commit, for before/after)
+
+# A child measures one tool call: RSS after imports (statm), then its peak RSS (VmHWM) after the call.
+CHILD = r"""
+import json, os, sys, time
+import numpy as np, pyarrow, pyarrow.parquet
+import pandas  # pyarrow imports it on a column's first to_numpy(): an import, not a per-sample cost
+from reinforge.pipelines.filters.decide import decide
+from reinforge.pipelines.replay import build_schedule
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+base = rss()
+tool, args = sys.argv[1], json.loads(sys.argv[2])
+start = time.perf_counter()
+if tool == "filter":
+    decide(**args)
+elif tool == "schedule":
+    build_schedule(**args)
+seconds = time.perf_counter() - start
+with open("/proc/self/status") as f:  # VmHWM: this process's peak; ru_maxrss would carry the parent's across exec
+    peak = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+import reinforge
+print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "tree": os.path.dirname(reinforge.__file__)}))
+"""
+
+
+def uids(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, 2**64, n, np.uint64, endpoint=False), rng.integers(0, 2**64, n, np.uint64, endpoint=False)
+
+
+def make_scores(folder: str, n: int, seed: int = 0) -> None:
+    """A scores dir as `filter score` writes it, generated column by column in row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    sys.path.insert(0, ROOT)
+    from reinforge.pipelines.filters.scores import REPORT, SCORES, _schema
+    rng = np.random.default_rng(seed)
+    schema = _schema(False)
+    os.makedirs(folder, exist_ok=True)
+    langs = pa.array(["en", "de", "es", "fr"])
+    prev_hi = prev_lo = None
+    with pq.ParquetWriter(os.path.join(folder, SCORES), schema, compression="zstd") as writer:
+        for start in range(0, n, ROW_GROUP):
+            m = min(ROW_GROUP, n - start)
+            hi, lo = uids(m, rng)
+            if prev_hi is not None:  # 0.1 % of rows repeat a uid of the previous group
+                dup = rng.choice(m, max(1, m // 1000), replace=False)
+                src = rng.integers(0, len(prev_hi), len(dup))
+                hi[dup], lo[dup] = prev_hi[src], prev_lo[src]
+            prev_hi, prev_lo = hi, lo
+
+            def floats(scale):
+                v = (rng.random(m, np.float32) * scale).astype(np.float32)
+                v[rng.random(m) < 0.01] = np.nan
+                return pa.array(v, pa.float32(), from_pandas=True)
+            ints = lambda lo_, hi_: pa.array(rng.integers(lo_, hi_, m, dtype=np.int32))  # noqa: E731
+            cols = {"uid_hi": pa.array(hi), "uid_lo": pa.array(lo), "file": pa.array(np.zeros(m, np.int32)),
+                    "row": pa.array(np.arange(start, start + m)), "words": ints(0, 15), "chars": ints(0, 80),
+                    "lang": pa.DictionaryArray.from_arrays(
+                        pa.array(rng.choice(4, m, p=[0.6, 0.2, 0.1, 0.1]).astype(np.int32)), langs),
+                    "synset_hits": ints(0, 3), "synset": ints(-1, 1000), "wordnet_hits": ints(0, 3),
+                    "ft_words": ints(0, 15), "short_side": floats(1024), "aspect": floats(4),
+                    "clip_b32": floats(0.45), "clip_l14": floats(0.5)}
+            writer.write_table(pa.table(cols, schema=schema))
+    with open(os.path.join(folder, REPORT), "w") as f:
+        json.dump({"rows": n, "scored": n, "malformed_uids": {"rows": 0, "by_reason": {}, "sample": []}}, f)
+
+
+def make_splits(folder: str, n: int, seed: int = 0) -> None:
+    """Four disjoint splits of a pool of n uids (sizes 1:2:3:4), each a sorted u8,u8 .npy."""
+    rng = np.random.default_rng(seed + 1)
+    os.makedirs(folder, exist_ok=True)
+    sizes = [n // 10, 2 * n // 10, 3 * n // 10]
+    sizes.append(n - sum(sizes))
+    manifest = {"steps": [], "splits": {}}
+    for i, size in enumerate(sizes):
+        name = f"{2014 + i}"
+        arr = np.empty(size, [("f0", "<u8"), ("f1", "<u8")])
+        arr["f0"], arr["f1"] = uids(size, rng)
+        arr["f0"] = (arr["f0"] & ~np.uint64(3)) | np.uint64(i)  # disjoint by construction
+        arr.sort(order=["f0", "f1"])
+        np.save(os.path.join(folder, f"{name}.npy"), arr)
+        manifest["steps"].append(name)
+        manifest["splits"][name] = {"uids": size, "file": f"{name}.npy"}
+    with open(os.path.join(folder, "splits.json"), "w") as f:
+        json.dump(manifest, f)
+
+
+def measure(tool: str, args: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=TREE, HF_HUB_OFFLINE="1")
+    # cwd: `python -c` puts the working directory first on sys.path, which would shadow --tree
+    out = subprocess.run([sys.executable, "-c", CHILD, tool, json.dumps(args)], env=env, check=True,
+                         capture_output=True, text=True, cwd=tempfile.gettempdir())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cases(tmp: str, n: int) -> list[tuple[str, str, dict]]:
+    scores, splits = os.path.join(tmp, "scores"), os.path.join(tmp, "splits")
+    rule = "basic & top(clip_l14, 0.3)"
+    return [("filter", "filter apply (datacomp)", {"scores_dir": scores, "rule_text": rule,
+                                                   "out": os.path.join(tmp, "dc.npy"), "semantics": "datacomp"}),
+            ("filter", "filter apply (exact)", {"scores_dir": scores, "rule_text": rule,
+                                                "out": os.path.join(tmp, "ex.npy"), "semantics": "exact"}),
+            ("schedule", "schedule (cumulative-all)", {"splits_dir": splits, "policy": "cumulative-all",
+                                                       "budget": n, "out_dir": os.path.join(tmp, "sched")})]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated pool sizes (rows)")
+    parser.add_argument("--tools", default="filter,schedule")
+    parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one)")
+    args = parser.parse_args()
+    global TREE
+    TREE = os.path.abspath(args.tree)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    tools = set(args.tools.split(","))
+    rows: dict[str, list] = {}
+    for n in sizes:
+        tmp = tempfile.mkdtemp(prefix="reinforge-bench-scale-")
+        try:
+            started = time.perf_counter()
+            if "filter" in tools:
+                make_scores(os.path.join(tmp, "scores"), n)
+            if "schedule" in tools:
+                make_splits(os.path.join(tmp, "splits"), n)
+            print(f"{n:,} rows: inputs generated in {time.perf_counter() - started:.1f} s", flush=True)
+            for tool, label, kwargs in cases(tmp, n):
+                if tool not in tools:
+                    continue
+                r = measure(tool, kwargs)
+                extra = r["peak"] - r["base"]
+                rows.setdefault(label, []).append((n, extra, r["seconds"]))
+                if not r["tree"].startswith(TREE):
+                    raise SystemExit(f"measured {r['tree']}, not {TREE}")
+                print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    lines = ["| tool | rows | driver B/sample above imports | s per M rows | growth vs previous size "
+             "| marginal B per extra sample |", "|---|---|---|---|---|---|"]
+    for label, results in rows.items():
+        for i, (n, extra, seconds) in enumerate(results):
+            growth = marginal = ""
+            if i:
+                pn, pe, _ = results[i - 1]
+                growth = f"{math.log(max(extra, 1) / max(pe, 1)) / math.log(n / pn):.2f}"
+                marginal = f"{(extra - pe) / (n - pn):.1f}"
+            lines.append(f"| {label} | {n:,} | {extra / n:.1f} | {seconds / n * 1e6:.2f} | {growth} | {marginal} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
