@@ -100,7 +100,7 @@ class Pipeline:
         spec = self.recipe.input
         if getattr(spec, "format", "webdataset") == "imagefolder":
             return float(spec.samples_per_task)
-        sizes = [filesystem(u)[0].size(filesystem(u)[1]) for u in expand_shards(spec.path)[:8]]
+        sizes = [fs.size(path) for fs, path in map(filesystem, expand_shards(spec.path)[:8])]
         return max(1.0, (sum(sizes) / len(sizes) - TAR_TRAILER_MEAN) / input_bytes_per_sample)
 
     def prepare_run(self, layout: RunLayout) -> None:
