@@ -61,7 +61,7 @@ def images(count: int = SAMPLES) -> list:
 
 def glosses(count: int = SAMPLES) -> list[list[str]]:
     """[definition, 5 hyponyms' definitions] of `count` concrete WordNet noun synsets."""
-    from reinforge.pipelines.filters.wordnet import wordnet_dir
+    from reinforge.curation.filters.wordnet import wordnet_dir
     lines = {}
     with open(os.path.join(wordnet_dir(), "data.noun"), encoding="utf-8") as f:
         for line in f:
@@ -84,12 +84,12 @@ def glosses(count: int = SAMPLES) -> list[list[str]]:
 
 
 def _views(augmenter, image, seed: int, key: str, n: int) -> torch.Tensor:
-    from reinforge.schemas.augment import entry_seed
+    from reinforge.formats.augment import entry_seed
     return torch.stack([augmenter.augment(random.Random(entry_seed(seed, key, j)), image)[1] for j in range(n)])
 
 
 def _effnet():
-    from reinforge.schemas.config import Teacher
+    from reinforge.models.specs import Teacher
     from reinforge.stages.teachers import load_teacher
     model, _ = load_teacher(Teacher(model="efficientnet_lite0", checkpoint=EFFNET, checkpoint_key_map="positional"))
     return model
@@ -114,7 +114,7 @@ def embed_images(imgs: list, texts: list[list[str]], offset: int, with_clip: boo
     import torchvision.transforms.functional as F
 
     import open_clip
-    from reinforge.schemas.augment import Augmenter
+    from reinforge.formats.augment import Augmenter
 
     strong, crop = Augmenter(AUGMENTATION), Augmenter(CROP_ONLY)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

@@ -58,9 +58,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # storage_codecs
 from conftest import write_shard  # noqa: E402  the tests' WebDataset shard writer
 
 from reinforge.readers import ReinforcedImageNet, kd_loss  # noqa: E402
-from reinforge.schemas.augment import Augmenter  # noqa: E402
-from reinforge.schemas.image import decode_rgb  # noqa: E402
-from reinforge.schemas.imagenet_plus import densify  # noqa: E402
+from reinforge.formats.augment import Augmenter  # noqa: E402
+from reinforge.formats.image import decode_rgb  # noqa: E402
+from reinforge.formats.imagenet_plus import densify  # noqa: E402
 
 NUM_CLASSES = 10
 MEAN_STD = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
@@ -282,8 +282,8 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 def reinforce(work: str, name: str, input_path: str, teachers: list[dict], image_augmentation: dict,
               num_samples: int, top_k: int, reuse: bool = False) -> tuple[str, float]:
-    from reinforge.pipelines.runner import run_recipe
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.runtime.runner import run_recipe
+    from reinforge.products.registry import parse_recipe
     output = os.path.join(work, name)
     if not reuse:
         shutil.rmtree(output, ignore_errors=True)
@@ -308,7 +308,7 @@ def replay_check(run_dir: str, teacher_specs: list[dict], images: int = 8) -> tu
     with identical top-k ids, rows, max |stored - recomputed| probability). Stored values are float16,
     so ~1e-3 is exact."""
     from consumer_reference import default_loader, reapply
-    from reinforge.schemas.config import Teacher
+    from reinforge.models.specs import Teacher
     from reinforge.stages.teachers import TeacherEnsemble
     ds = ReinforcedImageNet(run_dir)
     ensemble = TeacherEnsemble([Teacher(**t) for t in teacher_specs], top_k=NUM_CLASSES, device="cpu")
@@ -398,7 +398,7 @@ def student_setup(spec: dict) -> tuple:
         images, labels = _images(spec["subset_files"])
         dataset = LiveAugmented(images, labels, augmentation(spec["size"], spec["scale"], mix), seed)
         if kind == "d":
-            from reinforge.schemas.config import Teacher
+            from reinforge.models.specs import Teacher
             from reinforge.stages.teachers import TeacherEnsemble
             teachers = TeacherEnsemble([Teacher(**t) for t in spec["teachers"]], top_k=NUM_CLASSES, device="cpu")
             teachers.setup()  # the same checkpoints and ensemble code the pipeline used
@@ -541,7 +541,7 @@ def main(argv=None) -> None:
         # 3. reinforce the student subset with the real pipeline on local Ray
         import ray
 
-        from reinforge.pipelines.ray_session import start_local_ray
+        from reinforge.runtime.ray_session import start_local_ray
         run_dirs, reinforce_seconds, replay = {}, {}, {}
         t0 = time.perf_counter()
         start_local_ray(num_cpus=2, object_store_memory_mb=256)

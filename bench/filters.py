@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from pool_gen import random_uids  # noqa: E402
 
-from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata  # noqa: E402
-from reinforge.pipelines.filters.text import caption_stats, cld3_languages  # noqa: E402
-from reinforge.pipelines.filters.decide import decide  # noqa: E402
+from reinforge.curation.filters.scores import ScoreOptions, score_metadata  # noqa: E402
+from reinforge.curation.filters.text import caption_stats, cld3_languages  # noqa: E402
+from reinforge.curation.filters.decide import decide  # noqa: E402
 
 WORDS = {
     "en": "a the photo of dog cat on beach with my new car house garden at sunset in city street old man woman "

@@ -74,10 +74,10 @@ def datacomp_dr_run(out: str, bombs: bool) -> None:
     from hostile_gen import (copies_after, gzip_bomb, gzip_of, npz_bomb, npz_claiming, replace_members,
                              write_run_shard, zip_of)
 
-    from reinforge.schemas.augment import Augmenter
-    from reinforge.schemas.datacomp_dr import DRSample, StorageSpec, dr_trainer_config, encode_dr_sample
-    from reinforge.schemas.image import decode_rgb
-    from reinforge.schemas.manifest import RunLayout
+    from reinforge.formats.augment import Augmenter
+    from reinforge.formats.datacomp_dr import DRSample, StorageSpec, dr_trainer_config, encode_dr_sample
+    from reinforge.formats.image import decode_rgb
+    from reinforge.io.manifest import RunLayout
     augmentation = {"random_resized_crop": {"size": 224, "interpolation": "bicubic"}, "rand_augment": {"p": 1.0}}
     augmenter, rng, gen = Augmenter(augmentation), random.Random(0), np.random.default_rng(0)
     members = []
@@ -107,11 +107,11 @@ def datacomp_dr_run(out: str, bombs: bool) -> None:
 # ----------------------------------------------------------------------------------------- measures (children)
 
 def measure_run(recipe_file: str) -> dict:
-    from reinforge.pipelines.executor import TaskExecutor
-    from reinforge.pipelines.registry import build_pipeline
-    from reinforge.pipelines.runner import prepare_run_dir
-    from reinforge.schemas.config import parse_recipe
-    from reinforge.schemas.manifest import RunLayout
+    from reinforge.runtime.executor import TaskExecutor
+    from reinforge.runtime.pipeline import build_pipeline
+    from reinforge.runtime.runner import prepare_run_dir
+    from reinforge.products.registry import parse_recipe
+    from reinforge.io.manifest import RunLayout
     with open(recipe_file) as f:
         recipe = parse_recipe(json.load(f))
     pipeline, layout = build_pipeline(recipe), RunLayout(recipe.output)
@@ -125,7 +125,7 @@ def measure_run(recipe_file: str) -> dict:
 
 
 def measure_validate(run: str) -> dict:
-    from reinforge.pipelines.rundir import validate_run
+    from reinforge.ops.rundir import validate_run
     checked, problems = validate_run(run)
     return {"samples": checked, "problems": sorted({p.split(": ")[2] for p in problems if p.count(": ") >= 2})}
 

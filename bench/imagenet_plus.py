@@ -27,11 +27,12 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import photo, write_shard  # noqa: E402  real scikit-image photos, shard writer
 
-from reinforge.pipelines.ray_session import start_local_ray  # noqa: E402
-from reinforge.pipelines.rundir import merged_stats  # noqa: E402
-from reinforge.pipelines.runner import prepare_run_dir, run_recipe  # noqa: E402
-from reinforge.schemas.config import config_digest, parse_recipe  # noqa: E402
-from reinforge.schemas.manifest import RunLayout  # noqa: E402
+from reinforge.runtime.ray_session import start_local_ray  # noqa: E402
+from reinforge.ops.rundir import merged_stats  # noqa: E402
+from reinforge.runtime.runner import prepare_run_dir, run_recipe  # noqa: E402
+from reinforge.formats.recipe import config_digest
+from reinforge.products.registry import parse_recipe  # noqa: E402
+from reinforge.io.manifest import RunLayout  # noqa: E402
 from reinforge.stages.teachers import load_teacher  # noqa: E402
 
 MEAN_STD = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -77,8 +78,8 @@ def bare_forward_views_per_second(batch_size: int, threads: int, size: int, seco
 def replay(work: str, args) -> None:
     import random
 
-    from reinforge.schemas.augment import Augmenter, entry_seed
-    from reinforge.schemas.image import decode_rgb
+    from reinforge.formats.augment import Augmenter, entry_seed
+    from reinforge.formats.image import decode_rgb
     torch.set_num_threads(1)
     images = [decode_rgb(jpeg(photo(i, 400))) for i in range(6)]
     sets = {"ImageNet+ RRC 224 + flip + RandAugment + erase + normalize": {
@@ -132,7 +133,7 @@ def storage(work: str, args) -> None:
     inputs = make_inputs(f"{work}/sto-in", 1, 6, 320)
     run = f"{work}/sto-run"
     summary = run_recipe(parse_recipe(recipe(inputs, run, n, augmentation, 64, args.threads)), progress=False)
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.wds import iter_samples
     payload = image = 0
     shard = f"{run}/shards/in-000000.tar"
     with open(shard, "rb") as f:

@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import TINY_CLIP, jpeg_bytes, photo, tiny_open_clip, write_open_clip_dir, write_shard  # noqa: E402  real photos, tiny models
 
-from reinforge.pipelines.ray_session import start_local_ray  # noqa: E402
-from reinforge.pipelines.rundir import merged_stats  # noqa: E402
-from reinforge.pipelines.runner import run_recipe  # noqa: E402
-from reinforge.schemas.config import parse_recipe  # noqa: E402
+from reinforge.runtime.ray_session import start_local_ray  # noqa: E402
+from reinforge.ops.rundir import merged_stats  # noqa: E402
+from reinforge.runtime.runner import run_recipe  # noqa: E402
+from reinforge.products.registry import parse_recipe  # noqa: E402
 
 AUGMENTATION = {"random_resized_crop": {"size": 224, "interpolation": "bicubic"}, "rand_augment": {"p": 1.0}}
 # a ViT-S-32 image tower with a small text decoder: a CoCa that captions in seconds on 2 cores
@@ -87,8 +87,8 @@ def recipe(inputs: str, output: str, captioner: str, teachers: list[str], n: int
 
 def bare_samples_per_second(r, inputs: str, threads: int) -> float:
     """The captioner's generation and the teachers' embedding, on inputs prepared outside the clock."""
-    from reinforge.pipelines.registry import build_pipeline
-    from reinforge.pipelines.sources import WebDatasetSource
+    from reinforge.runtime.pipeline import build_pipeline
+    from reinforge.formats.sources import WebDatasetSource
     from reinforge.stages.base import Batch
     from reinforge.stages.captioner import CocaCaptioner
     from reinforge.stages.clip_teachers import ClipTeacherEnsemble
@@ -152,8 +152,8 @@ def rows(sample) -> np.ndarray:
 def storage(work: str, args) -> None:
     """Bytes per sample from real shards; fp16 / bf16 error vs a float32 run of the same models and seed."""
     import ray
-    from reinforge.schemas.datacomp_dr import decode_dr_sample
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.datacomp_dr import decode_dr_sample
+    from reinforge.formats.wds import iter_samples
     count = 3 if args.quick else 6
     inputs = make_inputs(f"{work}/sto-in", 1, count, 320)
     wide = copy.deepcopy(TINY_CLIP)

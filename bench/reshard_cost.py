@@ -10,7 +10,7 @@ issue #16 indexing and per-task plan reads). Prints ratios measured in one run; 
    same pool, run unchanged (only img2dataset's package __init__ is bypassed, it imports a downloader
    stack the resharder never uses). Goal: overhead <= 2 s.
 2. large pool (--samples, default 100,000; small images, --payload bytes): a single-process sequential
-   tar reader of the same tars (reinforge.schemas.wds.iter_samples, best of 2, page cache warm) against
+   tar reader of the same tars (reinforge.formats.wds.iter_samples, best of 2, page cache warm) against
    `reinforge reshard` end to end (cold index cache) with the default runner (Ray for many tasks) and with
    --runner local (worker processes, no Ray). Goal: end-to-end samples/s >= 2x the reader.
 3. uid indexing throughput per core (CPU time of index_shard over the large pool). Goal: >= 100k samples/s.
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 from pool_gen import random_uids, write_pool_shards  # noqa: E402
 
-from reinforge.schemas.subset import first_occurrence, make_subset, uid_order, write_subset  # noqa: E402
+from reinforge.formats.subset import first_occurrence, make_subset, uid_order, write_subset  # noqa: E402
 
 LINES: list[str] = []
 
@@ -107,7 +107,7 @@ def datacomp(python: str, folder: str, subset: str, out: str, workers: int) -> f
 
 
 def sequential_read(paths: list[str]) -> float:
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.wds import iter_samples
     started = time.perf_counter()
     n = 0
     for p in paths:
@@ -136,9 +136,9 @@ def bench_small(tmp: str, args) -> None:
         wall = datacomp(args.datacomp_python, folder, subset, os.path.join(folder, "datacomp"), 2)
         say(f"| DataComp resharder.py -j 2 | {wall:.2f} | | | | {load()} |")
     # the same in this process, imports paid: what a Python caller or a long-lived driver sees
-    from reinforge.pipelines.runner import run_recipe
-    from reinforge.pipelines.uid_index import INDEX_CACHE_ENV
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.runtime.runner import run_recipe
+    from reinforge.formats.uid_index import INDEX_CACHE_ENV
+    from reinforge.products.registry import parse_recipe
     os.environ[INDEX_CACHE_ENV] = os.path.join(tmp, "cache-small-in-process")
     for label in ("cold", "warm"):
         out = os.path.join(folder, f"in-process-{label}")
@@ -178,7 +178,7 @@ def bench_large(tmp: str, args) -> None:
         rate = args.samples / wall
         say(f"| DataComp resharder.py -j 2 | {wall:.2f} | {rate:,.0f} | {rate / reader:.2f} | | {load()} |")
     say()
-    from reinforge.pipelines.uid_index import index_shard
+    from reinforge.formats.uid_index import index_shard
     index_shard(paths[0])  # imports and first-touch costs out of the measurement
     cpu = time.process_time()
     wall = time.perf_counter()
@@ -191,8 +191,8 @@ def bench_large(tmp: str, args) -> None:
 
 
 def bench_task_plans(tmp: str) -> None:
-    from reinforge.pipelines.reshard import ReshardPipeline
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.products.reshard.pipeline import ReshardPipeline
+    from reinforge.products.registry import parse_recipe
     folder = os.path.join(tmp, "plans")
     _, subset = make_pool(folder, 20_000, 5_000, 64, seed=3)
     say("## 4. Per-task plan read (20,000 samples)")

@@ -33,8 +33,8 @@ def bench_embedding(root: str, images: int) -> None:
     import torch
 
     from conftest import jpeg_bytes, photo, write_shard
-    from reinforge.pipelines.runner import run_recipe
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.runtime.runner import run_recipe
+    from reinforge.products.registry import parse_recipe
     from reinforge.stages.embed import Encoder
     per_shard = images // 2
     for s in range(2):
@@ -73,8 +73,8 @@ def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
 def bench_index(root: str, n: int, dim: int = 512, files: int = 8) -> None:
     import faiss
 
-    from reinforge.pipelines.index import IndexSpec, build_index, load_index, set_search_parameters
-    from reinforge.schemas.embeddings import embeddings_table, table_bytes
+    from reinforge.curation.index import IndexSpec, build_index, load_index, set_search_parameters
+    from reinforge.formats.embeddings import embeddings_table, table_bytes
     os.makedirs(f"{root}/vectors", exist_ok=True)
     step = n // files
     queries = clustered(1000, dim, seed=999)

@@ -39,8 +39,8 @@ CHILD = r"""
 import json, os, sys, time
 import numpy as np, pyarrow, pyarrow.parquet
 import pandas  # pyarrow imports it on a column's first to_numpy(): an import, not a per-sample cost
-from reinforge.pipelines.filters.decide import decide
-from reinforge.pipelines.replay import build_schedule
+from reinforge.curation.filters.decide import decide
+from reinforge.curation.replay import build_schedule
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -68,7 +68,7 @@ def make_scores(folder: str, n: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     sys.path.insert(0, ROOT)
-    from reinforge.pipelines.filters.scores import REPORT, SCORES, _schema
+    from reinforge.curation.filters.scores import REPORT, SCORES, _schema
     rng = np.random.default_rng(seed)
     schema = _schema(False)
     os.makedirs(folder, exist_ok=True)

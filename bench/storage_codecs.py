@@ -40,10 +40,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import codec_data  # noqa: E402
 
-from reinforge.schemas.arrays import load_npz, npz_bytes  # noqa: E402
-from reinforge.schemas.codecs import Quant, decode_member  # noqa: E402
-from reinforge.schemas.datacomp_dr import StorageSpec, embedding_member  # noqa: E402
-from reinforge.schemas.imagenet_plus import densify, encode_probs  # noqa: E402
+from reinforge.formats.arrays import load_npz, npz_bytes  # noqa: E402
+from reinforge.formats.codecs import Quant, decode_member  # noqa: E402
+from reinforge.formats.datacomp_dr import StorageSpec, embedding_member  # noqa: E402
+from reinforge.formats.imagenet_plus import densify, encode_probs  # noqa: E402
 
 SIGMA, BATCH = 100.0, 256
 

@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from pool_gen import metadata_table, random_uids, write_metadata, write_pool_shards  # noqa: E402
 
-from reinforge.pipelines.time_splits import SplitOptions, build_splits  # noqa: E402
-from reinforge.schemas.subset import first_occurrence, make_subset, uid_order, write_subset  # noqa: E402
-from reinforge.schemas.wds import iter_samples  # noqa: E402
+from reinforge.curation.time_splits import SplitOptions, build_splits  # noqa: E402
+from reinforge.formats.subset import first_occurrence, make_subset, uid_order, write_subset  # noqa: E402
+from reinforge.formats.wds import iter_samples  # noqa: E402
 
 
 def bench_bucketing(tmp: str, rows: int, fmt: str) -> None:
@@ -48,10 +48,10 @@ def bench_bucketing(tmp: str, rows: int, fmt: str) -> None:
 
 
 def bench_reshard(tmp: str, shards: int, per_shard: int, payload: int) -> None:
-    from reinforge.pipelines.ray_session import start_local_ray
-    from reinforge.pipelines.reshard import ReshardPipeline
-    from reinforge.pipelines.runner import run_recipe
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.runtime.ray_session import start_local_ray
+    from reinforge.products.reshard.pipeline import ReshardPipeline
+    from reinforge.runtime.runner import run_recipe
+    from reinforge.products.registry import parse_recipe
 
     strings, hi, lo = random_uids(shards * per_shard, np.random.default_rng(0))
     paths = write_pool_shards(os.path.join(tmp, "pool"), strings.to_pylist(), per_shard, payload=payload)

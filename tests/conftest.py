@@ -115,7 +115,7 @@ def messy_image_folder(root, size: int = 40) -> dict:
 
 
 def write_shard(path, samples: list[tuple[str, dict]]) -> None:
-    from reinforge.schemas.wds import ShardWriter
+    from reinforge.formats.wds import ShardWriter
     with open(path, "wb") as f, ShardWriter(f) as writer:
         for key, members in samples:
             writer.write(key, members)
@@ -190,7 +190,7 @@ def ray_local():
     """One embedded Ray for the session (2 CPUs); tests that need another Ray shut it down themselves."""
     import ray
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
     yield
@@ -201,7 +201,7 @@ def ray_local():
 def local_ray(ray_local):
     import ray
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
 
@@ -213,7 +213,7 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from reinforge.pipelines.ray_session import offline_ray_env
+    from reinforge.runtime.ray_session import offline_ray_env
     ray.shutdown()
     with offline_ray_env():
         cluster = Cluster(initialize_head=True, head_node_args={

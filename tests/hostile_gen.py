@@ -126,7 +126,7 @@ def write_tar_gz(path, members: list[tuple[str, bytes | int]]) -> None:
 # --------------------------------------------------------------------------- finished runs, rewritten
 
 def split_key(name: str) -> str:
-    from reinforge.schemas.wds import split_member_name
+    from reinforge.formats.wds import split_member_name
     return split_member_name(name)[0]
 
 
@@ -135,7 +135,7 @@ def write_run_shard(run, task: str, members: list[tuple[str, bytes]]) -> None:
     import hashlib
     import os
 
-    from reinforge.schemas.manifest import OutputFile, RunLayout, TaskManifest
+    from reinforge.io.manifest import OutputFile, RunLayout, TaskManifest
     layout = RunLayout(str(run))
     for folder in layout.directories:
         os.makedirs(folder, exist_ok=True)
@@ -153,7 +153,7 @@ def write_run_shard(run, task: str, members: list[tuple[str, bytes]]) -> None:
 def rewrite_shard(run, task: str, edit) -> None:
     """Rewrite a finished run's shard with raw members (edit: [(name, data)] -> [(name, data)]), and its
     manifest to match."""
-    from reinforge.schemas.manifest import RunLayout
+    from reinforge.io.manifest import RunLayout
     with tarfile.open(RunLayout(str(run)).shard(task)) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     write_run_shard(run, task, edit(members))

@@ -35,7 +35,11 @@ VOLATILE_KEYS = {"seconds", "elapsed", "elapsed_s", "wall_s", "started", "finish
                  "time", "timestamp", "hostname", "host", "node_id", "pid", "worker", "duration_s",
                  "rows_per_s", "samples_per_s", "reinforge_version", "version", "python", "torch", "ray",
                  "config_digest", "written_at"}  # a digest of the recipe, whose paths differ per run: the recipe itself is kept
-FLOAT_MEMBERS = (".npz", ".npy", ".pth.gz")
+FLOAT_MEMBERS = ("npz", "npy", "pth.gz")  # whole member names (DataCompDR's `npz`) or their endings
+
+
+def _is_float_member(member: str) -> bool:
+    return any(member == m or member.endswith("." + m) for m in FLOAT_MEMBERS)
 
 
 def _uid(i: int) -> str:
@@ -69,7 +73,7 @@ def _sets(**values) -> list[str]:
 
 def build_outputs(root: str) -> dict[str, str]:
     """Run every config and driver tool once under root; returns {name: folder it wrote}."""
-    from reinforge.schemas.subset import make_subset, write_subset
+    from reinforge.formats.subset import make_subset, write_subset
     root = str(root)
     images = make_input_shards(os.path.join(root, "images"), shards=2, per_shard=4)
     pool = datacomp_pool(os.path.join(root, "pool"))
@@ -147,10 +151,10 @@ def _sha(data: bytes) -> str:
 
 
 def _float_arrays(name: str, data: bytes) -> dict[str, np.ndarray]:
-    if name.endswith(".pth.gz"):
+    if name.endswith("pth.gz"):
         state = torch.load(io.BytesIO(gzip.decompress(data)), weights_only=True)
         return {k: v.float().numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in _flat(state).items()}
-    if name.endswith(".npz"):
+    if name.endswith("npz"):
         with np.load(io.BytesIO(data)) as z:
             return {k: z[k] for k in z.files}
     return {"": np.load(io.BytesIO(data))}
@@ -216,7 +220,7 @@ class Fingerprint:
 
 
 def fingerprint_into(fp: Fingerprint, name: str, folder: str, roots: list[tuple[str, str]]) -> None:
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.wds import iter_samples
     for here, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if d not in VOLATILE_DIRS)
         for file in sorted(files):
@@ -232,7 +236,7 @@ def fingerprint_into(fp: Fingerprint, name: str, folder: str, roots: list[tuple[
                     for member, value in sorted(sample.items()):
                         if member.startswith("__"):
                             continue
-                        if member.endswith(FLOAT_MEMBERS):
+                        if _is_float_member(member):
                             for array_name, array in _float_arrays(member, value).items():
                                 fp.add_array(f"{item}/{key}.{member}/{array_name}", array)
                         elif member.endswith("json"):

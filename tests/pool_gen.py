@@ -77,7 +77,7 @@ def write_pool_shards(folder, uids_hex: list[str], per_shard: int, payload: int 
     """DataComp pool shards {:08d}.tar with jpg (random bytes), txt, json {"uid"}; keys as img2dataset writes."""
     import os
 
-    from reinforge.schemas.wds import ShardWriter
+    from reinforge.formats.wds import ShardWriter
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     paths = []

@@ -12,7 +12,7 @@ from torchvision.transforms import InterpolationMode, RandAugment
 from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op
 
-from reinforge.schemas.augment import (RAND_AUGMENT_OPS, TRANSFORM_ORDER, Augmenter, entry_seed)
+from reinforge.formats.augment import RAND_AUGMENT_OPS, TRANSFORM_ORDER, Augmenter, entry_seed
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

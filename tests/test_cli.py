@@ -25,7 +25,7 @@ def invoke(*args: str):
 def finished_run(tmp_path_factory, ray_local):
     import ray
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
     root = tmp_path_factory.mktemp("cli")
@@ -187,7 +187,7 @@ def failing_run(tmp_path_factory, ray_local):
     """Two good shards and one whose bad samples pass the error budget (3 of 5 > 0.5): run exits 1."""
     import ray
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
     return make_failing_run(tmp_path_factory.mktemp("failing"))
@@ -268,8 +268,8 @@ def test_a_failed_start_leaves_the_run_interrupted_not_starting(local_ray, tmp_p
     """Actors that cannot load their models: status.json must not claim "starting" for ever."""
     import ray
 
-    from reinforge.pipelines.runner import run_recipe
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.runtime.runner import run_recipe
+    from reinforge.products.registry import parse_recipe
     write_shard(tmp_path / "a-0.tar", good_samples(0, 1))
     recipe = tiny_recipe(str(tmp_path / "a-0.tar"), tmp_path / "run")
     recipe["teachers"][0]["checkpoint"] = str(tmp_path / "missing.pth")

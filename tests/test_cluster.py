@@ -22,11 +22,11 @@ import pytest
 import yaml
 from conftest import make_input_shards, shard_bytes, tiny_recipe
 
-from reinforge.pipelines.ray_session import offline_ray_env
-from reinforge.pipelines.runner import run_recipe
-from reinforge.schemas.config import parse_recipe
-from reinforge.schemas.manifest import TMP_MARKER
-from reinforge.schemas.wds import iter_samples
+from reinforge.runtime.ray_session import offline_ray_env
+from reinforge.runtime.runner import run_recipe
+from reinforge.products.registry import parse_recipe
+from reinforge.io.manifest import TMP_MARKER
+from reinforge.formats.wds import iter_samples
 
 pytestmark = pytest.mark.ray
 
@@ -208,7 +208,7 @@ def test_embedded_ray_stays_its_own_on_a_cluster_node(cluster, monkeypatch):
     refuse the embedded Ray's sizes; a run without --address must still get a Ray of its own."""
     import ray
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     tmp = Path(tempfile.mkdtemp(prefix="rf-tmp-"))  # short: Ray's socket paths live under it
     (tmp / "ray").mkdir()
     (tmp / "ray" / "ray_current_cluster").write_text(cluster.address)  # what `ray start` leaves behind

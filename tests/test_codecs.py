@@ -17,18 +17,19 @@ from click.testing import CliRunner
 from conftest import jpeg_bytes, photo
 
 from reinforge.cli.main import cli
-from reinforge.pipelines.export_datacompdr import export_datacompdr
+from reinforge.ops.export_datacompdr import export_datacompdr
 from reinforge.readers.mobileclip import MobileCLIPDRDataset
-from reinforge.schemas.arrays import load_npz, npz_bytes
-from reinforge.schemas.augment import Augmenter
-from reinforge.schemas.codecs import CODEC_MEMBER, CodecError, Int8Row, Quant, decode_member, make_codec
-from reinforge.schemas.config import ConfigError, DRStorage, config_digest, parse_recipe
-from reinforge.schemas.datacomp_dr import (DRSample, StorageSpec, decode_dr_sample, dr_trainer_config,
-                                           embedding_arrays, encode_dr_sample)
-from reinforge.schemas.imagenet_plus import SchemaError, sha256_hex
-from reinforge.schemas.manifest import OutputFile, RunLayout, TaskManifest
-from reinforge.schemas.members import decode_member as decode_by_extension
-from reinforge.schemas.wds import ShardWriter, iter_samples
+from reinforge.formats.arrays import load_npz, npz_bytes
+from reinforge.formats.augment import Augmenter
+from reinforge.formats.codecs import CODEC_MEMBER, CodecError, Int8Row, Quant, decode_member, make_codec
+from reinforge.formats.recipe import ConfigError, config_digest
+from reinforge.products.mobileclip_dr.recipe import DRStorage
+from reinforge.products.registry import parse_recipe
+from reinforge.formats.datacomp_dr import (DRSample, StorageSpec, decode_dr_sample, dr_trainer_config, embedding_arrays, encode_dr_sample)
+from reinforge.formats.imagenet_plus import SchemaError, sha256_hex
+from reinforge.io.manifest import OutputFile, RunLayout, TaskManifest
+from reinforge.formats.members import decode_member as decode_by_extension
+from reinforge.formats.wds import ShardWriter, iter_samples
 
 AUG = {"random_resized_crop": {"size": 32, "interpolation": "bicubic"}, "rand_augment": {"p": 1.0}}
 N, S, DIMS = 5, 3, [24, 16]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reinforge.schemas.config import load_recipe
+from reinforge.products.registry import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reinforge.pipelines.filters import decide as decide_module
-from reinforge.pipelines.filters.decide import decide
-from reinforge.pipelines.filters.scores import REPORT, SCORES, _schema
-from reinforge.schemas.subset import read_subset
+from reinforge.curation.filters import decide as decide_module
+from reinforge.curation.filters.decide import decide
+from reinforge.curation.filters.scores import REPORT, SCORES, _schema
+from reinforge.formats.subset import read_subset
 
 N = 5000
 

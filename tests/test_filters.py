@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from reinforge.pipelines.filters.clusters import FilterError
-from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata
-from reinforge.pipelines.filters.decide import decide
-from reinforge.schemas.subset import SUBSET_DTYPE, read_subset
+from reinforge.curation.filters.clusters import FilterError
+from reinforge.curation.filters.scores import ScoreOptions, score_metadata
+from reinforge.curation.filters.decide import decide
+from reinforge.formats.subset import SUBSET_DTYPE, read_subset
 
 ROWS_PER_FILE, FILES, DIM, CENTERS = 1500, 2, 32, 8
 SYNSET_NOUNS = ["dog", "cat", "beach", "piano", "guitar", "castle", "tree", "bicycle"]
@@ -384,7 +384,7 @@ def _nltk_wordnet_from_clean_copy(tmp):
 
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    from reinforge.pipelines.filters.wordnet import wordnet_dir
+    from reinforge.curation.filters.wordnet import wordnet_dir
     src, dst = wordnet_dir(), tmp / "wordnet"
     dst.mkdir()
     for name in os.listdir(src):
@@ -403,7 +403,7 @@ def test_datacomp_semantics_match_datacomp_code(tmp_path):
     import pandas as pd
     from timm.data import ImageNetInfo
 
-    from reinforge.pipelines.filters.text import _language_identifier
+    from reinforge.curation.filters.text import _language_identifier
     meta = _parity_pool(tmp_path / "pool")
     scores = str(tmp_path / "scores")
     score_metadata([meta], scores, ScoreOptions())
@@ -466,7 +466,7 @@ def test_datacomp_baselines_match_datacomp_code_golden(tmp_path):
     non-ASCII spaces) and kept their uid sets; with the same language labels (py3langid, as DataComp's
     fastText lid.176 cannot be had) every baseline must keep exactly the same uids, the image-based ones
     from k-means trained here as DataComp trains it."""
-    from reinforge.pipelines.filters.rules import BASELINES, parse_rule
+    from reinforge.curation.filters.rules import BASELINES, parse_rule
     scores = _golden_scores(tmp_path / "scores")
     kept = {}
     for name, rule in GOLDEN_RULES.items():

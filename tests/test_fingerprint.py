@@ -5,8 +5,8 @@ import os
 
 import fsspec
 
-from reinforge.pipelines.fingerprint import changed_inputs, file_versions, task_fingerprints
-from reinforge.pipelines.sources import ImageFolderSource, WebDatasetSource
+from reinforge.io.fingerprint import changed_inputs, file_versions, task_fingerprints
+from reinforge.formats.sources import ImageFolderSource, WebDatasetSource
 
 
 def image_folder(root, per_class: int = 3) -> str:

@@ -25,23 +25,24 @@ from test_mobileclip_format import AUG, DIMS, N as DR_N, uid, write_run as write
 from test_readers import BASE, DECIMAL_KEYS, N, TOPK, make_run
 
 from reinforge.cli.main import cli
-from reinforge.pipelines.executor import TaskExecutor
-from reinforge.pipelines.registry import build_pipeline
-from reinforge.pipelines.rundir import validate_run
-from reinforge.pipelines.runner import run_recipe
-from reinforge.pipelines.sources import ImageFolderSource
+from reinforge.runtime.executor import TaskExecutor
+from reinforge.runtime.pipeline import build_pipeline
+from reinforge.ops.rundir import validate_run
+from reinforge.runtime.runner import run_recipe
+from reinforge.formats.sources import ImageFolderSource
 from reinforge.readers import ReinforcedImageNet
 from reinforge.readers.mobileclip import MobileCLIPDRDataset
-from reinforge.schemas.arrays import load_npz, npz_bytes
-from reinforge.schemas.augment import Augmenter
-from reinforge.schemas.config import parse_recipe, semantic_dict
-from reinforge.schemas.datacomp_dr import DRSample, StorageSpec, decode_dr_sample, dr_trainer_config, encode_dr_sample
-from reinforge.schemas.image import decode_rgb
-from reinforge.schemas.imagenet_plus import ReinforcedSample, decode_sample, encode_sample, sha256_hex
-from reinforge.schemas.limits import Limits, MemberTooLarge, SchemaError, declared_limits, gunzip
-from reinforge.schemas.manifest import RunLayout
-from reinforge.schemas.subset import make_subset, write_subset
-from reinforge.schemas.wds import ShardReadError, ShardWriter, iter_samples, split_member_name, unsafe_name
+from reinforge.formats.arrays import load_npz, npz_bytes
+from reinforge.formats.augment import Augmenter
+from reinforge.formats.recipe import semantic_dict
+from reinforge.products.registry import parse_recipe
+from reinforge.formats.datacomp_dr import DRSample, StorageSpec, decode_dr_sample, dr_trainer_config, encode_dr_sample
+from reinforge.formats.image import decode_rgb
+from reinforge.formats.imagenet_plus import ReinforcedSample, decode_sample, encode_sample, sha256_hex
+from reinforge.formats.limits import Limits, MemberTooLarge, SchemaError, declared_limits, gunzip
+from reinforge.io.manifest import RunLayout
+from reinforge.formats.subset import make_subset, write_subset
+from reinforge.formats.wds import ShardReadError, ShardWriter, iter_samples, split_member_name, unsafe_name
 from reinforge.stages.base import Batch
 from reinforge.stages.decode import DecodeImage
 
@@ -457,7 +458,7 @@ def test_reshard_skips_escaping_pool_keys(tmp_path):
 
 def run_tasks(recipe) -> list[dict]:
     """Every task of a recipe through TaskExecutor in this process, as a Ray worker runs it."""
-    from reinforge.pipelines.runner import prepare_run_dir
+    from reinforge.runtime.runner import prepare_run_dir
     pipeline = build_pipeline(recipe)
     layout = RunLayout(recipe.output)
     digest = prepare_run_dir(layout, recipe, force=False)

@@ -19,9 +19,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms.functional import pil_to_tensor
 
-from reinforge.pipelines.sources import (IMAGEFOLDER_SUFFIXES, ImageFolderSource, InputError,
-                                         member_extension)
-from reinforge.schemas.image import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb, find_image
+from reinforge.formats.sources import IMAGEFOLDER_SUFFIXES, ImageFolderSource, InputError, member_extension
+from reinforge.formats.image import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb, find_image
 from reinforge.stages.base import Batch
 from reinforge.stages.decode import DecodeImage
 
@@ -177,10 +176,10 @@ def test_unreadable_and_corrupt_files_keep_their_index(tree):
 def test_imagenet_plus_run_on_the_tree_keys_by_torchvision_index(tree, tmp_path, local_ray):
     """The product end to end: keys = torchvision indices, cls = its targets, the image bytes as read (any
     suffix), the corrupt and unreadable files counted errors under their index; ML-DR records by index."""
-    from reinforge.pipelines.export_mldr import export_ml_dr
-    from reinforge.pipelines.runner import run_recipe
+    from reinforge.ops.export_mldr import export_ml_dr
+    from reinforge.runtime.runner import run_recipe
     from reinforge.readers.imagenet_plus import ReinforcedImageNet
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.products.registry import parse_recipe
 
     reference = ImageFolder(tree["root"]).samples
     bad = {reference.index((tree["corrupt"], 2)), reference.index((tree["unreadable"], 3))}

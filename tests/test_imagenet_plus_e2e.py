@@ -12,9 +12,9 @@ from conftest import (jpeg_bytes, make_input_shards, photo, png_bytes, png_heade
                       tiny_recipe, write_shard)
 from PIL import Image
 
-from reinforge.pipelines.rundir import run_status, validate_run
-from reinforge.pipelines.runner import ConfigChangedError, run_recipe
-from reinforge.schemas.config import parse_recipe
+from reinforge.ops.rundir import run_status, validate_run
+from reinforge.runtime.runner import ConfigChangedError, run_recipe
+from reinforge.products.registry import parse_recipe
 
 pytestmark = pytest.mark.ray
 
@@ -52,9 +52,9 @@ def test_stored_probabilities_match_replayed_augmentations(reference_run):
     """The point of the format: replaying entry n and running the teachers gives the stored top-k,
     for every sample of a multi-batch shard, mixing partners included."""
     from reinforge.readers.imagenet_plus import ReinforcedImageNet
-    from reinforge.schemas.augment import Augmenter
-    from reinforge.schemas.image import decode_rgb
-    from reinforge.schemas.imagenet_plus import sparsify
+    from reinforge.formats.augment import Augmenter
+    from reinforge.formats.image import decode_rgb
+    from reinforge.formats.imagenet_plus import sparsify
     from reinforge.stages.teachers import TeacherEnsemble
 
     recipe = parse_recipe(json.loads((reference_run / "run.json").read_text())["recipe"] | {"output": "x"})
@@ -176,7 +176,7 @@ def test_bad_inputs_are_counted_skips_or_failed_tasks(tmp_path, local_ray):
 
 def test_imagefolder_input_keys_by_dataset_index(tmp_path, local_ray):
     """ImageFolder order (sorted classes, sorted files): key = dataset index, cls = class index."""
-    from reinforge.pipelines.export_mldr import export_ml_dr
+    from reinforge.ops.export_mldr import export_ml_dr
     from reinforge.readers.imagenet_plus import ReinforcedImageNet
     root = tmp_path / "folder"
     for c, name in enumerate(["cat", "cup", "rocket"]):

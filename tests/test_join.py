@@ -8,10 +8,10 @@ import pytest
 from conftest import jpeg_bytes, photo, shard_bytes, tree_state, write_shard
 from test_mobileclip_e2e import datacomp_shards, recipe, uid
 
-from reinforge.pipelines.runner import run_recipe
-from reinforge.schemas.config import parse_recipe
-from reinforge.schemas.imagenet_plus import sha256_hex
-from reinforge.schemas.wds import iter_samples
+from reinforge.runtime.runner import run_recipe
+from reinforge.products.registry import parse_recipe
+from reinforge.formats.imagenet_plus import sha256_hex
+from reinforge.formats.wds import iter_samples
 
 pytestmark = pytest.mark.ray
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from conftest import TINY_CLIP, TINY_COCA, jpeg_bytes, photo, tiny_open_clip
 
-from reinforge.schemas.augment import Augmenter, entry_seed
-from reinforge.schemas.config import CaptionerSpec, ClipTeacherSpec
-from reinforge.schemas.image import decode_rgb
+from reinforge.formats.augment import Augmenter, entry_seed
+from reinforge.models.specs import CaptionerSpec, ClipTeacherSpec
+from reinforge.formats.image import decode_rgb
 from reinforge.stages.base import Batch
 from reinforge.stages.captioner import CocaCaptioner, clean_caption
 from reinforge.stages.clip_teachers import ClipTeacherEnsemble, clip_teacher_info, init_coca_decoder, load_open_clip

@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import jpeg_bytes, photo, shard_bytes, tiny_open_clip, write_shard
 
-from reinforge.pipelines.runner import run_recipe
-from reinforge.schemas.config import ConfigError, parse_recipe
+from reinforge.runtime.runner import run_recipe
+from reinforge.formats.recipe import ConfigError
+from reinforge.products.registry import parse_recipe
 
 pytestmark = pytest.mark.ray
 
@@ -74,8 +75,8 @@ def dr_run(inputs, tmp_path_factory, ray_local):
 
 
 def test_layout_shapes_and_skips(dr_run):
-    from reinforge.schemas.datacomp_dr import decode_dr_sample
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.datacomp_dr import decode_dr_sample
+    from reinforge.formats.wds import iter_samples
     with open(dr_run / "shards" / "00000000.tar", "rb") as f:
         samples = list(iter_samples(f))
     assert len(samples) == 6
@@ -106,11 +107,11 @@ def test_layout_shapes_and_skips(dr_run):
 def test_image_embeddings_match_replayed_views(dr_run):
     """image_emb[n] is the teachers' embedding of param_aug[n] replayed, for every sample of a
     multi-batch shard (the public generator broke here)."""
-    from reinforge.schemas.augment import Augmenter
-    from reinforge.schemas.config import ClipTeacherSpec
-    from reinforge.schemas.datacomp_dr import decode_dr_sample
-    from reinforge.schemas.image import decode_rgb
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.augment import Augmenter
+    from reinforge.models.specs import ClipTeacherSpec
+    from reinforge.formats.datacomp_dr import decode_dr_sample
+    from reinforge.formats.image import decode_rgb
+    from reinforge.formats.wds import iter_samples
     from reinforge.stages.clip_teachers import ClipTeacherEnsemble
     run = json.loads((dr_run / "run.json").read_text())["recipe"]
     augmenter = Augmenter(run["augmentation"]["image_augmentation"])
@@ -152,7 +153,7 @@ def test_config_time_refusals(inputs, tmp_path):
     too_big = recipe(inputs, tmp_path / "x")
     too_big["teachers"][0]["model"] = tiny_open_clip("clip", 64, seed=1)
     with pytest.raises(ConfigError, match="teachers.0: input size 64 exceeds the augmentation crop 32x32"):
-        from reinforge.pipelines.registry import build_pipeline
+        from reinforge.runtime.pipeline import build_pipeline
         build_pipeline(parse_recipe(too_big))
     normalized = recipe(inputs, tmp_path / "x")
     normalized["augmentation"]["image_augmentation"]["normalize"] = {"mean": [0, 0, 0], "std": [1, 1, 1]}

@@ -26,13 +26,12 @@ from PIL import Image
 
 from reinforge.readers.losses import mobileclip_distill_loss, teacher_targets
 from reinforge.readers.mobileclip import MobileCLIPDRDataset
-from reinforge.schemas.augment import Augmenter
-from reinforge.schemas.datacomp_dr import (DRSample, ReplayError, StorageSpec, check_replayable, decode_dr_sample,
-                                           dr_trainer_config, encode_dr_sample)
-from reinforge.schemas.image import decode_rgb
-from reinforge.schemas.imagenet_plus import SchemaError, sha256_hex
-from reinforge.schemas.manifest import OutputFile, RunLayout, TaskManifest
-from reinforge.schemas.wds import ShardWriter
+from reinforge.formats.augment import Augmenter
+from reinforge.formats.datacomp_dr import (DRSample, ReplayError, StorageSpec, check_replayable, decode_dr_sample, dr_trainer_config, encode_dr_sample)
+from reinforge.formats.image import decode_rgb
+from reinforge.formats.imagenet_plus import SchemaError, sha256_hex
+from reinforge.io.manifest import OutputFile, RunLayout, TaskManifest
+from reinforge.formats.wds import ShardWriter
 
 AUG = {"random_resized_crop": {"size": 32, "interpolation": "bicubic"}, "rand_augment": {"p": 1.0}}
 N, NUM_SAMPLES, DIMS, SCALES = 3, 8, [32, 16], [100.0, 50.0]
@@ -205,7 +204,7 @@ def test_reinforcement_only_sample_needs_known_sha256(samples):
 
 _ENCODE_ONE = """
 import hashlib, sys, numpy as np
-from reinforge.schemas.datacomp_dr import DRSample, StorageSpec, encode_dr_sample
+from reinforge.formats.datacomp_dr import DRSample, StorageSpec, encode_dr_sample
 rng = np.random.default_rng(5)
 unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
 s = DRSample(uid="0" * 31 + "1", image_ext="jpg", image=b"x", caption="c", url=None, syn={"syn_text": ["a", "b"]},
@@ -263,7 +262,7 @@ def test_pth_gz_is_loaded_with_weights_only(samples):
 def _broken(sample: DRSample, storage=StorageSpec(layout="dfndr"), **arrays) -> dict:
     members = encode_dr_sample(sample, storage)
     if arrays:
-        from reinforge.schemas.arrays import npz_bytes
+        from reinforge.formats.arrays import npz_bytes
         members["npz"] = npz_bytes({**raw_arrays(members), **arrays})
     return {"__key__": sample.uid, **members}
 
@@ -373,8 +372,8 @@ def test_dr_config_rebuilds_every_teacher_kind_in_open_clip(teacher_kinds, tmp_p
     to open_clip.create_model: with them open_clip builds the very teachers whose embeddings are stored."""
     import open_clip
 
-    from reinforge.pipelines.mobileclip_dr import MobileCLIPPipeline
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.products.mobileclip_dr.pipeline import MobileCLIPPipeline
+    from reinforge.products.registry import parse_recipe
     from reinforge.stages.clip_teachers import load_open_clip
     augmentation = {"num_samples": 2, "image_augmentation": {"random_resized_crop": {"size": 224}}}
     recipe = parse_recipe({"product": "mobileclip_dr", "output": str(tmp_path / "run"), "mode": "embeddings",
@@ -577,7 +576,7 @@ def test_open_clip_train_get_wds_dataset_reads_the_shards(trainer_shards, kind):
 def _jpgs_with_caption(pattern: str, caption: str) -> list[bytes]:
     from webdataset.shardlists import expand_urls
 
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.wds import iter_samples
     out = []
     for url in expand_urls(pattern):
         with open(url, "rb") as f:

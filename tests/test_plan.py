@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from conftest import jpeg_bytes, photo, write_shard
 
-from reinforge.pipelines.plan import tar_bytes
-from reinforge.pipelines.rundir import merged_stats
-from reinforge.pipelines.runner import run_recipe
-from reinforge.pipelines.storage import read_text
-from reinforge.schemas.config import load_recipe
-from reinforge.schemas.wds import ShardWriter, iter_samples
+from reinforge.ops.plan import tar_bytes
+from reinforge.ops.rundir import merged_stats
+from reinforge.runtime.runner import run_recipe
+from reinforge.io.storage import read_text
+from reinforge.products.registry import load_recipe
+from reinforge.formats.wds import ShardWriter, iter_samples
 
 pytestmark = pytest.mark.ray
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
@@ -88,7 +88,7 @@ def test_plan_works_for_reshard_and_embed_pool(tmp_path, local_ray):
     from output_digests import datacomp_pool
 
     from conftest import tiny_open_clip
-    from reinforge.schemas.subset import make_subset, write_subset
+    from reinforge.formats.subset import make_subset, write_subset
     pool = datacomp_pool(tmp_path / "pool", shards=2, per_shard=4)
     small = {"cpus_per_actor": 1, "object_store_memory_mb": 256}
     embed = plan_json({"product": "embed_pool", "output": str(tmp_path / "embed"), "resources": small,

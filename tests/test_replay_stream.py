@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reinforge.pipelines import replay_stream
-from reinforge.pipelines.replay import ScheduleError, step_subset
-from reinforge.pipelines.replay_stream import stream_step_subset
-from reinforge.schemas.subset import SUBSET_DTYPE, counts_bytes, subset_bytes
+from reinforge.curation import replay_stream
+from reinforge.curation.replay import ScheduleError, step_subset
+from reinforge.curation.replay_stream import stream_step_subset
+from reinforge.formats.subset import SUBSET_DTYPE, counts_bytes, subset_bytes
 
 
 def _split(path, n, tag, rng, sort=True):

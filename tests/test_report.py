@@ -15,9 +15,9 @@ from test_mobileclip_e2e import datacomp_shards
 from test_mobileclip_e2e import recipe as dr_recipe
 
 from reinforge.cli.ops import status_line, watch_status
-from reinforge.pipelines.report import build_report
-from reinforge.pipelines.runner import run_recipe
-from reinforge.schemas.config import parse_recipe
+from reinforge.ops.report import build_report
+from reinforge.runtime.runner import run_recipe
+from reinforge.products.registry import parse_recipe
 
 pytestmark = pytest.mark.ray
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -71,8 +71,8 @@ def test_rerun_rewrites_status_as_finished_with_everything_skipped(ip_run, tmp_p
 
 
 def test_status_file_while_running_lists_each_actors_tasks_and_is_throttled(tmp_path):
-    from reinforge.pipelines.runner import Progress
-    from reinforge.pipelines.sources import Task
+    from reinforge.runtime.runner import Progress
+    from reinforge.io.manifest import Task
     url = str(tmp_path / "status.json")
     live = Progress(total=7, initial=1, enabled=False, status_url=url)
     live.update({"status": "done", "samples_out": 7, "errors": 2})
@@ -133,8 +133,8 @@ def render(page: str, tmp_path) -> tuple[list, str]:
 def test_imagenet_plus_report_renders_in_chromium(ip_run, tmp_path):
     from PIL import Image
 
-    from reinforge.schemas.imagenet_plus import decode_sample
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.imagenet_plus import decode_sample
+    from reinforge.formats.wds import iter_samples
     page = build_report(str(ip_run), str(tmp_path / "report"))
     text = open(page).read()
     for section in ("Throughput", "Tasks", "Errors", "Samples (imagenet_plus)"):
@@ -163,8 +163,8 @@ def test_imagenet_plus_report_renders_in_chromium(ip_run, tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium; .ci/run does)")
 def test_mobileclip_report_and_sizes(dr_run, tmp_path):
-    from reinforge.pipelines.time_splits import SplitOptions, build_splits
-    from reinforge.schemas.subset import make_subset, write_subset
+    from reinforge.curation.time_splits import SplitOptions, build_splits
+    from reinforge.formats.subset import make_subset, write_subset
     page = build_report(str(dr_run), str(tmp_path / "dr"))
     text = open(page).read()
     assert "Samples (mobileclip_dr)" in text and "distinct-caption ratio (mean)" in text

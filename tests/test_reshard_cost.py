@@ -14,12 +14,12 @@ import pytest
 from conftest import shard_bytes
 from pool_gen import random_uids, write_pool_shards
 
-from reinforge.pipelines import uid_index
-from reinforge.pipelines.reshard import ReshardPipeline
-from reinforge.pipelines.runner import run_recipe, runs_in_process
-from reinforge.schemas.config import parse_recipe
-from reinforge.schemas.subset import make_subset, uid_order, write_subset
-from reinforge.schemas.wds import ShardWriter
+from reinforge.formats import uid_index
+from reinforge.products.reshard.pipeline import ReshardPipeline
+from reinforge.runtime.runner import run_recipe, runs_in_process
+from reinforge.products.registry import parse_recipe
+from reinforge.formats.subset import make_subset, uid_order, write_subset
+from reinforge.formats.wds import ShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_changed_shard_is_indexed_again(small_pool, tmp_path, private_cache, mon
     # the same samples in reverse order: same size, other byte ranges
     shard = pool / "00000001.tar"
     with open(shard, "rb") as f:
-        from reinforge.schemas.wds import iter_samples
+        from reinforge.formats.wds import iter_samples
         samples = list(iter_samples(f))
     stat = os.stat(shard)
     with open(shard, "wb") as f, ShardWriter(f) as writer:
@@ -177,7 +177,7 @@ def test_changed_shard_is_indexed_again(small_pool, tmp_path, private_cache, mon
 
 
 def shard_samples(run) -> dict[str, list]:
-    from reinforge.schemas.wds import iter_samples
+    from reinforge.formats.wds import iter_samples
     out = {}
     for name in sorted(os.listdir(run / "shards")):
         if name.endswith(".tar"):

@@ -15,17 +15,18 @@ import pytest
 from conftest import jpeg_bytes, photo, write_shard
 from pool_gen import random_uids
 
-from reinforge.pipelines.datacompnet import ClassFileError, read_class_ids
-from reinforge.pipelines.executor import TaskExecutor
-from reinforge.pipelines.face_blur import blur_faces, mask_box
-from reinforge.pipelines.loader_files import write_loader_files
-from reinforge.pipelines.replay import build_schedule
-from reinforge.pipelines.reshard import ReshardError, ReshardPipeline, buffer_shuffle
-from reinforge.pipelines.time_splits import SplitOptions, build_splits
-from reinforge.schemas.config import ConfigError, config_digest, parse_recipe
-from reinforge.schemas.manifest import RunLayout
-from reinforge.schemas.subset import make_subset, uid_order, uids_hex, write_subset
-from reinforge.schemas.wds import iter_samples
+from reinforge.formats.datacompnet import ClassFileError, read_class_ids
+from reinforge.runtime.executor import TaskExecutor
+from reinforge.products.reshard.face_blur import blur_faces, mask_box
+from reinforge.formats.loader_files import write_loader_files
+from reinforge.curation.replay import build_schedule
+from reinforge.products.reshard.pipeline import ReshardError, ReshardPipeline, buffer_shuffle
+from reinforge.curation.time_splits import SplitOptions, build_splits
+from reinforge.formats.recipe import ConfigError, config_digest
+from reinforge.products.registry import parse_recipe
+from reinforge.io.manifest import RunLayout
+from reinforge.formats.subset import make_subset, uid_order, uids_hex, write_subset
+from reinforge.formats.wds import iter_samples
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "datacomp_blur.npz")
 try:
@@ -159,7 +160,7 @@ def test_meta_json_is_datacomps_and_train_py_finds_every_shard(photo_pool, tmp_p
 
 def train_golden_run(tmp) -> str:
     """A 20-sample reshard run of 4 shards (the run tests/golden/make_datacomp_train_golden.py fed to train.py)."""
-    from reinforge.schemas.subset import uid_hex
+    from reinforge.formats.subset import uid_hex
     _, hi, lo = random_uids(20, np.random.default_rng(1))
     os.makedirs(tmp / "pool" / "pool")
     for s in range(2):
@@ -235,7 +236,7 @@ def test_blur_changes_the_boxes_and_leaves_the_rest_alone():
 
 @needs_cv2
 def test_reencode_matches_datacomps_webp():
-    from reinforge.pipelines.face_blur import reencode_blurred
+    from reinforge.products.reshard.face_blur import reencode_blurred
     data, meta = golden()
     for i, image in enumerate(meta["images"]):
         webp = reencode_blurred(bytes(data[f"jpeg_{i}"]), image["boxes"])
@@ -458,7 +459,7 @@ def comeback_weights(step, steps, sizes):
 
 
 def test_nested_buffer_cli_and_refusal(tic_splits, tmp_path):
-    from reinforge.pipelines.replay import ScheduleError
+    from reinforge.curation.replay import ScheduleError
     with pytest.raises(ScheduleError, match=r"step 3: the policy draws 50 samples from split 2016, which left"):
         build_schedule(str(tic_splits), "test_reshard_datacomp:comeback_weights", 100, str(tmp_path / "c"),
                        buffer="nested")

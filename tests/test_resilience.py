@@ -11,9 +11,9 @@ import pytest
 import yaml
 from conftest import make_input_shards, manifest_nodes, process_tree, shard_bytes, tiny_recipe, two_node_cluster
 
-from reinforge.pipelines.runner import run_recipe
-from reinforge.schemas.config import parse_recipe
-from reinforge.schemas.manifest import TMP_MARKER
+from reinforge.runtime.runner import run_recipe
+from reinforge.products.registry import parse_recipe
+from reinforge.io.manifest import TMP_MARKER
 
 pytestmark = pytest.mark.ray
 
@@ -27,7 +27,7 @@ def inputs(tmp_path_factory):
 def single_node_run(inputs, tmp_path_factory, ray_local):
     import ray
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
     out = tmp_path_factory.mktemp("single") / "run"

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes, tiny_open_clip, write_shard
-from reinforge.pipelines.index import IndexSpec, build_index
-from reinforge.pipelines.transfer_set import build_transfer_set, parse_transfer_spec
-from reinforge.schemas.config import ConfigError, parse_recipe
-from reinforge.schemas.embeddings import (EmbeddingError, embeddings_table, fp16_matrix, load_embeddings,
-                                          table_bytes)
-from reinforge.schemas.subset import uids_hex
+from reinforge.curation.index import IndexSpec, build_index
+from reinforge.curation.transfer_set import build_transfer_set, parse_transfer_spec
+from reinforge.formats.recipe import ConfigError
+from reinforge.products.registry import parse_recipe
+from reinforge.formats.embeddings import EmbeddingError, embeddings_table, fp16_matrix, load_embeddings, table_bytes
+from reinforge.formats.subset import uids_hex
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +44,7 @@ def world(tmp_path_factory, ray_local):
     """Pool shards (+ one exact copy under a new uid, one bad uid), queries and an eval set, embedded once."""
     from sklearn.datasets import load_digits
 
-    from reinforge.pipelines.runner import run_recipe
+    from reinforge.runtime.runner import run_recipe
     root = tmp_path_factory.mktemp("retrieval")
     digits = load_digits()
     labels = {}
@@ -96,11 +96,11 @@ def precision(world, uids: np.ndarray) -> float:
 
 
 def test_embed_pool_writes_parquet_sidecars_exactly_once(world):
-    from reinforge.pipelines.executor import TaskExecutor
-    from reinforge.pipelines.registry import build_pipeline
-    from reinforge.pipelines.rundir import validate_run
-    from reinforge.schemas.config import config_digest
-    from reinforge.schemas.manifest import RunLayout, TaskManifest
+    from reinforge.runtime.executor import TaskExecutor
+    from reinforge.runtime.pipeline import build_pipeline
+    from reinforge.ops.rundir import validate_run
+    from reinforge.formats.recipe import config_digest
+    from reinforge.io.manifest import RunLayout, TaskManifest
     run = world["root"] / "embed"
     table = pq.read_table(run / "embeddings" / "00000000.parquet")
     assert table.column_names == ["uid", "sha256", "image_emb"]
@@ -121,7 +121,7 @@ def test_embed_pool_writes_parquet_sidecars_exactly_once(world):
     assert executor.run(pipeline.plan()[0])["status"] == "done"
     assert (world["root"] / "again" / out.path).read_bytes() == data
     # a killed writer's temp file in embeddings/ is garbage-collected, the committed output is not
-    from reinforge.pipelines.rundir import collect_garbage
+    from reinforge.ops.rundir import collect_garbage
     orphan = run / "embeddings" / ".tmp-00000000.parquet.1.abcd"
     orphan.write_bytes(b"partial")
     assert collect_garbage(str(run)) == [str(orphan)]
@@ -219,7 +219,7 @@ def test_bad_embeddings_are_counted_or_refused(tmp_path):
     with pytest.raises(EmbeddingError, match="no usable rows"):
         load_embeddings(str(tmp_path / "c.parquet"))
     with pytest.raises(ConfigError, match="index.nlist"):
-        from reinforge.pipelines.index import parse_index_spec
+        from reinforge.curation.index import parse_index_spec
         parse_index_spec({"nlist": 0})
     # DataComp's own metadata: uid parquet + row-aligned npz
     pq.write_table(pa.table({"uid": uids, "text": ["t"] * 6}), tmp_path / "0000.parquet")
@@ -231,11 +231,11 @@ def test_bad_embeddings_are_counted_or_refused(tmp_path):
 
 def test_open_clip_text_tower_prompts(tmp_path, world):
     """open_clip encoder with the text tower on the same pool shard; class-name prompts as queries."""
-    from reinforge.pipelines.executor import TaskExecutor
-    from reinforge.pipelines.registry import build_pipeline
-    from reinforge.pipelines.runner import prepare_run_dir
-    from reinforge.schemas.config import config_digest
-    from reinforge.schemas.manifest import RunLayout
+    from reinforge.runtime.executor import TaskExecutor
+    from reinforge.runtime.pipeline import build_pipeline
+    from reinforge.runtime.runner import prepare_run_dir
+    from reinforge.formats.recipe import config_digest
+    from reinforge.io.manifest import RunLayout
     recipe = parse_recipe({"product": "embed_pool", "output": str(tmp_path / "clip"),
                            "input": {"format": "webdataset", "path": str(world["root"] / "00000001.tar")},
                            "encoder": {"model": tiny_open_clip(), "text": True}})
@@ -254,8 +254,8 @@ def test_open_clip_text_tower_prompts(tmp_path, world):
 def test_candidate_rows_stream_only_the_candidates(world, tmp_path):
     """Streamed candidates == the same rows of the whole pool (the skipped bad-uid row shifts file 2's
     rows); a source changed after indexing is refused."""
-    from reinforge.pipelines.index import load_index
-    from reinforge.pipelines.transfer_set import candidate_rows
+    from reinforge.curation.index import load_index
+    from reinforge.curation.transfer_set import candidate_rows
     index = load_index(str(world["root"] / "index"))
     pool = load_embeddings(str(world["root"] / "embed"))
     rows = np.array([0, 5, PER_SHARD, PER_SHARD + 1, POOL], np.int64)  # both files, the last row

@@ -22,9 +22,9 @@ import yaml
 from conftest import make_input_shards, process_tree, tiny_recipe
 from test_mobileclip_e2e import datacomp_shards, recipe as mobileclip_recipe, uid
 
-from reinforge.pipelines.runner import run_recipe
-from reinforge.schemas.config import parse_recipe
-from reinforge.schemas.manifest import TMP_MARKER
+from reinforge.runtime.runner import run_recipe
+from reinforge.products.registry import parse_recipe
+from reinforge.io.manifest import TMP_MARKER
 
 pytest.importorskip("moto", reason="moto is not installed: `pip install -e '.[test]'` installs moto[server] and s3fs")
 
@@ -73,7 +73,7 @@ def s3(moto_endpoint, ray_local):
     import ray
     import s3fs
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
     env = {**FAKE_AWS, "FSSPEC_S3_ENDPOINT_URL": moto_endpoint}
@@ -243,7 +243,7 @@ def test_mobileclip_join_reshard_and_reader_on_s3(s3, datacomp_pool, tmp_path):
     import torch
 
     from reinforge.readers.mobileclip import MobileCLIPDRDataset
-    from reinforge.schemas.subset import make_subset, write_subset
+    from reinforge.formats.subset import make_subset, write_subset
 
     # MobileCLIP reinforcement-only shards (keep_images=false, as Apple publishes DataCompDR), s3 -> s3
     dr = f"{S3}/runs/dr"
@@ -299,7 +299,7 @@ def test_failed_writes_leave_nothing_and_missing_buckets_are_not_created(s3, mon
     import fsspec.config
     import s3fs
 
-    from reinforge.pipelines.storage import atomic_open, exists, write_bytes
+    from reinforge.io.storage import atomic_open, exists, write_bytes
     url = f"{S3}/scratch/partial.bin"
     with pytest.raises(RuntimeError, match="boom"):
         with atomic_open(url) as f:

@@ -10,13 +10,13 @@ import torch
 from conftest import jpeg_bytes, photo, png_bytes, png_header_claiming, write_shard
 from PIL import Image
 
-from reinforge.schemas.arrays import load_npz, npz_bytes
-from reinforge.schemas.config import ConfigError, config_digest, load_recipe, parse_recipe
-from reinforge.schemas.image import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
-from reinforge.schemas.imagenet_plus import (ReinforcedSample, SchemaError, decode_probs, decode_sample, densify,
-                                             encode_probs, encode_sample, sparsify)
-from reinforge.schemas.manifest import OutputFile, StageStats, TaskManifest
-from reinforge.schemas.wds import ShardReadError, ShardWriter, iter_samples, split_member_name
+from reinforge.formats.arrays import load_npz, npz_bytes
+from reinforge.formats.recipe import ConfigError, config_digest
+from reinforge.products.registry import load_recipe, parse_recipe
+from reinforge.formats.image import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
+from reinforge.formats.imagenet_plus import (ReinforcedSample, SchemaError, decode_probs, decode_sample, densify, encode_probs, encode_sample, sparsify)
+from reinforge.io.manifest import OutputFile, StageStats, TaskManifest
+from reinforge.formats.wds import ShardReadError, ShardWriter, iter_samples, split_member_name
 
 
 def test_shard_writer_is_byte_deterministic_and_groups_by_key(tmp_path):

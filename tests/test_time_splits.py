@@ -13,16 +13,15 @@ import pytest
 from conftest import manifest_nodes, shard_bytes, tree_state, two_node_cluster, write_shard
 from pool_gen import metadata_table, random_uids, write_metadata, write_pool_shards
 
-from reinforge.pipelines.replay import ScheduleError, allocate, build_schedule, policy_weights
-from reinforge.pipelines.reshard import ReshardError, ReshardPipeline
-from reinforge.pipelines.rundir import run_status
-from reinforge.pipelines.runner import run_recipe
-from reinforge.pipelines.sources import InputError
-from reinforge.pipelines.time_splits import SplitError, SplitOptions, build_splits
-from reinforge.schemas.config import parse_recipe
-from reinforge.schemas.subset import (SubsetError, first_occurrence, isin, make_subset,
-                                      parse_hex_uids, read_subset, uid_order, uids_hex, write_subset)
-from reinforge.schemas.wds import iter_samples
+from reinforge.curation.replay import ScheduleError, allocate, build_schedule, policy_weights
+from reinforge.products.reshard.pipeline import ReshardError, ReshardPipeline
+from reinforge.ops.rundir import run_status
+from reinforge.runtime.runner import run_recipe
+from reinforge.formats.sources import InputError
+from reinforge.curation.time_splits import SplitError, SplitOptions, build_splits
+from reinforge.products.registry import parse_recipe
+from reinforge.formats.subset import (SubsetError, first_occurrence, isin, make_subset, parse_hex_uids, read_subset, uid_order, uids_hex, write_subset)
+from reinforge.formats.wds import iter_samples
 
 TIC = ["2016", "2017", "2018", "2019", "2020", "2021", "2022"]
 
@@ -328,7 +327,7 @@ def read_back(run) -> tuple[collections.Counter, list[list[str]]]:
 def reshard_run(pool, tmp_path_factory, ray_local):
     import ray
 
-    from reinforge.pipelines.ray_session import start_local_ray
+    from reinforge.runtime.ray_session import start_local_ray
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, object_store_memory_mb=256)
     root, _, _ = pool
@@ -369,10 +368,10 @@ def test_reshard_writes_exactly_the_subset_with_multiplicities(pool, reshard_run
 
 @pytest.mark.ray
 def test_reshard_is_byte_identical_on_rerun(pool, reshard_run, tmp_path, local_ray):
-    from reinforge.pipelines.executor import TaskExecutor
-    from reinforge.pipelines.loader_files import write_loader_files
-    from reinforge.schemas.config import config_digest
-    from reinforge.schemas.manifest import RunLayout
+    from reinforge.runtime.executor import TaskExecutor
+    from reinforge.formats.loader_files import write_loader_files
+    from reinforge.formats.recipe import config_digest
+    from reinforge.io.manifest import RunLayout
     root, _, _ = pool
     out, _ = reshard_run
     again = run_recipe(parse_recipe(reshard_recipe(root, out)), progress=False)
@@ -421,9 +420,9 @@ def test_reshard_missing_uids_fail_loudly_unless_allowed(pool, tmp_path):
 def test_reshard_pool_shard_gone_fails_the_task(pool, tmp_path):
     import shutil
 
-    from reinforge.pipelines.executor import TaskExecutor
-    from reinforge.schemas.config import config_digest
-    from reinforge.schemas.manifest import RunLayout
+    from reinforge.runtime.executor import TaskExecutor
+    from reinforge.formats.recipe import config_digest
+    from reinforge.io.manifest import RunLayout
     root, _, _ = pool
     shutil.copytree(root / "pool", tmp_path / "pool")
     recipe = parse_recipe({**reshard_recipe(root, tmp_path / "run"), "input": {"path": str(tmp_path / "pool/*.tar")}})

@@ -7,12 +7,12 @@ from functools import wraps
 
 import click
 
-from reinforge.readers.runs import NotARunError
-from reinforge.pipelines.runner import ConfigChangedError, InputsChangedError
-from reinforge.pipelines.sources import InputError
-from reinforge.schemas.config import ConfigError
-from reinforge.schemas.embeddings import EmbeddingError
-from reinforge.schemas.subset import SubsetError
+from reinforge.io.runs import NotARunError
+from reinforge.runtime.runner import ConfigChangedError, InputsChangedError
+from reinforge.formats.sources import InputError
+from reinforge.formats.recipe import ConfigError
+from reinforge.formats.embeddings import EmbeddingError
+from reinforge.formats.subset import SubsetError
 
 # InputError covers every product's bad-input errors (splits, schedules, reshard, join, filters, plan);
 # SubsetError: bad subset/counts files; EmbeddingError: unusable embedding files (retrieval)
@@ -59,7 +59,7 @@ def bundled_config(name: str):
 def resolve_config(path: str) -> str:
     """`path` itself when it exists; else, for `NAME.yaml` or `configs/NAME.yaml`, the recipe the
     installed package ships, so the documented commands work from any directory."""
-    from reinforge.pipelines.storage import exists
+    from reinforge.io.storage import exists
     if "://" in path or exists(path):
         return path
     directory, _, name = path.replace("\\", "/").rpartition("/")
@@ -70,8 +70,8 @@ def resolve_config(path: str) -> str:
 def load_yaml_file(path: str, overrides: tuple[str, ...] = ()) -> dict:
     """A YAML config file (any fsspec URL, or a bundled recipe name), safe-loaded, with dotted `--set`
     overrides applied."""
-    from reinforge.pipelines.storage import read_text
-    from reinforge.schemas.config import apply_override, parse_yaml
+    from reinforge.io.storage import read_text
+    from reinforge.formats.recipe import apply_override, parse_yaml
     try:
         raw = parse_yaml(read_text(resolve_config(path)))
     except (FileNotFoundError, IsADirectoryError):
@@ -84,7 +84,7 @@ def load_yaml_file(path: str, overrides: tuple[str, ...] = ()) -> dict:
 
 
 def load_recipe_file(path: str, overrides: tuple[str, ...] = ()):
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.products.registry import parse_recipe
     return parse_recipe(load_yaml_file(path, overrides))
 
 
@@ -113,7 +113,7 @@ def run_and_exit(recipe, address: str | None, force: bool, progress: bool, redo_
                  runner: str | None = None):
     """Run a recipe (on Ray, or in this process: runner.runs_in_process), print its summary, exit 1 if
     tasks failed (0 otherwise). `runner` overrides resources.runner."""
-    from reinforge.pipelines.runner import run_recipe
+    from reinforge.runtime.runner import run_recipe
     if runner:
         recipe = recipe.model_copy(update={"resources": recipe.resources.model_copy(update={"runner": runner})})
     summary = run_recipe(recipe, address=address, force=force, progress=progress, redo_changed=redo_changed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from reinforge.cli.common import user_errors
-from reinforge.pipelines.filters.rules import BASELINES
+from reinforge.curation.filters.rules import BASELINES
 
 
 @click.group("filter")
@@ -40,7 +40,7 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
     """Score DataComp metadata Parquet (files or folders): caption, language, size, CLIP, synset and cluster stats."""
     import time
 
-    from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata
+    from reinforge.curation.filters.scores import ScoreOptions, score_metadata
     started = time.perf_counter()
     options = ScoreOptions(list(embeddings), embedding_key, clusters, cluster_targets, target_key, train_size,
                            niter, seed, cluster_train, kmeans, centroids, cld3)
@@ -75,8 +75,8 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
 @user_errors
 def apply(scores_dir, baseline, rule, top_fraction, score_column, out, report, semantics):
     """Apply a filter rule to stored scores: write the subset file and a report (counts, resolved thresholds)."""
-    from reinforge.pipelines.filters.clusters import FilterError
-    from reinforge.pipelines.filters.decide import decide, default_report_path
+    from reinforge.curation.filters.clusters import FilterError
+    from reinforge.curation.filters.decide import decide, default_report_path
     parts = [f"({p})" for p in (BASELINES.get(baseline), rule) if p]
     if top_fraction is not None:
         parts.append(f"top({score_column}, {top_fraction!r})")

@@ -26,7 +26,7 @@ def join(reinforcement_shards, images, output, dr_config, uid_field, caption_mem
          force, redo_changed, runner, progress):
     """Join REINFORCEMENT_SHARDS with the image shards they came from, by uid, checking each image's sha256
     and crop boxes; refused samples are counted by reason in OUTPUT/errors/."""
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.products.registry import parse_recipe
     recipe = parse_recipe({"product": "join", "output": output,
                            "input": {"path": reinforcement_shards, "dr_config": dr_config},
                            "images": {"path": images, "uid_field": uid_field}, "caption_member": caption_member,

@@ -10,7 +10,7 @@ import click
 from reinforge.cli import filters, join, ops, retrieval
 from reinforge.cli.common import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, failed_samples_line, load_recipe_file,
                                   redo_changed_option, run_and_exit, runner_option, user_errors)
-from reinforge.pipelines.sources import InputError
+from reinforge.formats.sources import InputError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +53,7 @@ def status(run_dir, watch, interval):
       3  incomplete: tasks pending or running, or the run stopped or went
          silent (--watch: no update for 60 s), tasks from an older recipe,
          or done tasks whose inputs changed since they ran"""
-    from reinforge.pipelines.rundir import run_status
+    from reinforge.ops.rundir import run_status
     if watch:
         sys.exit(ops.watch_status(run_dir, interval))
     st = run_status(run_dir)
@@ -92,7 +92,7 @@ def stats(run_dir, as_json):
     """Per-stage counters merged over all finished tasks."""
     from dataclasses import asdict
 
-    from reinforge.pipelines.rundir import merged_stats
+    from reinforge.ops.rundir import merged_stats
     stages, totals = merged_stats(run_dir)
     if as_json:
         click.echo(json.dumps({"totals": totals, "stages": {k: asdict(v) for k, v in stages.items()}}, indent=1))
@@ -115,9 +115,9 @@ def inspect(shard, key, augmentations):
     """Human-readable dump of one sample of a reinforced shard. Members are read within the bounds its run
     declares (RUN/dr_config.json beside RUN/shards/); a refused sample (member_too_large, bad_key, ...)
     is named with its reason, exit code 1; any other undecodable member is one line, exit code 2."""
-    from reinforge.pipelines.storage import filesystem
-    from reinforge.schemas.limits import SchemaError
-    from reinforge.schemas.wds import ShardReadError, iter_samples
+    from reinforge.io.storage import filesystem
+    from reinforge.formats.limits import SchemaError
+    from reinforge.formats.wds import ShardReadError, iter_samples
     fs, path = filesystem(shard)
     if not fs.exists(path):
         raise FileNotFoundError(f"shard {shard} not found")
@@ -148,7 +148,7 @@ def inspect(shard, key, augmentations):
 
 def shard_limits(fs, path: str):
     """What the shard's run declares, when it sits in RUN/shards/ beside RUN/dr_config.json."""
-    from reinforge.schemas.limits import declared_limits
+    from reinforge.formats.limits import declared_limits
     folder = path.rpartition("/")[0]
     run, _, name = folder.rpartition("/")
     config = None
@@ -166,7 +166,7 @@ def refused(reason: str, message: str) -> None:
 
 
 def show_imagenet_plus(members: dict, augmentations: int, limits=None) -> None:
-    from reinforge.schemas.imagenet_plus import decode_sample
+    from reinforge.formats.imagenet_plus import decode_sample
     sample = decode_sample(members, limits)
     click.echo(f"label: {sample.label}   image: {sample.image_ext}, {len(sample.image)} B   meta: {json.dumps(sample.meta)}")
     click.echo(f"stored augmentations: {sample.num_augmentations}, top-k: {sample.values.shape[1]}")
@@ -177,7 +177,7 @@ def show_imagenet_plus(members: dict, augmentations: int, limits=None) -> None:
 
 
 def show_datacomp_dr(members: dict, augmentations: int, limits=None) -> None:
-    from reinforge.schemas.datacomp_dr import decode_dr_sample
+    from reinforge.formats.datacomp_dr import decode_dr_sample
     sample = decode_dr_sample(members, limits)
     click.echo(f"uid: {sample.uid}   caption: {sample.caption!r}   sha256: {sample.meta.get('sha256')}")
     for key, captions in sample.syn.items():
@@ -196,7 +196,7 @@ def show_datacomp_dr(members: dict, augmentations: int, limits=None) -> None:
 def validate(run_dir, workers):
     """Check every shard against its manifest (size, sha256, count), every sample against the schema, and
     every task's inputs against the fingerprint its manifest recorded. Exit 1 on any problem. Read-only."""
-    from reinforge.pipelines.rundir import validate_run
+    from reinforge.ops.rundir import validate_run
     checked, problems = validate_run(run_dir, workers)
     for problem in problems[:50]:
         click.echo(f"INVALID {problem}", err=True)
@@ -211,7 +211,7 @@ def validate(run_dir, workers):
 @user_errors
 def gc(run_dir):
     """Remove temporary files left by interrupted writers (run it when no job writes to RUN_DIR)."""
-    from reinforge.pipelines.rundir import collect_garbage
+    from reinforge.ops.rundir import collect_garbage
     removed = collect_garbage(run_dir)
     for name in removed:
         click.echo(f"removed {name}")
@@ -229,7 +229,7 @@ def export():
 @user_errors
 def export_ml_dr(run_dir, out_dir):
     """Apple ML-DR reference trainer layout: config.pth.tar + {index}.pth.tar per image."""
-    from reinforge.pipelines.export_mldr import export_ml_dr as export_fn
+    from reinforge.ops.export_mldr import export_ml_dr as export_fn
     counts = export_fn(run_dir, out_dir)
     click.echo(f"wrote {counts['images']} images, {counts['augmentations']} augmentations to {out_dir}")
 
@@ -244,7 +244,7 @@ def export_ml_dr(run_dir, out_dir):
 @user_errors
 def export_datacompdr(run_dir, out_dir, format_, dtype):
     """The standard DataCompDR layout Apple's trainer reads (npz / pth.gz) from a run written with a storage codec."""
-    from reinforge.pipelines.export_datacompdr import export_datacompdr as export_fn
+    from reinforge.ops.export_datacompdr import export_datacompdr as export_fn
     try:
         counts = export_fn(run_dir, out_dir, format_, dtype)
     except ValueError as exc:  # a bad --format/--dtype pair, not a mobileclip_dr run (SchemaError is one)
@@ -261,7 +261,7 @@ def export_datacompdr(run_dir, out_dir, format_, dtype):
 @user_errors
 def demo(output, config, address):
     """Reinforce real photos with a real ImageNet teacher on a local Ray, and show what was written."""
-    from reinforge.pipelines.demo import run_demo
+    from reinforge.ops.demo import run_demo
     run_demo(load_recipe_file(config, (f"output={output}/run", f"input.path={output}/input/demo-*.tar")),
              f"{output}/input", address, echo=click.echo)
 
@@ -281,7 +281,7 @@ def demo(output, config, address):
 def splits(metadata, out, uid_column, timestamp_column, timestamp_format, by, boundaries, range_, eval_uids,
            memory_rows):
     """Time splits (TiC-DataComp) from metadata Parquet or per-period uid files (YYYY.npy / YYYYMM.npy)."""
-    from reinforge.pipelines.time_splits import SplitOptions, build_splits
+    from reinforge.curation.time_splits import SplitOptions, build_splits
     options = SplitOptions(uid_column, timestamp_column, timestamp_format, by,
                            boundaries.split(",") if boundaries else None, range_, list(eval_uids), memory_rows)
     m = build_splits(list(metadata), out, options)
@@ -320,7 +320,7 @@ def splits(metadata, out, uid_column, timestamp_column, timestamp_format, by, bo
 def schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_template, allow_size_mismatch, no_subsets,
              buffer):
     """Replay schedule over time splits: per-step sampling weights and uid subsets with multiplicities."""
-    from reinforge.pipelines.replay import build_schedule
+    from reinforge.curation.replay import build_schedule
     sched = build_schedule(splits_dir, policy, budget, out, seed, new_fraction, shards_template,
                            allow_size_mismatch, write_subsets=not no_subsets, buffer=buffer)
     for step in sched["steps"]:
@@ -367,7 +367,7 @@ def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, al
             shuffle_bufsize, blur_metadata, apply_blur, inject_blur_metadata, reencode_webp_quality, cls_file, dry_run,
             address, force, redo_changed, runner, progress):
     """DataComp resharder: write the samples of SUBSET (with multiplicities) as new {:08d}.tar shards."""
-    from reinforge.schemas.config import parse_recipe
+    from reinforge.products.registry import parse_recipe
     recipe = parse_recipe({"product": "reshard", "output": output, "subset": subset, "counts": counts, "seed": seed,
                            "input": {"path": pool, "uid_field": uid_field}, "samples_per_shard": samples_per_shard,
                            "allow_missing": allow_missing, "first_shard": first_shard, "num_shards": num_shards,
@@ -377,7 +377,7 @@ def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, al
     if dry_run:
         import json
 
-        from reinforge.pipelines.reshard import ReshardPipeline
+        from reinforge.products.reshard.pipeline import ReshardPipeline
         report = ReshardPipeline(recipe).dry_run_report()
         out = report["reshard"]["output"]
         click.echo(f"dry run: {out['samples']:,} samples in {out['shards']:,} shards from "
@@ -394,7 +394,7 @@ def reshard(subset, pool, output, counts, samples_per_shard, seed, uid_field, al
 @user_errors
 def datacompnet_classes(year2uids, class_info, out):
     """TiC DataCompNet labels: uid2classid/<year>.pkl as ml-tic-clip's generate_datacompnet_uid2classid writes them."""
-    from reinforge.pipelines.datacompnet import write_uid2classid
+    from reinforge.formats.datacompnet import write_uid2classid
     for year, n in write_uid2classid(year2uids, class_info, out).items():
         click.echo(f"{out}/uid2classid/{year}.pkl: {n:,} uids")
 

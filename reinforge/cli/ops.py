@@ -22,7 +22,7 @@ LIVE_STATES = ("starting", "running")
 @user_errors
 def report(run_dir, out, max_samples):
     """Self-contained HTML report of a run: throughput, task durations, errors, product statistics."""
-    from reinforge.pipelines.report import build_report
+    from reinforge.ops.report import build_report
     out = out or f"{run_dir.rstrip('/').rpartition('/')[2] or 'run'}-report"
     click.echo(f"report: {build_report(run_dir, out, max_samples)}")
 
@@ -42,7 +42,7 @@ def plan(config, samples, nodes, probe_samples, overrides, address, workdir, as_
     """Measure the recipe on a few samples here, then print wall time, storage and bottleneck for N samples."""
     from dataclasses import asdict
 
-    from reinforge.pipelines.plan import plan_capacity
+    from reinforge.ops.plan import plan_capacity
     result = plan_capacity(load_recipe_file(config, overrides), samples, nodes, probe_samples, address, workdir)
     if as_json:
         click.echo(json.dumps({**asdict(result), "bottleneck": result.bottleneck, "storage_bytes": result.storage_bytes,
@@ -71,9 +71,9 @@ def watch_status(run_dir: str, interval: float, echo=click.echo, stale_after: fl
     """Print a line per change of RUN/status.json until the run is no longer starting or running. Returns
     the exit code (as `status`): 0 finished with every task done, 1 some task failed, 3 interrupted or gone
     stale (its driver stopped updating it, e.g. killed while starting or running)."""
-    from reinforge.pipelines.rundir import load_run
-    from reinforge.pipelines.runner import STATUS_FILE
-    from reinforge.pipelines.storage import exists, read_text
+    from reinforge.ops.rundir import load_run
+    from reinforge.runtime.runner import STATUS_FILE
+    from reinforge.io.storage import exists, read_text
     layout, _ = load_run(run_dir)
     url = f"{layout.root}/{STATUS_FILE}"
     if not exists(url):

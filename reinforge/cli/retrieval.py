@@ -6,7 +6,7 @@ import json
 import click
 
 from reinforge.cli.common import load_recipe_file, load_yaml_file, redo_changed_option, run_and_exit, user_errors
-from reinforge.schemas.config import ConfigError
+from reinforge.formats.recipe import ConfigError
 
 
 @click.command()
@@ -34,8 +34,8 @@ def embed(config, overrides, address, force, redo_changed, progress):
 @user_errors
 def index(embeddings, out, overrides, address):
     """Build a faiss index over embed_pool run dirs, embedding parquet files or DataComp metadata."""
-    from reinforge.pipelines.index import build_index, parse_index_spec
-    from reinforge.schemas.config import apply_override
+    from reinforge.curation.index import build_index, parse_index_spec
+    from reinforge.formats.recipe import apply_override
     raw: dict = {}
     for dotted in overrides:
         apply_override(raw, dotted)
@@ -54,7 +54,7 @@ def index(embeddings, out, overrides, address):
 @user_errors
 def transfer_set(config, overrides, address):
     """Curate a transfer set (YAML config): neighbours of target images or prompts -> subset files + report."""
-    from reinforge.pipelines.transfer_set import build_transfer_set, parse_transfer_spec
+    from reinforge.curation.transfer_set import build_transfer_set, parse_transfer_spec
     spec = parse_transfer_spec(load_yaml_file(config, overrides))
     report = build_transfer_set(spec, address)
     q = report["queries"]

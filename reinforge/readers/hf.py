@@ -19,11 +19,11 @@ import json
 
 import fsspec
 
-from reinforge.readers.runs import committed_shards
-from reinforge.schemas.hf_card import HF_IMAGE_EXTENSIONS, card_features, hf_features
-from reinforge.schemas.manifest import join
-from reinforge.schemas.members import decode_member, inner_extension
-from reinforge.schemas.wds import iter_samples
+from reinforge.io.runs import committed_shards
+from reinforge.formats.hf_card import HF_IMAGE_EXTENSIONS, card_features, hf_features
+from reinforge.io.manifest import join
+from reinforge.formats.members import decode_member, inner_extension
+from reinforge.formats.wds import iter_samples
 
 
 def _yaml_features(run: str) -> list[dict]:

@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from reinforge.readers.skips import SkipCounters
-from reinforge.readers.runs import committed_shards, dr_config, is_run_dir
-from reinforge.schemas.augment import entry_seed, replay_augmenter
-from reinforge.schemas.image import IMAGE_EXTENSIONS, decode_rgb
-from reinforge.schemas.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample,
-                                             densify, sha256_hex)
-from reinforge.schemas.limits import Limits, declared_limits, too_large
-from reinforge.schemas.wds import split_member_name, unsafe_name
+from reinforge.io.runs import committed_shards, dr_config, is_run_dir
+from reinforge.formats.augment import entry_seed, replay_augmenter
+from reinforge.formats.image import IMAGE_EXTENSIONS, decode_rgb
+from reinforge.formats.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample, densify, sha256_hex)
+from reinforge.formats.limits import Limits, declared_limits, too_large
+from reinforge.formats.wds import split_member_name, unsafe_name
 
 log = logging.getLogger(__name__)
 

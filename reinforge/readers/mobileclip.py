@@ -23,13 +23,13 @@ import torch
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 
-from reinforge.readers.runs import committed_shards, dr_config, is_run_dir
+from reinforge.io.runs import committed_shards, dr_config, is_run_dir
 from reinforge.readers.skips import SkipCounters, spawning
-from reinforge.schemas.augment import entry_seed, replay_augmenter
-from reinforge.schemas.datacomp_dr import ReplayError, decode_dr_sample, replayable_image
-from reinforge.schemas.imagenet_plus import SchemaError
-from reinforge.schemas.limits import Limits, declared_limits
-from reinforge.schemas.wds import ShardReadError, iter_samples
+from reinforge.formats.augment import entry_seed, replay_augmenter
+from reinforge.formats.datacomp_dr import ReplayError, decode_dr_sample, replayable_image
+from reinforge.formats.imagenet_plus import SchemaError
+from reinforge.formats.limits import Limits, declared_limits
+from reinforge.formats.wds import ShardReadError, iter_samples
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import random
 import fsspec
 import numpy as np
 
-from reinforge.readers.runs import committed_shards
-from reinforge.schemas.augment import entry_seed, replay_augmenter
-from reinforge.schemas.image import IMAGE_EXTENSIONS, decode_rgb
-from reinforge.schemas.imagenet_plus import META_MEMBER, SchemaError, decode_sample, densify, sha256_hex
-from reinforge.schemas.manifest import RunLayout
-from reinforge.schemas.members import decode_members
+from reinforge.io.runs import committed_shards
+from reinforge.formats.augment import entry_seed, replay_augmenter
+from reinforge.formats.image import IMAGE_EXTENSIONS, decode_rgb
+from reinforge.formats.imagenet_plus import META_MEMBER, SchemaError, decode_sample, densify, sha256_hex
+from reinforge.io.manifest import RunLayout
+from reinforge.formats.members import decode_members
 
 
 def read_run(run: str, decode: bool = True, **read_webdataset_args):

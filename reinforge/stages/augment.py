@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from reinforge.schemas.augment import Augmenter, entry_seed
+from reinforge.formats.augment import Augmenter, entry_seed
 from reinforge.stages.base import Batch, MapStage
 
 

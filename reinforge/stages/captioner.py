@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from reinforge.schemas.augment import entry_seed
-from reinforge.schemas.config import CaptionerSpec
+from reinforge.formats.augment import entry_seed
+from reinforge.models.specs import CaptionerSpec
 from reinforge.stages.base import Batch, SkipSample, Stage, sample_error
 from reinforge.stages.base import run_isolated
 from reinforge.stages.clip_teachers import autocast, load_open_clip

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from reinforge.schemas.config import ClipTeacherSpec
+from reinforge.models.specs import ClipTeacherSpec
 from reinforge.stages.base import Batch, SkipSample, Stage, run_isolated, sample_error
 from reinforge.stages.teachers import resolve_checkpoint
 

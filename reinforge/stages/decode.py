@@ -1,7 +1,7 @@
 """Decode the image member and parse the class label of each sample."""
 from __future__ import annotations
 
-from reinforge.schemas.image import DEFAULT_MAX_PIXELS, decode_rgb, find_image
+from reinforge.formats.image import DEFAULT_MAX_PIXELS, decode_rgb, find_image
 from reinforge.stages.base import MapStage, SkipSample
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reinforge.schemas.config import ClipTeacherSpec, EmbedEncoder, Teacher
+from reinforge.models.specs import ClipTeacherSpec, EmbedEncoder, Teacher
 from reinforge.stages.base import Batch, MapStage, Stage
 from reinforge.stages.base import run_isolated
 from reinforge.stages.clip_teachers import autocast, fit_views, load_open_clip

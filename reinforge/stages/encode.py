@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reinforge.schemas.imagenet_plus import ReinforcedSample, encode_sample
+from reinforge.formats.imagenet_plus import ReinforcedSample, encode_sample
 from reinforge.stages.base import MapStage
 
 
@@ -33,7 +33,7 @@ class EncodeDataCompDR(MapStage):
     name = "encode"
 
     def __init__(self, storage, keep_images: bool = True, with_embeddings: bool = True):
-        self.storage = storage  # reinforge.schemas.datacomp_dr.StorageSpec
+        self.storage = storage  # reinforge.formats.datacomp_dr.StorageSpec
         self.keep_images = keep_images
         self.with_embeddings = with_embeddings
 
@@ -43,8 +43,8 @@ class EncodeDataCompDR(MapStage):
         return {"storage_codec": codec.describe()} if codec is not None else {}
 
     def process(self, sample: dict) -> dict:
-        from reinforge.schemas.datacomp_dr import DRSample, encode_dr_sample
-        from reinforge.schemas.imagenet_plus import dumps_compact, sha256_hex
+        from reinforge.formats.datacomp_dr import DRSample, encode_dr_sample
+        from reinforge.formats.imagenet_plus import dumps_compact, sha256_hex
         uid, image = sample["__key__"], sample["image_bytes"]
         if not self.with_embeddings:
             members = {}

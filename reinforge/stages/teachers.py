@@ -14,8 +14,8 @@ import fsspec
 import numpy as np
 import torch
 
-from reinforge.schemas.config import Teacher
-from reinforge.schemas.imagenet_plus import sparsify
+from reinforge.models.specs import Teacher
+from reinforge.formats.imagenet_plus import sparsify
 from reinforge.stages.base import Batch, Stage, run_isolated
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

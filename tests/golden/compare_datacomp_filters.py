@@ -20,8 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from test_filters import GOLDEN_RULES  # noqa: E402  (golden file -> reinforge rule)
 
-from reinforge.pipelines.filters.decide import decide  # noqa: E402
-from reinforge.pipelines.filters.scores import ScoreOptions, score_metadata  # noqa: E402
+from reinforge.curation.filters.decide import decide  # noqa: E402
+from reinforge.curation.filters.scores import ScoreOptions, score_metadata  # noqa: E402
 
 
 def uids(path: str) -> set:

@@ -1,0 +1,263 @@
+"""DataComp uid subset files: the pure format code (no Ray, no pipelines).
+
+A uid is 32 hexadecimal characters (128 bits; either case is accepted, written back lower-case).
+A subset file is a NumPy `.npy` of the structured dtype `u8,u8` = (high 64 bits, low 64 bits),
+sorted ascending and free of repeats: DataComp's resharder and trainers read it as a set.
+
+Multiplicities (a split upsampled in a replay step) go to a parallel file `<stem>.counts.npy`:
+uint32, same length and order as the uid file, every entry >= 1. The uid file stays an exact
+DataComp subset; a reader that ignores the counts file sees the set of uids. No counts file
+means every count is 1.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+SUBSET_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])
+COUNTS_DTYPE = np.dtype("<u4")
+COUNTS_SUFFIX = ".counts.npy"
+
+# uid_status codes returned by parse_hex_uids
+UID_OK, UID_NULL, UID_BAD_LENGTH, UID_NOT_HEX = 0, 1, 2, 3
+UID_STATUS_NAMES = {UID_NULL: "null", UID_BAD_LENGTH: "wrong_length", UID_NOT_HEX: "not_hex"}
+
+_HEX_LUT = np.full(256, 255, np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_LUT[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_LUT[_c] = 10 + _i
+
+
+class SubsetError(ValueError):
+    """A subset/counts file that is not in the format above; the message names the file."""
+
+
+def parse_hex_uids(strings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised uid parsing of a pyarrow string array (or a list of str).
+
+    Returns (hi, lo, status): uint64 halves and an int8 status per row (UID_OK, or why not);
+    hi/lo of rows that are not UID_OK are 0 and must be ignored by the caller."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    arr = strings if isinstance(strings, (pa.Array, pa.ChunkedArray)) else pa.array(strings, pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type):
+        arr = arr.cast(pa.string())
+    if not pa.types.is_string(arr.type):
+        raise SubsetError(f"uid column has type {arr.type}, expected strings of 32 hex characters")
+    n = len(arr)
+    status = np.zeros(n, np.int8)
+    lengths = pc.binary_length(arr).to_numpy(zero_copy_only=False)  # NaN where null
+    null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False))
+    status[null] = UID_NULL
+    status[~null & (np.nan_to_num(lengths, nan=32) != 32)] = UID_BAD_LENGTH
+    good32 = status == UID_OK
+    hi = np.zeros(n, np.uint64)
+    lo = np.zeros(n, np.uint64)
+    sub = arr if good32.all() else arr.filter(pa.array(good32))
+    if len(sub) == 0:
+        return hi, lo, status
+    offsets = np.frombuffer(sub.buffers()[1], np.int32, len(sub) + 1, sub.offset * 4)
+    data = np.frombuffer(sub.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    try:  # fast path: the whole batch is valid hex (C-speed decode of the concatenated text)
+        raw = np.frombuffer(bytes.fromhex(data.tobytes().decode("ascii")), ">u8").reshape(-1, 2)
+        sub_ok = np.ones(len(sub), bool)
+    except ValueError:  # some row is not hex: find which with a lookup table, decode the rest
+        nibbles = _HEX_LUT[data.reshape(-1, 32)]
+        sub_ok = ~(nibbles == 255).any(axis=1)
+        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+        raw = np.ascontiguousarray(packed).view(">u8").reshape(-1, 2)
+    idx = np.flatnonzero(good32)
+    hi[idx] = raw[:, 0]
+    lo[idx] = raw[:, 1]
+    bad = idx[~sub_ok]
+    status[bad] = UID_NOT_HEX
+    hi[bad] = lo[bad] = 0
+    return hi, lo, status
+
+
+def uid_hex(hi, lo) -> str:
+    return f"{int(hi):016x}{int(lo):016x}"
+
+
+def uids_hex(uids: np.ndarray) -> list[str]:
+    return [uid_hex(h, l) for h, l in zip(uids["f0"].tolist(), uids["f1"].tolist())]
+
+
+def make_subset(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    out = np.empty(len(hi), SUBSET_DTYPE)
+    out["f0"] = hi
+    out["f1"] = lo
+    return out
+
+
+def uid_order(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Indices that sort (hi, lo) ascending; equal uids keep their input order (first occurrence first).
+
+    argsort on hi alone is ~2x faster than a two-key lexsort; rows whose hi repeats (duplicates, or
+    a 1-in-2^64 collision) are re-ordered among themselves by (lo, input position)."""
+    order = np.argsort(hi, kind="stable")
+    sorted_hi = hi[order]
+    tie = np.flatnonzero(sorted_hi[1:] == sorted_hi[:-1])
+    if len(tie):
+        members = np.unique(np.concatenate([tie, tie + 1]))  # positions inside tie groups
+        group = np.cumsum(np.r_[True, sorted_hi[members[1:]] != sorted_hi[members[:-1]]])
+        rows = order[members]
+        order[members] = rows[np.lexsort((rows, lo[rows], group))]
+    return order
+
+
+def first_occurrence(hi_sorted: np.ndarray, lo_sorted: np.ndarray) -> np.ndarray:
+    """Mask over uid-sorted rows: True for the first row of each distinct uid."""
+    keep = np.ones(len(hi_sorted), bool)
+    keep[1:] = (hi_sorted[1:] != hi_sorted[:-1]) | (lo_sorted[1:] != lo_sorted[:-1])
+    return keep
+
+
+def is_sorted_unique(uids: np.ndarray) -> bool:
+    hi, lo = uids["f0"], uids["f1"]
+    return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
+
+
+def locate(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Position of each (hi, lo) row in a sorted unique subset array, -1 where absent. Searches on the
+    high half only (a structured searchsorted is ~20x slower), then walks the run of equal high halves
+    (almost always of length 1) comparing the low half."""
+    out = np.full(len(hi), -1, np.int64)
+    if len(members) == 0 or len(hi) == 0:
+        return out
+    m_hi, m_lo = np.ascontiguousarray(members["f0"]), np.ascontiguousarray(members["f1"])
+    pos = np.searchsorted(m_hi, hi)
+    todo = np.flatnonzero(pos < len(members))
+    while len(todo):
+        p = pos[todo]
+        same_hi = m_hi[p] == hi[todo]
+        todo, p = todo[same_hi], p[same_hi]
+        hit = m_lo[p] == lo[todo]
+        out[todo[hit]] = p[hit]
+        todo = todo[~hit]
+        pos[todo] += 1
+        todo = todo[pos[todo] < len(members)]
+    return out
+
+
+def isin(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Membership of (hi, lo) rows in a sorted unique subset array."""
+    return locate(hi, lo, members) >= 0
+
+
+def counts_path(subset_path: str) -> str:
+    return (subset_path[:-4] if subset_path.endswith(".npy") else subset_path) + COUNTS_SUFFIX
+
+
+def subset_bytes(uids: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(uids, SUBSET_DTYPE), allow_pickle=False)
+    return buf.getvalue()
+
+
+def counts_bytes(counts: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(counts, COUNTS_DTYPE), allow_pickle=False)
+    return buf.getvalue()
+
+
+def check_subset(uids: np.ndarray, counts: Optional[np.ndarray] = None, name: str = "subset") -> None:
+    if uids.dtype.names != ("f0", "f1") or uids.dtype["f0"] != np.uint64 or uids.dtype["f1"] != np.uint64:
+        raise SubsetError(f"{name}: dtype {uids.dtype} is not DataComp's u8,u8")
+    if uids.ndim != 1:
+        raise SubsetError(f"{name}: expected a 1-d array, got shape {uids.shape}")
+    if not is_sorted_unique(uids):
+        raise SubsetError(f"{name}: uids are not sorted ascending and unique")
+    if counts is not None:
+        if counts.shape != uids.shape:
+            raise SubsetError(f"{name}: counts have shape {counts.shape}, uids {uids.shape}")
+        if len(counts) and counts.min() < 1:
+            raise SubsetError(f"{name}: counts must be >= 1 (found {int(counts.min())})")
+
+
+def write_subset(url: str, uids: np.ndarray, counts: Optional[np.ndarray] = None) -> None:
+    """Write a sorted unique subset (and `<stem>.counts.npy` when counts are given), atomically."""
+    from reinforge.io.storage import write_bytes  # fsspec I/O; imported lazily
+    check_subset(uids, counts, url)
+    write_bytes(url, subset_bytes(uids))
+    if counts is not None:
+        write_bytes(counts_path(url), counts_bytes(counts))
+
+
+@dataclass
+class LoadedSubset:
+    uids: np.ndarray  # sorted unique u8,u8
+    counts: np.ndarray  # uint32 multiplicities, parallel to uids
+    path: str
+    counts_file: Optional[str] = None
+    repeated_entries: int = 0  # repeats inside the uid file itself, folded into counts
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+def _load_npy(url: str) -> np.ndarray:
+    from reinforge.io.storage import filesystem
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise SubsetError(f"subset file {url} not found")
+    try:
+        return np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SubsetError(f"{url}: not a readable .npy file ({exc})") from None
+
+
+def read_subset(url: str, counts: str = "auto") -> LoadedSubset:
+    """Load a subset file. `counts`: "auto" (use `<stem>.counts.npy` if it exists), "none", or a path.
+
+    Policy for a uid file that is not sorted or repeats uids (not DataComp's format, but seen in the
+    wild): an unsorted file is sorted; repeats are folded into multiplicities and counted in
+    `repeated_entries` (never dropped). Repeats together with a counts file are ambiguous: error."""
+    from reinforge.io.storage import exists
+    raw = _load_npy(url)
+    if raw.dtype.names is None or len(raw.dtype.names) != 2 or any(
+            raw.dtype[i].kind != "u" or raw.dtype[i].itemsize != 8 for i in range(2)):
+        raise SubsetError(f"{url}: dtype {raw.dtype} is not DataComp's u8,u8 subset format")
+    uids = make_subset(raw[raw.dtype.names[0]].astype("<u8"), raw[raw.dtype.names[1]].astype("<u8")).reshape(-1)
+    counts_file = None if counts == "none" else (counts_path(url) if counts == "auto" else counts)
+    if counts_file and counts == "auto" and not exists(counts_file):
+        counts_file = None
+    loaded_counts = None
+    if counts_file:
+        loaded_counts = _load_npy(counts_file)
+        if loaded_counts.dtype.kind not in "ui":
+            raise SubsetError(f"{counts_file}: counts dtype {loaded_counts.dtype} is not an integer type")
+        loaded_counts = loaded_counts.astype(np.int64).reshape(-1)
+        if loaded_counts.shape != uids.shape:
+            raise SubsetError(f"{counts_file}: {len(loaded_counts)} counts for {len(uids)} uids in {url}")
+        if len(loaded_counts) and loaded_counts.min() < 1:
+            raise SubsetError(f"{counts_file}: counts must be >= 1 (found {int(loaded_counts.min())})")
+    notes = []
+    order = uid_order(uids["f0"], uids["f1"])
+    if not np.array_equal(order, np.arange(len(uids))):
+        notes.append("uid file was not sorted; sorted on load")
+    uids = uids[order]
+    c = np.ones(len(uids), np.int64) if loaded_counts is None else loaded_counts[order]
+    first = first_occurrence(uids["f0"], uids["f1"])
+    repeated = int((~first).sum())
+    if repeated:
+        if loaded_counts is not None:
+            raise SubsetError(f"{url}: {repeated} repeated uids and a counts file {counts_file}: "
+                              "ambiguous multiplicities")
+        starts = np.flatnonzero(first)
+        c = np.diff(np.r_[starts, len(uids)])
+        uids = uids[starts]
+        notes.append(f"{repeated} repeated uid entries folded into multiplicities")
+    if len(c) and c.max() > np.iinfo(np.uint32).max:
+        raise SubsetError(f"{url}: a multiplicity exceeds uint32")
+    return LoadedSubset(uids, c.astype(COUNTS_DTYPE), url, counts_file, repeated, notes)

@@ -1,0 +1,112 @@
+"""The one reader of a run directory's records (fsspec only: no Ray, no pipeline code).
+
+Every tool and trainer that asks "which tasks of this run are done, and what did they write" asks
+here, so they all agree: a task is done when its manifest is readable and carries the digest of the
+run's current recipe. An unreadable manifest (truncated by a crash on a store without rename, or a
+foreign file) means "not done", for the runner (which redoes the task), status, validate and every
+trainer alike; an output without a manifest (a crash between rename and manifest) is not part of the run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import fsspec
+
+from reinforge.io.manifest import RunLayout, TaskManifest, join
+
+
+class NotARunError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+    sha256: str
+
+
+def _fs(url: str):
+    return fsspec.core.url_to_fs(url)
+
+
+def is_run_dir(url: str) -> bool:
+    """A run folder (it has run.json), local or any fsspec URL, rather than shard URLs or a plain folder."""
+    fs, path = _fs(url.rstrip("/"))
+    return fs.exists(join(path, "run.json"))
+
+
+def read_json(url: str) -> Optional[dict]:
+    """A JSON object file: None when it does not exist; ValueError naming it when it is not an object."""
+    fs, path = _fs(url)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{url}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{url}: not a JSON object")
+    return value
+
+
+def run_record(run: str) -> dict:
+    """run.json (recipe, config digest), or NotARunError."""
+    record = read_json(RunLayout(run.rstrip("/")).run_file)
+    if record is None:
+        raise NotARunError(f"{run} is not a reinforge run directory (no run.json)")
+    return record
+
+
+def dr_config(run: str) -> Optional[dict]:
+    """The run's trainer config (dr_config.json), None when it has none."""
+    return read_json(RunLayout(run.rstrip("/")).dr_config)
+
+
+def require_dr_config(run: str) -> dict:
+    """The run's trainer config, or ValueError naming the missing file."""
+    config = dr_config(run)
+    if config is None:
+        raise ValueError(f"{RunLayout(run.rstrip('/')).dr_config}: not found (the run has no trainer config)")
+    return config
+
+
+def scan_manifests(run: str) -> tuple[list[TaskManifest], list[str]]:
+    """Every readable task manifest (in task order), and the URLs of the unreadable ones."""
+    layout = RunLayout(run.rstrip("/"))
+    fs, folder = _fs(join(layout.root, "manifests"))
+    readable, unreadable = [], []
+    fs.invalidate_cache(folder)  # object stores cache listings: a manifest committed since must be seen
+    if not fs.exists(folder):
+        return readable, unreadable
+    for name in sorted(p.rpartition("/")[2] for p in fs.ls(folder, detail=False) if p.endswith(".json")):
+        url = join(layout.root, "manifests", name)
+        try:
+            readable.append(TaskManifest.from_json(fs.cat_file(join(folder, name)).decode()))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            unreadable.append(url)
+    readable.sort(key=lambda m: m.task_id)
+    return readable, unreadable
+
+
+def done_manifests(run: str, digest: Optional[str] = None) -> list[TaskManifest]:
+    """The manifests of finished tasks of the run's current recipe (or of `digest`), in task order."""
+    digest = digest or run_record(run).get("config_digest")
+    return [m for m in scan_manifests(run)[0] if m.config_digest == digest]
+
+
+def committed_outputs(run: str, suffix: str = ".tar", digest: Optional[str] = None) -> list[Shard]:
+    """Every output ending in `suffix` that a finished task wrote, in path order."""
+    layout = RunLayout(run.rstrip("/"))
+    outputs = {out.path: Shard(join(layout.root, out.path), out.samples, out.sha256)
+               for m in done_manifests(run, digest) for out in m.outputs if out.path.endswith(suffix)}
+    return [outputs[p] for p in sorted(outputs)]
+
+
+def committed_shards(run: str) -> list[Shard]:
+    """Every tar shard a finished task of the run's current recipe wrote, in shard-name order."""
+    return committed_outputs(run, ".tar")

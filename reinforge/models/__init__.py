@@ -1,0 +1,1 @@
+"""Model specs, loading, preprocessing and precision: timm classifiers, open_clip CLIP and CoCa."""

@@ -1,0 +1,231 @@
+"""Join: reinforcement-only DataCompDR shards (no images, like Apple's release) + the DataComp image
+shards they came from, matched by uid, into trainable DataCompDR shards (FORMATS §2).
+
+plan() (driver): index both sides with uid_index.py (tar headers and json members only; cached in
+<run>/index/{reinforcement,images}/), locate every reinforcement uid in the pool (reshard.match_pool),
+and write each reinforcement shard's pool locations to <run>/plan/<task>.parquet, with the counts in
+<run>/plan/plan.json. Tasks are the reinforcement shards (an output shard keeps its input's name);
+read(task) streams its shard and fetches only the pool samples it needs, by byte range.
+
+Per sample (JoinDR) the reinforcement members must decode, the pool sample must carry the same uid,
+an image and (unless the reinforcement sample has its own) a usable caption, and the image must be
+the one the crop boxes were drawn on: sha256 equal to the recorded one and every box inside it
+(check_replayable). Anything else is a refusal counted by reason in errors/<task>.jsonl:
+missing_image (uid not in the pool, or no image member), sha256_mismatch, crop_out_of_bounds,
+corrupt_image, bad_params, missing_sha256, uid_mismatch, schema, missing_caption, ...
+Output members are url.txt, image, txt, then the reinforcement members byte for byte: exactly what
+a keep_images run of the same recipe writes.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reinforge.runtime.pipeline import Pipeline
+from reinforge.products.reshard.pipeline import match_pool
+from reinforge.formats.sources import InputError, WebDatasetSource
+from reinforge.io.manifest import Task
+from reinforge.io.storage import exists, filesystem, read_text, write_bytes
+from reinforge.formats.uid_index import PoolReader, build_index
+from reinforge.readers.mobileclip import augmentation_from_config
+from reinforge.formats.augment import Augmenter
+from reinforge.products.join.recipe import JoinRecipe
+from reinforge.formats.datacomp_dr import CAPTION_MEMBER, META_MEMBER, URL_MEMBER, check_replayable, decode_dr_sample
+from reinforge.formats.image import IMAGE_EXTENSIONS, find_image
+from reinforge.formats.imagenet_plus import SchemaError
+from reinforge.formats.limits import Limits
+from reinforge.io.manifest import RunLayout
+from reinforge.formats.subset import LoadedSubset, first_occurrence, locate, make_subset, uid_hex, uid_order
+from reinforge.stages.base import MapStage, SkipSample, Stage
+from reinforge.stages.text import ParseCaption
+
+
+
+class JoinError(InputError):
+    """The join cannot be planned as asked (no trainer config, no uid in common with the pool)."""
+
+
+def _uid_of(members: dict, field: str = "uid") -> str | None:
+    try:
+        uid = json.loads(members[META_MEMBER]).get(field)
+    except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return uid if isinstance(uid, str) else None
+
+
+class JoinDR(MapStage):
+    """Verifies that a pool sample is the image a reinforcement sample was made from, and merges them."""
+
+    name = "join"
+
+    def __init__(self, image_augmentation: dict, caption_member: str, uid_field: str, threads: int = 1,
+                 limits: Limits | None = None):
+        self.augmenter = Augmenter(image_augmentation)
+        self.limits = limits
+        self.caption = ParseCaption(caption_member)
+        self.uid_field = uid_field
+        self.threads = threads
+
+    def process(self, sample: dict) -> dict:
+        reinforcement, pool = sample["__reinforcement__"], sample["__pool__"]
+        if "__error__" in reinforcement:
+            raise SkipSample(*reinforcement["__error__"])
+        try:
+            record = decode_dr_sample({"__key__": sample["__key__"], **reinforcement}, self.limits)
+        except SchemaError as exc:  # reason schema, or member_too_large
+            raise SkipSample(exc.reason, str(exc)) from None
+        if pool is None:
+            raise SkipSample("missing_image", f"uid {record.uid} is not in the image pool")
+        if "__error__" in pool:
+            raise SkipSample(*pool["__error__"])
+        pool_uid = _uid_of(pool, self.uid_field)
+        if (pool_uid or "").lower() != record.uid:
+            raise SkipSample("uid_mismatch", f"pool sample has uid {pool_uid!r}, the index said {record.uid}")
+        found = find_image(pool)
+        if found is None:
+            raise SkipSample("missing_image", f"the pool sample of uid {record.uid} has no image member")
+        caption = (reinforcement[CAPTION_MEMBER] if CAPTION_MEMBER in reinforcement
+                   else self.caption.process(dict(pool))["caption"].encode())
+        check_replayable(record, found[1], self.augmenter)  # ReplayError: sha256_mismatch, crop_out_of_bounds, ...
+        members = {URL_MEMBER: reinforcement[URL_MEMBER]} if URL_MEMBER in reinforcement else {}
+        members[found[0]] = found[1]
+        members[CAPTION_MEMBER] = caption
+        members.update((ext, data) for ext, data in reinforcement.items()
+                       if ext not in members and ext not in IMAGE_EXTENSIONS)
+        return {"__key__": sample["__key__"], "members": members}
+
+
+class JoinPipeline(Pipeline):
+    def __init__(self, recipe: JoinRecipe):
+        self.recipe = recipe
+        self.layout = RunLayout(recipe.output.rstrip("/"))
+        self.source = WebDatasetSource(recipe.input.path)
+
+    def dr_config_url(self) -> str:
+        if self.recipe.input.dr_config:
+            return self.recipe.input.dr_config
+        folder, _, _ = self.recipe.input.path.rpartition("/")
+        run, _, name = folder.rpartition("/")
+        if name != "shards":
+            raise JoinError(f"input.dr_config: not given, and {self.recipe.input.path} is not in a run's shards/ "
+                            f"folder; pass the reinforcement shards' trainer config (dr_config.json)")
+        return f"{run}/dr_config.json"
+
+    @staticmethod
+    def load_dr_config(url: str) -> tuple[dict, dict]:
+        """(config, image_augmentation), or JoinError naming the file."""
+        if not exists(url):
+            raise JoinError(f"input.dr_config: {url} not found")
+        try:
+            config = json.loads(read_text(url))
+            augmentation = augmentation_from_config(config)
+            Augmenter(augmentation)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise JoinError(f"input.dr_config: {url}: {exc}") from None
+        return config, augmentation
+
+    def probe_recipe(self, raw: dict, chosen: list[dict], folder: str) -> dict:
+        raw = super().probe_recipe(raw, chosen, folder)  # the probe shards are not in this run's shards/
+        return {**raw, "input": {**raw["input"], "dr_config": self.dr_config_url()}}
+
+    def plan_url(self, task_id: str) -> str:
+        return f"{self.layout.root}/plan/{task_id}.parquet"
+
+    def plan(self) -> list[Task]:
+        r = self.recipe
+        self.load_dr_config(self.dr_config_url())
+        tasks = self.source.plan()
+        try:
+            pool = WebDatasetSource(r.images.path).plan()
+        except InputError as exc:
+            raise JoinError(str(exc).replace("input.path", "images.path", 1)) from None
+        urls = [t.inputs[0] for t in pool]
+        # every sample's uid, read from the json members only; unreadable ones are refused by JoinDR
+        indexes = list(build_index(tasks, f"{self.layout.root}/index/reinforcement", "uid"))
+        ok = [t.column("status").to_numpy() == 0 for t in indexes]
+        hi = np.concatenate([t.column("uid_hi").to_numpy()[m] for t, m in zip(indexes, ok)])
+        lo = np.concatenate([t.column("uid_lo").to_numpy()[m] for t, m in zip(indexes, ok)])
+        order = uid_order(hi, lo)
+        first = first_occurrence(hi[order], lo[order])
+        uids = make_subset(hi[order][first], lo[order][first])
+        wanted = LoadedSubset(uids, np.ones(len(uids), np.uint32), r.input.path)
+        match = match_pool(wanted, build_index(pool, f"{self.layout.root}/index/images", r.images.uid_field), urls)
+        if len(uids) and not match.found.any():
+            raise JoinError(f"images.path: none of the {len(uids)} reinforcement uids is in the image pool "
+                            f"({len(urls)} shards, {match.samples} samples): wrong pool?")
+        for task, table, mask in zip(tasks, indexes, ok):
+            pos = locate(table.column("uid_hi").to_numpy()[mask], table.column("uid_lo").to_numpy()[mask], uids)
+            pos = pos[match.found[pos]]
+            locations = pa.table({
+                "uid": pa.array([uid_hex(*u) for u in uids[pos].tolist()], pa.string()),
+                "shard": pa.array([urls[s] for s in match.shard[pos].tolist()], pa.string()),
+                "offset": match.offset[pos], "length": match.length[pos]})
+            buf = pa.BufferOutputStream()
+            pq.write_table(locations, buf)
+            write_bytes(self.plan_url(task.id), buf.getvalue().to_pybytes())
+        samples = sum(t.num_rows for t in indexes)
+        summary = {"format": "reinforge.join/1", "reinforcement_shards": len(tasks), "reinforcement_samples": samples,
+                   "samples_without_uid": samples - int(sum(m.sum() for m in ok)), "uids": len(uids),
+                   "uids_in_pool": int(match.found.sum()), "uids_not_in_pool": int((~match.found).sum()),
+                   "not_in_pool_sample": [uid_hex(*u) for u in uids[~match.found][:10].tolist()],
+                   "pool": {"shards": len(urls), "samples_indexed": match.samples, "samples_without_uid": match.bad,
+                            "duplicate_uids": match.duplicates, "duplicate_sample": match.duplicate_sample,
+                            "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
+        write_bytes(f"{self.layout.root}/plan/plan.json", json.dumps(summary, indent=1).encode())
+        return tasks
+
+    def planned_tasks(self) -> list[Task]:
+        return self.source.plan()  # the reinforcement shards; plan() also indexes and writes plan/
+
+    def read(self, task: Task) -> Iterator[dict]:
+        fs, path = filesystem(self.plan_url(task.id))
+        with fs.open(path, "rb") as f:
+            rows = pq.read_table(f).to_pydict()
+        where = {uid: (url, offset, length) for uid, url, offset, length in
+                 zip(rows["uid"], rows["shard"], rows["offset"], rows["length"])}
+        pool = PoolReader()
+        source = WebDatasetSource(self.recipe.input.path, self.output_limits(self.layout))  # the run's dr_config
+        try:
+            for members in source.read(task):
+                key = members.pop("__key__")
+                found = where.get(_uid_of(members))
+                yield {"__key__": key, "__reinforcement__": members, "__pool__": pool.fetch(*found) if found else None}
+        finally:
+            pool.close()
+
+    def build_stages(self) -> list[Stage]:
+        r = self.recipe
+        _, augmentation = self.load_dr_config(self.layout.dr_config)  # the run's copy (prepare_run)
+        return [JoinDR(augmentation, r.caption_member, r.images.uid_field, max(1, int(r.resources.cpus_per_actor)),
+                       self.output_limits(self.layout))]
+
+    def samples_per_batch(self) -> int:
+        return 64
+
+    def prepare_run(self, layout: RunLayout) -> None:
+        """The trainer config of the reinforcement shards, byte for byte: it describes the joined shards too."""
+        url = self.dr_config_url()
+        self.load_dr_config(url)
+        fs, path = filesystem(url)
+        write_bytes(layout.dr_config, fs.cat_file(path))
+
+    def sample_checker(self, layout: RunLayout):
+        """validate: schema, N and D as the trainer config says, sha256 and crop bounds on the joined image."""
+        config, augmentation = self.load_dr_config(layout.dr_config)
+        augmenter = Augmenter(augmentation)
+        n, dims = config["reinforce"].get("num_samples"), config.get("teacher_dims")
+        limits = self.output_limits(layout)
+
+        def check(members: dict) -> None:
+            sample = decode_dr_sample(members, limits)
+            if n is not None and len(sample.entries) != n:
+                raise ValueError(f"{len(sample.entries)} stored augmentations, the trainer config says {n}")
+            if dims and sample.dim != sum(dims):
+                raise ValueError(f"embedding dim {sample.dim}, the trainer config says {sum(dims)} ({dims})")
+            check_replayable(sample, sample.image, augmenter)
+
+        return check
