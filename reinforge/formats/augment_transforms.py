@@ -130,7 +130,6 @@ def _apply_random_horizontal_flip(cfg: dict, img: torch.Tensor, slot: Any) -> to
     return F.hflip(img) if slot else img
 
 
-
 def apply_to_tensor(cfg: dict, img: torch.Tensor | Image.Image, slot: None) -> torch.Tensor:
     if isinstance(img, Image.Image):
         return F.to_tensor(img)

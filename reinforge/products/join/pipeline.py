@@ -30,7 +30,8 @@ from reinforge.products.reshard.pipeline import match_pool
 from reinforge.formats.sources import InputError, WebDatasetSource
 from reinforge.io.manifest import Task
 from reinforge.io.storage import exists, filesystem, read_text, write_bytes
-from reinforge.formats.uid_index import PoolReader, build_index
+from reinforge.formats.pool_reader import PoolReader
+from reinforge.formats.uid_index import build_index
 from reinforge.readers.mobileclip import augmentation_from_config
 from reinforge.formats.augment import Augmenter
 from reinforge.products.join.recipe import JoinRecipe
