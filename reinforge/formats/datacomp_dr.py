@@ -16,6 +16,8 @@ Tensors: image_emb [N, D] (row n = teachers' embedding of param_aug[n]) and then
   legacy (DataCompDR): text_emb [G+S, D] = ground-truth rows, then syn_text's S rows in order;
   dfndr:               text_emb [G, D] plus <syn_key>_emb [S, D] per synthetic-caption key.
 D = the teachers' dims concatenated in teacher order, each slice unit-norm on its own.
+Whether a sample replays on its image: datacomp_dr_replay.py; the dr_config.json beside the shards:
+dr_trainer_config.py.
 
 Pure code: no Ray, no models.
 """
