@@ -84,7 +84,7 @@ def glosses(count: int = SAMPLES) -> list[list[str]]:
 
 
 def _views(augmenter, image, seed: int, key: str, n: int) -> torch.Tensor:
-    from reinforge.formats.augment import entry_seed
+    from reinforge.formats.seeds import entry_seed
     return torch.stack([augmenter.augment(random.Random(entry_seed(seed, key, j)), image)[1] for j in range(n)])
 
 

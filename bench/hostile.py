@@ -75,7 +75,8 @@ def datacomp_dr_run(out: str, bombs: bool) -> None:
                              write_run_shard, zip_of)
 
     from reinforge.formats.augment import Augmenter
-    from reinforge.formats.datacomp_dr import DRSample, StorageSpec, dr_trainer_config, encode_dr_sample
+    from reinforge.formats.datacomp_dr import DRSample, StorageSpec, encode_dr_sample
+    from reinforge.formats.dr_trainer_config import dr_trainer_config
     from reinforge.formats.image import decode_rgb
     from reinforge.io.manifest import RunLayout
     augmentation = {"random_resized_crop": {"size": 224, "interpolation": "bicubic"}, "rand_augment": {"p": 1.0}}

@@ -78,7 +78,8 @@ def bare_forward_views_per_second(batch_size: int, threads: int, size: int, seco
 def replay(work: str, args) -> None:
     import random
 
-    from reinforge.formats.augment import Augmenter, entry_seed
+    from reinforge.formats.augment import Augmenter
+    from reinforge.formats.seeds import entry_seed
     from reinforge.formats.image import decode_rgb
     torch.set_num_threads(1)
     images = [decode_rgb(jpeg(photo(i, 400))) for i in range(6)]

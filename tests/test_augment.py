@@ -12,7 +12,10 @@ from torchvision.transforms import InterpolationMode, RandAugment
 from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op
 
-from reinforge.formats.augment import RAND_AUGMENT_OPS, TRANSFORM_ORDER, Augmenter, entry_seed
+from reinforge.formats.augment import Augmenter
+from reinforge.formats.augment_config import TRANSFORM_ORDER
+from reinforge.formats.rand_augment import RAND_AUGMENT_OPS
+from reinforge.formats.seeds import entry_seed
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -25,7 +25,8 @@ from reinforge.formats.codecs import CODEC_MEMBER, CodecError, Int8Row, Quant, d
 from reinforge.formats.recipe import ConfigError, config_digest
 from reinforge.products.mobileclip_dr.recipe import DRStorage
 from reinforge.products.registry import parse_recipe
-from reinforge.formats.datacomp_dr import (DRSample, StorageSpec, decode_dr_sample, dr_trainer_config, embedding_arrays, encode_dr_sample)
+from reinforge.formats.datacomp_dr import (DRSample, StorageSpec, decode_dr_sample, embedding_arrays, encode_dr_sample)
+from reinforge.formats.dr_trainer_config import dr_trainer_config
 from reinforge.formats.imagenet_plus import SchemaError, sha256_hex
 from reinforge.io.manifest import OutputFile, RunLayout, TaskManifest
 from reinforge.formats.members import decode_member as decode_by_extension

@@ -14,7 +14,9 @@ from conftest import jpeg_bytes, photo, png_bytes
 from consumer_reference import default_loader, reapply
 from torchvision.transforms import RandAugment
 
-from reinforge.formats.augment import RAND_AUGMENT_OPS, Augmenter, entry_seed
+from reinforge.formats.augment import Augmenter
+from reinforge.formats.rand_augment import RAND_AUGMENT_OPS
+from reinforge.formats.seeds import entry_seed
 from reinforge.formats.image import decode_rgb
 from reinforge.stages.augment import Augment
 from reinforge.stages.base import Batch

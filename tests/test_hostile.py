@@ -36,7 +36,8 @@ from reinforge.formats.arrays import load_npz, npz_bytes
 from reinforge.formats.augment import Augmenter
 from reinforge.formats.recipe import semantic_dict
 from reinforge.products.registry import parse_recipe
-from reinforge.formats.datacomp_dr import DRSample, StorageSpec, decode_dr_sample, dr_trainer_config, encode_dr_sample
+from reinforge.formats.datacomp_dr import DRSample, StorageSpec, decode_dr_sample, encode_dr_sample
+from reinforge.formats.dr_trainer_config import dr_trainer_config
 from reinforge.formats.image import decode_rgb
 from reinforge.formats.imagenet_plus import ReinforcedSample, decode_sample, encode_sample, sha256_hex
 from reinforge.formats.limits import Limits, MemberTooLarge, SchemaError, declared_limits, gunzip

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from conftest import TINY_CLIP, TINY_COCA, jpeg_bytes, photo, tiny_open_clip
 
-from reinforge.formats.augment import Augmenter, entry_seed
+from reinforge.formats.augment import Augmenter
+from reinforge.formats.seeds import entry_seed
 from reinforge.models.specs import CaptionerSpec, ClipTeacherSpec
 from reinforge.formats.image import decode_rgb
 from reinforge.stages.base import Batch

@@ -27,7 +27,9 @@ from PIL import Image
 from reinforge.readers.losses import mobileclip_distill_loss, teacher_targets
 from reinforge.readers.mobileclip import MobileCLIPDRDataset
 from reinforge.formats.augment import Augmenter
-from reinforge.formats.datacomp_dr import (DRSample, ReplayError, StorageSpec, check_replayable, decode_dr_sample, dr_trainer_config, encode_dr_sample)
+from reinforge.formats.datacomp_dr import (DRSample, StorageSpec, decode_dr_sample, encode_dr_sample)
+from reinforge.formats.datacomp_dr_replay import ReplayError, check_replayable
+from reinforge.formats.dr_trainer_config import dr_trainer_config
 from reinforge.formats.image import decode_rgb
 from reinforge.formats.imagenet_plus import SchemaError, sha256_hex
 from reinforge.io.manifest import OutputFile, RunLayout, TaskManifest

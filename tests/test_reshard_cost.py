@@ -15,11 +15,12 @@ from conftest import shard_bytes
 from pool_gen import random_uids, write_pool_shards
 
 from reinforge.formats import uid_index
+from reinforge.formats.shard_spans import SPARSE_HEADERS
 from reinforge.products.reshard.pipeline import ReshardPipeline
 from reinforge.runtime.runner import run_recipe, runs_in_process
 from reinforge.products.registry import parse_recipe
 from reinforge.formats.subset import make_subset, uid_order, write_subset
-from reinforge.formats.wds import ShardWriter
+from reinforge.formats.wds import ShardReadError, ShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +285,7 @@ def test_index_refuses_damaged_shards(tmp_path):
     damaged[1024 + 10] ^= 1  # a name byte of the second header: its checksum no longer matches
     for name, content in (("bad.tar", bytes(damaged)), ("cut.tar", data[:1500])):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(uid_index.ShardReadError, match="cannot index pool shard"):
+        with pytest.raises(ShardReadError, match="cannot index pool shard"):
             uid_index.index_shard(str(tmp_path / name))
 
 
@@ -292,7 +293,7 @@ def test_index_reads_mapped_and_pread_shards_alike(tmp_path):
     """Dense headers are read through a memory map, sparse ones (large images) by pread: same table."""
     strings, _, _ = random_uids(30, np.random.default_rng(2))
     small = write_pool_shards(tmp_path / "small", strings.to_pylist(), 30, payload=200)[0]
-    large = write_pool_shards(tmp_path / "large", strings.to_pylist(), 30, payload=uid_index.SPARSE_HEADERS * 2)[0]
+    large = write_pool_shards(tmp_path / "large", strings.to_pylist(), 30, payload=SPARSE_HEADERS * 2)[0]
     a, b = uid_index.index_shard(small), uid_index.index_shard(large)
     assert a.column("uid_hi").equals(b.column("uid_hi")) and a.column("key").equals(b.column("key"))
     assert index_rows(small) == reference_index(small) and index_rows(large) == reference_index(large)

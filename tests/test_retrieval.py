@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import jpeg_bytes, tiny_open_clip, write_shard
 from reinforge.curation.index import IndexSpec, build_index
-from reinforge.curation.transfer_set import build_transfer_set, parse_transfer_spec
+from reinforge.curation.transfer_set import build_transfer_set
+from reinforge.curation.transfer_spec import parse_transfer_spec
 from reinforge.formats.recipe import ConfigError
 from reinforge.products.registry import parse_recipe
 from reinforge.formats.embeddings import EmbeddingError, embeddings_table, fp16_matrix, load_embeddings, table_bytes
@@ -255,7 +256,7 @@ def test_candidate_rows_stream_only_the_candidates(world, tmp_path):
     """Streamed candidates == the same rows of the whole pool (the skipped bad-uid row shifts file 2's
     rows); a source changed after indexing is refused."""
     from reinforge.curation.index import load_index
-    from reinforge.curation.transfer_set import candidate_rows
+    from reinforge.curation.transfer_candidates import candidate_rows
     index = load_index(str(world["root"] / "index"))
     pool = load_embeddings(str(world["root"] / "embed"))
     rows = np.array([0, 5, PER_SHARD, PER_SHARD + 1, POOL], np.int64)  # both files, the last row

@@ -54,7 +54,8 @@ def index(embeddings, out, overrides, address):
 @user_errors
 def transfer_set(config, overrides, address):
     """Curate a transfer set (YAML config): neighbours of target images or prompts -> subset files + report."""
-    from reinforge.curation.transfer_set import build_transfer_set, parse_transfer_spec
+    from reinforge.curation.transfer_set import build_transfer_set
+    from reinforge.curation.transfer_spec import parse_transfer_spec
     spec = parse_transfer_spec(load_yaml_file(config, overrides))
     report = build_transfer_set(spec, address)
     q = report["queries"]

@@ -16,16 +16,16 @@ Tensors: image_emb [N, D] (row n = teachers' embedding of param_aug[n]) and then
   legacy (DataCompDR): text_emb [G+S, D] = ground-truth rows, then syn_text's S rows in order;
   dfndr:               text_emb [G, D] plus <syn_key>_emb [S, D] per synthetic-caption key.
 D = the teachers' dims concatenated in teacher order, each slice unit-norm on its own.
+Whether a sample replays on its image: datacomp_dr_replay.py; the dr_config.json beside the shards:
+dr_trainer_config.py.
 
 Pure code: no Ray, no models.
 """
 from __future__ import annotations
 
-import copy
 import gzip
 import io
 import json
-import math
 import re
 import zipfile
 import zlib
@@ -35,11 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from reinforge.formats import augment as _augment
 from reinforge.formats import codecs as _codecs
 from reinforge.formats.arrays import load_npz, npz_bytes
-from reinforge.formats.augment import Augmenter
-from reinforge.formats.image import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
+from reinforge.formats.image import IMAGE_EXTENSIONS
 from reinforge.formats.imagenet_plus import SchemaError, dumps_compact, sha256_hex
 from reinforge.formats.limits import SLACK, Limits, MemberTooLarge, gunzip, too_large
 
@@ -52,17 +50,6 @@ PARAMS_MEMBER, NPZ_MEMBER, PTH_MEMBER, META_MEMBER = "paug.json", "npz", "pth.gz
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The OpenAI CLIP statistics: what open_clip students normalise with unless told otherwise.
-OPENAI_CLIP_NORMALIZE = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
-
-
-class ReplayError(SchemaError):
-    """A stored augmentation cannot be replayed faithfully on these image bytes. `reason` is a short
-    code for counters: missing_image, missing_sha256, sha256_mismatch, corrupt_image, bad_params,
-    crop_out_of_bounds."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message, reason)
 
 
 @dataclass(frozen=True)
@@ -385,200 +372,3 @@ def decode_dr_sample(members: dict, limits: Limits | None = None) -> DRSample:
                       meta={k: v for k, v in meta.items() if k != "uid"})
     _check_embeddings(sample, fail)  # rows vs param_aug and captions, one D everywhere, finite
     return sample
-
-
-# ---------------------------------------------------------------------------------------------
-# Replay checks
-
-def _as_augmenter(augmentation: Augmenter | dict) -> Augmenter:
-    return augmentation if isinstance(augmentation, Augmenter) else Augmenter(augmentation)
-
-
-def check_crop_boxes(entries: list, augmentation: Augmenter | dict, image_hw: tuple[int, int], uid: str = "?") -> None:
-    """Every random_crop / random_resized_crop box of every entry lies inside the image it is cut from.
-    torchvision pads a box that sticks out with black without a word, so the public generator's boxes
-    (drawn on full-resolution images, replayed on <=512 px downloads) would replay silently wrong.
-    Only the sample's own view is checked; a mixing partner's half is checked when its image is known."""
-    augmenter = _as_augmenter(augmentation)
-    config, layout = augmenter.config(), augmenter.layout()
-    for n, entry in enumerate(entries):
-        if not isinstance(entry, list) or len(entry) != len(layout):
-            raise ReplayError("bad_params", f"sample {uid}: param_aug[{n}] has "
-                              f"{len(entry) if isinstance(entry, list) else type(entry).__name__} slots, "
-                              f"this augmentation expects {layout}")
-        slots = dict(zip(layout, entry))
-        mixed = slots.get("partner") is not None
-        hw = image_hw
-        # walk the geometric transforms in TRANSFORM_ORDER, with apply()'s own size rules
-        for name in ("resize", "center_crop", "random_crop", "random_resized_crop"):
-            if name not in config:
-                continue
-            cfg = config[name]
-            if name == "resize":
-                hw = _augment._resize_hw(cfg, hw)
-                continue
-            if name == "center_crop":
-                try:
-                    hw = _augment._center_crop_hw(cfg, hw)
-                except ValueError as exc:
-                    raise ReplayError("crop_out_of_bounds", f"sample {uid}: {exc}") from None
-                continue
-            slot = slots[name][0] if mixed and isinstance(slots[name], list) else slots[name]
-            size = 4 if name == "random_resized_crop" else 2
-            if not (isinstance(slot, list) and len(slot) == size
-                    and all(isinstance(v, int) and not isinstance(v, bool) for v in slot)):
-                raise ReplayError("bad_params", f"sample {uid}: param_aug[{n}] {name} slot must be {size} ints, "
-                                  f"got {slot!r}")
-            if name == "random_crop":
-                pad = cfg["padding"]
-                (top, left), (h, w) = slot, _augment._hw_of(cfg["size"])
-                bound = (hw[0] + 2 * pad, hw[1] + 2 * pad)
-            else:
-                top, left, h, w = slot
-                bound = hw
-            if not (h > 0 and w > 0 and top >= 0 and left >= 0 and top + h <= bound[0] and left + w <= bound[1]):
-                raise ReplayError("crop_out_of_bounds",
-                                  f"sample {uid}: param_aug[{n}] {name} box top={top} left={left} height={h} "
-                                  f"width={w} falls outside the {bound[0]}x{bound[1]} image (boxes drawn on "
-                                  f"another resolution than the stored image?)")
-            hw = _augment._hw_of(cfg["size"])
-
-
-def replayable_image(sample: DRSample, image_bytes: bytes | None, augmentation: Augmenter | dict) -> torch.Tensor:
-    """check_replayable, returning the decoded uint8 CHW image so that a reader decodes once."""
-    if image_bytes is None:
-        raise ReplayError("missing_image", f"sample {sample.uid}: no image bytes to replay on")
-    expected = sample.meta.get("sha256")
-    if not expected:
-        raise ReplayError("missing_sha256", f"sample {sample.uid}: {META_MEMBER!r} has no sha256, so the "
-                          f"image the crop boxes refer to cannot be confirmed")
-    actual = sha256_hex(image_bytes)
-    if actual != expected:
-        raise ReplayError("sha256_mismatch", f"sample {sample.uid}: image bytes hash to {actual[:12]}..., but the "
-                          f"crop boxes refer to the image with sha256 {str(expected)[:12]}...")
-    try:
-        image = decode_rgb(image_bytes)
-    except ImageDecodeError as exc:
-        raise ReplayError("corrupt_image", f"sample {sample.uid}: {exc}") from None
-    check_crop_boxes(sample.entries, augmentation, (int(image.shape[-2]), int(image.shape[-1])), sample.uid)
-    return image
-
-
-def check_replayable(sample: DRSample, image_bytes: bytes | None, augmentation: Augmenter | dict) -> None:
-    """Raise ReplayError (a SchemaError) unless every stored augmentation replays faithfully on
-    `image_bytes`: the sha256 in `json` matches them, and every crop box lies inside the decoded image.
-    `augmentation` (an Augmenter or its image_augmentation dict) tells which slot is which."""
-    replayable_image(sample, image_bytes, augmentation)
-
-
-# ---------------------------------------------------------------------------------------------
-# The config a trainer reads next to the shards
-
-def trainer_augmentation(image_augmentation: dict, normalize: dict | None = None) -> dict:
-    """image_augmentation as the MobileCLIP open_clip trainer parses it, still valid for Augmenter:
-    - it deletes `normalize` unconditionally (KeyError if absent) and puts the student's in: so one is
-      always written (the given one, else the OpenAI CLIP statistics open_clip students use);
-    - it passes every field to torchvision as a keyword, where an interpolation *string* on Resize or
-      RandAugment raises TypeError: those fields are dropped when they equal the default (Augmenter and
-      torchvision agree on it); random_resized_crop converts strings itself and keeps its field."""
-    config = copy.deepcopy(Augmenter(image_augmentation).config())
-    for name, default in (("resize", "bilinear"), ("rand_augment", "nearest")):
-        if name in config and config[name].get("interpolation") == default:
-            del config[name]["interpolation"]
-    config.pop("uint8", None)  # implicit for Augmenter; the trainer works on PIL images
-    if "normalize" not in config:
-        config["normalize"] = copy.deepcopy(normalize or OPENAI_CLIP_NORMALIZE)
-    return {name: config[name] for name in _augment.TRANSFORM_ORDER if name in config}
-
-
-# What DataCompDR's run scripts pass (run_datacompdr12m.sh, the MobileCLIP-S and DFNDR runs): distillation only.
-DATACOMPDR_LOSS_WEIGHTS = (0.0, 1.0)
-
-
-def _non_negative(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
-def _trainer_model(i: int, teacher: dict) -> dict:
-    """The open_clip (model_name, pretrained) a trainer rebuilds teacher i with: teacher["open_clip"] when
-    the pipeline resolved it (stages.clip_teachers.trainer_open_clip_args), else model / pretrained as given.
-    Neither may hold ',': the trainer comma-joins one per teacher."""
-    given = teacher.get("open_clip") or {"model_name": teacher["model"], "pretrained": teacher.get("pretrained")}
-    model_name, pretrained = given.get("model_name"), given.get("pretrained") or ""
-    if not (isinstance(model_name, str) and model_name and "," not in model_name):
-        raise ValueError(f"teachers[{i}].model must be a non-empty name without ',', got {model_name!r}")
-    if not isinstance(pretrained, str) or "," in pretrained:
-        raise ValueError(f"teachers[{i}].pretrained must be a string without ',', got {pretrained!r}")
-    return {"model_name": model_name, "pretrained": pretrained}
-
-
-def _check_teacher(i: int, teacher: Any) -> dict:
-    if not isinstance(teacher, dict):
-        raise ValueError(f"teachers[{i}] must be a dict, got {type(teacher).__name__}")
-    model, dim = teacher.get("model"), teacher.get("dim")
-    if not (isinstance(model, str) and model):
-        raise ValueError(f"teachers[{i}].model must be a non-empty name, got {model!r}")
-    if not (isinstance(dim, int) and not isinstance(dim, bool) and dim > 0):
-        raise ValueError(f"teachers[{i}].dim must be a positive int, got {dim!r}")
-    scale = teacher.get("logit_scale")
-    scale = 100.0 if scale is None else scale  # FORMATS §2: 100 for the DataCompDR teachers
-    if not (_non_negative(scale) and scale > 0):
-        raise ValueError(f"teachers[{i}].logit_scale must be a positive number, got {scale!r}")
-    return {**teacher, "logit_scale": float(scale), "pretrained": teacher.get("pretrained"),
-            "open_clip": _trainer_model(i, teacher)}
-
-
-def _check_loss_weights(weights: Any) -> list[float]:
-    if not (isinstance(weights, (list, tuple)) and len(weights) == 2
-            and all(_non_negative(w) for w in weights) and any(weights)):
-        raise ValueError(f"distill_loss_weights must be [contrastive, distillation] >= 0, not both 0; got {weights!r}")
-    return [float(w) for w in weights]
-
-
-def _trainer_args(config_path: str, dims: list[int], scales: list[float], weights: list[float]) -> list[str]:
-    """The reference trainer's flags (its v2 patch): one logit scale per teacher (a single value with two
-    teachers is an IndexError there), written as repr so the trainer uses the exact floats the reader does."""
-    return ["--dataset-reinforcement", "--dataset-reinforcement-config", config_path,
-            "--distill-logit-scale", *[repr(s) for s in scales],
-            "--distill-loss-weights", *[repr(w) for w in weights],
-            "--distill-teacher-dimension", *[str(d) for d in dims],
-            "--distill-average-after-softmax"]
-
-
-def dr_trainer_config(image_augmentation: dict, num_samples: int, teachers: list[dict],
-                      normalize: dict | None = None, config_path: str = "dr_config.json",
-                      distill_loss_weights: tuple[float, float] = DATACOMPDR_LOSS_WEIGHTS,
-                      replay_backend: str = "pil") -> dict:
-    """The JSON written next to the shards (FORMATS §2), readable by the MobileCLIP trainer
-    (`--dataset-reinforcement-config`) and by reinforge.readers.mobileclip.
-
-    teachers: in the order their slices sit inside D, each {"model", "dim", "logit_scale" (default
-    100), "pretrained", "open_clip" ({"model_name", "pretrained"} for open_clip.create_model; default:
-    model and pretrained), ...anything else, kept as given}. As in Apple's configs, model_name and
-    pretrained are comma-joined strings (the trainer's --distill-model / --distill-pretrained for online
-    distillation from the same teachers) and num_samples also sits at the top level; the teacher order,
-    dims, logit scales and [contrastive, distillation] loss weights are recorded explicitly (FORMATS marks
-    the order unverified), and trainer_args lists the matching command-line flags of the reference trainer."""
-    if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples > 0):
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if not teachers:
-        raise ValueError("teachers: at least one teacher is needed")
-    checked = [_check_teacher(i, t) for i, t in enumerate(teachers)]
-    weights = _check_loss_weights(distill_loss_weights)
-    dims = [t["dim"] for t in checked]
-    scales = [t["logit_scale"] for t in checked]
-    return {
-        "model_name": ",".join(t["open_clip"]["model_name"] for t in checked),
-        "pretrained": ",".join(t["open_clip"]["pretrained"] for t in checked),
-        "num_samples": num_samples,
-        "reinforce": {"image_augmentation": trainer_augmentation(image_augmentation, normalize),
-                      "num_samples": num_samples, "replay_backend": replay_backend},
-        "teachers": checked,
-        "teacher_dims": dims,
-        "teacher_logit_scales": scales,
-        "distill_loss_weights": weights,
-        "distill_average_after_softmax": True,
-        "embedding_dim": sum(dims),
-        "trainer_args": _trainer_args(config_path, dims, scales, weights),
-        "format": "reinforge.datacomp_dr/1",
-    }

@@ -16,7 +16,8 @@ import fsspec
 import numpy as np
 
 from reinforge.io.runs import committed_shards
-from reinforge.formats.augment import entry_seed, replay_augmenter
+from reinforge.formats.augment import replay_augmenter
+from reinforge.formats.seeds import entry_seed
 from reinforge.formats.image import IMAGE_EXTENSIONS, decode_rgb
 from reinforge.formats.imagenet_plus import META_MEMBER, SchemaError, decode_sample, densify, sha256_hex
 from reinforge.io.manifest import RunLayout

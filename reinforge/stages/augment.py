@@ -12,7 +12,8 @@ import random
 
 import torch
 
-from reinforge.formats.augment import Augmenter, entry_seed
+from reinforge.formats.augment import Augmenter
+from reinforge.formats.seeds import entry_seed
 from reinforge.stages.base import Batch, MapStage
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from reinforge.formats.augment import entry_seed
+from reinforge.formats.seeds import entry_seed
 from reinforge.models.specs import CaptionerSpec
 from reinforge.stages.base import Batch, SkipSample, Stage, sample_error
 from reinforge.stages.base import run_isolated

@@ -68,8 +68,9 @@ def main() -> None:
     from test_consumer_replay import DATACOMP_DR, GEOMETRY, IMAGENET_PLUS, every_rand_augment_op
 
     from reinforge.ops.export_mldr import ml_dr_augmentation
-    from reinforge.formats.augment import Augmenter, entry_seed
-    from reinforge.formats.datacomp_dr import trainer_augmentation
+    from reinforge.formats.augment import Augmenter
+    from reinforge.formats.seeds import entry_seed
+    from reinforge.formats.dr_trainer_config import trainer_augmentation
 
     consumers = {"ml-dr": ml_dr_compose(args.ml_dr), "ml-mobileclip": ml_mobileclip_compose(args.ml_mobileclip)}
     images = {f"image{i}": png_bytes(photo(i, 56 + 10 * i)) for i in range(3)}

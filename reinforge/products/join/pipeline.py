@@ -30,11 +30,13 @@ from reinforge.products.reshard.pipeline import match_pool
 from reinforge.formats.sources import InputError, WebDatasetSource
 from reinforge.io.manifest import Task
 from reinforge.io.storage import exists, filesystem, read_text, write_bytes
-from reinforge.formats.uid_index import PoolReader, build_index
+from reinforge.formats.pool_reader import PoolReader
+from reinforge.formats.uid_index import build_index
 from reinforge.readers.mobileclip import augmentation_from_config
 from reinforge.formats.augment import Augmenter
 from reinforge.products.join.recipe import JoinRecipe
-from reinforge.formats.datacomp_dr import CAPTION_MEMBER, META_MEMBER, URL_MEMBER, check_replayable, decode_dr_sample
+from reinforge.formats.datacomp_dr import CAPTION_MEMBER, META_MEMBER, URL_MEMBER, decode_dr_sample
+from reinforge.formats.datacomp_dr_replay import check_replayable
 from reinforge.formats.image import IMAGE_EXTENSIONS, find_image
 from reinforge.formats.imagenet_plus import SchemaError
 from reinforge.formats.limits import Limits

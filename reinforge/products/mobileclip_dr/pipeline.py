@@ -79,7 +79,8 @@ class MobileCLIPPipeline(Pipeline):
             return None
         import numpy as np
 
-        from reinforge.formats.datacomp_dr import check_replayable, decode_dr_sample
+        from reinforge.formats.datacomp_dr import decode_dr_sample
+        from reinforge.formats.datacomp_dr_replay import check_replayable
         augmenter = Augmenter(self.recipe.augmentation.image_augmentation, self.recipe.augmentation.backend)
         dims = [info["embed_dim"] for info in self.teacher_info]
         n = self.recipe.augmentation.num_samples
@@ -103,7 +104,7 @@ class MobileCLIPPipeline(Pipeline):
     def prepare_run(self, layout: RunLayout) -> None:
         if self.recipe.mode == "captions":
             return
-        from reinforge.formats.datacomp_dr import dr_trainer_config
+        from reinforge.formats.dr_trainer_config import dr_trainer_config
         r = self.recipe
         config = dr_trainer_config(
             image_augmentation=Augmenter(r.augmentation.image_augmentation).config(),

@@ -48,7 +48,8 @@ from reinforge.formats.sources import InputError, WebDatasetSource
 from reinforge.io.manifest import Task
 from reinforge.io.storage import exists, filesystem, list_files, read_text, remove, write_bytes
 from reinforge.io.runs import done_manifests
-from reinforge.formats.uid_index import INDEX_STATUS, PoolReader, build_index
+from reinforge.formats.pool_reader import PoolReader
+from reinforge.formats.uid_index import INDEX_STATUS, build_index
 from reinforge.formats.recipe import config_digest
 from reinforge.products.reshard.recipe import ReshardRecipe
 from reinforge.formats.limits import Limits
