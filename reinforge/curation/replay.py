@@ -186,7 +186,7 @@ class NestedBuffer:
         self.seen: set[str] = set()
 
     def priority_order(self, uids: np.ndarray) -> np.ndarray:
-        from reinforge.products.reshard.pipeline import uid_phase
+        from reinforge.products.reshard.assignment import uid_phase
         return np.argsort(uid_phase(uids["f0"], uids["f1"], self.seed + NESTED_SALT), kind="stable")
 
     def multiplicities(self, split: str, uids: np.ndarray, c: int, old: bool, t: int) -> np.ndarray:

@@ -63,7 +63,7 @@ class ImageNetPlusPipeline(Pipeline):
     def sample_checker(self, layout: RunLayout):
         return sample_checker(layout, self.max_image_pixels())
 
-    def prepare_run(self, layout: RunLayout) -> None:
+    def prepare(self, layout: RunLayout) -> None:
         write_bytes(layout.dr_config, json.dumps(trainer_config(self.recipe), indent=1, sort_keys=True).encode())
 
 
