@@ -11,7 +11,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import shard_bytes
+from conftest import shard_bytes, tree_state
 from pool_gen import random_uids, write_pool_shards
 
 from reinforge.formats import uid_index
@@ -121,9 +121,11 @@ def test_in_process_run_resumes_like_ray(small_pool, tmp_path, private_cache):
     before = shard_bytes(out)
     os.remove(out / "manifests" / "00000002.json")  # as if the run stopped before committing task 2
     os.remove(out / "shards" / "00000002.tar")
+    prepared = tree_state(out / "plan")
     again = run_recipe(recipe(small_pool, out, runner="local"), progress=False)
     assert again.ok and again.done == 1 and again.skipped == 3
     assert shard_bytes(out) == before
+    assert tree_state(out / "plan") == prepared, "prepare() of unchanged inputs rewrites no plan file"
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and status["tasks"]["done"] == 4
 

@@ -19,6 +19,7 @@ a keep_images run of the same recipe writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Iterator
 
@@ -30,7 +31,7 @@ from reinforge.runtime.pipeline import Pipeline
 from reinforge.products.reshard.pool import match_pool
 from reinforge.formats.sources import InputError, WebDatasetSource
 from reinforge.io.manifest import Task
-from reinforge.io.storage import exists, filesystem, read_text, write_bytes
+from reinforge.io.storage import exists, filesystem, read_text, remove, write_bytes
 from reinforge.formats.uid_index import PoolReader, build_index
 from reinforge.readers.mobileclip import augmentation_from_config
 from reinforge.formats.augment import Augmenter
@@ -49,6 +50,23 @@ from reinforge.stages.text import ParseCaption
 def locations_url(layout: RunLayout, task_id: str) -> str:
     """The pool locations of one reinforcement shard's uids, as prepare() found them."""
     return layout.plan_file(f"{task_id}.parquet")
+
+
+def commit_locations(layout: RunLayout, files: dict[str, bytes], summary: dict) -> None:
+    """Write every task's locations, then plan/plan.json (the summary and their fingerprint; written
+    last, it commits them), unless the committed ones are the same: a rerun of unchanged inputs
+    rewrites nothing."""
+    digest = hashlib.sha256()
+    for url in sorted(files):
+        digest.update(f"{layout.relative(url)}\0{hashlib.sha256(files[url]).hexdigest()}\n".encode())
+    fingerprint = digest.hexdigest()
+    if exists(layout.plan_record):
+        if json.loads(read_text(layout.plan_record)).get("fingerprint") == fingerprint:
+            return
+        remove(layout.plan_record)  # uncommitted while the locations are rewritten
+    for url, data in files.items():
+        write_bytes(url, data)
+    write_bytes(layout.plan_record, json.dumps({**summary, "fingerprint": fingerprint}, indent=1).encode())
 
 
 class JoinError(InputError):
@@ -166,6 +184,7 @@ class JoinPipeline(Pipeline):
         if len(uids) and not match.found.any():
             raise JoinError(f"images.path: none of the {len(uids)} reinforcement uids is in the image pool "
                             f"({len(urls)} shards, {match.samples} samples): wrong pool?")
+        files = {}
         for task, table, mask in zip(tasks, indexes, ok):
             pos = locate(table.column("uid_hi").to_numpy()[mask], table.column("uid_lo").to_numpy()[mask], uids)
             pos = pos[match.found[pos]]
@@ -175,7 +194,7 @@ class JoinPipeline(Pipeline):
                 "offset": match.offset[pos], "length": match.length[pos]})
             buf = pa.BufferOutputStream()
             pq.write_table(locations, buf)
-            write_bytes(locations_url(layout, task.id), buf.getvalue().to_pybytes())
+            files[locations_url(layout, task.id)] = buf.getvalue().to_pybytes()
         samples = sum(t.num_rows for t in indexes)
         summary = {"format": "reinforge.join/1", "reinforcement_shards": len(tasks), "reinforcement_samples": samples,
                    "samples_without_uid": samples - int(sum(m.sum() for m in ok)), "uids": len(uids),
@@ -184,7 +203,7 @@ class JoinPipeline(Pipeline):
                    "pool": {"shards": len(urls), "samples_indexed": match.samples, "samples_without_uid": match.bad,
                             "duplicate_uids": match.duplicates, "duplicate_sample": match.duplicate_sample,
                             "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
-        write_bytes(layout.plan_record, json.dumps(summary, indent=1).encode())
+        commit_locations(layout, files, summary)
         fs, path = filesystem(config_url)
         write_bytes(layout.dr_config, fs.cat_file(path))
 
