@@ -13,6 +13,7 @@
   <run>/plan/                    what a product's prepare() decided for its tasks (reshard's assignment,
                                  join's pool locations) and plan/plan.json, its record (fingerprint,
                                  counts); the name predates `reinforge plan`, which writes nothing here
+  <run>/README.md                a dataset card pointing at the shards (loader files, as shards/README.md)
   <run>/index/                   uid indexes of input shards, when no shared index cache is used
 """
 from __future__ import annotations
@@ -150,7 +151,7 @@ class TaskManifest:
     started_at: float
     seconds: float
     worker: dict = field(default_factory=dict)  # where it ran: host, Ray node id, pid
-    # size + mtime/ETag of its inputs when planned (pipelines/fingerprint.py); None in older manifests
+    # size + mtime/ETag of its inputs when the runner listed the task (io/fingerprint.py); None in older manifests
     input_fingerprint: str | None = None
 
     @property
