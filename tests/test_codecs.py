@@ -281,7 +281,7 @@ def test_damaged_codec_members_are_schema_errors():
 
 
 def test_the_encode_stage_writes_the_codec_member_and_records_it_in_manifests():
-    from reinforge.stages.encode import EncodeDataCompDR
+    from reinforge.products.mobileclip_dr.encode import EncodeDataCompDR
     sample = make_samples(1)[0]
     stage = EncodeDataCompDR(StorageSpec(codec="quant"))
     assert stage.versions() == {"storage_codec": {"codec": "quant", "step": Quant.DEFAULT_STEP}}

@@ -7,8 +7,6 @@ import math
 import os
 import pickle
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from reinforge.cli import filters, join, ops, retrieval
+from reinforge.cli import filters, inspect_sample, join, ops, retrieval
 from reinforge.cli.common import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, failed_samples_line, load_recipe_file,
                                   redo_changed_option, run_and_exit, runner_option, user_errors)
 from reinforge.formats.sources import InputError
@@ -104,88 +104,6 @@ def stats(run_dir, as_json):
         rate = st.samples_in / st.seconds if st.seconds else 0.0
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(st.errors.items())) or "-"
         click.echo(f"{name:<10} {st.samples_in:>9} {st.samples_out:>9} {st.seconds:>9.2f} {rate:>10.1f}  {reasons}")
-
-
-@cli.command()
-@click.argument("shard")
-@click.option("--key", default=None, help="sample key (default: the first sample)")
-@click.option("--augmentations", "-n", default=3, show_default=True, help="stored augmentations to print")
-@user_errors
-def inspect(shard, key, augmentations):
-    """Human-readable dump of one sample of a reinforced shard. Members are read within the bounds its run
-    declares (RUN/dr_config.json beside RUN/shards/); a refused sample (member_too_large, bad_key, ...)
-    is named with its reason, exit code 1; any other undecodable member is one line, exit code 2."""
-    from reinforge.io.storage import filesystem
-    from reinforge.formats.limits import SchemaError
-    from reinforge.formats.wds import ShardReadError, iter_samples
-    fs, path = filesystem(shard)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"shard {shard} not found")
-    limits = shard_limits(fs, path)
-    try:
-        with fs.open(path, "rb") as f:
-            for members in iter_samples(f, limits):
-                if key is None or members["__key__"] == key:
-                    break
-            else:
-                raise InputError(f"no sample with key {key!r} in {shard}")
-    except ShardReadError as exc:
-        raise InputError(f"{shard}: {exc}") from None
-    click.echo(f"key: {members['__key__']}")
-    if "__error__" in members:
-        refused(*members["__error__"])
-    click.echo("members: " + ", ".join(f"{ext} ({len(v)} B)" for ext, v in members.items() if ext != "__key__"))
-    try:
-        if "prob.npz" in members:
-            show_imagenet_plus(members, augmentations, limits)
-        elif "npz" in members or "pth.gz" in members or "qemb.npz" in members:
-            show_datacomp_dr(members, augmentations, limits)
-    except SchemaError as exc:
-        refused(exc.reason, str(exc))
-    except Exception as exc:  # noqa: BLE001 - any other undecodable member is one line, as validate reports it
-        raise InputError(f"{shard}: sample {members['__key__']}: {type(exc).__name__}: {exc}") from None
-
-
-def shard_limits(fs, path: str):
-    """What the shard's run declares, when it sits in RUN/shards/ beside RUN/dr_config.json."""
-    from reinforge.formats.limits import declared_limits
-    folder = path.rpartition("/")[0]
-    run, _, name = folder.rpartition("/")
-    config = None
-    if name == "shards" and fs.exists(f"{run}/dr_config.json"):
-        try:
-            config = json.loads(fs.cat_file(f"{run}/dr_config.json"))
-        except (ValueError, UnicodeDecodeError):
-            pass
-    return declared_limits(config)
-
-
-def refused(reason: str, message: str) -> None:
-    click.echo(f"refused: {reason}: {message}", err=True)
-    sys.exit(1)
-
-
-def show_imagenet_plus(members: dict, augmentations: int, limits=None) -> None:
-    from reinforge.formats.imagenet_plus import decode_sample
-    sample = decode_sample(members, limits)
-    click.echo(f"label: {sample.label}   image: {sample.image_ext}, {len(sample.image)} B   meta: {json.dumps(sample.meta)}")
-    click.echo(f"stored augmentations: {sample.num_augmentations}, top-k: {sample.values.shape[1]}")
-    for n in range(min(augmentations, sample.num_augmentations)):
-        top = ", ".join(f"{int(c)}:{v:.3f}" for v, c in zip(sample.values[n][:5], sample.ids[n][:5]))
-        click.echo(f"  [{n}] params {json.dumps(sample.entries[n])}")
-        click.echo(f"      top-5 {top}  (stored mass {sample.values[n].sum():.3f})")
-
-
-def show_datacomp_dr(members: dict, augmentations: int, limits=None) -> None:
-    from reinforge.formats.datacomp_dr import decode_dr_sample
-    sample = decode_dr_sample(members, limits)
-    click.echo(f"uid: {sample.uid}   caption: {sample.caption!r}   sha256: {sample.meta.get('sha256')}")
-    for key, captions in sample.syn.items():
-        click.echo(f"{key}: {captions}")
-    click.echo(f"image_emb {tuple(sample.image_emb.shape)}, text_emb {tuple(sample.text_emb.shape)}, "
-               + ", ".join(f"{k}_emb {tuple(v.shape)}" for k, v in sample.syn_emb.items()))
-    for n in range(min(augmentations, len(sample.entries))):
-        click.echo(f"  [{n}] params {json.dumps(sample.entries[n])}")
 
 
 @cli.command()
@@ -399,7 +317,7 @@ def datacompnet_classes(year2uids, class_info, out):
         click.echo(f"{out}/uid2classid/{year}.pkl: {n:,} uids")
 
 
-for command in (join.join, ops.report, ops.plan, filters.filter_group, retrieval.embed, retrieval.index,
+for command in (inspect_sample.inspect, join.join, ops.report, ops.plan, filters.filter_group, retrieval.embed, retrieval.index,
                 retrieval.transfer_set):
     cli.add_command(command)
 

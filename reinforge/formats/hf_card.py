@@ -1,6 +1,6 @@
 """The Hugging Face side of a run's shards: the features its webdataset builder needs to decode every
 member (its own inference fails on param_aug's mixed lists), and the dataset card that declares them.
-Pure code: the run writes the card (pipelines/loader_files.py), readers/hf.py reads it back.
+Pure code: the run writes the card (formats/loader_files.py), readers/hf.py reads it back.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """`reinforge report`: one self-contained HTML page about a run, built from its plain files (read-only).
 
 Sources: the per-task manifests (started_at, seconds, per-stage counters and timings), errors/ and
-failed/, status.json, a bounded sample of the shards decoded with the product's own schema, and the
-sizes.json of resharded runs and time-split folders. Plots are matplotlib PNGs (Agg, no display),
+failed/, status.json, a bounded sample of the shards that the product's own section reads
+(products/<name>/report.py), and the sizes.json of resharded runs and time-split folders. Plots are matplotlib PNGs (Agg, no display),
 written beside the page and inlined as data: URIs, so index.html alone is the whole report.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from reinforge.io.runs import NotARunError, live_status
 from reinforge.io.storage import exists, filesystem, list_files, read_text, write_bytes
 from reinforge.io.manifest import RunLayout, TaskManifest
 from reinforge.formats.wds import ShardReadError, iter_samples
+from reinforge.products.registry import product_part
 
 MAX_SAMPLES = 512  # samples decoded from the shards for the product plots
 EXAMPLE_KEYS = 5
-NORM_TOLERANCE = 1e-2  # a teacher slice whose L2 norm is further than this from 1 is reported
 
 
 @dataclass
@@ -45,6 +45,13 @@ class Page:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
         self.parts.append(f"<table>{head}{body}</table>")
 
+    @staticmethod
+    def subplots(width: float = 10, height: float = 3.6, ncols: int = 1):
+        """A new figure and its row of `ncols` axes, for figure()."""
+        from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot state, no display
+        fig = Figure(figsize=(width, height), layout="constrained")
+        return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
     def figure(self, name: str, fig, caption: str) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})  # no version stamp: same bytes
@@ -62,12 +69,6 @@ class Page:
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{style}</style></head><body><h1>{html.escape(self.title)}</h1>"
                 + "\n".join(self.parts) + "</body></html>\n")
-
-
-def _figure(width: float = 10, height: float = 3.6, ncols: int = 1):
-    from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot state, no display
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
 def build_report(root: str, out: str, max_samples: int = MAX_SAMPLES) -> str:
@@ -142,7 +143,7 @@ def _throughput(page: Page, done: list[TaskManifest]) -> None:
         overlap = np.clip(np.minimum(edges[1:], stop) - np.maximum(edges[:-1], start), 0, None)
         rate += m.samples_out * overlap / (stop - start)
     rate /= np.diff(edges)
-    fig, (ax_run, ax_stage) = _figure(ncols=2)
+    fig, (ax_run, ax_stage) = page.subplots(ncols=2)
     ax_run.step(edges[:-1], rate, where="post")
     ax_run.set(title="run: samples/s over time", xlabel="seconds since the first task started", ylabel="samples/s")
     rows = []
@@ -168,7 +169,7 @@ def _tasks(page: Page, done: list[TaskManifest]) -> None:
     page.heading("Tasks")
     t0 = min(m.started_at for m in done)
     workers = sorted({_worker(m) for m in done})
-    fig, (ax_gantt, ax_hist) = _figure(height=max(3.0, 0.35 * len(workers) + 1.5), ncols=2)
+    fig, (ax_gantt, ax_hist) = page.subplots(height=max(3.0, 0.35 * len(workers) + 1.5), ncols=2)
     for m in done:
         ax_gantt.barh(workers.index(_worker(m)), m.seconds, left=m.started_at - t0, height=0.6, edgecolor="k")
     ax_gantt.set_yticks(range(len(workers)), workers, fontsize=7)
@@ -201,7 +202,7 @@ def _errors(page: Page, layout: RunLayout) -> None:
                 keys.append(str(error.get("key", "?")))
             messages.setdefault(where, str(error.get("message", ""))[:160])
     if counts:
-        fig, (ax,) = _figure(height=max(2.5, 0.35 * len(counts) + 1))
+        fig, (ax,) = page.subplots(height=max(2.5, 0.35 * len(counts) + 1))
         labels = [f"{s}/{r}" for s, r in counts]
         ax.barh(range(len(counts)), list(counts.values()))
         ax.set_yticks(range(len(counts)), labels, fontsize=8)
@@ -244,10 +245,13 @@ def _shard_samples(layout: RunLayout, done: list[TaskManifest], limit: int):
 
 
 def _product(page: Page, layout: RunLayout, run: dict, done: list[TaskManifest], limit: int) -> None:
+    """The product's own section (products/<name>/report.py: sample_stats and section), over a bounded
+    sample of the shards; a product without one has none."""
     product = run.get("product")
-    if product not in ("imagenet_plus", "mobileclip_dr") or not done:
+    part = product_part(product, "report")
+    if part is None or not done:
         return
-    decode = _imagenet_plus_stats if product == "imagenet_plus" else _mobileclip_stats(layout)
+    decode = part.sample_stats(layout)
     stats: dict[str, list] = {}
     bad: list[str] = []
     n = 0
@@ -265,86 +269,7 @@ def _product(page: Page, layout: RunLayout, run: dict, done: list[TaskManifest],
     page.text(f"{n} samples read from the first shards (at most {limit}); {len(bad)} could not be decoded.")
     if bad:
         page.table(["undecodable sample"], [[b] for b in bad[:EXAMPLE_KEYS]])
-    (_imagenet_plus_page if product == "imagenet_plus" else _mobileclip_page)(page, stats)
-
-
-def _imagenet_plus_stats(members: dict) -> dict[str, list]:
-    from reinforge.formats.imagenet_plus import decode_sample
-    sample = decode_sample(members)
-    top1 = sample.ids[:, 0]
-    mode = Counter(top1.tolist()).most_common(1)[0][0]
-    return {"confidence": sample.values[:, 0].tolist(), "agreement": [float(np.mean(top1 == mode))],
-            "label_agreement": [float(np.mean(top1 == sample.label))]}
-
-
-def _imagenet_plus_page(page: Page, stats: dict[str, list]) -> None:
-    if not stats:
-        return
-    fig, (ax_conf, ax_agree) = _figure(ncols=2)
-    ax_conf.hist(stats["confidence"], bins=np.linspace(0, 1, 21), edgecolor="k")
-    ax_conf.set(title="teacher confidence (top-1 probability)", xlabel="probability", ylabel="augmentations")
-    ax_agree.hist(stats["agreement"], bins=np.linspace(0, 1, 21), edgecolor="k")
-    ax_agree.set(title="top-1 agreement across a sample's augmentations", xlabel="share of views with the "
-                 "sample's most common top-1", ylabel="samples")
-    page.figure("imagenet_plus", fig, "Teacher ensemble confidence over the stored augmentations, and how often "
-                                      "a sample's augmented views agree on the top-1 class.")
-    page.table(["measure", "mean"], [
-        ["top-1 probability", f"{np.mean(stats['confidence']):.3f}"],
-        ["top-1 agreement across augmentations", f"{np.mean(stats['agreement']):.3f}"],
-        ["stored top-1 == label", f"{np.mean(stats['label_agreement']):.3f}"]])
-
-
-def _mobileclip_stats(layout: RunLayout):
-    """Caption lengths (words), distinct-caption ratio per sample, and per-teacher L2 norms of every
-    stored embedding row (each teacher slice must be unit-norm, FORMATS §2)."""
-    from reinforge.formats.datacomp_dr import decode_dr_sample
-    from reinforge.io.runs import dr_config
-    dims = [int(t["dim"]) for t in (dr_config(layout.root) or {}).get("teachers", [])]
-
-    def stats(members: dict) -> dict[str, list]:
-        syn = json.loads(members["syn.json"]) if "syn.json" in members else {}
-        captions = [c for key in sorted(syn) for c in syn[key]]
-        out = {"caption_words": [len(c.split()) for c in captions],
-               "distinct": [len(set(captions)) / len(captions)] if captions else []}
-        if "npz" in members or "pth.gz" in members or "qemb.npz" in members:
-            sample = decode_dr_sample(members)
-            rows = np.concatenate([sample.image_emb, sample.text_emb, *sample.syn_emb.values()]).astype(np.float32)
-            bounds = np.cumsum([0] + (dims if sum(dims) == rows.shape[1] else [rows.shape[1]]))
-            out["norms"] = [float(v) for a, b in zip(bounds[:-1], bounds[1:])
-                            for v in np.linalg.norm(rows[:, a:b], axis=1)]
-        return out
-
-    return stats
-
-
-def _mobileclip_page(page: Page, stats: dict[str, list]) -> None:
-    words, distinct, norms = stats.get("caption_words", []), stats.get("distinct", []), stats.get("norms", [])
-    panels = [p for p in (words, distinct, norms) if p]
-    if not panels:
-        return
-    fig, axes = _figure(ncols=len(panels))
-    axes = list(axes)
-    rows = []
-    if words:
-        ax = axes.pop(0)
-        ax.hist(words, bins=range(0, max(words) + 2), edgecolor="k")
-        ax.set(title="synthetic caption length", xlabel="words", ylabel="captions")
-        rows.append(["caption words (mean)", f"{np.mean(words):.2f}"])
-    if distinct:
-        ax = axes.pop(0)
-        ax.hist(distinct, bins=np.linspace(0, 1, 11), edgecolor="k")
-        ax.set(title="distinct captions per sample", xlabel="distinct / generated", ylabel="samples")
-        rows.append(["distinct-caption ratio (mean)", f"{np.mean(distinct):.3f}"])
-    if norms:
-        ax = axes.pop(0)
-        ax.hist(norms, bins=30, edgecolor="k")
-        ax.set(title="embedding L2 norm per teacher slice", xlabel="norm", ylabel="rows")
-        off = int(np.sum(np.abs(np.asarray(norms) - 1) > NORM_TOLERANCE))
-        rows.append(["embedding slice norms", f"{min(norms):.4f} .. {max(norms):.4f}; {off} of {len(norms)} "
-                                              f"further than {NORM_TOLERANCE} from 1"])
-    page.figure("mobileclip", fig, "Synthetic captions (length, diversity) and the norm check of the stored "
-                                   "teacher embeddings (each teacher slice should be 1).")
-    page.table(["measure", "value"], rows)
+    part.section(page, stats)
 
 
 def _sizes_file(root: str) -> str | None:
@@ -367,7 +292,7 @@ def _sizes(page: Page, root: str) -> None:
     page.text(f"{url[len(root) + 1:]}: {len(sizes)} entries, {sum(sizes.values()):,} in total.")
     if not sizes:
         return
-    fig, (ax,) = _figure(height=3.2)
+    fig, (ax,) = page.subplots(height=3.2)
     if len(sizes) <= 40:  # splits, or a small reshard: one bar each
         ax.bar(range(len(sizes)), list(sizes.values()))
         ax.set_xticks(range(len(sizes)), list(sizes), rotation=60 if len(sizes) > 8 else 0, fontsize=7)

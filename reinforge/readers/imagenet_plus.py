@@ -1,5 +1,5 @@
 """Training-side reader for ImageNet+ runs (FORMATS §3): replay a stored augmentation, densify its
-teacher probabilities. Imports only reinforge.schemas, so a trainer can use it without Ray.
+teacher probabilities. Imports only reinforge.formats and reinforge.io, so a trainer can use it without Ray.
 
 The dataset indexes each shard once (tar member offsets only) and then reads members by seeking,
 so it is map-style and random-access without holding image bytes in memory.

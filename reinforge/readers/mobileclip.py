@@ -2,7 +2,7 @@
 
 Per sample and epoch it picks one stored augmentation j and one synthetic caption c, replays
 param_aug[j] on the stored image bytes and returns the view with the matching teacher rows:
-image_emb[j], the ground-truth text_emb row and <syn_key>_emb[c]. Imports reinforge.schemas, torch
+image_emb[j], the ground-truth text_emb row and <syn_key>_emb[c]. Imports reinforge.formats and reinforge.io, torch
 and webdataset only (no Ray), so a trainer can use it as is.
 
 Bad samples (wrong sha256, crop boxes outside the stored image, schema errors, unsafe keys, members

@@ -13,7 +13,7 @@ from reinforge.io.manifest import RunLayout
 from reinforge.stages.augment import Augment
 from reinforge.stages.base import Stage
 from reinforge.stages.decode import DecodeImage, ParseLabel
-from reinforge.stages.encode import EncodeImageNetPlus
+from reinforge.products.imagenet_plus.encode import EncodeImageNetPlus
 from reinforge.stages.teachers import TeacherEnsemble, ensemble_num_classes
 
 
@@ -61,38 +61,34 @@ class ImageNetPlusPipeline(Pipeline):
         ]
 
     def sample_checker(self, layout: RunLayout):
-        return sample_checker(layout, self.max_image_pixels())
+        """validate: layout, N, k, class ids, probability mass, sha256, and that the first stored augmentation
+        replays inside the image. Members inflate only within the bounds the config declares (N, k)."""
+        from reinforge.io.runs import require_dr_config
+        from reinforge.formats.image import decode_rgb
+        from reinforge.formats.imagenet_plus import decode_sample, sha256_hex
+
+        full = require_dr_config(layout.root)
+        config = full["reinforce"]
+        augmenter = replay_augmenter(config)
+        n, k = config["num_samples"], config["topk"]
+        max_pixels = self.max_image_pixels()
+        limits = declared_limits(full, max_pixels)
+
+        def check(members: dict) -> None:
+            sample = decode_sample(members, limits)
+            if sample.num_augmentations != n:
+                raise ValueError(f"{sample.num_augmentations} augmentations, recipe says {n}")
+            if sample.values.shape[1] != k and sample.values.shape[1] > k:
+                raise ValueError(f"top-k width {sample.values.shape[1]} > {k}")
+            if (sample.ids < 0).any() or sample.values.min() < 0 or (sample.values.sum(1) > 1.01).any():
+                raise ValueError("negative class ids or probabilities, or more than unit mass")
+            if sample.meta.get("sha256") != sha256_hex(sample.image):
+                raise ValueError("sha256 in json does not match the image bytes")
+            first = sample.entries[0]
+            if not augmenter.uses_partner or first[0] is None:
+                augmenter.apply(first, decode_rgb(sample.image, max_pixels))
+
+        return check
 
     def prepare(self, layout: RunLayout) -> None:
         write_bytes(layout.dr_config, json.dumps(trainer_config(self.recipe), indent=1, sort_keys=True).encode())
-
-
-def sample_checker(layout: RunLayout, max_pixels: int):
-    """A per-sample schema check for `validate`: layout, N, k, class ids, probability mass, sha256,
-    and that the first stored augmentation replays inside the image. Members inflate only within the
-    bounds the config declares (N, k)."""
-    from reinforge.io.runs import require_dr_config
-    from reinforge.formats.image import decode_rgb
-    from reinforge.formats.imagenet_plus import decode_sample, sha256_hex
-
-    full = require_dr_config(layout.root)
-    config = full["reinforce"]
-    augmenter = replay_augmenter(config)
-    n, k = config["num_samples"], config["topk"]
-    limits = declared_limits(full, max_pixels)
-
-    def check(members: dict) -> None:
-        sample = decode_sample(members, limits)
-        if sample.num_augmentations != n:
-            raise ValueError(f"{sample.num_augmentations} augmentations, recipe says {n}")
-        if sample.values.shape[1] != k and sample.values.shape[1] > k:
-            raise ValueError(f"top-k width {sample.values.shape[1]} > {k}")
-        if (sample.ids < 0).any() or sample.values.min() < 0 or (sample.values.sum(1) > 1.01).any():
-            raise ValueError("negative class ids or probabilities, or more than unit mass")
-        if sample.meta.get("sha256") != sha256_hex(sample.image):
-            raise ValueError("sha256 in json does not match the image bytes")
-        first = sample.entries[0]
-        if not augmenter.uses_partner or first[0] is None:
-            augmenter.apply(first, decode_rgb(sample.image, max_pixels))
-
-    return check

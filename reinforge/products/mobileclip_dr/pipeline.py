@@ -15,7 +15,7 @@ from reinforge.io.manifest import RunLayout
 from reinforge.stages.augment import Augment
 from reinforge.stages.base import Stage
 from reinforge.stages.decode import DecodeImage
-from reinforge.stages.encode import EncodeDataCompDR
+from reinforge.products.mobileclip_dr.encode import EncodeDataCompDR
 from reinforge.stages.text import ParseCaption, ParseUID, ReadSynCaptions
 
 
