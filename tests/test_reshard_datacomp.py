@@ -20,7 +20,9 @@ from reinforge.runtime.executor import TaskExecutor
 from reinforge.products.reshard.face_blur import blur_faces, mask_box
 from reinforge.formats.loader_files import write_loader_files
 from reinforge.curation.replay import build_schedule
-from reinforge.products.reshard.pipeline import ReshardError, ReshardPipeline, buffer_shuffle
+from reinforge.products.reshard.copying import buffer_shuffle
+from reinforge.products.reshard.pipeline import ReshardPipeline
+from reinforge.products.reshard.pool import ReshardError
 from reinforge.curation.time_splits import SplitOptions, build_splits
 from reinforge.formats.recipe import ConfigError, config_digest
 from reinforge.products.registry import parse_recipe

@@ -14,7 +14,8 @@ from conftest import manifest_nodes, shard_bytes, tree_state, two_node_cluster, 
 from pool_gen import metadata_table, random_uids, write_metadata, write_pool_shards
 
 from reinforge.curation.replay import ScheduleError, allocate, build_schedule, policy_weights
-from reinforge.products.reshard.pipeline import ReshardError, ReshardPipeline
+from reinforge.products.reshard.pipeline import ReshardPipeline
+from reinforge.products.reshard.pool import ReshardError
 from reinforge.ops.rundir import run_status
 from reinforge.runtime.runner import run_recipe
 from reinforge.formats.sources import InputError

@@ -41,6 +41,12 @@ class RunLayout:
     """Every path of a run directory (see the module docstring): nothing else builds one from the root."""
     root: str
 
+    @staticmethod
+    def holding(shard: str) -> "RunLayout | None":
+        """The run whose shards/ folder holds `shard` (a file or a pattern), None when it is not in one."""
+        run, _, name = shard.rpartition("/")[0].rpartition("/")
+        return RunLayout(run) if name == "shards" else None
+
     def file(self, relative: str) -> str:
         """A path relative to the run (as a manifest's outputs record them)."""
         return join(self.root, relative)

@@ -132,12 +132,11 @@ class JoinPipeline(Pipeline):
     def dr_config_url(self) -> str:
         if self.recipe.input.dr_config:
             return self.recipe.input.dr_config
-        folder, _, _ = self.recipe.input.path.rpartition("/")
-        run, _, name = folder.rpartition("/")
-        if name != "shards":
+        run = RunLayout.holding(self.recipe.input.path)
+        if run is None:
             raise JoinError(f"input.dr_config: not given, and {self.recipe.input.path} is not in a run's shards/ "
                             f"folder; pass the reinforcement shards' trainer config (dr_config.json)")
-        return RunLayout(run).dr_config
+        return run.dr_config
 
     @staticmethod
     def load_dr_config(url: str) -> tuple[dict, dict]:
