@@ -110,15 +110,15 @@ def datacomp_dr_run(out: str, bombs: bool) -> None:
 def measure_run(recipe_file: str) -> dict:
     from reinforge.runtime.executor import TaskExecutor
     from reinforge.runtime.pipeline import build_pipeline
-    from reinforge.runtime.runner import prepare_run_dir
+    from reinforge.runtime.runner import write_run_record
     from reinforge.products.registry import parse_recipe
     from reinforge.io.manifest import RunLayout
     with open(recipe_file) as f:
         recipe = parse_recipe(json.load(f))
     pipeline, layout = build_pipeline(recipe), RunLayout(recipe.output)
-    digest = prepare_run_dir(layout, recipe, force=False)
-    tasks = pipeline.plan()
-    pipeline.prepare_run(layout)
+    digest = write_run_record(layout, recipe, force=False)
+    pipeline.prepare(layout)
+    tasks = pipeline.tasks()
     executor = TaskExecutor(pipeline, layout, digest, recipe.max_error_fraction)
     results = [executor.run(task) for task in tasks]
     return {"samples": sum(r["samples_out"] for r in results), "skipped": sum(r["errors"] for r in results),

@@ -29,7 +29,7 @@ from conftest import photo, write_shard  # noqa: E402  real scikit-image photos,
 
 from reinforge.runtime.ray_session import start_local_ray  # noqa: E402
 from reinforge.ops.rundir import merged_stats  # noqa: E402
-from reinforge.runtime.runner import prepare_run_dir, run_recipe  # noqa: E402
+from reinforge.runtime.runner import write_run_record, run_recipe  # noqa: E402
 from reinforge.formats.recipe import config_digest
 from reinforge.products.registry import parse_recipe  # noqa: E402
 from reinforge.io.manifest import RunLayout  # noqa: E402
@@ -167,7 +167,7 @@ def resume(work: str, args) -> None:
     ray.shutdown()
     manifest = json.loads(open(f"{work}/res-run/manifests/in-000000.json").read())
     manifest["config_digest"] = config_digest(r)
-    prepare_run_dir(RunLayout(r.output), r, force=True)
+    write_run_record(RunLayout(r.output), r, force=True)
     for s in range(0, 1000):
         manifest["task_id"] = f"in-{s:06d}"
         with open(f"{work}/res-run/manifests/in-{s:06d}.json", "w") as f:

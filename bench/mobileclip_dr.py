@@ -97,7 +97,7 @@ def bare_samples_per_second(r, inputs: str, threads: int) -> float:
     captioner.setup()
     ensemble.setup()
     prep = [s for s in build_pipeline(r).build_stages() if not s.is_model and s.name != "encode"]
-    samples = [m for task in WebDatasetSource(inputs).plan() for m in WebDatasetSource(inputs).read(task)]
+    samples = [m for task in WebDatasetSource(inputs).tasks() for m in WebDatasetSource(inputs).read(task)]
     batches = []
     for start in range(0, len(samples), r.augmentation.samples_per_batch):
         batch = Batch(samples[start:start + r.augmentation.samples_per_batch])

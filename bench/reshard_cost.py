@@ -204,7 +204,8 @@ def bench_task_plans(tmp: str) -> None:
                                "input": {"path": os.path.join(folder, "pool", "*.tar")}, "samples_per_shard": per_shard})
         pipeline = ReshardPipeline(recipe)
         started = time.perf_counter()
-        tasks = pipeline.plan()
+        pipeline.prepare(pipeline.layout)
+        tasks = pipeline.tasks()
         written = time.perf_counter() - started
         picks = tasks[:: max(1, len(tasks) // 200)][:200]
         import pyarrow.parquet as pq

@@ -81,7 +81,8 @@ def bench_reshard(tmp: str, shards: int, per_shard: int, payload: int) -> None:
                              "resources": {"cpus_per_actor": 1}})
 
     started = time.perf_counter()
-    ReshardPipeline(recipe(os.path.join(tmp, "index-only"))).plan()
+    index_only = ReshardPipeline(recipe(os.path.join(tmp, "index-only")))
+    index_only.prepare(index_only.layout)
     print(f"[reshard] index pass + plan alone (driver, cold index): {time.perf_counter() - started:.2f} s "
           f"= {total / (time.perf_counter() - started):,.0f} samples/s")
     start_local_ray(object_store_memory_mb=512)

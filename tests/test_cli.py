@@ -147,6 +147,20 @@ def test_watch_exit_codes_and_a_stale_start(finished_run, tmp_path, state, faile
     assert ("no update" in lines[-1]) == (state in ("starting", "running"))
 
 
+def test_live_status_is_what_the_runner_wrote_or_a_named_refusal(finished_run, tmp_path):
+    """status.json has one reader (report and --watch use it): the runner's record as written, None before
+    there is one, ValueError naming the file for a foreign one (a field missing, not a number)."""
+    from reinforge.io.runs import live_status
+    run = finished_run / "run"
+    assert live_status(str(run)) == json.loads((run / "status.json").read_text())
+    assert live_status(str(tmp_path)) is None
+    written = json.loads((run / "status.json").read_text())
+    for foreign in ({"state": "running"}, {**written, "tasks": {"total": 2}}, {**written, "samples_per_second": "x"}):
+        (tmp_path / "status.json").write_text(json.dumps(foreign))
+        with pytest.raises(ValueError, match=r"status\.json: not a run status"):
+            live_status(str(tmp_path))
+
+
 def bad_sample_shard(path, **members) -> str:
     write_shard(path, [("k0", {"jpg": jpeg_bytes(photo(0)), "cls": b"1", "json": b"{}",
                                "paug.json": b'{"param_aug": [{}]}', **members})])

@@ -18,7 +18,7 @@ def image_folder(root, per_class: int = 3) -> str:
 
 
 def prints(source) -> dict[str, str]:
-    return task_fingerprints(source.plan(), source.input_files)
+    return task_fingerprints(source.tasks(), source.input_files)
 
 
 def test_imagefolder_a_touched_file_changes_its_task_only(tmp_path):

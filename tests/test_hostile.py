@@ -406,7 +406,7 @@ def test_image_products_skip_escaping_keys_where_samples_enter(product, tmp_path
         (f"{k}.{ext}", data) for i, k in enumerate(keys) for ext, data in
         (("jpg", jpeg_bytes(photo(i, 40))), ("txt", b"a photo"), ("json", json.dumps({"uid": uid(i)}).encode()))])
     pipeline = build_pipeline(parse_recipe(image_product_recipe(product, tmp_path / "00000000.tar", tmp_path / "out")))
-    [task] = pipeline.plan()
+    [task] = pipeline.tasks()
     batch = DecodeImage()(Batch(list(pipeline.read(task))))  # the first stage of both products
     assert sorted((e.key, e.reason) for e in batch.errors) == sorted((k, "bad_key") for k in BAD_KEYS)
     assert [s["__key__"] for s in batch.samples] == ["ok", LEGAL_KEY]
@@ -459,12 +459,12 @@ def test_reshard_skips_escaping_pool_keys(tmp_path):
 
 def run_tasks(recipe) -> list[dict]:
     """Every task of a recipe through TaskExecutor in this process, as a Ray worker runs it."""
-    from reinforge.runtime.runner import prepare_run_dir
+    from reinforge.runtime.runner import write_run_record
     pipeline = build_pipeline(recipe)
     layout = RunLayout(recipe.output)
-    digest = prepare_run_dir(layout, recipe, force=False)
-    tasks = pipeline.plan()
-    pipeline.prepare_run(layout)
+    digest = write_run_record(layout, recipe, force=False)
+    pipeline.prepare(layout)
+    tasks = pipeline.tasks()
     executor = TaskExecutor(pipeline, layout, digest, recipe.max_error_fraction)
     return [executor.run(task) for task in tasks]
 
@@ -474,6 +474,6 @@ def test_imagefolder_files_are_read_within_the_bound(tmp_path):
     (tmp_path / "cat" / "a.jpg").write_bytes(jpeg_bytes(photo(0, 40)))
     (tmp_path / "cat" / "b.jpg").write_bytes(bytes(4 * MiB))  # a real file: read no further than the bound
     source = ImageFolderSource(str(tmp_path), 10, max_file_bytes=MiB)
-    [task] = source.plan()
+    [task] = source.tasks()
     a, b = source.read(task)
     assert "jpg" in a and b["__error__"][0] == "member_too_large" and "jpg" not in b

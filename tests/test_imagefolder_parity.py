@@ -160,7 +160,7 @@ def test_unreadable_and_corrupt_files_keep_their_index(tree):
     source = ImageFolderSource(tree["root"], 5)
     decode = DecodeImage()
     kept, errors = [], []
-    for task in source.plan():
+    for task in source.tasks():
         batch = decode(Batch(list(source.read(task))))
         kept += batch.samples
         errors += batch.errors

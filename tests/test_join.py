@@ -142,11 +142,13 @@ def test_refusals_are_per_sample_and_counted(runs, tampered, tmp_path, local_ray
     assert shard_bytes(again) == shard_bytes(tmp_path / "run")
     errors_file = ("errors", "00000000.jsonl")
     assert again.joinpath(*errors_file).read_bytes() == tmp_path.joinpath("run", *errors_file).read_bytes()
+    prepared = tree_state(again / "plan")
     rerun = run_recipe(parse_recipe(join_recipe(reinforcement, pool, again, input=inputs)), progress=False)
     assert rerun.skipped == 2 and rerun.done == 0
+    assert tree_state(again / "plan") == prepared, "prepare() of unchanged inputs rewrites no plan file"
 
 
-def test_plan_time_errors_name_the_field(runs, tampered, tmp_path):
+def test_prepare_time_errors_name_the_field(runs, tampered, tmp_path):
     root, pool = runs
     reinforcement, _ = tampered
     result = cli("join", reinforcement, "--images", pool, "--output", str(tmp_path / "a"))

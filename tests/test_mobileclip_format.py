@@ -382,7 +382,7 @@ def test_dr_config_rebuilds_every_teacher_kind_in_open_clip(teacher_kinds, tmp_p
                            "input": {"format": "webdataset", "path": str(tmp_path / "in" / "*.tar")},
                            "augmentation": augmentation, "teachers": teacher_kinds})
     layout = RunLayout(str(tmp_path / "run"))
-    MobileCLIPPipeline(recipe).prepare_run(layout)
+    MobileCLIPPipeline(recipe).prepare(layout)
     config = json.load(open(layout.dr_config))
     local_dir, checkpoint = teacher_kinds[0]["model"], teacher_kinds[1]["pretrained"]
     assert config["model_name"].split(",") == [local_dir, "rf-fmt-clip", "rf-fmt-clip", "ViT-L-14-quickgelu",

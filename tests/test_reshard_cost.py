@@ -11,7 +11,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import shard_bytes
+from conftest import shard_bytes, tree_state
 from pool_gen import random_uids, write_pool_shards
 
 from reinforge.formats import uid_index
@@ -122,27 +122,35 @@ def test_in_process_run_resumes_like_ray(small_pool, tmp_path, private_cache):
     before = shard_bytes(out)
     os.remove(out / "manifests" / "00000002.json")  # as if the run stopped before committing task 2
     os.remove(out / "shards" / "00000002.tar")
+    prepared = tree_state(out / "plan")
     again = run_recipe(recipe(small_pool, out, runner="local"), progress=False)
     assert again.ok and again.done == 1 and again.skipped == 3
     assert shard_bytes(out) == before
+    assert tree_state(out / "plan") == prepared, "prepare() of unchanged inputs rewrites no plan file"
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and status["tasks"]["done"] == 4
 
 
 # ---------------------------------------------------------------- the uid index cache
 
+def prepare(recipe) -> None:
+    """The run's prepare step alone (index, assignment, plan/): what the runner does before any task."""
+    pipeline = ReshardPipeline(recipe)
+    pipeline.prepare(pipeline.layout)
+
+
 def cache_entries(cache) -> dict[str, int]:
     return {name: os.stat(cache / name).st_mtime_ns for name in sorted(os.listdir(cache))}
 
 
 def test_cached_index_gives_the_same_plan(small_pool, tmp_path, private_cache, monkeypatch):
-    ReshardPipeline(recipe(small_pool, tmp_path / "a")).plan()
+    prepare(recipe(small_pool, tmp_path / "a"))
     entries = cache_entries(private_cache)
     assert len(entries) == 3 and not (tmp_path / "a" / "index").exists()
-    ReshardPipeline(recipe(small_pool, tmp_path / "b")).plan()
+    prepare(recipe(small_pool, tmp_path / "b"))
     assert cache_entries(private_cache) == entries, "the second run read the entries, wrote none"
     monkeypatch.setenv(uid_index.INDEX_CACHE_ENV, "off")  # no shared cache: the run's own index/ folder
-    ReshardPipeline(recipe(small_pool, tmp_path / "c")).plan()
+    prepare(recipe(small_pool, tmp_path / "c"))
     assert len(os.listdir(tmp_path / "c" / "index")) == 3
     plans = [tree_bytes(tmp_path / run / "plan") for run in "abc"]
     assert plans[0] == plans[1] == plans[2] and len(plans[0]) == 5  # plan.json + 4 task plans
@@ -151,7 +159,7 @@ def test_cached_index_gives_the_same_plan(small_pool, tmp_path, private_cache, m
 def test_changed_shard_is_indexed_again(small_pool, tmp_path, private_cache, monkeypatch):
     pool = tmp_path / "pool"
     shutil.copytree(small_pool / "pool", pool)
-    ReshardPipeline(recipe(small_pool, tmp_path / "a", pool=pool)).plan()
+    prepare(recipe(small_pool, tmp_path / "a", pool=pool))
     entries = cache_entries(private_cache)
     # the same samples in reverse order: same size, other byte ranges
     shard = pool / "00000001.tar"
@@ -164,11 +172,11 @@ def test_changed_shard_is_indexed_again(small_pool, tmp_path, private_cache, mon
             writer.write(s.pop("__key__"), s)
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert os.path.getsize(shard) == stat.st_size
-    ReshardPipeline(recipe(small_pool, tmp_path / "b", pool=pool)).plan()
+    prepare(recipe(small_pool, tmp_path / "b", pool=pool))
     now = cache_entries(private_cache)
     assert len(now) == 4 and all(now[k] == v for k, v in entries.items()), "one new entry, old ones untouched"
     monkeypatch.setenv(uid_index.INDEX_CACHE_ENV, "off")
-    ReshardPipeline(recipe(small_pool, tmp_path / "fresh", pool=pool)).plan()
+    prepare(recipe(small_pool, tmp_path / "fresh", pool=pool))
     assert tree_bytes(tmp_path / "b" / "plan") == tree_bytes(tmp_path / "fresh" / "plan")
     assert tree_bytes(tmp_path / "b" / "plan") != tree_bytes(tmp_path / "a" / "plan")
     run_recipe(recipe(small_pool, tmp_path / "b", pool=pool, runner="local"), progress=False)
@@ -188,10 +196,10 @@ def shard_samples(run) -> dict[str, list]:
 
 
 def test_unreadable_cache_entry_is_rebuilt(small_pool, tmp_path, private_cache):
-    ReshardPipeline(recipe(small_pool, tmp_path / "a")).plan()
+    prepare(recipe(small_pool, tmp_path / "a"))
     name = sorted(os.listdir(private_cache))[0]
     (private_cache / name).write_bytes(b"not parquet")
-    ReshardPipeline(recipe(small_pool, tmp_path / "b")).plan()
+    prepare(recipe(small_pool, tmp_path / "b"))
     assert (private_cache / name).read_bytes()[:4] == b"PAR1"
     assert tree_bytes(tmp_path / "a" / "plan") == tree_bytes(tmp_path / "b" / "plan")
 

@@ -20,7 +20,9 @@ from reinforge.runtime.executor import TaskExecutor
 from reinforge.products.reshard.face_blur import blur_faces, mask_box
 from reinforge.formats.loader_files import write_loader_files
 from reinforge.curation.replay import build_schedule
-from reinforge.products.reshard.pipeline import ReshardError, ReshardPipeline, buffer_shuffle
+from reinforge.products.reshard.copying import buffer_shuffle
+from reinforge.products.reshard.pipeline import ReshardPipeline
+from reinforge.products.reshard.pool import ReshardError
 from reinforge.curation.time_splits import SplitOptions, build_splits
 from reinforge.formats.recipe import ConfigError, config_digest
 from reinforge.products.registry import parse_recipe
@@ -46,12 +48,12 @@ def cli(*args: str):
 
 
 def run_reshard(recipe: dict) -> tuple[str, list[dict]]:
-    """What the runner does, in this process: plan, run-level files, every task, loader files."""
+    """What the runner does, in this process: prepare, every task, loader files."""
     recipe = parse_recipe(recipe)
     pipeline = ReshardPipeline(recipe)
-    tasks = pipeline.plan()
     layout = RunLayout(recipe.output)
-    pipeline.prepare_run(layout)
+    pipeline.prepare(layout)
+    tasks = pipeline.tasks()
     executor = TaskExecutor(pipeline, layout, config_digest(recipe), recipe.max_error_fraction)
     results = [executor.run(t) for t in tasks]
     write_loader_files(layout, config_digest(recipe))
@@ -296,8 +298,8 @@ def test_blur_needs_metadata_and_the_map_json_works(photo_pool, tmp_path):
                                                          "shards": [str(root / "pool" / "00000000.tar")]}}))
     pipeline = ReshardPipeline(parse_recipe(recipe_for(root, tmp_path / "run", blur_metadata=[str(tmp_path / "map.json")],
                                                        inject_blur_metadata=True, dry_run=True)))
-    pipeline.plan()
-    assert pipeline.meta["blur"]["metadata_files"] == 1 and pipeline.meta["blur"]["metadata_rows"] == 23
+    blur = pipeline.dry_run_report()["reshard"]["blur"]
+    assert blur["metadata_files"] == 1 and blur["metadata_rows"] == 23
 
 
 # ---------------------------------------------------------------- ml-tic-clip's --cls-file
@@ -328,7 +330,7 @@ def test_cls_file_made_and_consumed_as_ml_tic_clip_does(photo_pool, tmp_path):
     assert got == counts
     # a year file without some subset uids: refused while planning, with a count
     with pytest.raises(ClassFileError, match=r"^17 of 20 subset uids have no class id"):
-        ReshardPipeline(parse_recipe(recipe_for(root, tmp_path / "r2", cls_file=str(tmp_path / "dcnet/uid2classid/2017.pkl")))).plan()
+        ReshardPipeline(parse_recipe(recipe_for(root, tmp_path / "r2", cls_file=str(tmp_path / "dcnet/uid2classid/2017.pkl")))).dry_run_report()
 
 
 def test_class_pickles_are_read_without_running_code(tmp_path):
@@ -381,12 +383,12 @@ def test_first_and_num_shards_pick_pool_shards_by_number(photo_pool, tmp_path):
     meta = json.load(open(os.path.join(run, "shards", "meta.json")))
     assert meta["first_shard"] == "1" and meta["num_shards"] == "1" and meta["processed_count"] == 8
     with pytest.raises(ReshardError, match="not in the pool"):  # the other shards' uids are missing
-        ReshardPipeline(parse_recipe(recipe_for(root, tmp_path / "r2", first_shard=1, num_shards=1))).plan()
+        ReshardPipeline(parse_recipe(recipe_for(root, tmp_path / "r2", first_shard=1, num_shards=1))).dry_run_report()
     with pytest.raises(ReshardError, match=r"no pool shard is numbered 7\.\.8"):
-        ReshardPipeline(parse_recipe(recipe_for(root, tmp_path / "r3", first_shard=7, num_shards=2))).plan()
+        ReshardPipeline(parse_recipe(recipe_for(root, tmp_path / "r3", first_shard=7, num_shards=2))).dry_run_report()
 
 
-def test_dry_run_reports_the_plan_and_writes_nothing(photo_pool, tmp_path):
+def test_dry_run_reports_the_assignment_and_writes_nothing(photo_pool, tmp_path):
     root, _, counts = photo_pool
     out = tmp_path / "run"
     result = cli("reshard", str(root / "subset.npy"), "--pool", str(root / "pool" / "*.tar"), "--output", str(out),

@@ -119,7 +119,7 @@ def test_embed_pool_writes_parquet_sidecars_exactly_once(world):
     other = parse_recipe({**world["recipe"].model_dump(mode="json"), "output": str(world["root"] / "again")})
     pipeline = build_pipeline(other)
     executor = TaskExecutor(pipeline, RunLayout(other.output), config_digest(other), other.max_error_fraction)
-    assert executor.run(pipeline.plan()[0])["status"] == "done"
+    assert executor.run(pipeline.tasks()[0])["status"] == "done"
     assert (world["root"] / "again" / out.path).read_bytes() == data
     # a killed writer's temp file in embeddings/ is garbage-collected, the committed output is not
     from reinforge.ops.rundir import collect_garbage
@@ -234,16 +234,16 @@ def test_open_clip_text_tower_prompts(tmp_path, world):
     """open_clip encoder with the text tower on the same pool shard; class-name prompts as queries."""
     from reinforge.runtime.executor import TaskExecutor
     from reinforge.runtime.pipeline import build_pipeline
-    from reinforge.runtime.runner import prepare_run_dir
+    from reinforge.runtime.runner import write_run_record
     from reinforge.formats.recipe import config_digest
     from reinforge.io.manifest import RunLayout
     recipe = parse_recipe({"product": "embed_pool", "output": str(tmp_path / "clip"),
                            "input": {"format": "webdataset", "path": str(world["root"] / "00000001.tar")},
                            "encoder": {"model": tiny_open_clip(), "text": True}})
     pipeline = build_pipeline(recipe)
-    prepare_run_dir(RunLayout(recipe.output), recipe, force=False)  # run.json: the queries' encoder comes from it
+    write_run_record(RunLayout(recipe.output), recipe, force=False)  # run.json: the queries' encoder comes from it
     executor = TaskExecutor(pipeline, RunLayout(recipe.output), config_digest(recipe), recipe.max_error_fraction)
-    assert executor.run(pipeline.plan()[0])["samples_out"] == PER_SHARD
+    assert executor.run(pipeline.tasks()[0])["samples_out"] == PER_SHARD
     assert load_embeddings(str(tmp_path / "clip"), key="text_emb").dim == 32
     build_index(str(tmp_path / "clip"), str(tmp_path / "clip-index"), IndexSpec())
     report = build_transfer_set(parse_transfer_spec({

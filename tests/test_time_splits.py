@@ -14,7 +14,8 @@ from conftest import manifest_nodes, shard_bytes, tree_state, two_node_cluster, 
 from pool_gen import metadata_table, random_uids, write_metadata, write_pool_shards
 
 from reinforge.curation.replay import ScheduleError, allocate, build_schedule, policy_weights
-from reinforge.products.reshard.pipeline import ReshardError, ReshardPipeline
+from reinforge.products.reshard.pipeline import ReshardPipeline
+from reinforge.products.reshard.pool import ReshardError
 from reinforge.ops.rundir import run_status
 from reinforge.runtime.runner import run_recipe
 from reinforge.formats.sources import InputError
@@ -379,8 +380,8 @@ def test_reshard_is_byte_identical_on_rerun(pool, reshard_run, tmp_path, local_r
     # a fresh run of every task, in this process and in reverse order, writes the same bytes
     recipe = parse_recipe(reshard_recipe(root, tmp_path / "run"))
     pipeline = ReshardPipeline(recipe)
-    tasks = pipeline.plan()
-    pipeline.prepare_run(RunLayout(recipe.output))
+    pipeline.prepare(RunLayout(recipe.output))
+    tasks = pipeline.tasks()
     executor = TaskExecutor(pipeline, RunLayout(recipe.output), config_digest(recipe), 0.0)
     assert all(executor.run(t)["status"] == "done" for t in reversed(tasks))
     write_loader_files(RunLayout(recipe.output), config_digest(recipe))  # the runner's last step
@@ -405,12 +406,15 @@ def test_reshard_missing_uids_fail_loudly_unless_allowed(pool, tmp_path):
     write_subset(str(tmp_path / "more.npy"), extra)
     recipe = reshard_recipe(root, tmp_path / "run", subset=str(tmp_path / "more.npy"))
     with pytest.raises(ReshardError, match=r"^7 of 207 subset uids are not in the pool \(7 shards, 483 samples\)"):
-        ReshardPipeline(parse_recipe(recipe)).plan()
+        refused = ReshardPipeline(parse_recipe(recipe))
+        refused.prepare(refused.layout)
     pipeline = ReshardPipeline(parse_recipe({**recipe, "allow_missing": True}))
-    tasks = pipeline.plan()
-    assert pipeline.meta["missing"]["uids"] == 7 and len(pipeline.meta["missing"]["sample"]) == 7
+    pipeline.prepare(pipeline.layout)
+    tasks = pipeline.tasks()
+    committed = json.loads((tmp_path / "run" / "plan" / "plan.json").read_text())
+    assert committed["meta"]["missing"]["uids"] == 7 and len(committed["meta"]["missing"]["sample"]) == 7
     assert len(np.load(tmp_path / "run" / "plan" / "missing_uids.npy")) == 7
-    assert sum(pipeline.sizes) == 200 and len(tasks) == 4
+    assert sum(committed["sizes"]) == 200 and len(tasks) == 4
     result = cli("reshard", str(tmp_path / "more.npy"), "--pool", str(root / "pool" / "*.tar"),
                  "--output", str(tmp_path / "cli"))
     assert result.returncode == 2 and result.stderr.startswith("error: 7 of 207 subset uids are not in the pool")
@@ -427,7 +431,8 @@ def test_reshard_pool_shard_gone_fails_the_task(pool, tmp_path):
     shutil.copytree(root / "pool", tmp_path / "pool")
     recipe = parse_recipe({**reshard_recipe(root, tmp_path / "run"), "input": {"path": str(tmp_path / "pool/*.tar")}})
     pipeline = ReshardPipeline(recipe)
-    tasks = pipeline.plan()
+    pipeline.prepare(pipeline.layout)
+    tasks = pipeline.tasks()
     os.remove(tmp_path / "pool" / "00000002.tar")
     executor = TaskExecutor(pipeline, RunLayout(recipe.output), config_digest(recipe), recipe.max_error_fraction)
     results = [executor.run(t) for t in tasks]
@@ -436,4 +441,5 @@ def test_reshard_pool_shard_gone_fails_the_task(pool, tmp_path):
     assert not (tmp_path / "run" / "shards" / f"{failed[0]['task']}.tar").exists()
     with pytest.raises(InputError, match="no shard matches"):
         ReshardPipeline(parse_recipe({**reshard_recipe(root, tmp_path / "r2"),
-                                      "input": {"path": str(tmp_path / "pool/{00000000..00000009}.tar")}})).plan()
+                                      "input": {"path": str(tmp_path / "pool/{00000000..00000009}.tar")}})
+                        ).prepare(RunLayout(str(tmp_path / "r2")))

@@ -54,12 +54,12 @@ def inspect(shard, key, augmentations):
 def shard_limits(fs, path: str):
     """What the shard's run declares, when it sits in RUN/shards/ beside RUN/dr_config.json."""
     from reinforge.formats.limits import declared_limits
-    folder = path.rpartition("/")[0]
-    run, _, name = folder.rpartition("/")
+    from reinforge.io.manifest import RunLayout
+    run = RunLayout.holding(path)
     config = None
-    if name == "shards" and fs.exists(f"{run}/dr_config.json"):
+    if run is not None and fs.exists(run.dr_config):
         try:
-            config = json.loads(fs.cat_file(f"{run}/dr_config.json"))
+            config = json.loads(fs.cat_file(run.dr_config))
         except (ValueError, UnicodeDecodeError):
             pass
     return declared_limits(config)

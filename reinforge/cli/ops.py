@@ -71,17 +71,17 @@ def watch_status(run_dir: str, interval: float, echo=click.echo, stale_after: fl
     """Print a line per change of RUN/status.json until the run is no longer starting or running. Returns
     the exit code (as `status`): 0 finished with every task done, 1 some task failed, 3 interrupted or gone
     stale (its driver stopped updating it, e.g. killed while starting or running)."""
+    from reinforge.io.runs import live_status
+    from reinforge.io.storage import exists
     from reinforge.ops.rundir import load_run
-    from reinforge.runtime.runner import STATUS_FILE
-    from reinforge.io.storage import exists, read_text
     layout, _ = load_run(run_dir)
-    url = f"{layout.root}/{STATUS_FILE}"
+    url = layout.status
     if not exists(url):
         echo(f"waiting for {url}")
     last, changed = None, time.monotonic()
     while True:
         try:
-            status = json.loads(read_text(url)) if exists(url) else None
+            status = live_status(layout.root)
         except ValueError:
             status = None  # written atomically, so only a foreign file is unreadable: keep waiting
         if status is not None and status.get("updated_at") != last:

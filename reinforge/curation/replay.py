@@ -47,6 +47,7 @@ import numpy as np
 
 from reinforge.curation.replay_stream import stream_step_subset
 from reinforge.formats.sources import InputError
+from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import exists, filesystem, read_text, write_bytes
 from reinforge.formats.subset import COUNTS_DTYPE, first_occurrence, read_subset, uid_order, write_subset
 
@@ -157,7 +158,8 @@ def split_shards(template: str, split: str, expected: int, allow_mismatch: bool)
     is checked against the split's size (public TiC configs silently missed one folder per year)."""
     path = template.replace("{split}", split)
     fs, local = filesystem(path)
-    folder = f"{path.rstrip('/')}/shards" if fs.isdir(f"{local.rstrip('/')}/shards") else path.rstrip("/")
+    run = RunLayout(path.rstrip("/"))
+    folder = run.shards_dir if fs.isdir(RunLayout(local.rstrip("/")).shards_dir) else run.root
     if not fs.isdir(filesystem(folder)[1]):
         return path, expected  # a pattern used verbatim
     names = sorted(p.rpartition("/")[2] for p in fs.ls(filesystem(folder)[1], detail=False) if p.endswith(".tar"))
@@ -186,7 +188,7 @@ class NestedBuffer:
         self.seen: set[str] = set()
 
     def priority_order(self, uids: np.ndarray) -> np.ndarray:
-        from reinforge.products.reshard.pipeline import uid_phase
+        from reinforge.products.reshard.assignment import uid_phase
         return np.argsort(uid_phase(uids["f0"], uids["f1"], self.seed + NESTED_SALT), kind="stable")
 
     def multiplicities(self, split: str, uids: np.ndarray, c: int, old: bool, t: int) -> np.ndarray:

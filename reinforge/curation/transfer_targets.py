@@ -48,7 +48,7 @@ def embed_images(spec: ImagesSpec, encoder, batch: int = 64) -> EmbeddedImages:
         source, names = WebDatasetSource(spec.path), None
     stages = [DecodeImage(), ImageView(encoder.size)]
     vectors, ids, classes, skipped = [], [], [], {}
-    for task in source.plan():
+    for task in source.tasks():
         for chunk in batched(source.read(task), batch):
             b = Batch(chunk)
             for stage in stages:

@@ -90,6 +90,7 @@ def resolve_paths(paths_or_run_dir: str | Sequence[str]) -> list[str]:
     globs, or files."""
     from reinforge.io.storage import filesystem, list_files
     from reinforge.io.manifest import TMP_MARKER
+    from reinforge.io.runs import committed_outputs, is_run_dir
     items = [paths_or_run_dir] if isinstance(paths_or_run_dir, str) else list(paths_or_run_dir)
     files: list[str] = []
     for item in items:
@@ -98,8 +99,7 @@ def resolve_paths(paths_or_run_dir: str | Sequence[str]) -> list[str]:
         if any(c in path for c in "*?["):
             prefix = item.split("://")[0] + "://" if "://" in item else ""
             files += [m if m.startswith(prefix) else prefix + m for m in sorted(fs.glob(path))]
-        elif fs.exists(f"{path}/run.json"):  # an embed_pool run: the tables of its finished tasks only
-            from reinforge.io.runs import committed_outputs
+        elif is_run_dir(item):  # an embed_pool run: the tables of its finished tasks only
             files += [table.url for table in committed_outputs(item, ".parquet")]
         elif fs.isdir(path):
             folder = f"{item}/embeddings" if fs.isdir(f"{path}/embeddings") else item

@@ -39,14 +39,13 @@ def first_sample(url: str) -> dict | None:
 
 def write_loader_files(layout: RunLayout, digest: str | None = None) -> None:
     """Write sizes.json, _info.json and the dataset cards for the run's committed shards (none: nothing)."""
-    root = layout.root.rstrip("/")
     committed = committed_shards(layout, digest)
     if not committed:
         return
     folder = posixpath.dirname(next(iter(committed)))
     names = {posixpath.basename(p): n for p, n in committed.items() if posixpath.dirname(p) == folder}
     sizes = {name: names[name] for name in sorted(names)}
-    shards_url = join(root, folder)
+    shards_url = layout.file(folder)
     write_bytes(join(shards_url, "sizes.json"), json.dumps(sizes, indent=1).encode())
     total = sum(sizes.values())
     # nothing here names the run's folder or product: equal shards get equal loader files (reruns, joins)
@@ -64,4 +63,4 @@ def write_loader_files(layout: RunLayout, digest: str | None = None) -> None:
     files = "*.tar" if present == set(sizes) else list(sizes)
     write_bytes(join(shards_url, "README.md"), dataset_card(files, features, total))
     root_files = f"{folder}/*.tar" if isinstance(files, str) else [f"{folder}/{n}" for n in files]
-    write_bytes(join(root, "README.md"), dataset_card(root_files, features, total))
+    write_bytes(layout.file("README.md"), dataset_card(root_files, features, total))

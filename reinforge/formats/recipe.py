@@ -76,7 +76,7 @@ class Recipe(Strict):
 Precision = Literal["float32", "bfloat16", "float16"]
 
 
-NON_SEMANTIC_FIELDS = ("output", "resources", "dry_run")  # dry_run: a plan-only look at the same recipe
+NON_SEMANTIC_FIELDS = ("output", "resources", "dry_run")  # dry_run: a look at what the same recipe would do
 
 
 def apply_override(raw: dict, dotted: str) -> None:

@@ -50,7 +50,7 @@ class WebDatasetSource:
         self.pattern = pattern
         self.limits = limits
 
-    def plan(self) -> list[Task]:
+    def tasks(self) -> list[Task]:
         urls = expand_shards(self.pattern)
         ids = [_safe_id(u.rpartition("/")[2].split(".")[0]) for u in urls]
         if len(set(ids)) != len(ids):  # same file names in different folders: qualify by the parent
@@ -117,7 +117,7 @@ class ImageFolderSource:
                              f"folder(s) {', '.join(empty)} of {self.root}")
         return classes, files
 
-    def plan(self) -> list[Task]:
+    def tasks(self) -> list[Task]:
         _, files = self.listing()
         tasks = []
         for start in range(0, len(files), self.samples_per_task):

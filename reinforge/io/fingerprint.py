@@ -1,4 +1,4 @@
-"""Input fingerprints: what a task's input files looked like when it was planned, from metadata only
+"""Input fingerprints: what a task's input files looked like when its task was listed, from metadata only
 (size plus mtime / ETag / generation), never from their bytes, so that a rerun, `status` and `validate`
 can tell an input replaced under the same name at the cost of a stat per file (local) or one listing
 per folder (object stores).

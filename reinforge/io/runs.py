@@ -35,7 +35,7 @@ def _fs(url: str):
 def is_run_dir(url: str) -> bool:
     """A run folder (it has run.json), local or any fsspec URL, rather than shard URLs or a plain folder."""
     fs, path = _fs(url.rstrip("/"))
-    return fs.exists(join(path, "run.json"))
+    return fs.exists(RunLayout(path).run_file)
 
 
 def read_json(url: str) -> Optional[dict]:
@@ -75,16 +75,37 @@ def require_dr_config(run: str) -> dict:
     return config
 
 
+# what the readers of status.json (report, `status --watch`) use of what the runner's Progress writes
+STATUS_FIELDS = ("state", "tasks", "samples", "samples_per_second", "errors", "updated_at")
+STATUS_TASK_FIELDS = ("total", "done", "failed", "running")
+
+
+def live_status(run: str) -> Optional[dict]:
+    """The live run's progress (status.json, written by the runner's Progress): None when there is none
+    yet; ValueError naming the file when it is not one (a foreign or hand-edited file). `report` and
+    `status --watch` both read it here, so neither trips on a missing field."""
+    url = RunLayout(run.rstrip("/")).status
+    status = read_json(url)
+    if status is None:
+        return None
+    tasks = status.get("tasks")
+    if (any(k not in status for k in STATUS_FIELDS) or not isinstance(status["state"], str)
+            or not isinstance(tasks, dict) or any(not isinstance(tasks.get(k), int) for k in STATUS_TASK_FIELDS)
+            or not isinstance(status["samples_per_second"], (int, float))):
+        raise ValueError(f"{url}: not a run status (expected {', '.join(STATUS_FIELDS)})")
+    return status
+
+
 def scan_manifests(run: str) -> tuple[list[TaskManifest], list[str]]:
     """Every readable task manifest (in task order), and the URLs of the unreadable ones."""
     layout = RunLayout(run.rstrip("/"))
-    fs, folder = _fs(join(layout.root, "manifests"))
+    fs, folder = _fs(layout.manifests_dir)
     readable, unreadable = [], []
     fs.invalidate_cache(folder)  # object stores cache listings: a manifest committed since must be seen
     if not fs.exists(folder):
         return readable, unreadable
     for name in sorted(p.rpartition("/")[2] for p in fs.ls(folder, detail=False) if p.endswith(".json")):
-        url = join(layout.root, "manifests", name)
+        url = join(layout.manifests_dir, name)
         try:
             readable.append(TaskManifest.from_json(fs.cat_file(join(folder, name)).decode()))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -102,7 +123,7 @@ def done_manifests(run: str, digest: Optional[str] = None) -> list[TaskManifest]
 def committed_outputs(run: str, suffix: str = ".tar", digest: Optional[str] = None) -> list[Shard]:
     """Every output ending in `suffix` that a finished task wrote, in path order."""
     layout = RunLayout(run.rstrip("/"))
-    outputs = {out.path: Shard(join(layout.root, out.path), out.samples, out.sha256)
+    outputs = {out.path: Shard(layout.file(out.path), out.samples, out.sha256)
                for m in done_manifests(run, digest) for out in m.outputs if out.path.endswith(suffix)}
     return [outputs[p] for p in sorted(outputs)]
 

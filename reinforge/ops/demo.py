@@ -8,6 +8,7 @@ import random
 
 from PIL import Image
 
+from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import atomic_open
 from reinforge.formats.wds import ShardWriter
 
@@ -51,11 +52,12 @@ def run_demo(recipe, input_folder: str, address, echo=print) -> None:
     n = write_demo_inputs(input_folder)
     echo(f"input: {n} real photos (scikit-image) in {input_folder}")
     summary = run_recipe(recipe, address=address, force=True, redo_changed=True)  # its inputs are rewritten above
-    echo(f"shards: {recipe.output}/shards/  ({summary.done} tasks run, {summary.skipped} already done)")
+    layout = RunLayout(recipe.output)
+    echo(f"shards: {layout.shards_dir}/  ({summary.done} tasks run, {summary.skipped} already done)")
     echo(f"throughput: {summary.samples} images x {recipe.augmentation.num_samples} augmentations at "
          f"{summary.samples_per_second:.2f} images/s "
          f"({summary.samples_per_second * recipe.augmentation.num_samples:.1f} teacher views/s)")
-    echo(f"skipped samples: {summary.errors}; trainer config: {recipe.output}/dr_config.json")
+    echo(f"skipped samples: {summary.errors}; trainer config: {layout.dr_config}")
 
     names = ImageNetInfo()
     teacher, _ = load_teacher(recipe.teachers[0])

@@ -79,7 +79,7 @@ def export_datacompdr(run_dir: str, out_dir: str, format: str | None = None, dty
         data = buf.getvalue()
         write_bytes(target.shard(task), data)
         manifest = TaskManifest(task_id=task, inputs=[shard.url], samples_in=shard.samples, samples_out=written,
-                                outputs=[OutputFile(f"shards/{name}", len(data), sha256_hex(data), written)],
+                                outputs=[OutputFile(target.relative(target.shard(task)), len(data), sha256_hex(data), written)],
                                 config_digest=digest, versions={"export": "datacompdr"}, stages={},
                                 started_at=0.0, seconds=0.0)
         write_bytes(target.manifest(task), manifest.to_json().encode())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reinforge.ops.rundir import load_run, manifests
-from reinforge.io.runs import NotARunError
+from reinforge.io.runs import NotARunError, live_status
 from reinforge.io.storage import exists, filesystem, list_files, read_text, write_bytes
 from reinforge.io.manifest import RunLayout, TaskManifest
 from reinforge.formats.wds import ShardReadError, iter_samples
@@ -100,21 +100,21 @@ def build_report(root: str, out: str, max_samples: int = MAX_SAMPLES) -> str:
 def _overview(page: Page, layout: RunLayout, run: dict, done: list[TaskManifest]) -> None:
     page.heading("Run")
     current = [m for m in done if m.config_digest == run["config_digest"]]
-    failed = list_files(layout.root + "/failed", ".json")
+    failed = list_files(layout.failed_dir, ".json")
     rows = [["product", run.get("product", "?")], ["config digest", run["config_digest"]],
             ["tasks done", len(current)], ["tasks from an older recipe", len(done) - len(current)],
             ["tasks failed", len(failed)],
             ["samples in / out", f"{sum(m.samples_in for m in current)} / {sum(m.samples_out for m in current)}"],
             ["skipped samples", sum(m.errors for m in current)],
             ["output bytes", f"{sum(o.bytes for m in current for o in m.outputs):,}"]]
-    status_url = f"{layout.root}/status.json"
-    if exists(status_url):
-        try:
-            status = json.loads(read_text(status_url))
+    try:
+        status = live_status(layout.root)
+    except ValueError as exc:
+        rows.append(["live status", f"unreadable status.json ({type(exc).__name__})"])
+    else:
+        if status is not None:
             rows.append(["live status", f"{status['state']}: {status['tasks']['done']}/{status['tasks']['total']} "
                                         f"tasks done, {status['samples_per_second']:.2f} samples/s"])
-        except (ValueError, KeyError, TypeError) as exc:
-            rows.append(["live status", f"unreadable status.json ({type(exc).__name__})"])
     if current:
         span = max(m.started_at + m.seconds for m in current) - min(m.started_at for m in current)
         rows.append(["task wall span", f"{span:.1f} s ({sum(m.samples_out for m in current) / max(span, 1e-9):.2f} "
@@ -188,7 +188,7 @@ def _errors(page: Page, layout: RunLayout) -> None:
     examples: dict[tuple, list[str]] = {}
     messages: dict[tuple, str] = {}
     unreadable = 0
-    for url in list_files(layout.root + "/errors", ".jsonl"):
+    for url in list_files(layout.errors_dir, ".jsonl"):
         for line in read_text(url).splitlines():
             try:
                 error = json.loads(line)
@@ -215,7 +215,7 @@ def _errors(page: Page, layout: RunLayout) -> None:
     if unreadable:
         page.text(f"{unreadable} lines of the errors files are not valid error records.")
     failed = []
-    for url in list_files(layout.root + "/failed", ".json"):
+    for url in list_files(layout.failed_dir, ".json"):
         try:
             reason = json.loads(read_text(url)).get("reason", "?")
         except ValueError:
@@ -232,7 +232,7 @@ def _shard_samples(layout: RunLayout, done: list[TaskManifest], limit: int):
         for out in m.outputs:
             if not out.path.endswith(".tar"):
                 continue
-            fs, path = filesystem(f"{layout.root}/{out.path}")
+            fs, path = filesystem(layout.file(out.path))
             try:
                 with fs.open(path, "rb") as f:
                     for members in iter_samples(f):
@@ -273,7 +273,8 @@ def _product(page: Page, layout: RunLayout, run: dict, done: list[TaskManifest],
 
 
 def _sizes_file(root: str) -> str | None:
-    return next((u for u in (f"{root}/sizes.json", f"{root}/shards/sizes.json") if exists(u)), None)
+    # a time-split folder has it at its top, a run beside its shards
+    return next((u for u in (f"{root}/sizes.json", RunLayout(root).shards_file("sizes.json")) if exists(u)), None)
 
 
 def _sizes(page: Page, root: str) -> None:

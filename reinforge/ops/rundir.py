@@ -1,5 +1,6 @@
 """Read-only views of a run directory (status, merged stats, validation) and garbage collection.
-Status and validate never write into the run directory (they plan with Pipeline.planned_tasks)."""
+Status and validate never write into the run directory: they list tasks with Pipeline.tasks() and
+never call prepare()."""
 from __future__ import annotations
 
 import hashlib
@@ -78,12 +79,12 @@ def read_failure(url: str) -> dict:
 def run_status(root: str) -> RunStatus:
     layout, run = load_run(root)
     pipeline = run_pipeline(root)
-    planned = pipeline.planned_tasks()
+    tasks = pipeline.tasks()
     status = RunStatus()
     by_id = {m.task_id: m for m in manifests(layout)}
-    failures = {u.rpartition("/")[2].removesuffix(".json"): u for u in list_files(layout.root + "/failed", ".json")}
+    failures = {u.rpartition("/")[2].removesuffix(".json"): u for u in list_files(layout.failed_dir, ".json")}
     done: dict[str, TaskManifest] = {}
-    for task in planned:
+    for task in tasks:
         manifest = by_id.get(task.id)
         if manifest and manifest.config_digest == run["config_digest"]:
             done[task.id] = manifest
@@ -94,10 +95,10 @@ def run_status(root: str) -> RunStatus:
             status.stale.append(task.id)
         else:
             status.pending.append(task.id)
-    status.changed = changed_tasks(pipeline, [t for t in planned if t.id in done], done)
+    status.changed = changed_tasks(pipeline, [t for t in tasks if t.id in done], done)
     status.done = [t for t in done if t not in status.changed]
     status.unchecked = [t for t, m in done.items() if m.input_fingerprint is None]
-    for url in list_files(layout.root + "/errors", ".jsonl"):
+    for url in list_files(layout.errors_dir, ".jsonl"):
         status.error_files[url.rpartition("/")[2].removesuffix(".jsonl")] = read_text(url).count("\n")
     return status
 
@@ -187,7 +188,7 @@ class _TaskChecker:
         if m.config_digest != self.run["config_digest"]:
             problems.append(f"{m.task_id}: manifest digest {m.config_digest} != run digest {self.run['config_digest']}")
         for out in m.outputs:
-            url = f"{layout.root}/{out.path}"
+            url = layout.file(out.path)
             fs, path = filesystem(url)
             if not fs.exists(path):
                 problems.append(f"{m.task_id}: missing output {out.path}")
@@ -230,10 +231,10 @@ def changed_input_problems(pipeline, readable: list[TaskManifest]) -> list[str]:
     from reinforge.formats.sources import InputError
     by_id = {m.task_id: m for m in readable}
     try:
-        planned = pipeline.planned_tasks()
+        listed = pipeline.tasks()
     except InputError:  # inputs moved or deleted since the run: nothing to compare; the outputs stand alone
         return []
-    tasks = [t for t in planned if t.id in by_id]
+    tasks = [t for t in listed if t.id in by_id]
     return [f"{task}: input changed since the task ran ({old} -> {new}); its outputs are stale, "
             f"rerun with --redo-changed-inputs" for task, (old, new) in
             sorted(changed_tasks(pipeline, tasks, by_id).items())]

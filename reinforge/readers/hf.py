@@ -21,13 +21,14 @@ import fsspec
 
 from reinforge.io.runs import committed_shards
 from reinforge.formats.hf_card import HF_IMAGE_EXTENSIONS, card_features, hf_features
-from reinforge.io.manifest import join
+from reinforge.io.manifest import RunLayout
 from reinforge.formats.members import decode_member, inner_extension
 from reinforge.formats.wds import iter_samples
 
 
 def _yaml_features(run: str) -> list[dict]:
-    for card in (join(run.rstrip("/"), "shards", "README.md"), join(run.rstrip("/"), "README.md")):
+    layout = RunLayout(run.rstrip("/"))
+    for card in (layout.shards_file("README.md"), layout.file("README.md")):
         try:
             with fsspec.open(card, "r", encoding="utf-8") as f:
                 features = card_features(f.read())

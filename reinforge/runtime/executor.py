@@ -155,9 +155,9 @@ class TaskExecutor:
         except (ShardReadError, TaskFailed) as exc:
             return self._fail(task, str(exc), samples_in, errors, started)
         self._write_errors(task, errors)
-        outputs = [OutputFile(self._relative(shard_url), out.bytes, out.sha256.hexdigest(), samples_out)]
+        outputs = [OutputFile(self.layout.relative(shard_url), out.bytes, out.sha256.hexdigest(), samples_out)]
         for relative, data in self.pipeline.sidecars(task, samples_out).items():
-            write_bytes(f"{self.layout.root.rstrip('/')}/{relative}", data)
+            write_bytes(self.layout.file(relative), data)
             outputs.append(OutputFile(relative, len(data), hashlib.sha256(data).hexdigest(), 0))
         manifest = TaskManifest(
             task_id=task.id, inputs=list(task.inputs) if len(task.inputs) <= 1 else [task.inputs[0], f"... {len(task.inputs)} files"],
@@ -169,9 +169,6 @@ class TaskExecutor:
         remove(self.layout.failure(task.id))
         return {"task": task.id, "status": "done", "samples_in": samples_in, "samples_out": samples_out,
                 "errors": len(errors)}
-
-    def _relative(self, url: str) -> str:
-        return url[len(self.layout.root.rstrip("/")) + 1:]
 
     def _write_errors(self, task: Task, errors: list[SampleError]) -> None:
         if errors:

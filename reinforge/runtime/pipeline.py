@@ -1,4 +1,13 @@
-"""What a product is: tasks from a source, a list of stages, and a batch size for them."""
+"""What a product is: tasks from a source, a list of stages, and a batch size for them.
+
+A product's lifecycle, the same for every product:
+  prepare(layout)  once per run, on the driver, before any task: whatever the run needs beside its
+                   tasks (RUN/plan/ files, dr_config.json, ...). A rerun whose inputs did not change
+                   finds it done (products that index or assign keep a fingerprint, e.g. reshard's
+                   plan/plan.json) and rewrites nothing its finished tasks depend on.
+  tasks()          the run's tasks: pure and cheap, never writes. The runner asks after prepare();
+                   the read-only tools (status, validate) ask without it.
+"""
 from __future__ import annotations
 
 import importlib
@@ -15,25 +24,24 @@ from reinforge.stages.base import Stage
 
 
 class Pipeline:
-    """Subclasses set `recipe` and `source` (or override plan/read) and build their stages; the
+    """Subclasses set `recipe` and `source` (or override tasks/read) and build their stages; the
     runner and executor do the rest."""
 
     recipe: BaseModel
-    source = None  # a reinforge.formats.sources source: plan() -> tasks, read(task) -> samples
+    source = None  # a reinforge.formats.sources source: tasks(), read(task) -> samples
     # libraries whose versions each task manifest records (those that can change the output bytes);
     # a product that runs no model declares fewer, and its workers then never import torch
     libraries: tuple[str, ...] = ("torch", "torchvision", "timm", "numpy", "pillow")
 
-    def plan(self) -> list[Task]:
-        return self.source.plan()
+    def prepare(self, layout: RunLayout) -> None:
+        """Driver-side, once per run before tasks(): write run-level files (e.g. the trainer's config)."""
+
+    def tasks(self) -> list[Task]:
+        """The run's tasks (see the module docstring): never writes into the run directory."""
+        return self.source.tasks()
 
     def read(self, task: Task) -> Iterator[dict]:
         return self.source.read(task)
-
-    def planned_tasks(self) -> list[Task]:
-        """The tasks, for the read-only tools (status, validate): as plan(), but must not write into the
-        run directory; products whose plan() writes plan files there override it."""
-        return self.plan()
 
     def input_files(self, task: Task) -> list[str]:
         """The file behind each entry of task.inputs, whose size and version fingerprint the task."""
@@ -103,9 +111,6 @@ class Pipeline:
             return float(spec.samples_per_task)
         sizes = [fs.size(path) for fs, path in map(filesystem, expand_shards(spec.path)[:8])]
         return max(1.0, (sum(sizes) / len(sizes) - TAR_TRAILER_MEAN) / input_bytes_per_sample)
-
-    def prepare_run(self, layout: RunLayout) -> None:
-        """Driver-side, before any task: write run-level files (e.g. the trainer's config)."""
 
 
 def build_pipeline(recipe: BaseModel) -> Pipeline:

@@ -40,7 +40,7 @@ def choose_samples(source, count: int, seed: int) -> tuple[list[dict], list[int]
     """`count` samples chosen (seeded) among the first WINDOW * count readable input samples (so a
     sorted input does not make the probe one class), and the tar bytes of every sample of that window."""
     window: list[dict] = []
-    for task in source.plan():
+    for task in source.tasks():
         for sample in source.read(task):
             if "__error__" not in sample:
                 window.append(sample)

@@ -1,5 +1,6 @@
-"""The driver: plan tasks, skip the done ones, run the rest on the actor pool (actor_pool.py), or in
-this process when only one task is left to run (local_pool.py; the rule is runs_in_process).
+"""The driver: record the recipe (run.json), prepare the run and list its tasks (Pipeline.prepare, then
+.tasks), skip the done ones, run the rest on the actor pool (actor_pool.py), or in this process when
+only one task is left to run (local_pool.py; the rule is runs_in_process).
 
 A task is done iff its manifest exists and carries this run's config digest, so a rerun costs one
 listing plus reading small JSON files, plus the inputs' metadata (a stat per file, or one listing per
@@ -81,7 +82,9 @@ def _diff(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def prepare_run_dir(layout: RunLayout, recipe: BaseModel, force: bool) -> str:
+def write_run_record(layout: RunLayout, recipe: BaseModel, force: bool) -> str:
+    """run.json for this recipe, and its config digest; ConfigChangedError when the run directory was
+    made with another recipe, unless `force`."""
     digest = config_digest(recipe)
     if exists(layout.run_file):
         saved = json.loads(read_text(layout.run_file))
@@ -120,9 +123,6 @@ def fingerprinted_todo(pipeline, layout: RunLayout, digest: str, tasks: list[Tas
             f"({describe_changes(changed)}). Rerun with --redo-changed-inputs to redo them, or restore the inputs.")
     todo = [replace(t, fingerprint=prints[t.id]) for t in tasks if t.id not in done or t.id in changed]
     return todo, sorted(changed)
-
-
-STATUS_FILE = "status.json"
 
 
 class Progress:
@@ -224,14 +224,14 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
     started = time.perf_counter()
     pipeline = build_pipeline(recipe)
     layout = RunLayout(recipe.output)
-    digest = prepare_run_dir(layout, recipe, force)
-    tasks = pipeline.plan()
+    digest = write_run_record(layout, recipe, force)
+    pipeline.prepare(layout)
+    tasks = pipeline.tasks()
     todo_list, changed = fingerprinted_todo(pipeline, layout, digest, tasks, redo_changed)
     todo = deque(todo_list)
     summary = RunSummary(output=recipe.output, tasks=len(tasks), skipped=len(tasks) - len(todo),
                          redone_changed=changed)
-    pipeline.prepare_run(layout)
-    status_url = f"{layout.root.rstrip('/')}/{STATUS_FILE}"
+    status_url = layout.status
     starting = Progress(len(tasks), summary.skipped, False, status_url)
     starting.write_status([], "starting" if todo else "finished")
     if not todo:

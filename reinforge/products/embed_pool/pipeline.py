@@ -11,7 +11,7 @@ from reinforge.io.manifest import Task
 from reinforge.products.embed_pool.recipe import EmbedPoolRecipe
 from reinforge.formats.embeddings import IMAGE_KEY, TEXT_KEY, embeddings_table, table_bytes
 from reinforge.formats.limits import Limits
-from reinforge.io.manifest import RunLayout, join
+from reinforge.io.manifest import RunLayout
 from reinforge.stages.base import Stage
 from reinforge.stages.decode import DecodeImage
 from reinforge.stages.embed import Encoder, ImageView
@@ -73,7 +73,7 @@ class EmbedPoolPipeline(Pipeline):
         return stages + [ImageView(self.encoder.size, threads), self.encoder]
 
     def output_url(self, layout: RunLayout, task: Task) -> str:
-        return join(layout.root, "embeddings", f"{task.id}.parquet")
+        return layout.embeddings(task.id)
 
     def task_writer(self, fileobj) -> EmbeddingWriter:
         return EmbeddingWriter(fileobj, {**self.encoder.version, "text": self.recipe.encoder.text})

@@ -90,5 +90,5 @@ class ImageNetPlusPipeline(Pipeline):
 
         return check
 
-    def prepare_run(self, layout: RunLayout) -> None:
+    def prepare(self, layout: RunLayout) -> None:
         write_bytes(layout.dr_config, json.dumps(trainer_config(self.recipe), indent=1, sort_keys=True).encode())

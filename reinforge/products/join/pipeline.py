@@ -1,10 +1,11 @@
 """Join: reinforcement-only DataCompDR shards (no images, like Apple's release) + the DataComp image
 shards they came from, matched by uid, into trainable DataCompDR shards (FORMATS §2).
 
-plan() (driver): index both sides with uid_index.py (tar headers and json members only; cached in
-<run>/index/{reinforcement,images}/), locate every reinforcement uid in the pool (reshard.match_pool),
-and write each reinforcement shard's pool locations to <run>/plan/<task>.parquet, with the counts in
-<run>/plan/plan.json. Tasks are the reinforcement shards (an output shard keeps its input's name);
+prepare() (driver, once per run): index both sides with uid_index.py (tar headers and json members
+only; cached in <run>/index/{reinforcement,images}/), locate every reinforcement uid in the pool
+(reshard's match_pool), and write each reinforcement shard's pool locations to <run>/plan/<task>.parquet,
+with the counts in <run>/plan/plan.json, and the trainer config to <run>/dr_config.json. Tasks are the
+reinforcement shards (an output shard keeps its input's name; tasks() lists them and writes nothing);
 read(task) streams its shard and fetches only the pool samples it needs, by byte range.
 
 Per sample (JoinDR) the reinforcement members must decode, the pool sample must carry the same uid,
@@ -18,6 +19,7 @@ a keep_images run of the same recipe writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Iterator
 
@@ -26,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reinforge.runtime.pipeline import Pipeline
-from reinforge.products.reshard.pipeline import match_pool
+from reinforge.products.reshard.pool import match_pool
 from reinforge.formats.sources import InputError, WebDatasetSource
 from reinforge.io.manifest import Task
-from reinforge.io.storage import exists, filesystem, read_text, write_bytes
+from reinforge.io.storage import exists, filesystem, read_text, remove, write_bytes
 from reinforge.formats.pool_reader import PoolReader
 from reinforge.formats.uid_index import build_index
 from reinforge.readers.mobileclip import augmentation_from_config
@@ -47,8 +49,30 @@ from reinforge.stages.text import ParseCaption
 
 
 
+def locations_url(layout: RunLayout, task_id: str) -> str:
+    """The pool locations of one reinforcement shard's uids, as prepare() found them."""
+    return layout.plan_file(f"{task_id}.parquet")
+
+
+def commit_locations(layout: RunLayout, files: dict[str, bytes], summary: dict) -> None:
+    """Write every task's locations, then plan/plan.json (the summary and their fingerprint; written
+    last, it commits them), unless the committed ones are the same: a rerun of unchanged inputs
+    rewrites nothing."""
+    digest = hashlib.sha256()
+    for url in sorted(files):
+        digest.update(f"{layout.relative(url)}\0{hashlib.sha256(files[url]).hexdigest()}\n".encode())
+    fingerprint = digest.hexdigest()
+    if exists(layout.plan_record):
+        if json.loads(read_text(layout.plan_record)).get("fingerprint") == fingerprint:
+            return
+        remove(layout.plan_record)  # uncommitted while the locations are rewritten
+    for url, data in files.items():
+        write_bytes(url, data)
+    write_bytes(layout.plan_record, json.dumps({**summary, "fingerprint": fingerprint}, indent=1).encode())
+
+
 class JoinError(InputError):
-    """The join cannot be planned as asked (no trainer config, no uid in common with the pool)."""
+    """The join cannot be prepared as asked (no trainer config, no uid in common with the pool)."""
 
 
 def _uid_of(members: dict, field: str = "uid") -> str | None:
@@ -110,12 +134,11 @@ class JoinPipeline(Pipeline):
     def dr_config_url(self) -> str:
         if self.recipe.input.dr_config:
             return self.recipe.input.dr_config
-        folder, _, _ = self.recipe.input.path.rpartition("/")
-        run, _, name = folder.rpartition("/")
-        if name != "shards":
+        run = RunLayout.holding(self.recipe.input.path)
+        if run is None:
             raise JoinError(f"input.dr_config: not given, and {self.recipe.input.path} is not in a run's shards/ "
                             f"folder; pass the reinforcement shards' trainer config (dr_config.json)")
-        return f"{run}/dr_config.json"
+        return run.dr_config
 
     @staticmethod
     def load_dr_config(url: str) -> tuple[dict, dict]:
@@ -134,20 +157,23 @@ class JoinPipeline(Pipeline):
         raw = super().probe_recipe(raw, chosen, folder)  # the probe shards are not in this run's shards/
         return {**raw, "input": {**raw["input"], "dr_config": self.dr_config_url()}}
 
-    def plan_url(self, task_id: str) -> str:
-        return f"{self.layout.root}/plan/{task_id}.parquet"
+    def tasks(self) -> list[Task]:
+        return self.source.tasks()  # the reinforcement shards
 
-    def plan(self) -> list[Task]:
+    def prepare(self, layout: RunLayout) -> None:
+        """Where each task's pool samples are (plan/), and the trainer config of the reinforcement shards,
+        byte for byte: it describes the joined shards too."""
         r = self.recipe
-        self.load_dr_config(self.dr_config_url())
-        tasks = self.source.plan()
+        config_url = self.dr_config_url()
+        self.load_dr_config(config_url)
+        tasks = self.source.tasks()
         try:
-            pool = WebDatasetSource(r.images.path).plan()
+            pool = WebDatasetSource(r.images.path).tasks()
         except InputError as exc:
             raise JoinError(str(exc).replace("input.path", "images.path", 1)) from None
         urls = [t.inputs[0] for t in pool]
         # every sample's uid, read from the json members only; unreadable ones are refused by JoinDR
-        indexes = list(build_index(tasks, f"{self.layout.root}/index/reinforcement", "uid"))
+        indexes = list(build_index(tasks, layout.index_dir("reinforcement"), "uid"))
         ok = [t.column("status").to_numpy() == 0 for t in indexes]
         hi = np.concatenate([t.column("uid_hi").to_numpy()[m] for t, m in zip(indexes, ok)])
         lo = np.concatenate([t.column("uid_lo").to_numpy()[m] for t, m in zip(indexes, ok)])
@@ -155,10 +181,11 @@ class JoinPipeline(Pipeline):
         first = first_occurrence(hi[order], lo[order])
         uids = make_subset(hi[order][first], lo[order][first])
         wanted = LoadedSubset(uids, np.ones(len(uids), np.uint32), r.input.path)
-        match = match_pool(wanted, build_index(pool, f"{self.layout.root}/index/images", r.images.uid_field), urls)
+        match = match_pool(wanted, build_index(pool, layout.index_dir("images"), r.images.uid_field), urls)
         if len(uids) and not match.found.any():
             raise JoinError(f"images.path: none of the {len(uids)} reinforcement uids is in the image pool "
                             f"({len(urls)} shards, {match.samples} samples): wrong pool?")
+        files = {}
         for task, table, mask in zip(tasks, indexes, ok):
             pos = locate(table.column("uid_hi").to_numpy()[mask], table.column("uid_lo").to_numpy()[mask], uids)
             pos = pos[match.found[pos]]
@@ -168,7 +195,7 @@ class JoinPipeline(Pipeline):
                 "offset": match.offset[pos], "length": match.length[pos]})
             buf = pa.BufferOutputStream()
             pq.write_table(locations, buf)
-            write_bytes(self.plan_url(task.id), buf.getvalue().to_pybytes())
+            files[locations_url(layout, task.id)] = buf.getvalue().to_pybytes()
         samples = sum(t.num_rows for t in indexes)
         summary = {"format": "reinforge.join/1", "reinforcement_shards": len(tasks), "reinforcement_samples": samples,
                    "samples_without_uid": samples - int(sum(m.sum() for m in ok)), "uids": len(uids),
@@ -177,14 +204,12 @@ class JoinPipeline(Pipeline):
                    "pool": {"shards": len(urls), "samples_indexed": match.samples, "samples_without_uid": match.bad,
                             "duplicate_uids": match.duplicates, "duplicate_sample": match.duplicate_sample,
                             "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
-        write_bytes(f"{self.layout.root}/plan/plan.json", json.dumps(summary, indent=1).encode())
-        return tasks
-
-    def planned_tasks(self) -> list[Task]:
-        return self.source.plan()  # the reinforcement shards; plan() also indexes and writes plan/
+        commit_locations(layout, files, summary)
+        fs, path = filesystem(config_url)
+        write_bytes(layout.dr_config, fs.cat_file(path))
 
     def read(self, task: Task) -> Iterator[dict]:
-        fs, path = filesystem(self.plan_url(task.id))
+        fs, path = filesystem(locations_url(self.layout, task.id))
         with fs.open(path, "rb") as f:
             rows = pq.read_table(f).to_pydict()
         where = {uid: (url, offset, length) for uid, url, offset, length in
@@ -201,19 +226,12 @@ class JoinPipeline(Pipeline):
 
     def build_stages(self) -> list[Stage]:
         r = self.recipe
-        _, augmentation = self.load_dr_config(self.layout.dr_config)  # the run's copy (prepare_run)
+        _, augmentation = self.load_dr_config(self.layout.dr_config)  # the run's copy (prepare)
         return [JoinDR(augmentation, r.caption_member, r.images.uid_field, max(1, int(r.resources.cpus_per_actor)),
                        self.output_limits(self.layout))]
 
     def samples_per_batch(self) -> int:
         return 64
-
-    def prepare_run(self, layout: RunLayout) -> None:
-        """The trainer config of the reinforcement shards, byte for byte: it describes the joined shards too."""
-        url = self.dr_config_url()
-        self.load_dr_config(url)
-        fs, path = filesystem(url)
-        write_bytes(layout.dr_config, fs.cat_file(path))
 
     def sample_checker(self, layout: RunLayout):
         """validate: schema, N and D as the trainer config says, sha256 and crop bounds on the joined image."""

@@ -101,7 +101,7 @@ class MobileCLIPPipeline(Pipeline):
 
         return check
 
-    def prepare_run(self, layout: RunLayout) -> None:
+    def prepare(self, layout: RunLayout) -> None:
         if self.recipe.mode == "captions":
             return
         from reinforge.formats.dr_trainer_config import dr_trainer_config

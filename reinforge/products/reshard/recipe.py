@@ -41,7 +41,7 @@ class ReshardRecipe(Recipe):
     reencode_webp_quality: int = Field(100, ge=1, le=100, description="WebP quality of blurred images")
     cls_file: Optional[str] = Field(None, description="ml-tic-clip's uid2classid pickle (or JSON {uid: class id}): "
                                     "every output sample gets a cls member")
-    dry_run: bool = Field(False, description="plan and report; write no shards, no plan, no run files")
+    dry_run: bool = Field(False, description="assign and report; write no shards, no assignment, no run files")
 
     @model_validator(mode="after")
     def _blur_needs_metadata(self):

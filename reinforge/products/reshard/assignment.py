@@ -1,0 +1,62 @@
+"""Which output shard, and which place in it, each copy of each subset uid gets.
+
+Copy r of a uid with multiplicity m gets the sort key (r + phase) / m, where phase in [0, 1) is a hash
+of (seed, uid): copies of one uid sit 1/m of the run apart, and distinct uids are shuffled across the
+pool. Output shards are consecutive blocks of `samples_per_shard` copies in key order (the last one
+shorter). Inside a shard, samples go in (copy round, pool shard, offset) order, so reads move forward
+through each pool shard; a copy that would directly follow a copy of the same uid is swapped with the
+next different sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a fixed, well-spread hash of uint64 values."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
+    h = _mix64(hi ^ _mix64(lo ^ np.uint64(seed % 2**64)))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def assign(uids: np.ndarray, counts: np.ndarray, shard: np.ndarray, offset: np.ndarray,
+           samples_per_shard: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(uid index, copy number) of every output sample in output order, and the size of each shard."""
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    idx = np.repeat(np.arange(len(uids)), counts)
+    copy = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    key = (copy + uid_phase(uids["f0"], uids["f1"], seed)[idx]) / counts[idx]
+    order = np.argsort(key, kind="stable")  # ties: uid order, then copy order
+    idx, copy = idx[order], copy[order]
+    sizes = [min(samples_per_shard, total - s) for s in range(0, total, samples_per_shard)]
+    start = 0
+    for size in sizes:
+        block = slice(start, start + size)
+        inner = np.lexsort((offset[idx[block]], shard[idx[block]], copy[block]))
+        idx[block], copy[block] = idx[block][inner], copy[block][inner]
+        _separate_repeats(idx[block], copy[block])
+        start += size
+    return idx, copy, sizes
+
+
+def _separate_repeats(idx: np.ndarray, copy: np.ndarray) -> None:
+    """In place: no sample directly follows a copy of its own uid, where another sample can go there."""
+    if not (idx[1:] == idx[:-1]).any():
+        return
+    for i in range(1, len(idx)):
+        if idx[i] == idx[i - 1]:
+            later = np.flatnonzero(idx[i + 1:] != idx[i - 1])
+            if len(later):
+                j = i + 1 + int(later[0])
+                idx[[i, j]], copy[[i, j]] = idx[[j, i]], copy[[j, i]]
