@@ -89,9 +89,9 @@ def _views(augmenter, image, seed: int, key: str, n: int) -> torch.Tensor:
 
 
 def _effnet():
-    from reinforge.models.specs import Teacher
-    from reinforge.stages.teachers import load_teacher
-    model, _ = load_teacher(Teacher(model="efficientnet_lite0", checkpoint=EFFNET, checkpoint_key_map="positional"))
+    from reinforge.models.specs import TimmTeacherSpec
+    from reinforge.models.timm import load_timm
+    model, _ = load_timm(TimmTeacherSpec(model="efficientnet_lite0", checkpoint=EFFNET, checkpoint_key_map="positional"))
     return model
 
 

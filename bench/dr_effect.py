@@ -308,10 +308,10 @@ def replay_check(run_dir: str, teacher_specs: list[dict], images: int = 8) -> tu
     with identical top-k ids, rows, max |stored - recomputed| probability). Stored values are float16,
     so ~1e-3 is exact."""
     from consumer_reference import default_loader, reapply
-    from reinforge.models.specs import Teacher
+    from reinforge.models.specs import TimmTeacherSpec
     from reinforge.stages.teachers import TeacherEnsemble
     ds = ReinforcedImageNet(run_dir)
-    ensemble = TeacherEnsemble([Teacher(**t) for t in teacher_specs], top_k=NUM_CLASSES, device="cpu")
+    ensemble = TeacherEnsemble([TimmTeacherSpec(**t) for t in teacher_specs], top_k=NUM_CLASSES, device="cpu")
     ensemble.setup()
     same = rows = 0
     worst = 0.0
@@ -398,9 +398,9 @@ def student_setup(spec: dict) -> tuple:
         images, labels = _images(spec["subset_files"])
         dataset = LiveAugmented(images, labels, augmentation(spec["size"], spec["scale"], mix), seed)
         if kind == "d":
-            from reinforge.models.specs import Teacher
+            from reinforge.models.specs import TimmTeacherSpec
             from reinforge.stages.teachers import TeacherEnsemble
-            teachers = TeacherEnsemble([Teacher(**t) for t in spec["teachers"]], top_k=NUM_CLASSES, device="cpu")
+            teachers = TeacherEnsemble([TimmTeacherSpec(**t) for t in spec["teachers"]], top_k=NUM_CLASSES, device="cpu")
             teachers.setup()  # the same checkpoints and ensemble code the pipeline used
     elif arm.startswith("b-q8"):
         dataset = Logq8Targets(spec["run_dirs"][mix], mode="random", seed=seed)

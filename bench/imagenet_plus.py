@@ -33,7 +33,7 @@ from reinforge.runtime.runner import write_run_record, run_recipe  # noqa: E402
 from reinforge.formats.recipe import config_digest
 from reinforge.products.registry import parse_recipe  # noqa: E402
 from reinforge.io.manifest import RunLayout  # noqa: E402
-from reinforge.stages.teachers import load_teacher  # noqa: E402
+from reinforge.models.timm import load_timm  # noqa: E402
 
 MEAN_STD = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 TEACHER = {"model": "efficientnet_lite0", "checkpoint_key_map": "positional",
@@ -64,7 +64,7 @@ def recipe(inputs: str, output: str, num_samples: int, augmentation: dict, batch
 
 def bare_forward_views_per_second(batch_size: int, threads: int, size: int, seconds: float = 8.0) -> float:
     torch.set_num_threads(threads)
-    model, _ = load_teacher(parse_recipe(recipe("x", "x", 1, {"normalize": MEAN_STD}, batch_size, threads)).teachers[0])
+    model, _ = load_timm(parse_recipe(recipe("x", "x", 1, {"normalize": MEAN_STD}, batch_size, threads)).teachers[0])
     x = torch.randn(batch_size, 3, size, size)
     with torch.inference_mode():
         model(x)  # warm-up

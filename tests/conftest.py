@@ -275,7 +275,7 @@ def write_open_clip_dir(folder: str, cfg: dict, seed: int) -> str:
     import open_clip
     import torch
 
-    from reinforge.stages.clip_teachers import init_coca_decoder
+    from reinforge.models.open_clip import init_coca_decoder
     os.makedirs(folder, exist_ok=True)
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
     with open(os.path.join(folder, "open_clip_config.json"), "w") as f:

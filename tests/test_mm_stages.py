@@ -16,11 +16,12 @@ from conftest import TINY_CLIP, TINY_COCA, jpeg_bytes, photo, tiny_open_clip
 
 from reinforge.formats.augment import Augmenter
 from reinforge.formats.seeds import entry_seed
-from reinforge.models.specs import CaptionerSpec, ClipTeacherSpec
+from reinforge.models.open_clip import clip_teacher_info, init_coca_decoder, load_open_clip
+from reinforge.models.specs import CaptionerSpec, OpenClipTeacherSpec
 from reinforge.formats.image import decode_rgb
 from reinforge.stages.base import Batch
 from reinforge.stages.captioner import CocaCaptioner, clean_caption
-from reinforge.stages.clip_teachers import ClipTeacherEnsemble, clip_teacher_info, init_coca_decoder, load_open_clip
+from reinforge.stages.clip_teachers import ClipTeacherEnsemble
 
 KEYS = [hashlib.md5(str(i).encode()).hexdigest() for i in range(3)]  # DataComp-style 32-hex uids
 NUM_VIEWS = 3
@@ -225,7 +226,7 @@ def text_by_hand(model_name: str, model, texts: list[str]) -> torch.Tensor:
 
 
 def test_clip_ensemble_matches_open_clip_per_teacher(models):
-    specs = [ClipTeacherSpec(model=models["clip64"], batch_size=2), ClipTeacherSpec(model=CLIP48, batch_size=4)]
+    specs = [OpenClipTeacherSpec(model=models["clip64"], batch_size=2), OpenClipTeacherSpec(model=CLIP48, batch_size=4)]
     stage = ClipTeacherEnsemble(specs, device="cpu")
     stage.setup()
     assert stage.dims() == [32, 24]
@@ -247,9 +248,9 @@ def test_clip_ensemble_matches_open_clip_per_teacher(models):
         for part in parts:
             assert torch.allclose(part.norm(dim=1), torch.ones(NUM_VIEWS), atol=1e-5)
         v = views[s["__key__"]]
-        assert torch.allclose(parts[0], by_hand(a.model, 64, a.mean.flatten().tolist(), a.std.flatten().tolist(), v),
+        assert torch.allclose(parts[0], by_hand(a.model, 64, list(a.mean), list(a.std), v),
                               atol=1e-5)
-        assert torch.allclose(parts[1], by_hand(b.model, 48, b.mean.flatten().tolist(), b.std.flatten().tolist(), v),
+        assert torch.allclose(parts[1], by_hand(b.model, 48, list(b.mean), list(b.std), v),
                               atol=1e-5)
         # ground truth caption, each teacher with its own tokenizer (context 77 vs 16)
         expected = torch.cat([text_by_hand(models["clip64"], a.model, [s["caption"]]),
@@ -273,11 +274,11 @@ def test_missing_caption_is_skipped_unless_not_required(models):
     samples = make_samples()
     del samples[0]["caption"]
     samples[1]["caption"] = "  "
-    stage = ClipTeacherEnsemble([ClipTeacherSpec(model=models["clip64"])], device="cpu")
+    stage = ClipTeacherEnsemble([OpenClipTeacherSpec(model=models["clip64"])], device="cpu")
     out = stage(Batch(samples))
     assert [e.reason for e in out.errors] == ["missing_caption", "missing_caption"]
     assert [s["__key__"] for s in out.samples] == [KEYS[2]]
-    lenient = ClipTeacherEnsemble([ClipTeacherSpec(model=models["clip64"])], device="cpu", require_caption=False)
+    lenient = ClipTeacherEnsemble([OpenClipTeacherSpec(model=models["clip64"])], device="cpu", require_caption=False)
     sample = make_samples()[0]
     del sample["caption"]
     out = lenient(Batch([sample]))
@@ -290,18 +291,18 @@ def test_clip_teacher_info_reads_configs_only(models, monkeypatch):
     monkeypatch.setattr(torch, "load", no_weights)
     monkeypatch.setattr(open_clip, "create_model", no_weights)
     monkeypatch.setattr(open_clip, "create_model_and_transforms", no_weights)
-    info = clip_teacher_info(ClipTeacherSpec(model=CLIP48, logit_scale=50.0))
+    info = clip_teacher_info(OpenClipTeacherSpec(model=CLIP48, logit_scale=50.0))
     assert (info["image_size"], info["embed_dim"], info["logit_scale"]) == (48, 24, 50.0)
     assert info["mean"] == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN))
-    info = clip_teacher_info(ClipTeacherSpec(model=models["clip64"]))
+    info = clip_teacher_info(OpenClipTeacherSpec(model=models["clip64"]))
     assert (info["image_size"], info["embed_dim"]) == (64, 32) and "logit_scale" not in info
-    info = clip_teacher_info(ClipTeacherSpec(model="ViT-L-14", pretrained="openai"))  # built-in + tag, no download
+    info = clip_teacher_info(OpenClipTeacherSpec(model="ViT-L-14", pretrained="openai"))  # built-in + tag, no download
     assert (info["image_size"], info["embed_dim"], info["quick_gelu"]) == (224, 768, True)
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        clip_teacher_info(ClipTeacherSpec(model="no-such-model"))
+        clip_teacher_info(OpenClipTeacherSpec(model="no-such-model"))
     with pytest.raises(ValueError, match="neither a known tag"):
-        clip_teacher_info(ClipTeacherSpec(model=CLIP48, pretrained="no_such_tag"))
+        clip_teacher_info(OpenClipTeacherSpec(model=CLIP48, pretrained="no_such_tag"))
     with pytest.raises(FileNotFoundError):
-        clip_teacher_info(ClipTeacherSpec(model=CLIP48, pretrained="/nonexistent/weights.pt"))
+        clip_teacher_info(OpenClipTeacherSpec(model=CLIP48, pretrained="/nonexistent/weights.pt"))
     with pytest.raises(ValueError, match="leave pretrained empty"):
-        clip_teacher_info(ClipTeacherSpec(model=models["clip64"], pretrained="openai"))
+        clip_teacher_info(OpenClipTeacherSpec(model=models["clip64"], pretrained="openai"))

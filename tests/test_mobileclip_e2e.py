@@ -108,14 +108,14 @@ def test_image_embeddings_match_replayed_views(dr_run):
     """image_emb[n] is the teachers' embedding of param_aug[n] replayed, for every sample of a
     multi-batch shard (the public generator broke here)."""
     from reinforge.formats.augment import Augmenter
-    from reinforge.models.specs import ClipTeacherSpec
+    from reinforge.models.specs import OpenClipTeacherSpec
     from reinforge.formats.datacomp_dr import decode_dr_sample
     from reinforge.formats.image import decode_rgb
     from reinforge.formats.wds import iter_samples
     from reinforge.stages.clip_teachers import ClipTeacherEnsemble
     run = json.loads((dr_run / "run.json").read_text())["recipe"]
     augmenter = Augmenter(run["augmentation"]["image_augmentation"])
-    ensemble = ClipTeacherEnsemble([ClipTeacherSpec(**t) for t in run["teachers"]])
+    ensemble = ClipTeacherEnsemble([OpenClipTeacherSpec(**t) for t in run["teachers"]])
     ensemble.setup()
     checked = 0
     for shard in sorted((dr_run / "shards").glob("*.tar")):

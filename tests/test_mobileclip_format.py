@@ -376,7 +376,7 @@ def test_dr_config_rebuilds_every_teacher_kind_in_open_clip(teacher_kinds, tmp_p
 
     from reinforge.products.mobileclip_dr.pipeline import MobileCLIPPipeline
     from reinforge.products.registry import parse_recipe
-    from reinforge.stages.clip_teachers import load_open_clip
+    from reinforge.models.open_clip import load_open_clip
     augmentation = {"num_samples": 2, "image_augmentation": {"random_resized_crop": {"size": 224}}}
     recipe = parse_recipe({"product": "mobileclip_dr", "output": str(tmp_path / "run"), "mode": "embeddings",
                            "input": {"format": "webdataset", "path": str(tmp_path / "in" / "*.tar")},
@@ -408,7 +408,7 @@ def test_dr_config_rebuilds_every_teacher_kind_in_open_clip(teacher_kinds, tmp_p
 def test_dr_config_names_hf_hub_teachers_by_their_repo(model, pretrained):
     """An hf-hub: repo carries config and weights: it is the model name and pretrained stays empty (the
     open_clip of Apple's patch raises on any other pretrained value for an hf-hub: name)."""
-    from reinforge.stages.clip_teachers import resolve_source, trainer_open_clip_args
+    from reinforge.models.open_clip import resolve_source, trainer_open_clip_args
     args = trainer_open_clip_args(resolve_source(model, pretrained))
     assert args == {"model_name": "hf-hub:apple/DFN2B-CLIP-ViT-L-14", "pretrained": ""}
     teachers = [{"model": model, "pretrained": pretrained, "dim": 768, "open_clip": args}] * 2

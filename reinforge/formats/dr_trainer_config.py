@@ -41,7 +41,7 @@ def _non_negative(value: Any) -> bool:
 
 def _trainer_model(i: int, teacher: dict) -> dict:
     """The open_clip (model_name, pretrained) a trainer rebuilds teacher i with: teacher["open_clip"] when
-    the pipeline resolved it (stages.clip_teachers.trainer_open_clip_args), else model / pretrained as given.
+    the pipeline resolved it (models.open_clip.trainer_open_clip_args), else model / pretrained as given.
     Neither may hold ',': the trainer comma-joins one per teacher."""
     given = teacher.get("open_clip") or {"model_name": teacher["model"], "pretrained": teacher.get("pretrained")}
     model_name, pretrained = given.get("model_name"), given.get("pretrained") or ""

@@ -47,7 +47,7 @@ def run_demo(recipe, input_folder: str, address, echo=print) -> None:
     from reinforge.readers.imagenet_plus import ReinforcedImageNet
     from reinforge.formats.augment import Augmenter
     from reinforge.formats.image import decode_rgb
-    from reinforge.stages.teachers import load_teacher
+    from reinforge.models.timm import load_timm
 
     n = write_demo_inputs(input_folder)
     echo(f"input: {n} real photos (scikit-image) in {input_folder}")
@@ -60,7 +60,7 @@ def run_demo(recipe, input_folder: str, address, echo=print) -> None:
     echo(f"skipped samples: {summary.errors}; trainer config: {layout.dr_config}")
 
     names = ImageNetInfo()
-    teacher, _ = load_teacher(recipe.teachers[0])
+    teacher, _ = load_timm(recipe.teachers[0])
     plain = Augmenter({"normalize": recipe.augmentation.image_augmentation["normalize"],
                        "resize": {"size": 256}, "center_crop": {"size": 224}})
     dataset = ReinforcedImageNet(recipe.output)

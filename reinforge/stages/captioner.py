@@ -27,12 +27,10 @@ import torch
 from PIL import Image
 
 from reinforge.formats.seeds import entry_seed
+from reinforge.models.open_clip import load_coca
+from reinforge.models.precision import autocast
 from reinforge.models.specs import CaptionerSpec
-from reinforge.stages.base import Batch, SkipSample, Stage, sample_error
-from reinforge.stages.base import run_isolated
-from reinforge.stages.clip_teachers import autocast, load_open_clip
-
-__all__ = ["CaptionerSpec", "CocaCaptioner", "clean_caption"]
+from reinforge.stages.base import Batch, SkipSample, Stage, run_isolated, sample_error
 
 EMPTY_RETRIES = 3
 
@@ -70,20 +68,8 @@ class CocaCaptioner(Stage):
     def setup(self) -> None:
         if self.model is not None:  # idempotent
             return
-        import open_clip
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, self.preprocess, self.tokenizer, self._version, _ = load_open_clip(
-            self.spec.model, self.spec.pretrained, self.device)
-        if not isinstance(model, open_clip.CoCa):
-            raise ValueError(f"captioner {self.spec.model!r} is a {type(model).__name__}, not an open_clip CoCa model")
-        if not hasattr(self.tokenizer, "eot_token_id"):
-            raise ValueError(f"captioner {self.spec.model!r}: only the CLIP BPE tokenizer is supported for decoding, "
-                             f"got {type(self.tokenizer).__name__}")
-        limit = min(model.text.context_length, model.text_decoder.context_length)
-        if self.spec.max_length > limit:
-            raise ValueError(f"captioner {self.spec.syn_key}: max_length {self.spec.max_length} exceeds the "
-                             f"model's context length {limit}")
-        self.model = model
+        self.model, self.preprocess, self.tokenizer, self._version = load_coca(self.spec, self.device)
         self.sot, self.eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
         self._version.update(generation=self.spec.generation, precision=self.spec.precision)
 

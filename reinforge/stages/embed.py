@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reinforge.models.specs import ClipTeacherSpec, EmbedEncoder, Teacher
-from reinforge.stages.base import Batch, MapStage, Stage
-from reinforge.stages.base import run_isolated
-from reinforge.stages.clip_teachers import autocast, fit_views, load_open_clip
+from reinforge.models.preprocess import fit_views
+from reinforge.models.specs import EmbedEncoder
+from reinforge.models.teacher import Teacher, load_teacher
+from reinforge.stages.base import Batch, MapStage, Stage, run_isolated
 
 
 class ImageView(MapStage):
@@ -44,60 +44,31 @@ class Encoder(Stage):
     def __init__(self, spec: EmbedEncoder, device: str | None = None):
         self.spec = spec
         self.device = device
-        self.model = None
-        self.tokenizer = None
+        self.teacher: Teacher | None = None
 
     def setup(self) -> None:
-        if self.model is not None:  # idempotent: the pipeline sets it up early to learn the input size
+        if self.teacher is not None:  # idempotent: the pipeline sets it up early to learn the input size
             return
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         s = self.spec
-        if s.kind == "open_clip":
-            import open_clip
-
-            from reinforge.stages.clip_teachers import clip_teacher_info
-            self.dim = clip_teacher_info(ClipTeacherSpec(model=s.model, pretrained=s.pretrained))["embed_dim"]
-            self.model, _, self.tokenizer, self.version, _ = load_open_clip(s.model, s.pretrained, self.device)
-            cfg = open_clip.get_model_preprocess_cfg(self.model)
-            size, mean, std = cfg["size"], cfg["mean"], cfg["std"]
-        else:
-            import timm
-            from reinforge.stages.teachers import load_teacher
-            model, self.version = load_teacher(Teacher(model=s.model, checkpoint=s.checkpoint,
-                                                       checkpoint_key_map=s.checkpoint_key_map))
-            model.reset_classifier(0)  # pooled backbone features
-            cfg = timm.data.resolve_data_config({}, model=model)
-            size, mean, std = s.image_size or cfg["input_size"][1:], cfg["mean"], cfg["std"]
-            self.model, self.dim = model.to(self.device), int(model.num_features)
-        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.version.update(kind=s.kind, dim=self.dim, image_size=list(self.size), mean=list(mean), std=list(std),
-                            precision=s.precision)
+        self.teacher = load_teacher(s.teacher(), self.device, s.precision, pooled=True, image_size=s.image_size)
+        self.size, self.dim, self.version = self.teacher.size, self.teacher.dim, self.teacher.version
+        self.version.update(kind=s.kind, dim=self.dim, image_size=list(self.size), mean=list(self.teacher.mean),
+                            std=list(self.teacher.std), precision=s.precision)
 
     def versions(self) -> dict:
         return {"encoder": self.version}
 
-    def _encode(self, x: torch.Tensor, fn) -> np.ndarray:
-        out = []
-        for start in range(0, x.shape[0], self.spec.batch_size):
-            with autocast(self.device, self.spec.precision):
-                features = fn(x[start:start + self.spec.batch_size])
-            out.append(F.normalize(features.float(), dim=-1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
-
     @torch.inference_mode()
     def embed_views(self, views: torch.Tensor) -> np.ndarray:
         """[N, 3, H, W] in [0, 1] at the input size -> float32 [N, D], unit norm."""
-        x = (views.to(self.device, torch.float32) - self.mean) / self.std
-        encode = self.model.encode_image if self.spec.kind == "open_clip" else self.model
-        return self._encode(x, encode)
+        x = self.teacher.normalize(views.to(self.device, torch.float32))
+        return F.normalize(self.teacher.images(x), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        if self.tokenizer is None:
-            raise ValueError(f"encoder {self.spec.model}: a timm backbone has no text tower")
-        return self._encode(self.tokenizer(texts).to(self.device), self.model.encode_text)
+        """Strings -> float32 [N, D], unit norm (an encoder with a text tower)."""
+        return F.normalize(self.teacher.texts(texts), dim=-1).cpu().numpy()
 
     def _embed(self, samples: list[dict]) -> list[dict]:
         image = self.embed_views(torch.stack([s["view"] for s in samples]))

@@ -6,7 +6,10 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from reinforge.formats.recipe import Augmentation, InputSpec, Recipe
-from reinforge.models.specs import Teacher
+from reinforge.models.specs import teacher_spec
+
+# the ensemble averages class probabilities: every teacher is a classifier
+ClassifierTeacher = teacher_spec("timm", ("timm",), "imagenet_plus teachers")
 
 
 class ImageNetPlusRecipe(Recipe):
@@ -15,7 +18,7 @@ class ImageNetPlusRecipe(Recipe):
     seed: int = 0
     input: InputSpec
     augmentation: Augmentation
-    teachers: list[Teacher] = Field(min_length=1)
+    teachers: list[ClassifierTeacher] = Field(min_length=1)
     temperature: float = Field(1.0, gt=0, description="softmax temperature of each teacher before averaging")
     top_k: int = Field(10, ge=1)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -21,7 +21,7 @@ from reinforge.stages.text import ParseCaption, ParseUID, ReadSynCaptions
 
 def check_teachers(recipe: MobileCLIPRecipe) -> list[dict]:
     """Config-time checks that need the teachers' model configs (no weights are loaded)."""
-    from reinforge.stages.clip_teachers import clip_teacher_info
+    from reinforge.models.open_clip import clip_teacher_info
     crop = Augmenter(recipe.augmentation.image_augmentation).output_size
     infos = []
     for i, spec in enumerate(recipe.teachers):

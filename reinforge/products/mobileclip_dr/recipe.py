@@ -6,7 +6,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_serializer, model_validator
 
 from reinforge.formats.recipe import Augmentation, InputSpec, Precision, Recipe, Strict
-from reinforge.models.specs import CaptionerSpec, ClipTeacherSpec
+from reinforge.models.specs import CaptionerSpec, teacher_spec
+
+# image-text teachers the MobileCLIP trainer rebuilds with open_clip (dr_config.json model_name)
+ClipTeacher = teacher_spec("open_clip", ("open_clip",), "mobileclip_dr teachers")
 
 
 class DRStorage(Strict):
@@ -51,7 +54,7 @@ class MobileCLIPRecipe(Recipe):
     caption_member: str = Field("txt", description="ground-truth caption member of the input shards")
     augmentation: Augmentation
     captioners: list[CaptionerSpec] = []
-    teachers: list[ClipTeacherSpec] = []
+    teachers: list[ClipTeacher] = []
     storage: DRStorage = DRStorage()
     keep_images: bool = Field(True, description="write jpg + txt so the shard is trainable as written")
 
