@@ -90,3 +90,10 @@ def test_modules_stay_small():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
     stale = sorted(rel for rel in LONG_MODULES if sizes.get(rel, 0) <= MAX_LINES)
     assert not stale, f"LONG_MODULES lists modules that are gone or small now: {stale}"
+
+
+def test_stages_share_only_the_base():
+    """A stage imports no other stage: what two stages share (loading, preprocessing, precision) is in models/."""
+    wrong = [f"{rel} imports {name}" for rel, tree in modules() if rel.startswith("stages/")
+             for name in imported(tree) if name.startswith("reinforge.stages.") and name != "reinforge.stages.base"]
+    assert not wrong, "\n".join(wrong)

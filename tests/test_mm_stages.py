@@ -285,6 +285,21 @@ def test_missing_caption_is_skipped_unless_not_required(models):
     assert not out.errors and out.samples[0]["text_emb"].shape == (0, 32)
 
 
+def test_clip_ensemble_isolates_a_bad_sample(models):
+    """Views that pass the checks but break the batch (zero height) cost only their sample; the others
+    are embedded as in a batch without it."""
+    stage = ClipTeacherEnsemble([OpenClipTeacherSpec(model=models["clip64"])], device="cpu")
+    alone = stage(Batch([s for s in make_samples() if s["__key__"] != KEYS[1]]))
+    samples = make_samples()
+    samples[1]["views"] = torch.rand(2, 3, 0, 64)
+    out = stage(Batch(samples))
+    assert [s["__key__"] for s in out.samples] == [KEYS[0], KEYS[2]]
+    assert [(e.key, e.stage) for e in out.errors] == [(KEYS[1], "clip_teachers")]
+    for got, want in zip(out.samples, alone.samples):
+        assert torch.allclose(got["image_emb"], want["image_emb"], atol=1e-5)
+        assert torch.allclose(got["text_emb"], want["text_emb"], atol=1e-5)
+
+
 def test_clip_teacher_info_reads_configs_only(models, monkeypatch):
     def no_weights(*args, **kwargs):
         raise AssertionError("clip_teacher_info must not load weights")
