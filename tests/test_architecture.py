@@ -25,8 +25,7 @@ BELOW = {
 RAY_ALLOWED = ("runtime/", "readers/ray_data.py")  # the runtime, and the Ray Data loader trainers ask for
 MAX_LINES = 400
 # modules allowed past MAX_LINES: {path under reinforge/: why its size is earned}
-LONG_MODULES = {
-}
+LONG_MODULES: dict[str, str] = {}
 
 
 def modules():
