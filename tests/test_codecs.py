@@ -1,4 +1,4 @@
-"""Storage codecs for DataCompDR embeddings (schemas.codecs): round trips within their error bounds, byte-identical
+"""Storage codecs for DataCompDR embeddings (formats.codecs): round trips within their error bounds, byte-identical
 reruns, transparent reading by reinforge's readers, `reinforge export datacompdr` back to the standard layout,
 and clear errors for bad names and parameters. No Ray; real photos, hand-made unit-norm rows."""
 from __future__ import annotations

@@ -9,7 +9,7 @@ in this order:
   paug.json  {"param_aug": [N entries]} (FORMATS §1), a real JSON list, plain (not gzipped)
   npz        numpy .npz (float32 or float16), byte-deterministic (arrays.npz_bytes)
   pth.gz     gzip(torch.save(dict of tensors)), bfloat16 by default: the alternative to npz
-  qemb.npz   instead of both, when a storage codec is chosen (schemas.codecs): reinforge's readers only
+  qemb.npz   instead of both, when a storage codec is chosen (formats.codecs): reinforge's readers only
   json       {"uid", "sha256" (of the image bytes the crop boxes refer to), ...extra meta}
 
 Tensors: image_emb [N, D] (row n = teachers' embedding of param_aug[n]) and then either
@@ -56,7 +56,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 class StorageSpec:
     """How the embeddings are stored. dtype None = the format's usual one: float32 for npz (DataCompDR),
     bfloat16 for pth.gz (DataCompDR-12M-bf16). codec "none" writes that format; another codec
-    (schemas.codecs) writes its `qemb.npz` member instead, which only reinforge's readers decode (format and
+    (formats.codecs) writes its `qemb.npz` member instead, which only reinforge's readers decode (format and
     dtype then say what `reinforge export datacompdr` re-expands to)."""
     format: str = "npz"  # "npz" | "pth.gz"
     dtype: str | None = None  # npz: "float32" | "float16"; pth.gz: also "bfloat16"

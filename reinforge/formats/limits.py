@@ -25,7 +25,7 @@ TEXT_ROWS = 8  # ground-truth caption rows per DataCompDR sample (1 in every rel
 # DataCompDR N=30, D=1536, S=5) without being unbounded.
 DEFAULT_AUGMENTATIONS, DEFAULT_TOPK = 10_000, 1_000
 DEFAULT_DR_AUGMENTATIONS, DEFAULT_DIM, DEFAULT_CAPTIONS = 1_000, 4_096, 64
-ARRAY_MEMBERS = ("npz", "prob.npz", "pth.gz", "qemb.npz")  # qemb.npz: schemas.codecs
+ARRAY_MEMBERS = ("npz", "prob.npz", "pth.gz", "qemb.npz")  # qemb.npz: formats.codecs
 PARAMS_MEMBERS = ("paug.json", "paug.json.gz")
 TEXT_MEMBERS = ("cls", "txt", "json", "url.txt", "syn.json")  # a label, captions, metadata: never megabytes
 

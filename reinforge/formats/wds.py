@@ -6,7 +6,7 @@ byte-deterministic: fixed mtime/owner/mode, members in the order given.
 
 Shards are untrusted: a key that is absolute or climbs with `..` would make `tar -x` or
 tarfile.extractall write outside the target folder, so such samples are refused on read (`bad_key`)
-and such names are never written. Reading is bounded by schemas.limits: a member or sample over its
+and such names are never written. Reading is bounded by formats.limits: a member or sample over its
 bound is refused (`member_too_large`) without being read, also inside a compressed `.tar.gz` stream.
 """
 from __future__ import annotations

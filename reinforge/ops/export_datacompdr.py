@@ -1,4 +1,4 @@
-"""Re-expand a mobileclip_dr run written with a storage codec (schemas.codecs) to the standard DataCompDR
+"""Re-expand a mobileclip_dr run written with a storage codec (formats.codecs) to the standard DataCompDR
 layout (FORMATS §2) that Apple's MobileCLIP trainer reads: every sample's `qemb.npz` member is decoded and
 written as `npz` (float32/float16) or `pth.gz` (bfloat16); every other member keeps its bytes and place.
 

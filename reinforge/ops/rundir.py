@@ -37,7 +37,7 @@ def load_run(root: str) -> tuple[RunLayout, dict]:
 
 
 def read_manifests(layout: RunLayout) -> tuple[list[TaskManifest], list[str]]:
-    """Every readable task manifest, and the URLs of unreadable ones (readers.runs.scan_manifests):
+    """Every readable task manifest, and the URLs of unreadable ones (io.runs.scan_manifests):
     their tasks count as not done, and the runner redoes them."""
     return scan_manifests(layout.root)
 

@@ -1,6 +1,6 @@
 """Hugging Face `datasets` access to a run, for when plain `load_dataset(run)` is not exact enough.
 
-`load_dataset(run)` works on its own: the run's dataset card (schemas/hf_card.py) gives the webdataset
+`load_dataset(run)` works on its own: the run's dataset card (formats/hf_card.py) gives the webdataset
 builder a feature for every member. Its JSON members go through the `Json` feature, whose parser
 (pandas' ujson) may return a float one unit in the last place off, and a replayed augmentation needs
 the number exactly as stored. `load_run` gives the same columns from the run's committed shards with

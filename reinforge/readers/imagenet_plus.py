@@ -43,7 +43,7 @@ RANDOM_READ_BLOCK = 1 << 20
 
 
 def shard_urls(run_dir: str) -> list[str]:
-    """Shards of a finished run (readers.runs: a shard without a readable manifest is not done)."""
+    """Shards of a finished run (io.runs: a shard without a readable manifest is not done)."""
     return [shard.url for shard in committed_shards(run_dir)]
 
 
@@ -86,8 +86,8 @@ class ReinforcedImageNet(torch.utils.data.Dataset):
     DataLoader workers that are not persistent, the copy made at iterator creation sees it).
     backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
     view its teachers scored), "pil" (Apple's ml-dr) when there is no run config.
-    limits: byte bounds on what a sample's members may read or inflate to (schemas.limits); default:
-    from the run config's num_samples and topk, else schemas.limits' defaults.
+    limits: byte bounds on what a sample's members may read or inflate to (formats.limits); default:
+    from the run config's num_samples and topk, else formats.limits' defaults.
     A bad item is skipped and counted (module docstring): `skipped` {reason: count}.
     """
 

@@ -95,8 +95,8 @@ class MobileCLIPDRDataset(torch.utils.data.IterableDataset):
     {"random_resized_crop": {"size": 256}, "normalize": {"mean": ..., "std": ...}}.
     backend: how views are rendered; default: the run's recorded `reinforce.replay_backend` (the
     view its teachers scored), "pil" (Apple's trainers) when there is no run config.
-    limits: byte bounds on what a sample's members may read or inflate to (schemas.limits); default:
-    from the run config's num_samples, teacher dims and captioners, else schemas.limits' defaults.
+    limits: byte bounds on what a sample's members may read or inflate to (formats.limits); default:
+    from the run config's num_samples, teacher dims and captioners, else formats.limits' defaults.
     Shards are split over distributed ranks and DataLoader workers. Call set_epoch(e) before each
     epoch; it is shared with worker processes, persistent ones included.
     """

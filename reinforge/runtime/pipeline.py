@@ -74,7 +74,7 @@ class Pipeline:
 
     def output_limits(self, layout: RunLayout) -> Limits:
         """Bounds for reading the run's own shards back (validate): what its trainer config declares
-        (N, top-k, dims, captions), the defaults of schemas.limits where it has none."""
+        (N, top-k, dims, captions), the defaults of formats.limits where it has none."""
         from reinforge.io.runs import dr_config
         try:
             config = dr_config(layout.root)

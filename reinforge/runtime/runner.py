@@ -4,7 +4,7 @@ only one task is left to run (local_pool.py; the rule is runs_in_process).
 
 A task is done iff its manifest exists and carries this run's config digest, so a rerun costs one
 listing plus reading small JSON files, plus the inputs' metadata (a stat per file, or one listing per
-folder) to tell an input replaced since its task ran (pipelines/fingerprint.py). Nothing but small
+folder) to tell an input replaced since its task ran (io/fingerprint.py). Nothing but small
 status dicts comes back to the driver.
 """
 from __future__ import annotations

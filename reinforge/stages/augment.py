@@ -3,7 +3,7 @@
 Every draw comes from random.Random(entry_seed(seed, key, n)), so an image's augmentations do not
 depend on batching, worker or order. A mixing partner is another image of the same batch, chosen
 by that generator and recorded by key (the reader finds it by key). Views are rendered by the
-recipe's replay backend (schemas/augment.py), so the teachers score the view the consumer's
+recipe's replay backend (formats/augment.py), so the teachers score the view the consumer's
 trainer will make from the stored entry.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Embed a DataComp-style pool: decode -> uid -> (caption) -> view -> encoder, one Parquet sidecar
-`embeddings/<task>.parquet` per pool shard (schemas/embeddings.py), committed exactly once like a
+`embeddings/<task>.parquet` per pool shard (formats/embeddings.py), committed exactly once like a
 shard (temp name -> rename -> manifest last, with the file's size, sha256 and rows)."""
 from __future__ import annotations
 

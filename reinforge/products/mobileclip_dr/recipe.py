@@ -19,7 +19,7 @@ class DRStorage(Strict):
         "legacy", description="legacy: text_emb = [GT rows + synthetic rows] (one captioner); dfndr: <syn_key>_emb")
 
     codec: str = Field("none", description="none: npz / pth.gz as above (what Apple's trainer reads); quant or "
-                       "int8_row: a smaller `qemb.npz` member only reinforge's readers decode (schemas.codecs); "
+                       "int8_row: a smaller `qemb.npz` member only reinforge's readers decode (formats.codecs); "
                        "`reinforge export datacompdr` re-expands such a run to format/dtype")
     codec_params: dict[str, Any] = Field({}, description="the codec's parameters, e.g. {step: 0.000244} for quant")
 
