@@ -7,12 +7,12 @@ from functools import wraps
 
 import click
 
+from reinforge.formats.embeddings import EmbeddingError
+from reinforge.formats.recipe import ConfigError
+from reinforge.formats.sources import InputError
+from reinforge.formats.subset import SubsetError
 from reinforge.io.runs import NotARunError
 from reinforge.runtime.runner import ConfigChangedError, InputsChangedError
-from reinforge.formats.sources import InputError
-from reinforge.formats.recipe import ConfigError
-from reinforge.formats.embeddings import EmbeddingError
-from reinforge.formats.subset import SubsetError
 
 # InputError covers every product's bad-input errors (splits, schedules, reshard, join, filters, plan);
 # SubsetError: bad subset/counts files; EmbeddingError: unusable embedding files (retrieval)
@@ -70,8 +70,8 @@ def resolve_config(path: str) -> str:
 def load_yaml_file(path: str, overrides: tuple[str, ...] = ()) -> dict:
     """A YAML config file (any fsspec URL, or a bundled recipe name), safe-loaded, with dotted `--set`
     overrides applied."""
-    from reinforge.io.storage import read_text
     from reinforge.formats.recipe import apply_override, parse_yaml
+    from reinforge.io.storage import read_text
     try:
         raw = parse_yaml(read_text(resolve_config(path)))
     except (FileNotFoundError, IsADirectoryError):

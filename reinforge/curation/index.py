@@ -26,11 +26,11 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 from pydantic import Field, ValidationError
 
-from reinforge.io.storage import filesystem, read_text, write_bytes
-from reinforge.formats.recipe import ConfigError, Strict, format_validation_error
 from reinforge.formats.embeddings import EmbeddingError, count_rows, iter_embeddings, merge_skipped, resolve_paths
-from reinforge.io.manifest import join
+from reinforge.formats.recipe import ConfigError, Strict, format_validation_error
 from reinforge.formats.subset import SUBSET_DTYPE
+from reinforge.io.manifest import join
+from reinforge.io.storage import filesystem, read_text, write_bytes
 
 FORMAT = "reinforge.index/1"
 

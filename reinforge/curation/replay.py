@@ -47,9 +47,9 @@ import numpy as np
 
 from reinforge.curation.replay_stream import stream_step_subset
 from reinforge.formats.sources import InputError
+from reinforge.formats.subset import COUNTS_DTYPE, first_occurrence, read_subset, uid_order, write_subset
 from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import exists, filesystem, read_text, write_bytes
-from reinforge.formats.subset import COUNTS_DTYPE, first_occurrence, read_subset, uid_order, write_subset
 
 POLICIES = ("sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "oracle")
 BUFFERS = ("independent", "nested")

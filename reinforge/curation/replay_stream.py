@@ -13,9 +13,10 @@ from typing import Optional
 
 import numpy as np
 
-from reinforge.io.storage import atomic_open, filesystem
+from reinforge.formats.subset import (COUNTS_DTYPE, SUBSET_DTYPE, counts_path, first_occurrence, is_sorted_unique,
+                                      uid_order)
 from reinforge.io.spill import UidSpill, bucket_bits
-from reinforge.formats.subset import (COUNTS_DTYPE, SUBSET_DTYPE, counts_path, first_occurrence, is_sorted_unique, uid_order)
+from reinforge.io.storage import atomic_open, filesystem
 
 CHUNK = 1 << 18  # uids read at a time (a chunk's working set, ~100 B a row, is the driver's fixed cost)
 

@@ -25,10 +25,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from reinforge.io.storage import filesystem, write_bytes
-from reinforge.curation.time_buckets import (MIN_MONTH, OUT_OF_RANGE, TIMESTAMP_FORMATS, TS_BEYOND, TS_MISSING, TS_UNPARSEABLE, UNKNOWN, Bucketing, SplitError, make_bucketing, month_index, month_label, parse_period)
+from reinforge.curation.time_buckets import (MIN_MONTH, OUT_OF_RANGE, TIMESTAMP_FORMATS, TS_BEYOND, TS_MISSING,
+                                             TS_UNPARSEABLE, UNKNOWN, Bucketing, SplitError, make_bucketing,
+                                             month_index, month_label, parse_period)
+from reinforge.formats.subset import (SUBSET_DTYPE, UID_OK, UID_STATUS_NAMES, first_occurrence, isin, parse_hex_uids,
+                                      read_subset, uid_hex, uid_order)
 from reinforge.formats.uid_store import RowStore, SubsetOut
-from reinforge.formats.subset import (SUBSET_DTYPE, UID_OK, UID_STATUS_NAMES, first_occurrence, isin, parse_hex_uids, read_subset, uid_hex, uid_order)
+from reinforge.io.storage import filesystem, write_bytes
 
 SAMPLE = 10  # examples kept per reported problem
 

@@ -23,11 +23,11 @@ from reinforge.curation.index import load_index
 from reinforge.curation.transfer_candidates import candidate_rows, near_duplicate_pairs, order_events
 from reinforge.curation.transfer_spec import TransferSetSpec
 from reinforge.curation.transfer_targets import embed_images, embed_prompts, pool_encoder
-from reinforge.io.storage import write_bytes
-from reinforge.formats.recipe import ConfigError
 from reinforge.formats.embeddings import load_embeddings, table_bytes
-from reinforge.io.manifest import join
+from reinforge.formats.recipe import ConfigError
 from reinforge.formats.subset import make_subset, uid_order, uids_hex, write_subset
+from reinforge.io.manifest import RunLayout, join
+from reinforge.io.storage import write_bytes
 
 SAMPLE = 20
 
@@ -160,11 +160,11 @@ def random_subset(uids: np.ndarray, size: int, seed: int, exclude: np.ndarray) -
 
 def reshard(spec: TransferSetSpec, address: Optional[str]) -> dict:
     """The transfer set as DataComp shards, through the existing `reshard` product."""
-    from reinforge.runtime.runner import run_recipe
     from reinforge.products.registry import parse_recipe
+    from reinforge.runtime.runner import run_recipe
     recipe = parse_recipe({"product": "reshard", "output": join(spec.output, "reshard"), "seed": spec.seed,
                            "subset": join(spec.output, "transfer_set.npy"), "counts": "none",
                            "input": {"path": spec.reshard.pool}, "samples_per_shard": spec.reshard.samples_per_shard})
     summary = run_recipe(recipe, address=address, progress=False)
-    return {"output": join(spec.output, "reshard", "shards"), "tasks": summary.tasks, "samples": summary.samples,
+    return {"output": RunLayout(join(spec.output, "reshard")).shards_dir, "tasks": summary.tasks, "samples": summary.samples,
             "failed": [f.get("task") for f in summary.failed]}

@@ -9,7 +9,7 @@ import numpy as np
 
 from reinforge.curation.transfer_spec import ImagesSpec, PromptsSpec
 from reinforge.formats.recipe import ConfigError
-from reinforge.io.manifest import join
+from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import exists, read_text
 from reinforge.models.specs import EmbedEncoder
 
@@ -18,8 +18,8 @@ def pool_encoder(meta: dict) -> EmbedEncoder:
     """The encoder recorded in run.json of the embed_pool run that wrote the index's source files."""
     for url in meta["source"]:
         root, sep, _ = url.rpartition("/embeddings/")
-        if sep and exists(join(root, "run.json")):
-            return EmbedEncoder.model_validate(json.loads(read_text(join(root, "run.json")))["recipe"]["encoder"])
+        if sep and exists(RunLayout(root).run_file):
+            return EmbedEncoder.model_validate(json.loads(read_text(RunLayout(root).run_file))["recipe"]["encoder"])
     raise ConfigError("config error: encoder: the index was not built from an embed_pool run; "
                       "give the encoder that made its embeddings")
 
@@ -36,8 +36,8 @@ def embed_images(spec: ImagesSpec, encoder, batch: int = 64) -> EmbeddedImages:
     """Decode + embed a (small) image set in this process; bad images are counted skips."""
     import torch
 
-    from reinforge.runtime.executor import batched
     from reinforge.formats.sources import ImageFolderSource, WebDatasetSource
+    from reinforge.runtime.executor import batched
     from reinforge.stages.base import Batch
     from reinforge.stages.decode import DecodeImage
     from reinforge.stages.embed import ImageView

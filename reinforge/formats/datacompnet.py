@@ -24,8 +24,8 @@ from collections import OrderedDict
 import numpy as np
 
 from reinforge.formats.sources import InputError
-from reinforge.io.storage import filesystem, write_bytes
 from reinforge.formats.subset import UID_OK, locate, parse_hex_uids, uid_hex
+from reinforge.io.storage import filesystem, write_bytes
 
 _PLAIN = {("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "list"): list,
           ("builtins", "dict"): dict, ("builtins", "tuple"): tuple, ("collections", "OrderedDict"): OrderedDict,

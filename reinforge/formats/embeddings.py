@@ -88,9 +88,9 @@ class Embeddings:
 def resolve_paths(paths_or_run_dir: str | Sequence[str]) -> list[str]:
     """A run directory (the embeddings/*.parquet its finished tasks wrote), a folder of parquet files,
     globs, or files."""
-    from reinforge.io.storage import filesystem, list_files
     from reinforge.io.manifest import TMP_MARKER
     from reinforge.io.runs import committed_outputs, is_run_dir
+    from reinforge.io.storage import filesystem, list_files
     items = [paths_or_run_dir] if isinstance(paths_or_run_dir, str) else list(paths_or_run_dir)
     files: list[str] = []
     for item in items:

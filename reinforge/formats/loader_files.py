@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import posixpath
 
+from reinforge.formats.hf_card import dataset_card, hf_features
+from reinforge.formats.wds import iter_samples
+from reinforge.io.manifest import RunLayout, join
 from reinforge.io.runs import scan_manifests
 from reinforge.io.storage import filesystem, list_files, write_bytes
-from reinforge.formats.hf_card import dataset_card, hf_features
-from reinforge.io.manifest import RunLayout, join
-from reinforge.formats.wds import iter_samples
 
 
 def committed_shards(layout: RunLayout, digest: str | None) -> dict[str, int]:

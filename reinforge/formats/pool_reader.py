@@ -4,10 +4,10 @@ from __future__ import annotations
 import io
 from collections import OrderedDict
 
-from reinforge.io.storage import filesystem
 from reinforge.formats import tarscan
 from reinforge.formats.limits import Limits
 from reinforge.formats.wds import ShardReadError, iter_samples, split_member_name, unsafe_name
+from reinforge.io.storage import filesystem
 
 
 def sample_from_range(data: bytes, length: int, where: str) -> dict:

@@ -8,10 +8,10 @@ from typing import Iterator
 
 from fsspec.implementations.local import LocalFileSystem
 
-from reinforge.io.manifest import Task
-from reinforge.io.storage import filesystem
 from reinforge.formats.limits import Limits
 from reinforge.formats.wds import ShardReadError, iter_samples
+from reinforge.io.manifest import Task
+from reinforge.io.storage import filesystem
 
 
 class InputError(ValueError):

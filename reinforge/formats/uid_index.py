@@ -35,13 +35,13 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from reinforge.io.fingerprint import MISSING, file_versions
-from reinforge.io.manifest import Task
-from reinforge.io.storage import filesystem, write_bytes
 from reinforge.formats import tarscan
 from reinforge.formats.shard_spans import open_buffer, scan_plain, scan_tarfile
 from reinforge.formats.subset import UID_OK, parse_hex_uids
 from reinforge.formats.wds import ShardReadError
+from reinforge.io.fingerprint import MISSING, file_versions
+from reinforge.io.manifest import Task
+from reinforge.io.storage import filesystem, write_bytes
 
 INDEX_STATUS = {1: "no_json", 2: "no_uid_field", 3: "malformed_uid", 4: "bad_json"}
 _META_KEY = b"reinforge.uid_index"

@@ -8,8 +8,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from reinforge.io.storage import atomic_open
 from reinforge.formats.subset import SUBSET_DTYPE
+from reinforge.io.storage import atomic_open
 
 _RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("key", "<i4")])
 

@@ -8,9 +8,9 @@ import random
 
 from PIL import Image
 
+from reinforge.formats.wds import ShardWriter
 from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import atomic_open
-from reinforge.formats.wds import ShardWriter
 
 # (scikit-image photo, ImageNet class index of what it shows)
 PHOTOS = [("chelsea", 281), ("coffee", 967), ("rocket", 657)]
@@ -43,11 +43,11 @@ def run_demo(recipe, input_folder: str, address, echo=print) -> None:
     import torch
     from timm.data import ImageNetInfo
 
-    from reinforge.runtime.runner import run_recipe
-    from reinforge.readers.imagenet_plus import ReinforcedImageNet
     from reinforge.formats.augment import Augmenter
     from reinforge.formats.image import decode_rgb
     from reinforge.models.timm import load_timm
+    from reinforge.readers.imagenet_plus import ReinforcedImageNet
+    from reinforge.runtime.runner import run_recipe
 
     n = write_demo_inputs(input_folder)
     echo(f"input: {n} real photos (scikit-image) in {input_folder}")

@@ -15,15 +15,15 @@ import io
 import json
 import posixpath
 
-from reinforge.formats.loader_files import write_loader_files
-from reinforge.io.storage import exists, filesystem, read_text, write_bytes
-from reinforge.io.runs import committed_shards
 from reinforge.formats.codecs import CODEC_MEMBER, NONE, decode_member
 from reinforge.formats.datacomp_dr import StorageSpec, embedding_member
 from reinforge.formats.imagenet_plus import SchemaError, sha256_hex
 from reinforge.formats.limits import declared_limits
-from reinforge.io.manifest import OutputFile, RunLayout, TaskManifest
+from reinforge.formats.loader_files import write_loader_files
 from reinforge.formats.wds import ShardWriter, iter_samples
+from reinforge.io.manifest import OutputFile, RunLayout, TaskManifest
+from reinforge.io.runs import committed_shards
+from reinforge.io.storage import exists, filesystem, read_text, write_bytes
 
 
 def export_storage(storage: dict, format: str | None = None, dtype: str | None = None) -> StorageSpec:

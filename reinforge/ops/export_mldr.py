@@ -16,20 +16,19 @@ torch 2.6. A config with e.g. a bicubic crop needs `torch.serialization.add_safe
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 
-import copy
-
 import torch
 from torchvision.transforms import InterpolationMode
 
-from reinforge.readers.imagenet_plus import index_shard, shard_urls
-from reinforge.io.runs import require_dr_config
 from reinforge.formats.imagenet_plus import SchemaError, decode_sample
-from reinforge.io.manifest import RunLayout, TMP_MARKER
 from reinforge.formats.wds import iter_samples
+from reinforge.io.manifest import TMP_MARKER, RunLayout
+from reinforge.io.runs import require_dr_config
+from reinforge.readers.imagenet_plus import index_shard, shard_urls
 
 
 def _atomic_save(path: str, write) -> None:

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel
 
+from reinforge.formats.recipe import ConfigError
+from reinforge.formats.wds import iter_samples
+from reinforge.io.manifest import RunLayout
+from reinforge.io.storage import filesystem
 from reinforge.runtime.pipeline import build_pipeline
 from reinforge.runtime.probe import BLOCK, RECORD, PlanError, make_probe, tar_bytes
-from reinforge.io.storage import filesystem
-from reinforge.formats.recipe import ConfigError
-from reinforge.io.manifest import RunLayout
-from reinforge.formats.wds import iter_samples
-
 
 
 def shard_bytes(content: float) -> float:
@@ -131,8 +130,8 @@ def _bytes_per_sample(out: list[int], probe_in: list[int], window_in: list[int])
 
 def plan_capacity(recipe: BaseModel, samples: int, nodes: int = 1, probe_samples: int | None = None,
                   address: str | None = None, workdir: str | None = None) -> CapacityPlan:
-    from reinforge.runtime.ray_session import node_resources, ray_session
     from reinforge.ops.rundir import manifests
+    from reinforge.runtime.ray_session import node_resources, ray_session
     from reinforge.runtime.runner import run_recipe
     if samples < 1 or nodes < 1:
         raise ConfigError("error: --samples and --nodes must be at least 1")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reinforge.ops.rundir import load_run, manifests
+from reinforge.formats.wds import ShardReadError, iter_samples
+from reinforge.io.manifest import RunLayout, TaskManifest
 from reinforge.io.runs import NotARunError, live_status
 from reinforge.io.storage import exists, filesystem, list_files, read_text, write_bytes
-from reinforge.io.manifest import RunLayout, TaskManifest
-from reinforge.formats.wds import ShardReadError, iter_samples
+from reinforge.ops.rundir import load_run, manifests
 from reinforge.products.registry import product_part
 
 MAX_SAMPLES = 512  # samples decoded from the shards for the product plots

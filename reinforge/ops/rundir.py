@@ -8,13 +8,13 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from reinforge.io.fingerprint import changed_inputs, task_fingerprints
-from reinforge.runtime.pipeline import build_pipeline
-from reinforge.io.storage import filesystem, list_files, read_text, remove
-from reinforge.io.runs import run_record, scan_manifests
-from reinforge.products.registry import parse_recipe
-from reinforge.io.manifest import TMP_MARKER, RunLayout, StageStats, TaskManifest
 from reinforge.formats.wds import ShardReadError, iter_samples
+from reinforge.io.fingerprint import changed_inputs, task_fingerprints
+from reinforge.io.manifest import TMP_MARKER, RunLayout, StageStats, TaskManifest
+from reinforge.io.runs import run_record, scan_manifests
+from reinforge.io.storage import filesystem, list_files, read_text, remove
+from reinforge.products.registry import parse_recipe
+from reinforge.runtime.pipeline import build_pipeline
 
 
 class HashingReader:

@@ -19,11 +19,11 @@ import json
 
 import fsspec
 
-from reinforge.io.runs import committed_shards
 from reinforge.formats.hf_card import HF_IMAGE_EXTENSIONS, card_features, hf_features
-from reinforge.io.manifest import RunLayout
 from reinforge.formats.members import decode_member, inner_extension
 from reinforge.formats.wds import iter_samples
+from reinforge.io.manifest import RunLayout
+from reinforge.io.runs import committed_shards
 
 
 def _yaml_features(run: str) -> list[dict]:

@@ -21,14 +21,15 @@ import fsspec
 import torch
 import torch.nn.functional as F
 
-from reinforge.readers.skips import SkipCounters
-from reinforge.io.runs import committed_shards, dr_config, is_run_dir
 from reinforge.formats.augment import replay_augmenter
-from reinforge.formats.seeds import entry_seed
 from reinforge.formats.image import IMAGE_EXTENSIONS, decode_rgb
-from reinforge.formats.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample, densify, sha256_hex)
+from reinforge.formats.imagenet_plus import (META_MEMBER, ReinforcedSample, SchemaError, decode_sample, densify,
+                                             sha256_hex)
 from reinforge.formats.limits import Limits, declared_limits, too_large
+from reinforge.formats.seeds import entry_seed
 from reinforge.formats.wds import split_member_name, unsafe_name
+from reinforge.io.runs import committed_shards, dr_config, is_run_dir
+from reinforge.readers.skips import SkipCounters
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ import torch
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 
-from reinforge.io.runs import committed_shards, dr_config, is_run_dir
-from reinforge.readers.skips import SkipCounters, spawning
 from reinforge.formats.augment import replay_augmenter
-from reinforge.formats.seeds import entry_seed
 from reinforge.formats.datacomp_dr import decode_dr_sample
 from reinforge.formats.datacomp_dr_replay import ReplayError, replayable_image
 from reinforge.formats.imagenet_plus import SchemaError
 from reinforge.formats.limits import Limits, declared_limits
+from reinforge.formats.seeds import entry_seed
 from reinforge.formats.wds import ShardReadError, iter_samples
+from reinforge.io.runs import committed_shards, dr_config, is_run_dir
+from reinforge.readers.skips import SkipCounters, spawning
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ import random
 import fsspec
 import numpy as np
 
-from reinforge.io.runs import committed_shards
 from reinforge.formats.augment import replay_augmenter
-from reinforge.formats.seeds import entry_seed
 from reinforge.formats.image import IMAGE_EXTENSIONS, decode_rgb
 from reinforge.formats.imagenet_plus import META_MEMBER, SchemaError, decode_sample, densify, sha256_hex
-from reinforge.io.manifest import RunLayout
 from reinforge.formats.members import decode_members
+from reinforge.formats.seeds import entry_seed
+from reinforge.io.manifest import RunLayout
+from reinforge.io.runs import committed_shards
 
 
 def read_run(run: str, decode: bool = True, **read_webdataset_args):

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import queue
-import threading
 import json
 import platform
+import queue
+import threading
 import time
 from dataclasses import asdict
 from typing import Iterator
 
-from reinforge.runtime.pipeline import Pipeline
-from reinforge.io.manifest import Task
-from reinforge.io.storage import atomic_open, remove, write_bytes
-from reinforge.io.manifest import OutputFile, RunLayout, StageStats, TaskManifest
 from reinforge.formats.wds import ShardReadError
+from reinforge.io.manifest import OutputFile, RunLayout, StageStats, Task, TaskManifest
+from reinforge.io.storage import atomic_open, remove, write_bytes
+from reinforge.runtime.pipeline import Pipeline
 from reinforge.stages.base import Batch, SampleError
 
 

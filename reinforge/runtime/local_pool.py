@@ -19,8 +19,8 @@ import sys
 import traceback
 import types
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Callable, Iterator, Union
 
 from pydantic import BaseModel
@@ -33,10 +33,10 @@ _executor = None  # a worker process's TaskExecutor
 
 
 def _make_executor(recipe: BaseModel):
-    from reinforge.runtime.executor import TaskExecutor
-    from reinforge.runtime.pipeline import build_pipeline
     from reinforge.formats.recipe import config_digest
     from reinforge.io.manifest import RunLayout
+    from reinforge.runtime.executor import TaskExecutor
+    from reinforge.runtime.pipeline import build_pipeline
     overlap = recipe.resources.overlap_prep
     if overlap is None:
         overlap = recipe.resources.gpus_per_actor > 0  # as the Ray actor decides it (actor_pool.worker_class)

@@ -15,11 +15,10 @@ from typing import Iterator
 
 from pydantic import BaseModel
 
-from reinforge.io.manifest import Task
 from reinforge.formats.image import DEFAULT_MAX_PIXELS
 from reinforge.formats.limits import Limits, declared_limits
-from reinforge.io.manifest import RunLayout
 from reinforge.formats.wds import ShardWriter
+from reinforge.io.manifest import RunLayout, Task
 from reinforge.stages.base import Stage
 
 
@@ -103,9 +102,9 @@ class Pipeline:
 
     def expected_samples_per_task(self, input_bytes_per_sample: float) -> float:
         """Samples one task will hold: an input shard's worth, from the sizes of the first shards."""
-        from reinforge.runtime.probe import TAR_TRAILER_MEAN
         from reinforge.formats.sources import expand_shards
         from reinforge.io.storage import filesystem
+        from reinforge.runtime.probe import TAR_TRAILER_MEAN
         spec = self.recipe.input
         if getattr(spec, "format", "webdataset") == "imagefolder":
             return float(spec.samples_per_task)

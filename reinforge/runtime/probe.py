@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from reinforge.formats.sources import InputError
-from reinforge.io.storage import atomic_open
 from reinforge.formats.wds import ShardWriter
+from reinforge.io.storage import atomic_open
 
 WINDOW = 4  # the probe is drawn from the first WINDOW * M input samples
 BLOCK = 512

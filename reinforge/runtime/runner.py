@@ -20,17 +20,16 @@ from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
 
-from reinforge.runtime.actor_pool import TICK_S, ActorPool, start_pool
-from reinforge.io.fingerprint import changed_inputs, task_fingerprints
 from reinforge.formats.loader_files import write_loader_files
-from reinforge.runtime.local_pool import LocalPool, local_processes
-from reinforge.runtime.ray_session import ray_session
-from reinforge.io import runs
-from reinforge.runtime.pipeline import build_pipeline
-from reinforge.io.manifest import Task
-from reinforge.io.storage import absolute_url, exists, read_text, write_bytes
 from reinforge.formats.recipe import config_digest, semantic_dict
-from reinforge.io.manifest import RunLayout, TaskManifest
+from reinforge.io import runs
+from reinforge.io.fingerprint import changed_inputs, task_fingerprints
+from reinforge.io.manifest import RunLayout, Task, TaskManifest
+from reinforge.io.storage import absolute_url, exists, read_text, write_bytes
+from reinforge.runtime.actor_pool import TICK_S, ActorPool, start_pool
+from reinforge.runtime.local_pool import LocalPool, local_processes
+from reinforge.runtime.pipeline import build_pipeline
+from reinforge.runtime.ray_session import ray_session
 
 
 class ConfigChangedError(Exception):

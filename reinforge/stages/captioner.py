@@ -53,12 +53,7 @@ class CocaCaptioner(Stage):
     is_model = True
 
     def __init__(self, spec: CaptionerSpec, seed: int, device: str | None = None):
-        if spec.max_length <= spec.min_length:
-            raise ValueError(f"captioner {spec.syn_key}: max_length ({spec.max_length}) must exceed "
-                             f"min_length ({spec.min_length})")
-        if spec.generation == "beam_search" and spec.num_beams < spec.num_captions:
-            raise ValueError(f"captioner {spec.syn_key}: beam search returns at most num_beams "
-                             f"({spec.num_beams}) captions, num_captions is {spec.num_captions}")
+        # lengths and beams were checked when the spec was validated (CaptionerSpec)
         self.spec = spec
         self.seed = seed
         self.device = device

@@ -35,9 +35,9 @@ import numpy as np
 from reinforge.curation.filters.clusters import FilterError
 from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
 from reinforge.curation.filters.scores import REPORT, SCORES
-from reinforge.io.storage import atomic_open, filesystem, read_text, write_bytes
-from reinforge.io.spill import UidSpill, bucket_bits
 from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, uid_hex, uid_order
+from reinforge.io.spill import UidSpill, bucket_bits
+from reinforge.io.storage import atomic_open, filesystem, read_text, write_bytes
 
 FORMAT = "reinforge.filter_decision/1"
 SAMPLE = 10

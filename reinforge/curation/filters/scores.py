@@ -29,12 +29,14 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from reinforge.curation.filters.clusters import (DATACOMP_MAX_POINTS_PER_CENTROID, KMEANS, FilterError, InputOrderSample, TrainSample, assign, read_matrix, train_centroids, unit_rows, usable_rows)
-from reinforge.curation.filters.text import caption_stats, cld3_languages, synset_lemmas
+from reinforge.curation.filters.clusters import (DATACOMP_MAX_POINTS_PER_CENTROID, KMEANS, FilterError,
+                                                 InputOrderSample, TrainSample, assign, read_matrix, train_centroids,
+                                                 unit_rows, usable_rows)
 from reinforge.curation.filters.rules import STRING
+from reinforge.curation.filters.text import caption_stats, cld3_languages, synset_lemmas
 from reinforge.curation.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
-from reinforge.io.storage import atomic_open, filesystem, write_bytes
 from reinforge.formats.subset import UID_OK, UID_STATUS_NAMES, parse_hex_uids
+from reinforge.io.storage import atomic_open, filesystem, write_bytes
 
 FORMAT = "reinforge.filter_scores/1"
 SCORES, REPORT, CENTROIDS, CENTROID_TARGETS = ("scores.parquet", "score_report.json", "centroids.npy",
@@ -349,8 +351,9 @@ def _score_file(url: str, index: int, emb_url: Optional[str], options: ScoreOpti
 
 def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions) -> dict:
     """Score every row of the metadata files; write scores.parquet and score_report.json; return the report."""
-    import pyarrow.parquet as pq
     from importlib.metadata import version
+
+    import pyarrow.parquet as pq
     files = metadata_files(inputs)
     out_dir = out_dir.rstrip("/")
     emb_files = _embedding_files(files, options) if options.clusters else [None] * len(files)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from reinforge.runtime.pipeline import Pipeline
-from reinforge.formats.sources import WebDatasetSource
-from reinforge.io.manifest import Task
-from reinforge.products.embed_pool.recipe import EmbedPoolRecipe
 from reinforge.formats.embeddings import IMAGE_KEY, TEXT_KEY, embeddings_table, table_bytes
 from reinforge.formats.limits import Limits
-from reinforge.io.manifest import RunLayout
+from reinforge.formats.sources import WebDatasetSource
+from reinforge.io.manifest import RunLayout, Task
+from reinforge.products.embed_pool.recipe import EmbedPoolRecipe
+from reinforge.runtime.pipeline import Pipeline
 from reinforge.stages.base import Stage
 from reinforge.stages.decode import DecodeImage
 from reinforge.stages.embed import Encoder, ImageView

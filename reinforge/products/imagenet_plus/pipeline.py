@@ -3,17 +3,18 @@ with the teacher ensemble's top-k probabilities, written as self-contained WebDa
 from __future__ import annotations
 
 import json
-from reinforge.runtime.pipeline import Pipeline
-from reinforge.formats.sources import ImageFolderSource, WebDatasetSource
-from reinforge.io.storage import write_bytes
+
 from reinforge.formats.augment import Augmenter, replay_augmenter
-from reinforge.products.imagenet_plus.recipe import ImageNetPlusRecipe
 from reinforge.formats.limits import Limits, declared_limits
+from reinforge.formats.sources import ImageFolderSource, WebDatasetSource
 from reinforge.io.manifest import RunLayout
+from reinforge.io.storage import write_bytes
+from reinforge.products.imagenet_plus.encode import EncodeImageNetPlus
+from reinforge.products.imagenet_plus.recipe import ImageNetPlusRecipe
+from reinforge.runtime.pipeline import Pipeline
 from reinforge.stages.augment import Augment
 from reinforge.stages.base import Stage
 from reinforge.stages.decode import DecodeImage, ParseLabel
-from reinforge.products.imagenet_plus.encode import EncodeImageNetPlus
 from reinforge.stages.teachers import TeacherEnsemble, ensemble_num_classes
 
 
@@ -63,9 +64,9 @@ class ImageNetPlusPipeline(Pipeline):
     def sample_checker(self, layout: RunLayout):
         """validate: layout, N, k, class ids, probability mass, sha256, and that the first stored augmentation
         replays inside the image. Members inflate only within the bounds the config declares (N, k)."""
-        from reinforge.io.runs import require_dr_config
         from reinforge.formats.image import decode_rgb
         from reinforge.formats.imagenet_plus import decode_sample, sha256_hex
+        from reinforge.io.runs import require_dr_config
 
         full = require_dr_config(layout.root)
         config = full["reinforce"]

@@ -27,26 +27,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reinforge.runtime.pipeline import Pipeline
-from reinforge.products.reshard.pool import match_pool
-from reinforge.formats.sources import InputError, WebDatasetSource
-from reinforge.io.manifest import Task
-from reinforge.io.storage import exists, filesystem, read_text, remove, write_bytes
-from reinforge.formats.pool_reader import PoolReader
-from reinforge.formats.uid_index import build_index
-from reinforge.readers.mobileclip import augmentation_from_config
 from reinforge.formats.augment import Augmenter
-from reinforge.products.join.recipe import JoinRecipe
 from reinforge.formats.datacomp_dr import CAPTION_MEMBER, META_MEMBER, URL_MEMBER, decode_dr_sample
 from reinforge.formats.datacomp_dr_replay import check_replayable
 from reinforge.formats.image import IMAGE_EXTENSIONS, find_image
 from reinforge.formats.imagenet_plus import SchemaError
 from reinforge.formats.limits import Limits
-from reinforge.io.manifest import RunLayout
+from reinforge.formats.pool_reader import PoolReader
+from reinforge.formats.sources import InputError, WebDatasetSource
 from reinforge.formats.subset import LoadedSubset, first_occurrence, locate, make_subset, uid_hex, uid_order
+from reinforge.formats.uid_index import build_index
+from reinforge.io.manifest import RunLayout, Task
+from reinforge.io.storage import exists, filesystem, read_text, remove, write_bytes
+from reinforge.products.join.recipe import JoinRecipe
+from reinforge.products.reshard.pool import match_pool
+from reinforge.readers.mobileclip import augmentation_from_config
+from reinforge.runtime.pipeline import Pipeline
 from reinforge.stages.base import MapStage, SkipSample, Stage
 from reinforge.stages.text import ParseCaption
-
 
 
 def locations_url(layout: RunLayout, task_id: str) -> str:

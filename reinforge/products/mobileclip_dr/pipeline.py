@@ -4,18 +4,19 @@ every caption; shards keep jpg + txt so they train as written."""
 from __future__ import annotations
 
 import json
-from reinforge.runtime.pipeline import Pipeline
-from reinforge.formats.sources import WebDatasetSource
-from reinforge.io.storage import write_bytes
+
 from reinforge.formats.augment import Augmenter
-from reinforge.formats.recipe import ConfigError
-from reinforge.products.mobileclip_dr.recipe import MobileCLIPRecipe
 from reinforge.formats.limits import Limits
+from reinforge.formats.recipe import ConfigError
+from reinforge.formats.sources import WebDatasetSource
 from reinforge.io.manifest import RunLayout
+from reinforge.io.storage import write_bytes
+from reinforge.products.mobileclip_dr.encode import EncodeDataCompDR
+from reinforge.products.mobileclip_dr.recipe import MobileCLIPRecipe
+from reinforge.runtime.pipeline import Pipeline
 from reinforge.stages.augment import Augment
 from reinforge.stages.base import Stage
 from reinforge.stages.decode import DecodeImage
-from reinforge.products.mobileclip_dr.encode import EncodeDataCompDR
 from reinforge.stages.text import ParseCaption, ParseUID, ReadSynCaptions
 
 

@@ -15,8 +15,8 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from reinforge.formats.limits import Limits
-from reinforge.formats.subset import uid_hex
 from reinforge.formats.pool_reader import PoolReader
+from reinforge.formats.subset import uid_hex
 from reinforge.io.storage import filesystem
 from reinforge.products.reshard import face_blur
 from reinforge.stages.base import MapStage, SkipSample

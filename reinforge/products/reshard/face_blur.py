@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reinforge.formats.sources import InputError
-from reinforge.io.storage import filesystem, read_text
 from reinforge.formats.subset import UID_OK, locate, parse_hex_uids
+from reinforge.io.storage import filesystem, read_text
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 BOXES_TYPE = pa.list_(pa.list_(pa.float64()))
