@@ -12,8 +12,21 @@ The growth column is log(peak_b/peak_a)/log(n_b/n_a) between consecutive sizes: 
 0 = flat; the marginal column is (peak_b - peak_a)/(n_b - n_a), the bytes each extra sample costs (a fixed
 cost such as allocator arenas and one batch of columns divides away at scale, a per-sample one does not). Nothing here is asserted; tests check results, this prints costs.
 
+Two more tools measure the runner and `status` against the task count (--tasks, not --sizes):
+  runner         a reshard run (resources.runner: local by default, i.e. worker processes, no Ray start-up;
+                 --runners local,ray adds Ray) of a subset of T uids at samples_per_shard 1, so T tasks of
+                 one sample each, over one pool of max(T) tiny samples (100 {:08d}.tar shards, jpg + txt +
+                 json {"uid"}). tasks/s = tasks / the runner's task loop (RunSummary.seconds: after prepare,
+                 planning and pool start, which are reported apart; local worker processes start inside it, a fixed
+                 ~2-3 s, so the marginal column (extra tasks / extra loop seconds between sizes) is given too);
+                 goal: T=10,000 >= 0.8 x T=1,000.
+  status         `reinforge status RUN` in a fresh interpreter on the finished local run, minus
+                 `python -c "import reinforge.cli.main"` (best of --repeat each); goal: <= 1 s at 10,000 tasks.
+The pool and subsets are built once (not timed); the uid index cache lives in the bench's temp folder.
+
 Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000,4000000] [--tools filter,schedule]
      [--out bench/results/scale.md] [--tree DIR]   (DIR: e.g. `git archive <commit> | tar -x -C DIR`, for before/after)
+     bench/scale.py --tools runner,status [--tasks 1000,10000] [--runners local,ray]
 """
 from __future__ import annotations
 
@@ -129,6 +142,108 @@ def measure(tool: str, args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# A child runs one recipe: wall time of run_recipe, and its task loop alone (RunSummary.seconds).
+RUN_CHILD = r"""
+import json, sys, time
+from reinforge.products.registry import parse_recipe
+from reinforge.runtime.runner import run_recipe
+recipe = parse_recipe(json.loads(sys.argv[1]))
+start = time.perf_counter()
+s = run_recipe(recipe, progress=False)
+wall = time.perf_counter() - start
+print(json.dumps({"wall": wall, "loop": s.seconds, "tasks": s.tasks, "done": s.done, "failed": len(s.failed)}))
+"""
+
+
+def child_env(tmp: str) -> dict:
+    return dict(os.environ, PYTHONPATH=TREE, HF_HUB_OFFLINE="1", REINFORGE_INDEX_CACHE=os.path.join(tmp, "cache"))
+
+
+def make_reshard_pool(tmp: str, samples: int, shards: int = 100, payload: int = 256) -> tuple[str, np.ndarray]:
+    """A DataComp-style pool of `samples` tiny samples in `shards` tars; returns its glob and sorted uids."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, ROOT)
+    from pool_gen import random_uids, write_pool_shards
+
+    from reinforge.formats.subset import make_subset, uid_order
+    strings, hi, lo = random_uids(samples, np.random.default_rng(7))
+    write_pool_shards(os.path.join(tmp, "pool"), strings.to_pylist(), -(-samples // shards), payload=payload)
+    uids = make_subset(hi, lo)
+    return os.path.join(tmp, "pool", "*.tar"), uids[uid_order(uids["f0"], uids["f1"])]
+
+
+def run_reshard(tmp: str, pool: str, uids: np.ndarray, tasks: int, runner: str) -> dict:
+    """Reshard `tasks` uids spread over the pool, one sample per output shard, in a fresh process."""
+    from reinforge.formats.subset import write_subset
+    subset = os.path.join(tmp, f"subset-{tasks}.npy")
+    write_subset(subset, uids[np.linspace(0, len(uids) - 1, tasks).astype(np.int64)])
+    out = os.path.join(tmp, f"run-{runner}-{tasks}")
+    recipe = {"product": "reshard", "output": out, "subset": subset, "input": {"path": pool},
+              "samples_per_shard": 1, "resources": {"runner": runner}}
+    proc = subprocess.run([sys.executable, "-c", RUN_CHILD, json.dumps(recipe)], env=child_env(tmp),
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise SystemExit(f"reshard run failed: {proc.stderr[-2000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if r["done"] != tasks or r["failed"]:
+        raise SystemExit(f"expected {tasks} done tasks, got {r}")
+    return {**r, "out": out}
+
+
+def best_wall(tmp: str, argv: list[str], repeat: int, ok_codes=(0,)) -> float:
+    best = math.inf
+    for _ in range(repeat):
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, *argv], env=child_env(tmp), capture_output=True, text=True,
+                              cwd=tempfile.gettempdir())
+        best = min(best, time.perf_counter() - started)
+        if proc.returncode not in ok_codes:
+            raise SystemExit(f"{argv} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return best
+
+
+def bench_runner(task_counts: list[int], runners: list[str], tools: set, repeat: int) -> list[str]:
+    """The runner and status tables (markdown lines) for each task count."""
+    tmp = tempfile.mkdtemp(prefix="reinforge-bench-runner-")
+    try:
+        started = time.perf_counter()
+        pool, uids = make_reshard_pool(tmp, max(task_counts))
+        print(f"pool of {len(uids):,} samples generated in {time.perf_counter() - started:.1f} s", flush=True)
+        runs: dict[tuple[str, int], dict] = {}
+        if "status" in tools and "local" not in runners:  # status reads the finished local runs
+            runners = runners + ["local"]
+        for runner in runners:
+            for tasks in task_counts:
+                r = runs[runner, tasks] = run_reshard(tmp, pool, uids, tasks, runner)
+                print(f"  {runner} {tasks:,} tasks: wall {r['wall']:.1f} s, task loop {r['loop']:.1f} s, "
+                      f"{tasks / r['loop']:.1f} tasks/s (load {os.getloadavg()[0]:.1f})", flush=True)
+        lines = []
+        if "runner" in tools:
+            lines += ["| runner | tasks | wall s (run_recipe) | prepare + plan + pool start + finish s | task loop s "
+                      "| tasks/s (loop) | vs first size (goal >= 0.8) | marginal tasks/s vs previous size |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for (runner, tasks), r in runs.items():
+                rate = tasks / r["loop"]
+                first = task_counts[0] / runs[runner, task_counts[0]]["loop"]
+                i = task_counts.index(tasks)
+                prev = runs[runner, task_counts[i - 1]] if i else None
+                # what each extra task costs: the loop's fixed part (worker start-up) divides away
+                marginal = f"{(tasks - task_counts[i - 1]) / (r['loop'] - prev['loop']):.1f}" if prev else ""
+                lines.append(f"| {runner} | {tasks:,} | {r['wall']:.1f} | {r['wall'] - r['loop']:.1f} | "
+                             f"{r['loop']:.1f} | {rate:.1f} | {rate / first:.2f} | {marginal} |")
+        if "status" in tools:
+            imports = best_wall(tmp, ["-c", "import reinforge.cli.main"], repeat)
+            lines += ["", f"`python -c \"import reinforge.cli.main\"`: {imports:.2f} s (best of {repeat})", "",
+                      "| run | tasks | `reinforge status` s | above import s (goal <= 1) |", "|---|---|---|---|"]
+            for tasks in task_counts:
+                seconds = best_wall(tmp, ["-m", "reinforge.cli.main", "status", runs["local", tasks]["out"]], repeat)
+                lines.append(f"| local | {tasks:,} | {seconds:.2f} | {seconds - imports:.2f} |")
+                print(f"  status {tasks:,} tasks: {seconds:.2f} s, {seconds - imports:.2f} s above imports", flush=True)
+        return lines
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cases(tmp: str, n: int) -> list[tuple[str, str, dict]]:
     scores, splits = os.path.join(tmp, "scores"), os.path.join(tmp, "splits")
     rule = "basic & top(clip_l14, 0.3)"
@@ -146,12 +261,23 @@ def main() -> None:
     parser.add_argument("--tools", default="filter,schedule")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one)")
+    parser.add_argument("--tasks", default="1000,10000", help="runner/status: comma-separated task counts")
+    parser.add_argument("--runners", default="local", help="runner: local and/or ray")
+    parser.add_argument("--repeat", type=int, default=3, help="status: best of this many")
     args = parser.parse_args()
     global TREE
     TREE = os.path.abspath(args.tree)
     sizes = [int(s) for s in args.sizes.split(",")]
     tools = set(args.tools.split(","))
     rows: dict[str, list] = {}
+    if tools & {"runner", "status"}:
+        lines = bench_runner([int(t) for t in args.tasks.split(",")], args.runners.split(","), tools, args.repeat)
+        print("\n".join(lines))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write("\n".join(lines) + "\n")
+    if not tools & {"filter", "schedule"}:
+        return
     for n in sizes:
         tmp = tempfile.mkdtemp(prefix="reinforge-bench-scale-")
         try:
