@@ -6,11 +6,14 @@
    `--kmeans datacomp`, the default, trains on every caption-filtered row as DataComp did, `spherical` on
    a 256-per-centroid sample). Also the share of it spent in the per-caption Python (language id + synset
    lookup), the cost floor, and what `--cld3` (CLD3 for the laion2b baseline) would add to it.
+   Then the same pass cut into `--units` units of whole row groups, scored as Ray tasks on an embedded
+   local Ray (all this machine's cores): wall rows/s ÷ the one-process pass, Ray start-up included,
+   and whether scores.parquet is the same bytes.
 2. decision pass: seconds of `decide` for `basic & top(clip_l14, 0.3)` and for `image | clip_b32>=0.3`,
    as a fraction of the score pass (CPU time): "scores are stats, decisions are cheap second passes".
 
 Run: ../shared/tools/offline .venv/bin/python bench/filters.py [--rows 1000000] [--dim 64] [--clusters 256]
-     [--kmeans datacomp|spherical]
+     [--kmeans datacomp|spherical] [--units 10]
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--clusters", type=int, default=256)
     parser.add_argument("--kmeans", choices=["datacomp", "spherical"], default="datacomp")
+    parser.add_argument("--units", type=int, default=10, help="units (Ray tasks) of the parallel score pass; 0: skip")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="reinforge-bench-filters-")
     try:
@@ -85,6 +89,19 @@ def main() -> None:
         print(f"[score] {report['rows']:,} rows in {score_s:.1f} s = {report['rows'] / score_s:,.0f} rows/s wall, "
               f"{report['rows'] / score_cpu:,.0f} rows per CPU-second ({args.kmeans} k-means k={args.clusters} on "
               f"{report['clusters']['train_rows']:,} rows, dim {args.dim}; english {report['language']['english']:,})")
+        if args.units:
+            parallel = os.path.join(tmp, "scores_parallel")
+            options = ScoreOptions(clusters=args.clusters, cluster_targets=os.path.join(tmp, "targets.npy"),
+                                   kmeans=args.kmeans)
+            started = time.perf_counter()
+            score_metadata([os.path.join(tmp, "00000000.parquet")], parallel, options,
+                           unit_rows=-(-args.rows // args.units))
+            parallel_s = time.perf_counter() - started
+            same = all(open(os.path.join(scores, n), "rb").read() == open(os.path.join(parallel, n), "rb").read()
+                       for n in ("scores.parquet", "score_report.json"))
+            print(f"[score] {args.units} units as Ray tasks on {os.cpu_count()} cores (Ray start-up included): "
+                  f"{report['rows'] / parallel_s:,.0f} rows/s wall = {score_s / parallel_s:.2f}x one process "
+                  f"(load {os.getloadavg()[0]:.1f}); same bytes: {same}")
         # CPU time, not wall: the machine is shared, and the ratio should not depend on the neighbours
         texts = pq.read_table(os.path.join(tmp, "00000000.parquet"), columns=["text"]).slice(0, 100_000)
         cpu = time.process_time()

@@ -34,17 +34,20 @@ def filter_group():
                    "spherical: L2-normalised vectors, inner product throughout")
 @click.option("--centroids", default=None, help=".npy/.npz of centroids to use instead of training (e.g. DataComp's)")
 @click.option("--cld3", is_flag=True, help="also score CLD3's language (lang_cld3) for the laion2b baseline")
+@click.option("--unit-rows", default=None, type=click.IntRange(min=1),
+              help="rows per task, in whole row groups [default: 1,000,000]; more than one unit runs as Ray tasks")
+@click.option("--address", default=None, help="Ray address for the tasks (default: embedded local Ray)")
 @user_errors
 def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, target_key, train_size, niter, seed,
-          cluster_train, kmeans, centroids, cld3):
+          cluster_train, kmeans, centroids, cld3, unit_rows, address):
     """Score DataComp metadata Parquet (files or folders): caption, language, size, CLIP, synset and cluster stats."""
     import time
 
-    from reinforge.curation.filters.scores import ScoreOptions, score_metadata
+    from reinforge.curation.filters.scores import UNIT_ROWS, ScoreOptions, score_metadata
     started = time.perf_counter()
     options = ScoreOptions(list(embeddings), embedding_key, clusters, cluster_targets, target_key, train_size,
                            niter, seed, cluster_train, kmeans, centroids, cld3)
-    report = score_metadata(list(metadata), out, options)
+    report = score_metadata(list(metadata), out, options, unit_rows or UNIT_ROWS, address)
     seconds = time.perf_counter() - started
     bad = report["malformed_uids"]
     click.echo(f"scored {report['scored']:,} of {report['rows']:,} rows from {len(report['inputs'])} files in "

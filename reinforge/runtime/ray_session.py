@@ -13,6 +13,7 @@ and credentials as the driver. Only variables set on the driver are passed.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from contextlib import contextmanager
@@ -100,17 +101,32 @@ def ray_session(address: Optional[str] = None, object_store_memory_mb: int = 102
 
 
 def map_groups(fn, per_group: list[tuple], shared: tuple, parallel: bool):
-    """fn(*group_args, *shared) for each group, in group order: Ray tasks (shared put once) or this process."""
+    """fn(*group_args, *shared) for each group, in group order: Ray tasks (shared put once) or this process.
+    At most twice the cluster's CPUs are in flight, so finished parts do not pile up in the object store
+    while the caller consumes them in order. A task that failed on bad input (InputError) raises that
+    error, not Ray's wrapper."""
     if not parallel:
         for args in per_group:
             yield fn(*args, *shared)
         return
     import ray
+    from ray.exceptions import RayTaskError
+
+    from reinforge.formats.sources import InputError
     remote = ray.remote(num_cpus=1)(fn).options(**worker_options())
     refs = [ray.put(x) for x in shared]
-    pending = [remote.remote(*args, *refs) for args in per_group]
+    todo = iter(per_group)
+    limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending = [remote.remote(*args, *refs) for args in itertools.islice(todo, limit)]
     while pending:  # fixed order, whichever finishes first; a part is freed once merged
-        yield ray.get(pending.pop(0))
+        try:
+            part = ray.get(pending.pop(0))
+        except RayTaskError as exc:
+            if isinstance(exc.cause, InputError):
+                raise exc.cause from None
+            raise
+        pending.extend(remote.remote(*args, *refs) for args in itertools.islice(todo, 1))
+        yield part
 
 
 def node_resources(node_id: str | None) -> dict:

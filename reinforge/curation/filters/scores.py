@@ -4,10 +4,15 @@ uid, every statistic a filter decision needs later (filters.py applies rules wit
 Writes under OUT: `scores.parquet` (one row per well-formed input row, input order, one row group per
 input row group), `score_report.json` (inputs, rows, malformed uids, invalid values per column, the
 methods used) and, with clustering, `centroids.npy` ([k, d] float32; clusters.py says how they are
-trained) and `centroid_targets.npy` (int64 target hits per centroid). Memory: one row group plus, with
-clustering, one file's embeddings and the k-means training set (`--kmeans datacomp`: every
-caption-filtered pool embedding, float32, as DataComp's script held them). Single process: pyarrow and numpy do the
-columns, the per-caption Python (language id, synset lookup) is the cost.
+trained) and `centroid_targets.npy` (int64 target hits per centroid).
+
+Work: the per-caption Python (language id, synset lookup) is the cost (~50 s per million rows on one
+core), so the rows are cut into units of whole row groups (~1M rows, `unit_rows`) scored as Ray tasks;
+the driver reads only the files' footers and writes the units' tables in input order (a few units in
+flight), so the output does not depend on where or in what order units ran. One unit: no Ray.
+Memory per worker: one row group plus, with clustering, its file's embeddings. The clustering pass
+(cluster_pass.py) runs on the driver and holds its k-means training set (`--kmeans datacomp`: every
+caption-filtered pool embedding, float32, as DataComp's script held them).
 
 Columns of scores.parquet (nulls where the input was missing or unusable; a rule on a null fails):
   uid_hi, uid_lo   uint64 halves of the uid        file, row   input file index and row in it
@@ -22,29 +27,28 @@ Columns of scores.parquet (nulls where the input was missing or unusable; a rule
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from reinforge.curation.filters.clusters import (DATACOMP_MAX_POINTS_PER_CENTROID, KMEANS, FilterError,
-                                                 InputOrderSample, TrainSample, assign, read_matrix, train_centroids,
-                                                 unit_rows, usable_rows)
+from reinforge.curation.filters.cluster_pass import Clustering, cluster_pool
+from reinforge.curation.filters.clusters import assign, usable_rows
+from reinforge.curation.filters.metadata import (OPTIONAL_COLUMNS, embedding_files, file_embeddings, metadata_files,
+                                                 open_metadata, row_groups)
 from reinforge.curation.filters.rules import STRING
 from reinforge.curation.filters.text import caption_stats, cld3_languages, synset_lemmas
 from reinforge.curation.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
-from reinforge.formats.subset import UID_OK, UID_STATUS_NAMES, parse_hex_uids
-from reinforge.io.storage import atomic_open, filesystem, write_bytes
+from reinforge.formats.subset import UID_OK, UID_STATUS_NAMES
+from reinforge.io.storage import atomic_open, write_bytes
 
 FORMAT = "reinforge.filter_scores/1"
 SCORES, REPORT, CENTROIDS, CENTROID_TARGETS = ("scores.parquet", "score_report.json", "centroids.npy",
                                                 "centroid_targets.npy")
 SAMPLE = 10  # examples kept per reported problem
-# metadata column -> what it feeds; only uid is required, a missing one makes its scores null (reported)
-OPTIONAL_COLUMNS = ("text", "original_width", "original_height", "clip_b32_similarity_score",
-                    "clip_l14_similarity_score")
+UNIT_ROWS = 1_000_000  # rows per task (whole row groups): ~1 min of one core, far above a task's start-up
 INT_COLUMNS = ("words", "chars", "synset_hits", "synset", "wordnet_hits", "ft_words", "cluster", "cluster_targets")
 FLOAT_COLUMNS = ("short_side", "aspect", "clip_b32", "clip_l14", "cluster_sim")
 
@@ -63,178 +67,6 @@ class ScoreOptions:
     kmeans: str = "datacomp"  # "datacomp" (L2 k-means, raw vectors, dot-product assignment) or "spherical"
     centroids: Optional[str] = None  # .npy/.npz of given centroids (e.g. DataComp's released ones): no training
     cld3: bool = False  # also the CLD3 language (lang_cld3), which DataComp's laion2b baseline filters on
-
-
-def metadata_files(paths: list[str]) -> list[str]:
-    """Files as given; a directory expands to its sorted *.parquet files."""
-    out = []
-    for p in paths:
-        fs, path = filesystem(p)
-        prefix = p.split("://")[0] + "://" if "://" in p else ""
-        if fs.isdir(path):
-            found = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet"))
-            if not found:
-                raise FilterError(f"{p}: directory holds no .parquet files")
-            out += [f if f.startswith(prefix) else prefix + f for f in found]
-        elif fs.exists(path):
-            out.append(p)
-        else:
-            raise FilterError(f"{p}: no such file")
-    if not out:
-        raise FilterError("no metadata files given")
-    return out
-
-
-@contextmanager
-def open_metadata(url: str) -> Iterator:
-    """A metadata ParquetFile whose columns have usable types; errors name the file and column."""
-    import pyarrow.parquet as pq
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise FilterError(f"{url}: not a readable Parquet file ({exc})") from None
-        schema = pf.schema_arrow
-        if "uid" not in schema.names:
-            raise FilterError(f"{url}: no column 'uid'; columns: {', '.join(schema.names[:12])}")
-        for name in ("uid",) + OPTIONAL_COLUMNS:
-            if name in schema.names:
-                t = schema.field(name).type
-                t = t.value_type if pa.types.is_dictionary(t) else t
-                text = name in ("uid", "text")
-                if not (pa.types.is_string(t) or pa.types.is_large_string(t) if text else
-                        pa.types.is_integer(t) or pa.types.is_floating(t)):
-                    raise FilterError(f"{url}: column {name!r} has type {t}, expected "
-                                      f"{'strings' if text else 'numbers'}")
-        yield pf
-
-
-def _embedding_files(files: list[str], options: ScoreOptions) -> list[str]:
-    given = options.embeddings or ["paired"]
-    if given == ["paired"]:  # DataComp layout: <stem>.npz beside <stem>.parquet
-        return [f[:-len(".parquet")] + ".npz" if f.endswith(".parquet") else f + ".npz" for f in files]
-    if len(given) != len(files):
-        raise FilterError(f"--embeddings: {len(given)} files for {len(files)} metadata files "
-                          "(give one row-aligned .npz per metadata file, in the same order, or 'paired')")
-    return list(given)
-
-
-def _file_embeddings(url: str, key: str, rows: int, dim: Optional[int]) -> np.ndarray:
-    vectors = read_matrix(url, key, "embeddings")
-    if len(vectors) != rows:
-        raise FilterError(f"embeddings {url}: {key} has {len(vectors)} rows, its metadata file has {rows}")
-    if dim is not None and vectors.shape[1] != dim:
-        raise FilterError(f"embeddings {url}: {key} has dim {vectors.shape[1]}, earlier files have {dim}")
-    return vectors
-
-
-def _row_groups(pf, columns: tuple[str, ...]) -> Iterator[tuple[int, pa.Table, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row, row group table, hi, lo, uid status) per row group, for the columns that exist."""
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    start = 0
-    for g in range(pf.num_row_groups):
-        table = pf.read_row_group(g, columns=present, use_threads=False)
-        hi, lo, status = parse_hex_uids(table.column("uid"))
-        yield start, table, hi, lo, status
-        start += table.num_rows
-
-
-# ---------------------------------------------------------------- clustering (pass 0)
-
-@dataclass
-class Clustering:
-    centroids: np.ndarray
-    target_hits: np.ndarray  # per centroid
-    report: dict
-
-
-def _caption_rows(table: pa.Table) -> np.ndarray:
-    """DataComp's caption filter (English, > 1 fastText token, > 5 chars): its k-means saw only these rows."""
-    from reinforge.curation.filters.text import _language_identifier
-    from reinforge.curation.filters.wordnet import fasttext_words
-    if "text" not in table.column_names:
-        return np.zeros(table.num_rows, bool)
-    identify = _language_identifier().classify
-    return np.array([t is not None and fasttext_words(t) > 1 and len(t) > 5
-                     and identify(t.replace("\n", " "))[0] == "en" for t in table.column("text").to_pylist()], bool)
-
-
-def _training_sample(files: list[str], emb_files: list[str], options: ScoreOptions):
-    """Stream the pool embeddings once: (the k-means training rows, dim, usable rows left out)."""
-    sampled = options.train_size or (0 if options.kmeans == "datacomp" else 256 * options.clusters)
-    sample = TrainSample(sampled, options.seed) if sampled else InputOrderSample()
-    dim, left_out = None, 0
-    for url, emb_url in zip(files, emb_files):
-        with open_metadata(url) as pf:
-            vectors = _file_embeddings(emb_url, options.embedding_key, pf.metadata.num_rows, dim)
-            dim = vectors.shape[1]
-            for start, table, hi, lo, status in _row_groups(pf, ("uid", "text")):
-                x, ok = usable_rows(vectors[start:start + len(hi)], options.kmeans)
-                if sampled:  # the uid-hash sample needs a uid; DataComp's own training set does not
-                    ok &= status == UID_OK
-                if options.cluster_train == "caption":
-                    ok &= _caption_rows(table)
-                left_out += int(len(ok) - ok.sum())
-                sample.add(hi[ok], lo[ok], x[ok])
-    if dim is None:
-        raise FilterError("clustering: the metadata files hold no rows")
-    vectors = sample.vectors
-    if vectors is None or not len(vectors):
-        raise FilterError(f"clustering: no usable pool embedding to train on (--cluster-train {options.cluster_train})")
-    how = (f"the {sampled} rows with the smallest seeded hash of their uid" if sampled else
-           "every row, in input order (DataComp's training set)")
-    return vectors, dim, left_out, how
-
-
-def _cluster(files: list[str], emb_files: list[str], options: ScoreOptions) -> Clustering:
-    """Train the centroids (or read given ones), then assign the targets."""
-    if options.kmeans not in KMEANS:
-        raise FilterError(f"--kmeans {options.kmeans!r}: choose one of {', '.join(KMEANS)}")
-    if not options.cluster_targets:
-        raise FilterError("--clusters needs --cluster-targets (embeddings of the target images, e.g. ImageNet-1k)")
-    targets = read_matrix(options.cluster_targets, options.target_key or options.embedding_key, "cluster targets",
-                          only_array=options.target_key is None)
-    k = options.clusters
-    report = {"k": k, "kmeans": options.kmeans, "embedding_key": options.embedding_key, "seed": options.seed,
-              "niter": options.niter}
-    if options.centroids:
-        centroids = read_matrix(options.centroids, None, "centroids", only_array=True).astype(np.float32)
-        if len(centroids) != k:
-            raise FilterError(f"centroids {options.centroids}: {len(centroids)} rows, --clusters is {k}")
-        if not np.isfinite(centroids).all():
-            raise FilterError(f"centroids {options.centroids}: non-finite values")
-        if options.kmeans == "spherical":
-            centroids, ok = unit_rows(centroids)
-            if not ok.all():
-                raise FilterError(f"centroids {options.centroids}: zero rows cannot be normalised")
-        dim = centroids.shape[1]
-        report["centroids"] = options.centroids
-    else:
-        sample, dim, left_out, how = _training_sample(files, emb_files, options)
-        centroids = train_centroids(sample, k, options.seed, options.niter, options.kmeans)
-        report.update(train_rows=len(sample), train_sample=how, train_rows_from=options.cluster_train,
-                      pool_rows_left_out=left_out)
-        if options.kmeans == "datacomp":
-            import faiss
-            report["faiss"] = {"version": faiss.__version__, "index": "IndexFlatL2", "nredo": 1, "spherical": False,
-                               "max_points_per_centroid": DATACOMP_MAX_POINTS_PER_CENTROID}
-    if targets.shape[1] != dim:
-        raise FilterError(f"cluster targets {options.cluster_targets}: dim {targets.shape[1]}, "
-                          f"pool embeddings ({options.embedding_key}) have dim {dim}")
-    x, ok = usable_rows(targets, options.kmeans)
-    if not ok.any():
-        raise FilterError(f"cluster targets {options.cluster_targets}: no usable (finite) row")
-    ids, _ = assign(x[ok], centroids)
-    hits = np.bincount(ids, minlength=k).astype(np.int64)
-    report.update(dim=int(dim), metric=_METRICS[options.kmeans],
-                  targets={"path": options.cluster_targets, "rows": len(targets), "invalid": int((~ok).sum()),
-                           "centroids_hit": int((hits > 0).sum())})
-    return Clustering(centroids, hits, report)
-
-
-_METRICS = {"datacomp": "faiss L2 k-means on raw float32 vectors; assignment by largest dot product (DataComp's)",
-            "spherical": "spherical k-means on L2-normalised vectors; assignment by inner product"}
 
 
 # ---------------------------------------------------------------- the score pass
@@ -331,38 +163,90 @@ class _Tally:
             self.english_cld3 += int(pc.sum(pc.equal(scores.column("lang_cld3").cast(pa.string()), "en")).as_py() or 0)
         self.scored += scores.num_rows
 
+    def merge(self, later: "_Tally") -> None:
+        """Add the tally of the rows that follow these (the sample keeps the first SAMPLE in input order)."""
+        for name in ("rows", "scored", "english", "english_cld3"):
+            setattr(self, name, getattr(self, name) + getattr(later, name))
+        for mine, theirs in ((self.malformed, later.malformed), (self.invalid, later.invalid)):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) + count
+        self.sample.extend(later.sample[:SAMPLE - len(self.sample)])
 
-def _score_file(url: str, index: int, emb_url: Optional[str], options: ScoreOptions,
-                clustering: Optional[Clustering], writer, tally: _Tally) -> dict:
-    with open_metadata(url) as pf:
-        vectors = (_file_embeddings(emb_url, options.embedding_key, pf.metadata.num_rows, None)
+
+@dataclass(frozen=True)
+class ScoreUnit:
+    """Consecutive row groups of one metadata file: the work of one task."""
+    file: int  # index of the file among the inputs (the `file` column)
+    url: str
+    emb_url: Optional[str]
+    groups: range  # row groups
+    start: int  # first row of groups[0] in the file
+
+
+def plan_units(files: list[str], emb_files: list, clustering: bool,
+               unit_rows: int) -> tuple[list[ScoreUnit], list[dict]]:
+    """Split every file into units of whole row groups of about `unit_rows` rows (from the footers only;
+    a bad file or column is refused here, before any scoring); and each file's entry of the report."""
+    units, inputs = [], []
+    for index, (url, emb_url) in enumerate(zip(files, emb_files)):
+        with open_metadata(url) as pf:
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            names = pf.schema_arrow.names
+        first, start, rows = 0, 0, 0
+        for g, n in enumerate(sizes):
+            rows += n
+            if rows >= unit_rows or g == len(sizes) - 1:
+                units.append(ScoreUnit(index, url, emb_url, range(first, g + 1), start))
+                first, start, rows = g + 1, start + rows, 0
+        inputs.append({"path": url, "rows": sum(sizes), "row_groups": len(sizes),
+                       "missing_columns": [c for c in OPTIONAL_COLUMNS if c not in names],
+                       **({"embeddings": emb_url} if clustering else {})})
+    return units, inputs
+
+
+def score_unit(unit: ScoreUnit, options: ScoreOptions, clustering: Optional[Clustering],
+               schema: pa.Schema) -> tuple[list[pa.Table], _Tally]:
+    """Score one unit's row groups: their scores tables (one per row group) and their tally."""
+    tally, tables = _Tally(), []
+    with open_metadata(unit.url) as pf:
+        vectors = (file_embeddings(unit.emb_url, options.embedding_key, pf.metadata.num_rows, None)
                    if clustering else None)
-        for start, table, hi, lo, status in _row_groups(pf, ("uid",) + OPTIONAL_COLUMNS):
-            tally.add_malformed(url, start, table, status)
-            scores = _score_group(table, status == UID_OK, index, start, vectors, clustering, writer.schema, hi, lo)
+        for start, table, hi, lo, status in row_groups(pf, ("uid",) + OPTIONAL_COLUMNS, unit.groups, unit.start):
+            tally.add_malformed(unit.url, start, table, status)
+            scores = _score_group(table, status == UID_OK, unit.file, start, vectors, clustering, schema, hi, lo)
             tally.add_scores(scores)
-            writer.write_table(scores)
+            tables.append(scores)
             tally.rows += table.num_rows
-        names = pf.schema_arrow.names
-        return {"path": url, "rows": pf.metadata.num_rows, "row_groups": pf.num_row_groups,
-                "missing_columns": [c for c in OPTIONAL_COLUMNS if c not in names],
-                **({"embeddings": emb_url} if clustering else {})}
+    return tables, tally
 
 
-def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions) -> dict:
-    """Score every row of the metadata files; write scores.parquet and score_report.json; return the report."""
+def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions, unit_rows: int = UNIT_ROWS,
+                   address: Optional[str] = None) -> dict:
+    """Score every row of the metadata files; write scores.parquet and score_report.json; return the report.
+    Units of ~unit_rows rows are scored as Ray tasks when there is more than one (on `address`, else an
+    embedded local Ray), in this process otherwise; the driver writes their tables in input order, so
+    the files are the same bytes either way."""
     from importlib.metadata import version
 
     import pyarrow.parquet as pq
+
+    from reinforge.runtime.ray_session import map_groups, ray_session
     files = metadata_files(inputs)
     out_dir = out_dir.rstrip("/")
-    emb_files = _embedding_files(files, options) if options.clusters else [None] * len(files)
-    clustering = _cluster(files, emb_files, options) if options.clusters else None
+    emb_files = embedding_files(files, options.embeddings) if options.clusters else [None] * len(files)
+    units, report_inputs = plan_units(files, emb_files, bool(options.clusters), unit_rows)
+    parallel = len(units) > 1
     tally = _Tally()
-    with atomic_open(f"{out_dir}/{SCORES}") as out:
-        with pq.ParquetWriter(out.raw, _schema(clustering is not None, options.cld3), compression="zstd") as writer:
-            report_inputs = [_score_file(url, i, emb_files[i], options, clustering, writer, tally)
-                             for i, url in enumerate(files)]
+    with ray_session(address) if parallel else nullcontext():
+        clustering = cluster_pool(files, emb_files, options) if options.clusters else None
+        schema = _schema(clustering is not None, options.cld3)
+        with atomic_open(f"{out_dir}/{SCORES}") as out:
+            with pq.ParquetWriter(out.raw, schema, compression="zstd") as writer:
+                for tables, part in map_groups(score_unit, [(u,) for u in units], (options, clustering, schema),
+                                               parallel):
+                    for table in tables:
+                        writer.write_table(table)
+                    tally.merge(part)
     lemmas, wnids = synset_lemmas()
     report = {"format": FORMAT, "inputs": report_inputs, "rows": tally.rows, "scored": tally.scored,
               "malformed_uids": {"rows": tally.rows - tally.scored, "by_reason": tally.malformed,
