@@ -115,12 +115,15 @@ def train_centroids(sample: np.ndarray, k: int, seed: int, niter: int, kmeans: s
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Centroid of largest float32 dot product, the first on a tie (DataComp's torch.argmax over an
-    einsum): (cluster id int64, dot product float32). For unit rows and centroids this is the nearest."""
-    centroids = np.asarray(centroids, np.float32)
+    """Centroid of largest dot product, the first on a tie (DataComp's torch.argmax over an einsum):
+    (cluster id int64, dot product as float32). For unit rows and centroids this is the nearest.
+    Summed in float64: a float32 BLAS product changes in its last bits with the thread count (one
+    thread in a Ray task, all cores in a process), float64 sums rounded to float32 do not, so a row
+    scores the same wherever it runs."""
+    centroids = np.asarray(centroids, np.float64)
     ids, sims = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
     for i in range(0, len(x), block):
-        dots = np.asarray(x[i:i + block], np.float32) @ centroids.T
+        dots = np.asarray(x[i:i + block], np.float64) @ centroids.T
         ids[i:i + block] = np.argmax(dots, axis=1)
         sims[i:i + block] = dots[np.arange(len(dots)), ids[i:i + block]]
     return ids, sims
