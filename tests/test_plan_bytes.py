@@ -118,3 +118,22 @@ def test_plan_files_are_unchanged(inputs, case, monkeypatch):
     if os.environ.get("PRINT_PLAN_DIGESTS"):
         print(f"\n    {case!r}: {got!r},")
     assert got == GOLDEN[case]
+
+
+def test_uid_lookup_finds_what_a_binary_search_finds():
+    """UidLookup (the bucketed search planning uses) = np.searchsorted and the plain locate, at the edges too:
+    repeated high halves, 0 and 2**64-1, subsets of 0..5 uids."""
+    from reinforge.formats.subset import UidLookup, locate
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 2, 5, 17, 1000, 50_000]:
+        hi, lo = (rng.integers(0, 2**64, n, np.uint64, endpoint=False) for _ in range(2))
+        if n > 10:
+            hi[:5], hi[6], hi[7:10] = hi[5], 0, 2**64 - 1
+        members = np.unique(make_subset(hi, lo))
+        lookup = UidLookup(members)
+        q_hi = np.r_[members["f0"], rng.integers(0, 2**64, 500, np.uint64, endpoint=False), np.array([0, 2**64 - 1], np.uint64)]
+        q_lo = np.r_[members["f1"], rng.integers(0, 2**64, 502, np.uint64, endpoint=False)]
+        if n:
+            assert np.array_equal(lookup.search(q_hi), np.searchsorted(members["f0"], q_hi))
+        assert np.array_equal(locate(q_hi, q_lo, lookup), locate(q_hi, q_lo, members))
+        assert np.array_equal(locate(q_hi[:n], q_lo[:n], lookup), np.arange(n))

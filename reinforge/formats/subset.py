@@ -126,16 +126,47 @@ def is_sorted_unique(uids: np.ndarray) -> bool:
     return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
 
 
-def locate(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Position of each (hi, lo) row in a sorted unique subset array, -1 where absent. Searches on the
-    high half only (a structured searchsorted is ~20x slower), then walks the run of equal high halves
-    (almost always of length 1) comparing the low half."""
+class UidLookup:
+    """A sorted unique subset array prepared for many locate() calls (one per pool shard): its halves
+    as contiguous arrays, and where each bucket of high halves starts (buckets by the top bits, about 4
+    uids each: uids are hashes, so they fill buckets evenly). A lookup walks one bucket, a cache line
+    or two, instead of binary-searching the whole subset: ~24 random reads per uid at 12.8M."""
+
+    def __init__(self, members: np.ndarray):
+        self.hi, self.lo = np.ascontiguousarray(members["f0"]), np.ascontiguousarray(members["f1"])
+        bits = min(40, max(1, int(np.ceil(np.log2(max(len(members), 1) / 4)))))
+        self.shift = np.uint64(64 - bits)
+        counts = np.bincount((self.hi >> self.shift).astype(np.intp), minlength=2 ** bits)
+        self.starts = np.r_[0, np.cumsum(counts)].astype(np.int32 if len(members) < 2**31 else np.int64)
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def search(self, hi: np.ndarray) -> np.ndarray:
+        """np.searchsorted(self.hi, hi) (the first position whose high half is >= hi)."""
+        bucket = (hi >> self.shift).astype(np.intp)
+        pos, end = self.starts[bucket].astype(np.int64), self.starts[bucket + 1]
+        todo = np.flatnonzero(pos < end)
+        while len(todo):  # past every smaller high half of the bucket; past its end, the next is larger
+            todo = todo[self.hi[pos[todo]] < hi[todo]]
+            pos[todo] += 1
+            todo = todo[pos[todo] < end[todo]]
+        return pos
+
+
+def locate(hi: np.ndarray, lo: np.ndarray, members) -> np.ndarray:
+    """Position of each (hi, lo) row in a sorted unique subset array (or its UidLookup), -1 where
+    absent. Searches on the high half only (a structured searchsorted is ~20x slower), then walks the
+    run of equal high halves (almost always of length 1) comparing the low half."""
     out = np.full(len(hi), -1, np.int64)
     if len(members) == 0 or len(hi) == 0:
         return out
-    m_hi, m_lo = np.ascontiguousarray(members["f0"]), np.ascontiguousarray(members["f1"])
-    pos = np.searchsorted(m_hi, hi)
-    todo = np.flatnonzero(pos < len(members))
+    if isinstance(members, UidLookup):
+        m_hi, m_lo, pos = members.hi, members.lo, members.search(hi)
+    else:
+        m_hi, m_lo = np.ascontiguousarray(members["f0"]), np.ascontiguousarray(members["f1"])
+        pos = np.searchsorted(m_hi, hi)
+    todo = np.flatnonzero(pos < len(m_hi))
     while len(todo):
         p = pos[todo]
         same_hi = m_hi[p] == hi[todo]
@@ -144,7 +175,7 @@ def locate(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
         out[todo[hit]] = p[hit]
         todo = todo[~hit]
         pos[todo] += 1
-        todo = todo[pos[todo] < len(members)]
+        todo = todo[pos[todo] < len(m_hi)]
     return out
 
 
@@ -212,7 +243,8 @@ def _load_npy(url: str) -> np.ndarray:
     if not fs.exists(path):
         raise SubsetError(f"subset file {url} not found")
     try:
-        return np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False)
+        with fs.open(path, "rb") as f:  # read in blocks straight into the array: no second copy of the file
+            return np.load(f, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise SubsetError(f"{url}: not a readable .npy file ({exc})") from None
 
@@ -228,7 +260,11 @@ def read_subset(url: str, counts: str = "auto") -> LoadedSubset:
     if raw.dtype.names is None or len(raw.dtype.names) != 2 or any(
             raw.dtype[i].kind != "u" or raw.dtype[i].itemsize != 8 for i in range(2)):
         raise SubsetError(f"{url}: dtype {raw.dtype} is not DataComp's u8,u8 subset format")
-    uids = make_subset(raw[raw.dtype.names[0]].astype("<u8"), raw[raw.dtype.names[1]].astype("<u8")).reshape(-1)
+    if raw.dtype == SUBSET_DTYPE and raw.ndim == 1:
+        uids = raw  # already what make_subset would copy it into
+    else:
+        uids = make_subset(raw[raw.dtype.names[0]].astype("<u8"), raw[raw.dtype.names[1]].astype("<u8")).reshape(-1)
+    del raw
     counts_file = None if counts == "none" else (counts_path(url) if counts == "auto" else counts)
     if counts_file and counts == "auto" and not exists(counts_file):
         counts_file = None
@@ -242,6 +278,11 @@ def read_subset(url: str, counts: str = "auto") -> LoadedSubset:
             raise SubsetError(f"{counts_file}: {len(loaded_counts)} counts for {len(uids)} uids in {url}")
         if len(loaded_counts) and loaded_counts.min() < 1:
             raise SubsetError(f"{counts_file}: counts must be >= 1 (found {int(loaded_counts.min())})")
+    if is_sorted_unique(uids):  # DataComp's format: nothing to sort or fold (what the steps below would find)
+        c = np.ones(len(uids), COUNTS_DTYPE) if loaded_counts is None else loaded_counts
+        if len(c) and c.max() > np.iinfo(np.uint32).max:
+            raise SubsetError(f"{url}: a multiplicity exceeds uint32")
+        return LoadedSubset(uids, c.astype(COUNTS_DTYPE, copy=False), url, counts_file, 0, [])
     notes = []
     order = uid_order(uids["f0"], uids["f1"])
     if not np.array_equal(order, np.arange(len(uids))):

@@ -32,13 +32,17 @@ def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
 def assign(uids: np.ndarray, counts: np.ndarray, shard: np.ndarray, offset: np.ndarray,
            samples_per_shard: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(uid index, copy number) of every output sample in output order, and the size of each shard."""
-    counts = counts.astype(np.int64)
-    total = int(counts.sum())
-    idx = np.repeat(np.arange(len(uids)), counts)
-    copy = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-    key = (copy + uid_phase(uids["f0"], uids["f1"], seed)[idx]) / counts[idx]
-    order = np.argsort(key, kind="stable")  # ties: uid order, then copy order
-    idx, copy = idx[order], copy[order]
+    total = int(counts.sum(dtype=np.int64))
+    if total == len(uids):  # every count 1: key = phase, copy = 0 (the same keys, without the expansion)
+        idx = np.argsort(uid_phase(uids["f0"], uids["f1"], seed), kind="stable")
+        copy = np.zeros(total, np.int32)
+    else:
+        counts = counts.astype(np.int64)
+        idx = np.repeat(np.arange(len(uids)), counts)
+        copy = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        key = (copy + uid_phase(uids["f0"], uids["f1"], seed)[idx]) / counts[idx]
+        order = np.argsort(key, kind="stable")  # ties: uid order, then copy order
+        idx, copy = idx[order], copy[order].astype(np.int32)
     sizes = [min(samples_per_shard, total - s) for s in range(0, total, samples_per_shard)]
     start = 0
     for size in sizes:

@@ -44,12 +44,30 @@ def assignment_url(layout: RunLayout, task_id: str) -> str:
 
 @dataclass
 class Assignment:
-    """What prepare decided: every output sample's pool location, in output order, and its account."""
-    table: pa.Table  # per output sample: shard, offset, length, uid_hi, uid_lo, copy (+ face_bboxes, cls)
+    """What prepare decided: every output sample's pool location, in output order, and its account.
+    Held as numbers (a subset row per output sample, pool shards by number); each output shard's table,
+    with the pool shard's URL on every row, is made only when its file is written."""
+    rows: np.ndarray  # per output sample: its subset row (uid, pool location in match)
+    copy: np.ndarray  # per output sample: its copy number (int32)
+    uids: np.ndarray  # the subset's uids
+    match: PoolMatch  # pool shard number, offset and length per subset row
+    urls: list[str]  # pool shard URLs by number
+    extra: dict  # per output sample: face_bboxes, cls (when asked for)
     sizes: list[int]  # samples per output shard
     missing: np.ndarray  # subset uids not in the pool (allow_missing)
     meta: dict  # reshard.json
     pool_samples: int  # samples indexed in the selected pool shards
+
+    def __post_init__(self):
+        self.url_array = pa.array(self.urls, pa.string())
+
+    def columns(self, start: int, stop: int) -> dict:
+        """Output samples start..stop-1: shard (URL), offset, length, uid_hi, uid_lo, copy (+ extras)."""
+        rows = self.rows[start:stop]
+        uids = self.uids[rows]
+        return {"shard": self.url_array.take(self.match.shard[rows]), "offset": self.match.offset[rows],
+                "length": self.match.length[rows], "uid_hi": uids["f0"], "uid_lo": uids["f1"],
+                "copy": self.copy[start:stop], **{k: v[start:stop] for k, v in self.extra.items()}}
 
 
 def assign_subset(recipe: ReshardRecipe, layout: RunLayout) -> Assignment:
@@ -65,19 +83,17 @@ def assign_subset(recipe: ReshardRecipe, layout: RunLayout) -> Assignment:
         raise ReshardError(f"{len(missing)} of {len(subset.uids)} subset uids are not in the pool "
                            f"({len(urls)} shards, {match.samples} samples), e.g. {examples}; "
                            f"set allow_missing: true to reshard without them")
-    found = match.found
-    idx, copy, sizes = assign(subset.uids[found], subset.counts[found], match.shard[found],
-                              match.offset[found], r.samples_per_shard, r.seed)
-    uids = subset.uids[found][idx]
-    columns = {
-        "shard": pa.array(np.asarray(urls, object)[match.shard[found][idx]] if len(idx) else [], pa.string()),
-        "offset": match.offset[found][idx], "length": match.length[found][idx],
-        "uid_hi": uids["f0"], "uid_lo": uids["f1"], "copy": copy.astype(np.int32)}
-    extra, extras_report = _extra_columns(r, subset, np.flatnonzero(found)[idx], selection)
-    columns.update(extra)
+    if len(missing):  # assign the found rows, then name them by subset row
+        found = np.flatnonzero(match.found)
+        idx, copy, sizes = assign(subset.uids[found], subset.counts[found], match.shard[found],
+                                  match.offset[found], r.samples_per_shard, r.seed)
+        rows = found[idx]
+    else:
+        rows, copy, sizes = assign(subset.uids, subset.counts, match.shard, match.offset, r.samples_per_shard, r.seed)
+    extra, extras_report = _extra_columns(r, subset, rows, selection)
     meta = _meta(r, subset, match, missing, urls, sizes)
     meta.update(extras_report)
-    return Assignment(pa.table(columns), sizes, subset.uids[missing], meta, match.samples)
+    return Assignment(rows, copy, subset.uids, match, urls, extra, sizes, subset.uids[missing], meta, match.samples)
 
 
 def _extra_columns(r: ReshardRecipe, subset: LoadedSubset, subset_index: np.ndarray,
@@ -152,12 +168,28 @@ def shard_sizes(assignment: Assignment) -> dict[str, int]:
 
 
 def fingerprint(assignment: Assignment) -> str:
-    """Of the sizes and every assigned location (face boxes by value): equal iff the assignment is."""
-    table = assignment.table
-    digest = hashlib.sha256(f"{assignment.sizes}".encode())
-    shards = table.column("shard").combine_chunks().dictionary_encode()
-    digest.update("|".join(shards.dictionary.to_pylist()).encode())
-    for column in [shards.indices, *table.columns[1:]]:
+    """Of the sizes and every assigned location (face boxes by value): equal iff the assignment is.
+    The bytes are those of the whole assignment table with its shard column dictionary-encoded (first
+    occurrence order), made here one column at a time from the numbers."""
+    a = assignment
+    digest = hashlib.sha256(f"{a.sizes}".encode())
+    first_of = {}  # a URL listed twice is one dictionary entry, as dictionary_encode makes it
+    canonical = np.array([first_of.setdefault(u, i) for i, u in enumerate(a.urls)], np.int32)
+    shards = canonical[a.match.shard[a.rows]] if len(a.rows) else np.zeros(0, np.int32)
+    present, first = np.unique(shards, return_index=True)
+    dictionary = present[np.argsort(first)]
+    digest.update("|".join(a.urls[s] for s in dictionary.tolist()).encode())
+    code = np.zeros(len(a.urls), np.int32)
+    code[dictionary] = np.arange(len(dictionary), dtype=np.int32)
+    digest.update(code[shards].tobytes())
+    del shards
+    uids = a.uids
+    for column in (lambda: a.match.offset[a.rows], lambda: a.match.length[a.rows],
+                   lambda: np.ascontiguousarray(uids["f0"])[a.rows], lambda: np.ascontiguousarray(uids["f1"])[a.rows],
+                   lambda: a.copy):
+        digest.update(np.ascontiguousarray(column()).tobytes())
+    for values in a.extra.values():
+        column = pa.array(values) if not isinstance(values, pa.Array) else values
         if pa.types.is_list(column.type):  # face boxes: their values, not the addresses of numpy objects
             digest.update(json.dumps(column.to_pylist()).encode())
         else:
@@ -178,11 +210,11 @@ def commit(layout: RunLayout, assignment: Assignment, has_finished_tasks) -> Non
             raise ReshardError(f"{layout.root}: the subset or the pool changed since its tasks ran "
                                f"(plan fingerprint differs); write to a new output directory")
         remove(layout.plan_record)  # uncommitted while the task assignments are rewritten
-    starts = np.cumsum([0, *sizes])
+    starts = np.cumsum([0, *sizes], dtype=np.int64)
 
     def write_task_assignment(j: int) -> None:  # one file per output shard: a task reads just its own rows
         buf = pa.BufferOutputStream()
-        pq.write_table(assignment.table.slice(int(starts[j]), sizes[j]), buf)
+        pq.write_table(pa.table(assignment.columns(int(starts[j]), int(starts[j + 1]))), buf)
         write_bytes(assignment_url(layout, f"{j:08d}"), buf.getvalue().to_pybytes())
     with ThreadPoolExecutor(max_workers=8) as pool:  # many small writes: overlap their latency
         list(pool.map(write_task_assignment, range(len(sizes))))
