@@ -137,3 +137,16 @@ def test_uid_lookup_finds_what_a_binary_search_finds():
             assert np.array_equal(lookup.search(q_hi), np.searchsorted(members["f0"], q_hi))
         assert np.array_equal(locate(q_hi, q_lo, lookup), locate(q_hi, q_lo, members))
         assert np.array_equal(locate(q_hi[:n], q_lo[:n], lookup), np.arange(n))
+
+
+@pytest.mark.parametrize("case", ["reshard", "join"])
+def test_a_rerun_of_the_same_plan_rewrites_nothing(inputs, case, monkeypatch):
+    """prepare() again on unchanged inputs compares fingerprints and leaves every plan file as it was."""
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    recipe = parse_recipe({**CASES[case], "output": f"{ROOT}/rerun-{case}"})
+    shutil.rmtree(recipe.output, ignore_errors=True)
+    build_pipeline(recipe).prepare(RunLayout(recipe.output))
+    plan = os.path.join(recipe.output, "plan")
+    stamps = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, fs in os.walk(plan) for n in fs}
+    build_pipeline(recipe).prepare(RunLayout(recipe.output))
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -62,11 +63,20 @@ def uid_strings(hi: np.ndarray, lo: np.ndarray) -> pa.StringArray:
                                        pa.py_buffer(raw.tobytes().hex().encode()))
 
 
-def commit_locations(layout: RunLayout, files: Callable[[], Iterator[tuple[str, bytes]]], summary: dict) -> None:
-    """Write every task's locations (`files()` makes them one at a time), then plan/plan.json (the summary
-    and their fingerprint; written last, it commits them), unless the committed ones are the same: a
-    rerun of unchanged inputs rewrites nothing. Only one task's file is in memory at a time: a committed
-    plan is compared by a first pass that only hashes, and the files are made again to be written."""
+def commit_locations(layout: RunLayout, tasks: int, make: Callable[[int], tuple[str, bytes]], summary: dict) -> None:
+    """Write every task's locations (`make(i)`: the i-th task's URL and file), then plan/plan.json (the
+    summary and their fingerprint; written last, it commits them), unless the committed ones are the
+    same: a rerun of unchanged inputs rewrites nothing. Files are made on a few threads and dropped once
+    written or hashed; against a committed plan, a first pass only hashes them, a second writes them."""
+    def each(write: bool) -> dict[str, str]:
+        def one(i: int) -> tuple[str, str]:
+            url, data = make(i)
+            if write:
+                write_bytes(url, data)
+            return url, hashlib.sha256(data).hexdigest()
+        with ThreadPoolExecutor(max_workers=4) as pool:  # Parquet encoding and writes release the GIL
+            return dict(pool.map(one, range(tasks)))
+
     def fingerprint(hashes: dict[str, str]) -> str:
         digest = hashlib.sha256()
         for url in sorted(hashes):
@@ -74,14 +84,10 @@ def commit_locations(layout: RunLayout, files: Callable[[], Iterator[tuple[str, 
         return digest.hexdigest()
 
     if exists(layout.plan_record):
-        committed = json.loads(read_text(layout.plan_record)).get("fingerprint")
-        if fingerprint({url: hashlib.sha256(data).hexdigest() for url, data in files()}) == committed:
+        if fingerprint(each(write=False)) == json.loads(read_text(layout.plan_record)).get("fingerprint"):
             return
         remove(layout.plan_record)  # uncommitted while the locations are rewritten
-    hashes = {}
-    for url, data in files():
-        write_bytes(url, data)
-        hashes[url] = hashlib.sha256(data).hexdigest()
+    hashes = each(write=True)
     write_bytes(layout.plan_record, json.dumps({**summary, "fingerprint": fingerprint(hashes)}, indent=1).encode())
 
 
@@ -208,16 +214,15 @@ class JoinPipeline(Pipeline):
                             f"({len(urls)} shards, {match.samples} samples): wrong pool?")
         lookup, url_array = UidLookup(uids), pa.array(urls, pa.string())
 
-        def files() -> Iterator[tuple[str, bytes]]:
-            for task, t_hi, t_lo in zip(tasks, task_hi, task_lo):
-                pos = locate(t_hi, t_lo, lookup)
-                pos = pos[match.found[pos]]
-                locations = pa.table({"uid": uid_strings(lookup.hi[pos], lookup.lo[pos]),
-                                      "shard": url_array.take(match.shard[pos]),
-                                      "offset": match.offset[pos], "length": match.length[pos]})
-                buf = pa.BufferOutputStream()
-                pq.write_table(locations, buf)
-                yield locations_url(layout, task.id), buf.getvalue().to_pybytes()
+        def make(i: int) -> tuple[str, bytes]:
+            pos = locate(task_hi[i], task_lo[i], lookup)
+            pos = pos[match.found[pos]]
+            locations = pa.table({"uid": uid_strings(lookup.hi[pos], lookup.lo[pos]),
+                                  "shard": url_array.take(match.shard[pos]),
+                                  "offset": match.offset[pos], "length": match.length[pos]})
+            buf = pa.BufferOutputStream()
+            pq.write_table(locations, buf)
+            return locations_url(layout, tasks[i].id), buf.getvalue().to_pybytes()
 
         readable = sum(len(h) for h in task_hi)
         summary = {"format": "reinforge.join/1", "reinforcement_shards": len(tasks), "reinforcement_samples": samples,
@@ -227,7 +232,7 @@ class JoinPipeline(Pipeline):
                    "pool": {"shards": len(urls), "samples_indexed": match.samples, "samples_without_uid": match.bad,
                             "duplicate_uids": match.duplicates, "duplicate_sample": match.duplicate_sample,
                             "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
-        commit_locations(layout, files, summary)
+        commit_locations(layout, len(tasks), make, summary)
         fs, path = filesystem(config_url)
         write_bytes(layout.dr_config, fs.cat_file(path))
 
