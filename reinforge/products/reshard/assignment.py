@@ -24,9 +24,14 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
-    h = _mix64(hi ^ _mix64(lo ^ np.uint64(seed % 2**64)))
-    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int, chunk: int = 1 << 20) -> np.ndarray:
+    """A fixed hash of (seed, uid) in [0, 1), computed a chunk at a time (the hash's temporaries are
+    a chunk's size, not the subset's)."""
+    out = np.empty(len(hi), np.float64)
+    for a in range(0, len(hi), chunk):
+        h = _mix64(hi[a:a + chunk] ^ _mix64(lo[a:a + chunk] ^ np.uint64(seed % 2**64)))
+        out[a:a + chunk] = (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return out
 
 
 def assign(uids: np.ndarray, counts: np.ndarray, shard: np.ndarray, offset: np.ndarray,
