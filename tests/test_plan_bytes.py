@@ -150,3 +150,15 @@ def test_a_rerun_of_the_same_plan_rewrites_nothing(inputs, case, monkeypatch):
     stamps = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, fs in os.walk(plan) for n in fs}
     build_pipeline(recipe).prepare(RunLayout(recipe.output))
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+
+
+def test_stable_argsort_is_numpys_stable_argsort():
+    """The packed-key sort the assignment uses orders as np.argsort(kind="stable"): random keys, many ties,
+    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ."""
+    from reinforge.products.reshard.assignment import stable_argsort
+    rng = np.random.default_rng(1)
+    for n in [0, 1, 2, 3, 1000, 100_000]:
+        floats = (rng.integers(0, 3, n) + rng.random(n).round(3)) / rng.integers(1, 4, n)
+        for key in (rng.integers(0, 2**64, n, np.uint64, endpoint=False), rng.integers(0, 5, n).astype(np.uint64) << 60,
+                    floats.view(np.uint64), rng.integers(0, 2**40, n).astype(np.uint64) * np.uint64(3)):
+            assert np.array_equal(stable_argsort(key), np.argsort(key, kind="stable"))

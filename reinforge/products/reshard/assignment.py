@@ -34,19 +34,41 @@ def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int, chunk: int = 1 << 20) -
     return out
 
 
+def stable_argsort(key: np.ndarray) -> np.ndarray:
+    """np.argsort(key, kind="stable") of uint64 keys (here: the bits of floats >= 0, which order as the
+    floats do). Sorts values, not indices: (the key's top bits, position) packed in one uint64 and
+    np.sort-ed (a SIMD sort, ~10x an argsort at 12.8M); runs whose top bits tie (rare: keys are hashes)
+    are then put in (key, position) order."""
+    n = len(key)
+    bits = max(1, (n - 1).bit_length())  # for the position
+    packed = key >> np.uint64(bits)
+    packed <<= np.uint64(bits)
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
+    packed >>= np.uint64(bits)
+    tie = np.flatnonzero(packed[1:] == packed[:-1])
+    if len(tie):
+        members = np.unique(np.concatenate([tie, tie + 1]))  # positions inside runs of equal top bits
+        run = np.cumsum(np.r_[True, packed[members[1:]] != packed[members[:-1]]])
+        rows = order[members]
+        order[members] = rows[np.lexsort((rows, key[rows], run))]
+    return order
+
+
 def assign(uids: np.ndarray, counts: np.ndarray, shard: np.ndarray, offset: np.ndarray,
            samples_per_shard: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(uid index, copy number) of every output sample in output order, and the size of each shard."""
     total = int(counts.sum(dtype=np.int64))
     if total == len(uids):  # every count 1: key = phase, copy = 0 (the same keys, without the expansion)
-        idx = np.argsort(uid_phase(uids["f0"], uids["f1"], seed), kind="stable")
+        idx = stable_argsort(uid_phase(uids["f0"], uids["f1"], seed).view(np.uint64))
         copy = np.zeros(total, np.int32)
     else:
         counts = counts.astype(np.int64)
         idx = np.repeat(np.arange(len(uids)), counts)
         copy = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
         key = (copy + uid_phase(uids["f0"], uids["f1"], seed)[idx]) / counts[idx]
-        order = np.argsort(key, kind="stable")  # ties: uid order, then copy order
+        order = stable_argsort(key.view(np.uint64))  # ties: uid order, then copy order
         idx, copy = idx[order], copy[order].astype(np.int32)
     sizes = [min(samples_per_shard, total - s) for s in range(0, total, samples_per_shard)]
     start = 0

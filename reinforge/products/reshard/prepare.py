@@ -176,13 +176,11 @@ def fingerprint(assignment: Assignment) -> str:
     first_of = {}  # a URL listed twice is one dictionary entry, as dictionary_encode makes it
     canonical = np.array([first_of.setdefault(u, i) for i, u in enumerate(a.urls)], np.int32)
     shards = canonical[a.match.shard[a.rows]] if len(a.rows) else np.zeros(0, np.int32)
-    present, first = np.unique(shards, return_index=True)
-    dictionary = present[np.argsort(first)]
-    digest.update("|".join(a.urls[s] for s in dictionary.tolist()).encode())
-    code = np.zeros(len(a.urls), np.int32)
-    code[dictionary] = np.arange(len(dictionary), dtype=np.int32)
-    digest.update(code[shards].tobytes())
+    encoded = pa.array(shards).dictionary_encode()  # hashing, in first occurrence order: no sort
     del shards
+    digest.update("|".join(a.urls[s] for s in encoded.dictionary.to_pylist()).encode())
+    digest.update(np.asarray(encoded.indices).astype(np.int32, copy=False).tobytes())
+    del encoded
     uids = a.uids
     for column in (lambda: a.match.offset[a.rows], lambda: a.match.length[a.rows],
                    lambda: np.ascontiguousarray(uids["f0"])[a.rows], lambda: np.ascontiguousarray(uids["f1"])[a.rows],
