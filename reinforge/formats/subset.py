@@ -98,12 +98,36 @@ def make_subset(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return out
 
 
+def stable_argsort(key: np.ndarray) -> np.ndarray:
+    """np.argsort(key, kind="stable") of uint64 keys (here: the bits of floats >= 0, which order as the
+    floats do). Sorts values, not indices: (the key's top bits, position) packed in one uint64 and
+    np.sort-ed (a SIMD sort, ~10x an argsort at 12.8M); runs whose top bits tie (rare: keys are hashes)
+    are then put in (key, position) order."""
+    if key.dtype != np.uint64:
+        return np.argsort(key, kind="stable")
+    n = len(key)
+    bits = max(1, (n - 1).bit_length())  # for the position
+    packed = key >> np.uint64(bits)
+    packed <<= np.uint64(bits)
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
+    packed >>= np.uint64(bits)
+    tie = np.flatnonzero(packed[1:] == packed[:-1])
+    if len(tie):
+        members = np.unique(np.concatenate([tie, tie + 1]))  # positions inside runs of equal top bits
+        run = np.cumsum(np.r_[True, packed[members[1:]] != packed[members[:-1]]])
+        rows = order[members]
+        order[members] = rows[np.lexsort((rows, key[rows], run))]
+    return order
+
+
 def uid_order(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     """Indices that sort (hi, lo) ascending; equal uids keep their input order (first occurrence first).
 
-    argsort on hi alone is ~2x faster than a two-key lexsort; rows whose hi repeats (duplicates, or
+    A stable sort on hi alone is faster than a two-key lexsort; rows whose hi repeats (duplicates, or
     a 1-in-2^64 collision) are re-ordered among themselves by (lo, input position)."""
-    order = np.argsort(hi, kind="stable")
+    order = stable_argsort(hi)
     sorted_hi = hi[order]
     tie = np.flatnonzero(sorted_hi[1:] == sorted_hi[:-1])
     if len(tie):
