@@ -10,7 +10,8 @@ Inputs per size n, generated once and not timed:
   join plan      reinforcement shards = the same n uids shuffled into ceil(n / 10,000) other placeholder shards
                  (their indexes cached too), every one found in the pool
 Each cell runs in a fresh process: imports (numpy, pyarrow, pandas, the product's pipeline) and the recipe
-parsed before the baseline RSS; then prepare() timed; then VmHWM. After that (not timed) the child hashes every
+parsed before the baseline RSS; then prepare() timed (wall, and CPU seconds of all its threads: on a shared,
+loaded machine the CPU time says more than the wall time); then VmHWM. After that (not timed) the child hashes every
 file the run folder holds (plan/, shards/ run files, dr_config.json), so a before/after pair shows whether the
 outputs stayed byte-identical (the `outputs sha256` column).
 """
@@ -28,7 +29,7 @@ PER_SHARD = 10_000
 PLAN_TOOLS = {"reshard-plan", "join-plan"}
 
 PLAN_CHILD = r"""
-import hashlib, json, os, sys, time
+import hashlib, json, os, resource, sys, time
 import numpy as np, pyarrow, pyarrow.parquet
 import pandas
 from reinforge.io.manifest import RunLayout
@@ -41,9 +42,12 @@ recipe = parse_recipe(json.loads(sys.argv[1]))
 pipeline = build_pipeline(recipe)
 layout = RunLayout(recipe.output.rstrip("/"))
 base = rss()
+cpu0 = resource.getrusage(resource.RUSAGE_SELF)
 start = time.perf_counter()
 pipeline.prepare(layout)
 seconds = time.perf_counter() - start
+cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # every thread's: robust to a loaded machine
 with open("/proc/self/status") as f:
     peak = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
 digest = hashlib.sha256()
@@ -54,7 +58,7 @@ for folder, dirs, files in sorted(os.walk(recipe.output)):
         with open(path, "rb") as f:
             digest.update(f"{os.path.relpath(path, recipe.output)}\0{hashlib.sha256(f.read()).hexdigest()}\n".encode())
 import reinforge
-print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "digest": digest.hexdigest(),
+print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "cpu": cpu, "digest": digest.hexdigest(),
                   "tree": os.path.dirname(reinforge.__file__)}))
 """
 
