@@ -126,8 +126,8 @@ def make_plan_inputs(tmp: str, n: int, tools: set) -> None:
 def plan_cases(tmp: str) -> list[tuple[str, str, dict]]:
     pool = os.path.join(tmp, "pool", "*.tar")
     return [("reshard-plan", "reshard planning (subset = pool)",
-             {"product": "reshard", "output": os.path.join(tmp, "reshard-out"), "subset": os.path.join(tmp, "subset.npy"),
-              "input": {"path": pool}}),
+             {"product": "reshard", "output": os.path.join(tmp, "reshard-out"),
+              "subset": os.path.join(tmp, "subset.npy"), "input": {"path": pool}}),
             ("join-plan", "join planning",
              {"product": "join", "output": os.path.join(tmp, "join-out"),
               "input": {"path": os.path.join(tmp, "reinforcement", "*.tar"),

@@ -49,7 +49,8 @@ def inputs():
     rein = rein[:25] + [hexes[2]] + rein[25:49]
     for s in range(2):
         write_shard(f"{ROOT}/reinforcement/{s:08d}.tar", [
-            (f"{s:05d}{i:04d}", {"json": json.dumps({"uid": u}).encode()}) for i, u in enumerate(rein[25 * s:25 * s + 25])])
+            (f"{s:05d}{i:04d}", {"json": json.dumps({"uid": u}).encode()})
+            for i, u in enumerate(rein[25 * s:25 * s + 25])])
     with open(f"{ROOT}/dr_config.json", "w") as f:
         json.dump({"reinforce": {"image_augmentation": {}}}, f)
     chosen = np.r_[0:60, 62:66, 122:126, 127, 129]
@@ -62,8 +63,8 @@ def inputs():
         write_subset(f"{ROOT}/subset_{name}.npy", sub[order],
                      (np.arange(len(rows)) % 4 + 1).astype(np.uint32)[order] if counts else None)
     boxes = [[[0.1, 0.2, 0.3, 0.4]] if i % 3 == 0 else [] for i in range(120)]
-    pq.write_table(pa.table({"uid": hexes[:110], "face_bboxes": pa.array(boxes[:110], pa.list_(pa.list_(pa.float64())))}),
-                   f"{ROOT}/boxes.parquet")
+    face_bboxes = pa.array(boxes[:110], pa.list_(pa.list_(pa.float64())))
+    pq.write_table(pa.table({"uid": hexes[:110], "face_bboxes": face_bboxes}), f"{ROOT}/boxes.parquet")
     with open(f"{ROOT}/classes.json", "w") as f:
         json.dump({hexes[i]: i % 11 for i in range(130)}, f)
     yield
@@ -102,12 +103,93 @@ CASES = {
 }
 
 GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner before #16 streamed it
-    'join': {'dr_config.json': 'baada230ddc11b91', 'plan/00000000.parquet': '15298bd682d32ad5', 'plan/00000001.parquet': 'f41a9e0fdd520f50', 'plan/plan.json': 'bce7745e2f1c8936'},
-    'reshard': {'plan/missing_uids.npy': 'd79de981b67cc7a5', 'plan/plan.json': '5a01f1a668929f11', 'plan/tasks/00000000.parquet': 'c9d8920bfe832fbc', 'plan/tasks/00000001.parquet': 'bc6afd45bc8bda15', 'plan/tasks/00000002.parquet': '5badbc61cbf28047', 'plan/tasks/00000003.parquet': 'f375b4da825b9bba', 'plan/tasks/00000004.parquet': 'd43ae0db5036bcdc', 'plan/tasks/00000005.parquet': 'ef046d5ca7237de8', 'plan/tasks/00000006.parquet': '60516ad4e176c3fd', 'plan/tasks/00000007.parquet': '5ab89c3cefc461f6', 'shards/meta.json': 'f566796aff458106', 'shards/reshard.json': '130100a7f89332fb', 'shards/sample_ids.npy': 'c9bdc2085672e9a9', 'shards/sizes.json': 'e05a51734f7d5c60'},
-    'reshard_all_found': {'plan/plan.json': '055d41d6aa5b4153', 'plan/tasks/00000000.parquet': 'bab19444ff5e37ad', 'plan/tasks/00000001.parquet': '903a067a49848b58', 'plan/tasks/00000002.parquet': '78be33d274c2effa', 'plan/tasks/00000003.parquet': '521566a5fb4382ff', 'plan/tasks/00000004.parquet': '5496cc4bd2960089', 'plan/tasks/00000005.parquet': 'ec8a25835b23a791', 'plan/tasks/00000006.parquet': '93840d0eaeb49719', 'plan/tasks/00000007.parquet': '68d243f705f5453f', 'plan/tasks/00000008.parquet': '4915ae5b23b1dd08', 'shards/meta.json': 'ea290190eca06af3', 'shards/reshard.json': 'b0d505a619c7d28e', 'shards/sample_ids.npy': 'c649a604647fe12d', 'shards/sizes.json': 'f9c7bbae15c97dde'},
-    'reshard_once': {'plan/plan.json': '753baa23ff72900e', 'plan/tasks/00000000.parquet': '1917df61b62a5be4', 'plan/tasks/00000001.parquet': '0387650ecf5b05e9', 'plan/tasks/00000002.parquet': '34d10aebc5d74b2f', 'plan/tasks/00000003.parquet': '65a6d049c36cf629', 'plan/tasks/00000004.parquet': '70fc0edad67ae592', 'shards/meta.json': '43f80e99397f4aed', 'shards/reshard.json': '861e532bc9aeb766', 'shards/sample_ids.npy': '48f79f325053e767', 'shards/sizes.json': 'a041bdcc8ffc587a'},
-    'reshard_extras': {'plan/missing_uids.npy': 'd79de981b67cc7a5', 'plan/plan.json': '6bec73813390c9fb', 'plan/tasks/00000000.parquet': 'a19c89b16c56dac9', 'plan/tasks/00000001.parquet': '7236ab50e73ca2bf', 'plan/tasks/00000002.parquet': '3f2e3fd68948d448', 'plan/tasks/00000003.parquet': '36f2c11814742c68', 'plan/tasks/00000004.parquet': 'a9fa6e887598cfd4', 'plan/tasks/00000005.parquet': '6217fb96eba6b779', 'plan/tasks/00000006.parquet': 'fa34a2eb81571ba7', 'plan/tasks/00000007.parquet': '3370080d06973b8f', 'plan/tasks/00000008.parquet': 'a953d7b4b40bc766', 'plan/tasks/00000009.parquet': 'd9d0e136b4de2316', 'plan/tasks/00000010.parquet': 'c8e1c1da5ec36a1f', 'plan/tasks/00000011.parquet': 'f4d0749e79b6a1f5', 'plan/tasks/00000012.parquet': '9b3e4a772e0d4748', 'plan/tasks/00000013.parquet': 'f137d603aac91460', 'plan/tasks/00000014.parquet': 'ac41f67b02604eb3', 'plan/tasks/00000015.parquet': '8251b9de7e909e3d', 'plan/tasks/00000016.parquet': 'ccfa6e1103475dc8', 'plan/tasks/00000017.parquet': 'd678b19573c1270a', 'shards/meta.json': 'a475ca9f677070ac', 'shards/reshard.json': '6110e75e20100a50', 'shards/sample_ids.npy': 'c9bdc2085672e9a9', 'shards/sizes.json': '42c541e6433c64c4'},
-    'reshard_selection': {'plan/missing_uids.npy': '5cd20e36d44f53d9', 'plan/plan.json': '742d3c799f282474', 'plan/tasks/00000000.parquet': 'df044138195c2169', 'plan/tasks/00000001.parquet': '78f4910f81e79112', 'plan/tasks/00000002.parquet': '41593636d35d99c3', 'shards/meta.json': '8e71b1f3e4a73170', 'shards/reshard.json': '0f9053b3436edb3e', 'shards/sample_ids.npy': 'c9bdc2085672e9a9', 'shards/sizes.json': '6066053296b85bce'},
+    'join': {
+        'dr_config.json': 'baada230ddc11b91',
+        'plan/00000000.parquet': '15298bd682d32ad5',
+        'plan/00000001.parquet': 'f41a9e0fdd520f50',
+        'plan/plan.json': 'bce7745e2f1c8936',
+    },
+    'reshard': {
+        'plan/missing_uids.npy': 'd79de981b67cc7a5',
+        'plan/plan.json': '5a01f1a668929f11',
+        'plan/tasks/00000000.parquet': 'c9d8920bfe832fbc',
+        'plan/tasks/00000001.parquet': 'bc6afd45bc8bda15',
+        'plan/tasks/00000002.parquet': '5badbc61cbf28047',
+        'plan/tasks/00000003.parquet': 'f375b4da825b9bba',
+        'plan/tasks/00000004.parquet': 'd43ae0db5036bcdc',
+        'plan/tasks/00000005.parquet': 'ef046d5ca7237de8',
+        'plan/tasks/00000006.parquet': '60516ad4e176c3fd',
+        'plan/tasks/00000007.parquet': '5ab89c3cefc461f6',
+        'shards/meta.json': 'f566796aff458106',
+        'shards/reshard.json': '130100a7f89332fb',
+        'shards/sample_ids.npy': 'c9bdc2085672e9a9',
+        'shards/sizes.json': 'e05a51734f7d5c60',
+    },
+    'reshard_all_found': {
+        'plan/plan.json': '055d41d6aa5b4153',
+        'plan/tasks/00000000.parquet': 'bab19444ff5e37ad',
+        'plan/tasks/00000001.parquet': '903a067a49848b58',
+        'plan/tasks/00000002.parquet': '78be33d274c2effa',
+        'plan/tasks/00000003.parquet': '521566a5fb4382ff',
+        'plan/tasks/00000004.parquet': '5496cc4bd2960089',
+        'plan/tasks/00000005.parquet': 'ec8a25835b23a791',
+        'plan/tasks/00000006.parquet': '93840d0eaeb49719',
+        'plan/tasks/00000007.parquet': '68d243f705f5453f',
+        'plan/tasks/00000008.parquet': '4915ae5b23b1dd08',
+        'shards/meta.json': 'ea290190eca06af3',
+        'shards/reshard.json': 'b0d505a619c7d28e',
+        'shards/sample_ids.npy': 'c649a604647fe12d',
+        'shards/sizes.json': 'f9c7bbae15c97dde',
+    },
+    'reshard_once': {
+        'plan/plan.json': '753baa23ff72900e',
+        'plan/tasks/00000000.parquet': '1917df61b62a5be4',
+        'plan/tasks/00000001.parquet': '0387650ecf5b05e9',
+        'plan/tasks/00000002.parquet': '34d10aebc5d74b2f',
+        'plan/tasks/00000003.parquet': '65a6d049c36cf629',
+        'plan/tasks/00000004.parquet': '70fc0edad67ae592',
+        'shards/meta.json': '43f80e99397f4aed',
+        'shards/reshard.json': '861e532bc9aeb766',
+        'shards/sample_ids.npy': '48f79f325053e767',
+        'shards/sizes.json': 'a041bdcc8ffc587a',
+    },
+    'reshard_extras': {
+        'plan/missing_uids.npy': 'd79de981b67cc7a5',
+        'plan/plan.json': '6bec73813390c9fb',
+        'plan/tasks/00000000.parquet': 'a19c89b16c56dac9',
+        'plan/tasks/00000001.parquet': '7236ab50e73ca2bf',
+        'plan/tasks/00000002.parquet': '3f2e3fd68948d448',
+        'plan/tasks/00000003.parquet': '36f2c11814742c68',
+        'plan/tasks/00000004.parquet': 'a9fa6e887598cfd4',
+        'plan/tasks/00000005.parquet': '6217fb96eba6b779',
+        'plan/tasks/00000006.parquet': 'fa34a2eb81571ba7',
+        'plan/tasks/00000007.parquet': '3370080d06973b8f',
+        'plan/tasks/00000008.parquet': 'a953d7b4b40bc766',
+        'plan/tasks/00000009.parquet': 'd9d0e136b4de2316',
+        'plan/tasks/00000010.parquet': 'c8e1c1da5ec36a1f',
+        'plan/tasks/00000011.parquet': 'f4d0749e79b6a1f5',
+        'plan/tasks/00000012.parquet': '9b3e4a772e0d4748',
+        'plan/tasks/00000013.parquet': 'f137d603aac91460',
+        'plan/tasks/00000014.parquet': 'ac41f67b02604eb3',
+        'plan/tasks/00000015.parquet': '8251b9de7e909e3d',
+        'plan/tasks/00000016.parquet': 'ccfa6e1103475dc8',
+        'plan/tasks/00000017.parquet': 'd678b19573c1270a',
+        'shards/meta.json': 'a475ca9f677070ac',
+        'shards/reshard.json': '6110e75e20100a50',
+        'shards/sample_ids.npy': 'c9bdc2085672e9a9',
+        'shards/sizes.json': '42c541e6433c64c4',
+    },
+    'reshard_selection': {
+        'plan/missing_uids.npy': '5cd20e36d44f53d9',
+        'plan/plan.json': '742d3c799f282474',
+        'plan/tasks/00000000.parquet': 'df044138195c2169',
+        'plan/tasks/00000001.parquet': '78f4910f81e79112',
+        'plan/tasks/00000002.parquet': '41593636d35d99c3',
+        'shards/meta.json': '8e71b1f3e4a73170',
+        'shards/reshard.json': '0f9053b3436edb3e',
+        'shards/sample_ids.npy': 'c9bdc2085672e9a9',
+        'shards/sizes.json': '6066053296b85bce',
+    },
 }
 
 
@@ -131,7 +213,8 @@ def test_uid_lookup_finds_what_a_binary_search_finds():
             hi[:5], hi[6], hi[7:10] = hi[5], 0, 2**64 - 1
         members = np.unique(make_subset(hi, lo))
         lookup = UidLookup(members)
-        q_hi = np.r_[members["f0"], rng.integers(0, 2**64, 500, np.uint64, endpoint=False), np.array([0, 2**64 - 1], np.uint64)]
+        edges = np.array([0, 2**64 - 1], np.uint64)
+        q_hi = np.r_[members["f0"], rng.integers(0, 2**64, 500, np.uint64, endpoint=False), edges]
         q_lo = np.r_[members["f1"], rng.integers(0, 2**64, 502, np.uint64, endpoint=False)]
         if n:
             assert np.array_equal(lookup.search(q_hi), np.searchsorted(members["f0"], q_hi))

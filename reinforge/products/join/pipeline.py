@@ -36,8 +36,7 @@ from reinforge.formats.imagenet_plus import SchemaError
 from reinforge.formats.limits import Limits
 from reinforge.formats.pool_reader import PoolReader
 from reinforge.formats.sources import InputError, WebDatasetSource
-from reinforge.formats.subset import (LoadedSubset, UidLookup, first_occurrence, locate, make_subset, uid_hex,
-                                      uid_order)
+from reinforge.formats.subset import LoadedSubset, UidLookup, first_occurrence, locate, make_subset, uid_hex, uid_order
 from reinforge.formats.uid_index import build_index
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, filesystem, read_text, remove, write_bytes
@@ -200,7 +199,8 @@ class JoinPipeline(Pipeline):
             samples += table.num_rows
             task_hi.append(table.column("uid_hi").to_numpy()[ok])
             task_lo.append(table.column("uid_lo").to_numpy()[ok])
-        hi, lo = np.concatenate(task_hi or [np.zeros(0, np.uint64)]), np.concatenate(task_lo or [np.zeros(0, np.uint64)])
+        none = [np.zeros(0, np.uint64)]
+        hi, lo = np.concatenate(task_hi or none), np.concatenate(task_lo or none)
         order = uid_order(hi, lo)
         hi, lo = hi[order], lo[order]
         del order

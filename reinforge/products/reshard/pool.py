@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from reinforge.formats.sources import InputError
-from reinforge.formats.subset import LoadedSubset, locate, UidLookup, uid_hex
+from reinforge.formats.subset import LoadedSubset, UidLookup, locate, uid_hex
 from reinforge.formats.uid_index import INDEX_STATUS
 from reinforge.io.manifest import Task
 
