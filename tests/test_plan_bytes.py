@@ -237,11 +237,22 @@ def test_a_rerun_of_the_same_plan_rewrites_nothing(inputs, case, monkeypatch):
 
 def test_stable_argsort_is_numpys_stable_argsort():
     """The packed-key sort the assignment uses orders as np.argsort(kind="stable"): random keys, many ties,
-    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ."""
+    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ; any chunk size."""
     from reinforge.formats.subset import stable_argsort
     rng = np.random.default_rng(1)
     for n in [0, 1, 2, 3, 1000, 100_000]:
         floats = (rng.integers(0, 3, n) + rng.random(n).round(3)) / rng.integers(1, 4, n)
         for key in (rng.integers(0, 2**64, n, np.uint64, endpoint=False), rng.integers(0, 5, n).astype(np.uint64) << 60,
                     floats.view(np.uint64), rng.integers(0, 2**40, n).astype(np.uint64) * np.uint64(3)):
-            assert np.array_equal(stable_argsort(key), np.argsort(key, kind="stable"))
+            for chunk in (1, 3, 1 << 20):  # positions and ties are found a chunk at a time
+                assert np.array_equal(stable_argsort(key, chunk), np.argsort(key, kind="stable"))
+
+
+@pytest.mark.parametrize("case", ["reshard", "reshard_extras"])
+def test_the_fingerprint_does_not_depend_on_its_chunk_size(inputs, case, monkeypatch):
+    """fingerprint() hashes a chunk of rows at a time: any chunk size gives the digest of the whole table."""
+    from reinforge.products.reshard import prepare
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    recipe = parse_recipe({**CASES[case], "output": f"{ROOT}/chunks-{case}"})
+    assignment = prepare.assign_subset(recipe, RunLayout(recipe.output))
+    assert len({prepare.fingerprint(assignment, chunk) for chunk in (1, 2, 5, 16, 1 << 20)}) == 1

@@ -98,25 +98,30 @@ def make_subset(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return out
 
 
-def stable_argsort(key: np.ndarray) -> np.ndarray:
-    """np.argsort(key, kind="stable") of uint64 keys (here: the bits of floats >= 0, which order as the
-    floats do). Sorts values, not indices: (the key's top bits, position) packed in one uint64 and
-    np.sort-ed (a SIMD sort, ~10x an argsort at 12.8M); runs whose top bits tie (rare: keys are hashes)
-    are then put in (key, position) order."""
+def stable_argsort(key: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """np.argsort(key, kind="stable") of uint64 keys (here: uids, or the bits of floats >= 0, which
+    order as the floats do). Sorts values, not indices: (the key's top bits, position) packed in one
+    uint64 and np.sort-ed (a SIMD sort, ~10x an argsort at 12.8M); runs whose top bits tie (rare: keys
+    are hashes) are then put in (key, position) order. Memory: the packed array, which becomes the result."""
     if key.dtype != np.uint64:
         return np.argsort(key, kind="stable")
     n = len(key)
     bits = max(1, (n - 1).bit_length())  # for the position
-    packed = key >> np.uint64(bits)
-    packed <<= np.uint64(bits)
-    packed |= np.arange(n, dtype=np.uint64)
+    shift, mask = np.uint64(bits), np.uint64((1 << bits) - 1)
+    packed = key >> shift
+    packed <<= shift
+    for a in range(0, n, chunk):  # the positions, a chunk at a time (no n-long arange)
+        packed[a:a + chunk] |= np.arange(a, min(n, a + chunk), dtype=np.uint64)
     packed.sort()
-    order = (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
-    packed >>= np.uint64(bits)
-    tie = np.flatnonzero(packed[1:] == packed[:-1])
-    if len(tie):
-        members = np.unique(np.concatenate([tie, tie + 1]))  # positions inside runs of equal top bits
-        run = np.cumsum(np.r_[True, packed[members[1:]] != packed[members[:-1]]])
+    tie = np.concatenate([np.zeros(0, np.int64)] + [  # i where packed[i], packed[i + 1] share their top bits
+        a + np.flatnonzero(((packed[a + 1:e + 1] ^ packed[a:e]) >> shift) == 0)
+        for a, e in ((a, min(a + chunk, n - 1)) for a in range(0, max(n - 1, 0), chunk))])
+    members = np.unique(np.concatenate([tie, tie + 1]))  # positions inside runs of equal top bits
+    heads = packed[members] >> shift
+    packed &= mask
+    order = packed.view(np.int64)
+    if len(members):
+        run = np.cumsum(np.r_[True, heads[1:] != heads[:-1]])
         rows = order[members]
         order[members] = rows[np.lexsort((rows, key[rows], run))]
     return order

@@ -167,25 +167,30 @@ def shard_sizes(assignment: Assignment) -> dict[str, int]:
     return {SHARD_FORMAT.format(j): n for j, n in enumerate(assignment.sizes)}
 
 
-def fingerprint(assignment: Assignment) -> str:
+def fingerprint(assignment: Assignment, chunk: int = 1 << 20) -> str:
     """Of the sizes and every assigned location (face boxes by value): equal iff the assignment is.
-    The bytes are those of the whole assignment table with its shard column dictionary-encoded (first
-    occurrence order), made here one column at a time from the numbers."""
+    The bytes hashed are those of the whole assignment table with its shard column dictionary-encoded
+    (first occurrence order), column after column; made here from the numbers a chunk of rows at a
+    time, so no column is ever whole in memory."""
     a = assignment
     digest = hashlib.sha256(f"{a.sizes}".encode())
     first_of = {}  # a URL listed twice is one dictionary entry, as dictionary_encode makes it
     canonical = np.array([first_of.setdefault(u, i) for i, u in enumerate(a.urls)], np.int32)
-    shards = canonical[a.match.shard[a.rows]] if len(a.rows) else np.zeros(0, np.int32)
-    encoded = pa.array(shards).dictionary_encode()  # hashing, in first occurrence order: no sort
-    del shards
-    digest.update("|".join(a.urls[s] for s in encoded.dictionary.to_pylist()).encode())
-    digest.update(np.asarray(encoded.indices).astype(np.int32, copy=False).tobytes())
-    del encoded
-    uids = a.uids
-    for column in (lambda: a.match.offset[a.rows], lambda: a.match.length[a.rows],
-                   lambda: np.ascontiguousarray(uids["f0"])[a.rows], lambda: np.ascontiguousarray(uids["f1"])[a.rows],
-                   lambda: a.copy):
-        digest.update(np.ascontiguousarray(column()).tobytes())
+    chunks = [slice(start, start + chunk) for start in range(0, len(a.rows), chunk)]
+    code = np.full(len(a.urls), -1, np.int32)  # pool shard -> its place in the dictionary
+    dictionary: list[int] = []
+    for part in chunks:  # the dictionary: pool shards by first occurrence in output order
+        seen = pa.array(canonical[a.match.shard[a.rows[part]]]).dictionary_encode().dictionary.to_numpy()
+        new = seen[code[seen] < 0]
+        code[new] = np.arange(len(dictionary), len(dictionary) + len(new), dtype=np.int32)
+        dictionary.extend(new.tolist())
+    digest.update("|".join(a.urls[s] for s in dictionary).encode())
+    for part in chunks:
+        digest.update(code[canonical[a.match.shard[a.rows[part]]]])
+    for column in (a.match.offset, a.match.length, a.uids["f0"], a.uids["f1"]):
+        for part in chunks:
+            digest.update(np.ascontiguousarray(column[a.rows[part]]))
+    digest.update(np.ascontiguousarray(a.copy))
     for values in a.extra.values():
         column = pa.array(values) if not isinstance(values, pa.Array) else values
         if pa.types.is_list(column.type):  # face boxes: their values, not the addresses of numpy objects
