@@ -237,7 +237,7 @@ def test_a_rerun_of_the_same_plan_rewrites_nothing(inputs, case, monkeypatch):
 
 def test_stable_argsort_is_numpys_stable_argsort():
     """The packed-key sort the assignment uses orders as np.argsort(kind="stable"): random keys, many ties,
-    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ; any chunk size."""
+    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ; any chunk size; keys given as an array or by a function of a slice / index array."""
     from reinforge.formats.subset import stable_argsort
     rng = np.random.default_rng(1)
     for n in [0, 1, 2, 3, 1000, 100_000]:
@@ -246,6 +246,7 @@ def test_stable_argsort_is_numpys_stable_argsort():
                     floats.view(np.uint64), rng.integers(0, 2**40, n).astype(np.uint64) * np.uint64(3)):
             for chunk in (1, 3, 1 << 20):  # positions and ties are found a chunk at a time
                 assert np.array_equal(stable_argsort(key, chunk), np.argsort(key, kind="stable"))
+                assert np.array_equal(stable_argsort(key.__getitem__, chunk, n), np.argsort(key, kind="stable"))
 
 
 @pytest.mark.parametrize("case", ["reshard", "reshard_extras"])

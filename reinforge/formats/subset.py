@@ -98,20 +98,25 @@ def make_subset(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return out
 
 
-def stable_argsort(key: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+def stable_argsort(key, chunk: int = 1 << 20, n: int | None = None) -> np.ndarray:
     """np.argsort(key, kind="stable") of uint64 keys (here: uids, or the bits of floats >= 0, which
-    order as the floats do). Sorts values, not indices: (the key's top bits, position) packed in one
-    uint64 and np.sort-ed (a SIMD sort, ~10x an argsort at 12.8M); runs whose top bits tie (rare: keys
-    are hashes) are then put in (key, position) order. Memory: the packed array, which becomes the result."""
-    if key.dtype != np.uint64:
-        return np.argsort(key, kind="stable")
-    n = len(key)
+    order as the floats do). `key` is an array, or a function giving the keys of a slice or of an index
+    array (then n is their count), so that the keys need not be in memory at once. Sorts values, not
+    indices: (the key's top bits, position) packed in one uint64 and np.sort-ed (a SIMD sort, ~10x an
+    argsort at 12.8M); runs whose top bits tie (rare: keys are hashes) are then put in (key, position)
+    order. Memory: the packed array, which becomes the result."""
+    if not callable(key):
+        if key.dtype != np.uint64:
+            return np.argsort(key, kind="stable")
+        n, key = len(key), key.__getitem__
     bits = max(1, (n - 1).bit_length())  # for the position
     shift, mask = np.uint64(bits), np.uint64((1 << bits) - 1)
-    packed = key >> shift
-    packed <<= shift
-    for a in range(0, n, chunk):  # the positions, a chunk at a time (no n-long arange)
-        packed[a:a + chunk] |= np.arange(a, min(n, a + chunk), dtype=np.uint64)
+    packed = np.empty(n, np.uint64)
+    for a in range(0, n, chunk):  # top bits and positions, a chunk at a time
+        part = packed[a:a + chunk]
+        part[:] = key(slice(a, a + chunk)) >> shift
+        part <<= shift
+        part |= np.arange(a, a + len(part), dtype=np.uint64)
     packed.sort()
     tie = np.concatenate([np.zeros(0, np.int64)] + [  # i where packed[i], packed[i + 1] share their top bits
         a + np.flatnonzero(((packed[a + 1:e + 1] ^ packed[a:e]) >> shift) == 0)
@@ -123,7 +128,7 @@ def stable_argsort(key: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
     if len(members):
         run = np.cumsum(np.r_[True, heads[1:] != heads[:-1]])
         rows = order[members]
-        order[members] = rows[np.lexsort((rows, key[rows], run))]
+        order[members] = rows[np.lexsort((rows, key(rows), run))]
     return order
 
 

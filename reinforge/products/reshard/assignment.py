@@ -41,7 +41,8 @@ def assign(uids: np.ndarray, counts: np.ndarray, shard: np.ndarray, offset: np.n
     """(uid index, copy number) of every output sample in output order, and the size of each shard."""
     total = int(counts.sum(dtype=np.int64))
     if total == len(uids):  # every count 1: key = phase, copy = 0 (the same keys, without the expansion)
-        idx = stable_argsort(uid_phase(uids["f0"], uids["f1"], seed).view(np.uint64))
+        hi, lo = uids["f0"], uids["f1"]  # the phases a chunk at a time, never all in memory
+        idx = stable_argsort(lambda part: uid_phase(hi[part], lo[part], seed).view(np.uint64), n=len(uids))
         copy = np.zeros(total, np.int32)
     else:
         counts = counts.astype(np.int64)

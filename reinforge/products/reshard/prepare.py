@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from reinforge.formats.sources import WebDatasetSource
 from reinforge.formats.subset import LoadedSubset, make_subset, read_subset, uid_hex, write_subset
 from reinforge.formats.uid_index import build_index
 from reinforge.io.manifest import RunLayout
-from reinforge.io.storage import exists, filesystem, list_files, read_text, remove, write_bytes
+from reinforge.io.storage import atomic_open, exists, filesystem, list_files, read_text, remove, write_bytes
 from reinforge.products.reshard import face_blur
 from reinforge.products.reshard.assignment import assign
 from reinforge.products.reshard.pool import SAMPLE, PoolMatch, ReshardError, match_pool, select_shards
@@ -36,6 +37,7 @@ SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 # relative to the run; recorded in plan.json, so the files of another layout are rewritten
 TASK_ASSIGNMENTS = "plan/tasks/{:08d}.parquet"
 MISSING_UIDS = "plan/missing_uids.npy"
+BLOCK = 8 << 20  # bytes read at a time from a subset file
 
 
 def assignment_url(layout: RunLayout, task_id: str) -> str:
@@ -118,12 +120,21 @@ def _extra_columns(r: ReshardRecipe, subset: LoadedSubset, subset_index: np.ndar
     return columns, report
 
 
+def _file_sha256(fs, path: str) -> str:
+    """sha256 of a file read a block at a time (a subset file is 16 B per uid: not whole in memory)."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _meta(r: ReshardRecipe, subset: LoadedSubset, match: PoolMatch, missing: np.ndarray, urls: list[str],
           sizes: list[int]) -> dict:
     fs, path = filesystem(r.subset)
     return {
         "format": "reinforge.reshard/1",
-        "subset": {"path": r.subset, "sha256": hashlib.sha256(fs.cat_file(path)).hexdigest(),
+        "subset": {"path": r.subset, "sha256": _file_sha256(fs, path),
                    "counts_file": subset.counts_file, "uids": len(subset.uids), "samples": subset.total,
                    "repeated_entries_folded": subset.repeated_entries, "notes": subset.notes},
         "missing": {"uids": int(len(missing)), "samples": int(subset.counts[missing].sum()),
@@ -243,4 +254,5 @@ def write_run_files(layout: RunLayout, r: ReshardRecipe, assignment: Assignment)
     write_bytes(layout.shards_file("meta.json"), json.dumps(datacomp_meta(r, assignment), indent=1).encode())
     write_bytes(layout.shards_file("reshard.json"), json.dumps(assignment.meta, indent=1).encode())
     fs, path = filesystem(r.subset)
-    write_bytes(layout.shards_file("sample_ids.npy"), fs.cat_file(path))  # DataComp copies the subset file there
+    with fs.open(path, "rb") as src, atomic_open(layout.shards_file("sample_ids.npy")) as out:
+        shutil.copyfileobj(src, out, BLOCK)  # DataComp copies the subset file there; a block at a time
