@@ -246,7 +246,8 @@ def test_stable_argsort_is_numpys_stable_argsort():
                     floats.view(np.uint64), rng.integers(0, 2**40, n).astype(np.uint64) * np.uint64(3)):
             for chunk in (1, 3, 1 << 20):  # positions and ties are found a chunk at a time
                 assert np.array_equal(stable_argsort(key, chunk), np.argsort(key, kind="stable"))
-                assert np.array_equal(stable_argsort(key.__getitem__, chunk, n), np.argsort(key, kind="stable"))
+                by_function = stable_argsort(key.__getitem__, chunk, n)
+                assert np.array_equal(by_function, np.argsort(key, kind="stable"))
 
 
 @pytest.mark.parametrize("case", ["reshard", "reshard_extras"])
