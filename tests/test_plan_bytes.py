@@ -237,7 +237,8 @@ def test_a_rerun_of_the_same_plan_rewrites_nothing(inputs, case, monkeypatch):
 
 def test_stable_argsort_is_numpys_stable_argsort():
     """The packed-key sort the assignment uses orders as np.argsort(kind="stable"): random keys, many ties,
-    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ; any chunk size; keys given as an array or by a function of a slice / index array."""
+    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ; any chunk size; keys
+    given as an array or by a function of a slice / index array."""
     from reinforge.formats.subset import stable_argsort
     rng = np.random.default_rng(1)
     for n in [0, 1, 2, 3, 1000, 100_000]:
