@@ -12,6 +12,9 @@ The growth column is log(peak_b/peak_a)/log(n_b/n_a) between consecutive sizes: 
 0 = flat; the marginal column is (peak_b - peak_a)/(n_b - n_a), the bytes each extra sample costs (a fixed
 cost such as allocator arenas and one batch of columns divides away at scale, a per-sample one does not). Nothing here is asserted; tests check results, this prints costs.
 
+reshard-plan and join-plan (bench/scale_plan.py): prepare() of a reshard / join run on placeholder pool shards
+whose uid indexes are cached; the extra column hashes every output file (byte-identical before/after).
+
 Two more tools measure the runner and `status` against the task count (--tasks, not --sizes):
   runner         a reshard run (resources.runner: local by default, i.e. worker processes, no Ray start-up;
                  --runners local,ray adds Ray) of a subset of T uids at samples_per_shard 1, so T tasks of
@@ -26,6 +29,7 @@ The pool and subsets are built once (not timed); the uid index cache lives in th
 
 Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000,4000000] [--tools filter,schedule]
      [--out bench/results/scale.md] [--tree DIR]   (DIR: e.g. `git archive <commit> | tar -x -C DIR`, for before/after)
+     bench/scale.py --tools reshard-plan,join-plan --sizes 1000000,12800000
      bench/scale.py --tools runner,status [--tasks 1000,10000] [--runners local,ray]
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ import tempfile
 import time
 
 import numpy as np
+from scale_plan import PLAN_TOOLS, make_plan_inputs, measure_plan, plan_cases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -258,7 +263,8 @@ def cases(tmp: str, n: int) -> list[tuple[str, str, dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated pool sizes (rows)")
-    parser.add_argument("--tools", default="filter,schedule")
+    parser.add_argument("--tools", default="filter,schedule", help="filter, schedule, reshard-plan, join-plan, "
+                        "runner, status")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one)")
     parser.add_argument("--tasks", default="1000,10000", help="runner/status: comma-separated task counts")
@@ -276,38 +282,47 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write("\n".join(lines) + "\n")
-    if not tools & {"filter", "schedule"}:
+    if not tools & {"filter", "schedule", *PLAN_TOOLS}:
         return
     for n in sizes:
-        tmp = tempfile.mkdtemp(prefix="reinforge-bench-scale-")
+        # a fixed folder: the plan files name the pool's paths, so equal outputs need equal paths across runs
+        tmp = os.path.join(tempfile.gettempdir(), f"reinforge-bench-scale-{n}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         try:
             started = time.perf_counter()
             if "filter" in tools:
                 make_scores(os.path.join(tmp, "scores"), n)
             if "schedule" in tools:
                 make_splits(os.path.join(tmp, "splits"), n)
+            if tools & PLAN_TOOLS:
+                make_plan_inputs(tmp, n, tools)
             print(f"{n:,} rows: inputs generated in {time.perf_counter() - started:.1f} s", flush=True)
-            for tool, label, kwargs in cases(tmp, n):
+            for tool, label, kwargs in cases(tmp, n) + plan_cases(tmp):
                 if tool not in tools:
                     continue
-                r = measure(tool, kwargs)
+                r = measure_plan(TREE, tmp, kwargs) if tool in PLAN_TOOLS else measure(tool, kwargs)
                 extra = r["peak"] - r["base"]
-                rows.setdefault(label, []).append((n, extra, r["seconds"]))
+                rows.setdefault(label, []).append((n, extra, r["seconds"], r.get("digest", ""), r.get("cpu")))
                 if not r["tree"].startswith(TREE):
                     raise SystemExit(f"measured {r['tree']}, not {TREE}")
-                print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows", flush=True)
+                cpu = f"cpu {r['cpu']:6.1f} s" if "cpu" in r else ""
+                print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows "
+                      f"{r['seconds']:6.1f} s {cpu} {r.get('digest', '')[:16]} (load {os.getloadavg()[0]:.1f})",
+                      flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     lines = ["| tool | rows | driver B/sample above imports | s per M rows | growth vs previous size "
-             "| marginal B per extra sample |", "|---|---|---|---|---|---|"]
+             "| marginal B per extra sample | s | CPU s | outputs sha256 |", "|---|---|---|---|---|---|---|---|---|"]
     for label, results in rows.items():
-        for i, (n, extra, seconds) in enumerate(results):
+        for i, (n, extra, seconds, digest, cpu) in enumerate(results):
             growth = marginal = ""
             if i:
-                pn, pe, _ = results[i - 1]
+                pn, pe, *_ = results[i - 1]
                 growth = f"{math.log(max(extra, 1) / max(pe, 1)) / math.log(n / pn):.2f}"
                 marginal = f"{(extra - pe) / (n - pn):.1f}"
-            lines.append(f"| {label} | {n:,} | {extra / n:.1f} | {seconds / n * 1e6:.2f} | {growth} | {marginal} |")
+            lines.append(f"| {label} | {n:,} | {extra / n:.1f} | {seconds / n * 1e6:.2f} | {growth} | {marginal} "
+                         f"| {seconds:.1f} | {'' if cpu is None else f'{cpu:.1f}'} | {digest[:16]} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

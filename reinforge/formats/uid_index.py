@@ -28,6 +28,7 @@ import io
 import json
 import os
 import tarfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -185,4 +186,12 @@ def build_index(tasks: list[Task], run_index_dir: str, uid_field: str, threads: 
     urls = [t.inputs[0] for t in tasks]
     versions = file_versions(urls)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(tasks)))) as pool:
-        yield from pool.map(lambda u: load_or_build(u, *versions[u], index_dir, uid_field), urls)
+        # at most 2 x threads tables ahead of the consumer (pool.map would queue every shard's table:
+        # the whole pool's index in memory when the consumer is the slower side)
+        pending = deque()
+        for url in urls:
+            pending.append(pool.submit(load_or_build, url, *versions[url], index_dir, uid_field))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

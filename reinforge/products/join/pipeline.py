@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,7 @@ from reinforge.formats.imagenet_plus import SchemaError
 from reinforge.formats.limits import Limits
 from reinforge.formats.pool_reader import PoolReader
 from reinforge.formats.sources import InputError, WebDatasetSource
-from reinforge.formats.subset import LoadedSubset, first_occurrence, locate, make_subset, uid_hex, uid_order
+from reinforge.formats.subset import LoadedSubset, UidLookup, first_occurrence, locate, make_subset, uid_hex, uid_order
 from reinforge.formats.uid_index import build_index
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, filesystem, read_text, remove, write_bytes
@@ -52,21 +53,41 @@ def locations_url(layout: RunLayout, task_id: str) -> str:
     return layout.plan_file(f"{task_id}.parquet")
 
 
-def commit_locations(layout: RunLayout, files: dict[str, bytes], summary: dict) -> None:
-    """Write every task's locations, then plan/plan.json (the summary and their fingerprint; written
-    last, it commits them), unless the committed ones are the same: a rerun of unchanged inputs
-    rewrites nothing."""
-    digest = hashlib.sha256()
-    for url in sorted(files):
-        digest.update(f"{layout.relative(url)}\0{hashlib.sha256(files[url]).hexdigest()}\n".encode())
-    fingerprint = digest.hexdigest()
+def uid_strings(hi: np.ndarray, lo: np.ndarray) -> pa.StringArray:
+    """uid_hex of every row, as one Arrow string array made from a single hex buffer (no str per row)."""
+    raw = np.empty((len(hi), 2), ">u8")
+    raw[:, 0], raw[:, 1] = hi, lo
+    offsets = np.arange(0, 32 * len(hi) + 1, 32, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(hi), pa.py_buffer(offsets.tobytes()),
+                                       pa.py_buffer(raw.tobytes().hex().encode()))
+
+
+def commit_locations(layout: RunLayout, tasks: int, make: Callable[[int], tuple[str, bytes]], summary: dict) -> None:
+    """Write every task's locations (`make(i)`: the i-th task's URL and file), then plan/plan.json (the
+    summary and their fingerprint; written last, it commits them), unless the committed ones are the
+    same: a rerun of unchanged inputs rewrites nothing. Files are made on a few threads and dropped once
+    written or hashed; against a committed plan, a first pass only hashes them, a second writes them."""
+    def each(write: bool) -> dict[str, str]:
+        def one(i: int) -> tuple[str, str]:
+            url, data = make(i)
+            if write:
+                write_bytes(url, data)
+            return url, hashlib.sha256(data).hexdigest()
+        with ThreadPoolExecutor(max_workers=4) as pool:  # Parquet encoding and writes release the GIL
+            return dict(pool.map(one, range(tasks)))
+
+    def fingerprint(hashes: dict[str, str]) -> str:
+        digest = hashlib.sha256()
+        for url in sorted(hashes):
+            digest.update(f"{layout.relative(url)}\0{hashes[url]}\n".encode())
+        return digest.hexdigest()
+
     if exists(layout.plan_record):
-        if json.loads(read_text(layout.plan_record)).get("fingerprint") == fingerprint:
+        if fingerprint(each(write=False)) == json.loads(read_text(layout.plan_record)).get("fingerprint"):
             return
         remove(layout.plan_record)  # uncommitted while the locations are rewritten
-    for url, data in files.items():
-        write_bytes(url, data)
-    write_bytes(layout.plan_record, json.dumps({**summary, "fingerprint": fingerprint}, indent=1).encode())
+    hashes = each(write=True)
+    write_bytes(layout.plan_record, json.dumps({**summary, "fingerprint": fingerprint(hashes)}, indent=1).encode())
 
 
 class JoinError(InputError):
@@ -170,39 +191,48 @@ class JoinPipeline(Pipeline):
         except InputError as exc:
             raise JoinError(str(exc).replace("input.path", "images.path", 1)) from None
         urls = [t.inputs[0] for t in pool]
-        # every sample's uid, read from the json members only; unreadable ones are refused by JoinDR
-        indexes = list(build_index(tasks, layout.index_dir("reinforcement"), "uid"))
-        ok = [t.column("status").to_numpy() == 0 for t in indexes]
-        hi = np.concatenate([t.column("uid_hi").to_numpy()[m] for t, m in zip(indexes, ok)])
-        lo = np.concatenate([t.column("uid_lo").to_numpy()[m] for t, m in zip(indexes, ok)])
+        # every sample's uid, read from the json members only; unreadable ones are refused by JoinDR.
+        # Kept: each shard's readable uids (16 B per sample), not its index table.
+        samples, task_hi, task_lo = 0, [], []
+        for table in build_index(tasks, layout.index_dir("reinforcement"), "uid"):
+            ok = table.column("status").to_numpy() == 0
+            samples += table.num_rows
+            task_hi.append(table.column("uid_hi").to_numpy()[ok])
+            task_lo.append(table.column("uid_lo").to_numpy()[ok])
+        none = [np.zeros(0, np.uint64)]
+        hi, lo = np.concatenate(task_hi or none), np.concatenate(task_lo or none)
         order = uid_order(hi, lo)
-        first = first_occurrence(hi[order], lo[order])
-        uids = make_subset(hi[order][first], lo[order][first])
+        hi, lo = hi[order], lo[order]
+        del order
+        first = first_occurrence(hi, lo)
+        uids = make_subset(hi[first], lo[first])
+        del hi, lo, first
         wanted = LoadedSubset(uids, np.ones(len(uids), np.uint32), r.input.path)
         match = match_pool(wanted, build_index(pool, layout.index_dir("images"), r.images.uid_field), urls)
         if len(uids) and not match.found.any():
             raise JoinError(f"images.path: none of the {len(uids)} reinforcement uids is in the image pool "
                             f"({len(urls)} shards, {match.samples} samples): wrong pool?")
-        files = {}
-        for task, table, mask in zip(tasks, indexes, ok):
-            pos = locate(table.column("uid_hi").to_numpy()[mask], table.column("uid_lo").to_numpy()[mask], uids)
+        lookup, url_array = UidLookup(uids), pa.array(urls, pa.string())
+
+        def make(i: int) -> tuple[str, bytes]:
+            pos = locate(task_hi[i], task_lo[i], lookup)
             pos = pos[match.found[pos]]
-            locations = pa.table({
-                "uid": pa.array([uid_hex(*u) for u in uids[pos].tolist()], pa.string()),
-                "shard": pa.array([urls[s] for s in match.shard[pos].tolist()], pa.string()),
-                "offset": match.offset[pos], "length": match.length[pos]})
+            locations = pa.table({"uid": uid_strings(lookup.hi[pos], lookup.lo[pos]),
+                                  "shard": url_array.take(match.shard[pos]),
+                                  "offset": match.offset[pos], "length": match.length[pos]})
             buf = pa.BufferOutputStream()
             pq.write_table(locations, buf)
-            files[locations_url(layout, task.id)] = buf.getvalue().to_pybytes()
-        samples = sum(t.num_rows for t in indexes)
+            return locations_url(layout, tasks[i].id), buf.getvalue().to_pybytes()
+
+        readable = sum(len(h) for h in task_hi)
         summary = {"format": "reinforge.join/1", "reinforcement_shards": len(tasks), "reinforcement_samples": samples,
-                   "samples_without_uid": samples - int(sum(m.sum() for m in ok)), "uids": len(uids),
+                   "samples_without_uid": samples - readable, "uids": len(uids),
                    "uids_in_pool": int(match.found.sum()), "uids_not_in_pool": int((~match.found).sum()),
                    "not_in_pool_sample": [uid_hex(*u) for u in uids[~match.found][:10].tolist()],
                    "pool": {"shards": len(urls), "samples_indexed": match.samples, "samples_without_uid": match.bad,
                             "duplicate_uids": match.duplicates, "duplicate_sample": match.duplicate_sample,
                             "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
-        commit_locations(layout, files, summary)
+        commit_locations(layout, len(tasks), make, summary)
         fs, path = filesystem(config_url)
         write_bytes(layout.dr_config, fs.cat_file(path))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from reinforge.formats.subset import stable_argsort
+
 
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a fixed, well-spread hash of uint64 values."""
@@ -24,21 +26,31 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
-    h = _mix64(hi ^ _mix64(lo ^ np.uint64(seed % 2**64)))
-    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int, chunk: int = 1 << 20) -> np.ndarray:
+    """A fixed hash of (seed, uid) in [0, 1), computed a chunk at a time (the hash's temporaries are
+    a chunk's size, not the subset's)."""
+    out = np.empty(len(hi), np.float64)
+    for a in range(0, len(hi), chunk):
+        h = _mix64(hi[a:a + chunk] ^ _mix64(lo[a:a + chunk] ^ np.uint64(seed % 2**64)))
+        out[a:a + chunk] = (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return out
 
 
 def assign(uids: np.ndarray, counts: np.ndarray, shard: np.ndarray, offset: np.ndarray,
            samples_per_shard: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(uid index, copy number) of every output sample in output order, and the size of each shard."""
-    counts = counts.astype(np.int64)
-    total = int(counts.sum())
-    idx = np.repeat(np.arange(len(uids)), counts)
-    copy = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-    key = (copy + uid_phase(uids["f0"], uids["f1"], seed)[idx]) / counts[idx]
-    order = np.argsort(key, kind="stable")  # ties: uid order, then copy order
-    idx, copy = idx[order], copy[order]
+    total = int(counts.sum(dtype=np.int64))
+    if total == len(uids):  # every count 1: key = phase, copy = 0 (the same keys, without the expansion)
+        hi, lo = uids["f0"], uids["f1"]  # the phases a chunk at a time, never all in memory
+        idx = stable_argsort(lambda part: uid_phase(hi[part], lo[part], seed).view(np.uint64), n=len(uids))
+        copy = np.zeros(total, np.int32)
+    else:
+        counts = counts.astype(np.int64)
+        idx = np.repeat(np.arange(len(uids)), counts)
+        copy = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        key = (copy + uid_phase(uids["f0"], uids["f1"], seed)[idx]) / counts[idx]
+        order = stable_argsort(key.view(np.uint64))  # ties: uid order, then copy order
+        idx, copy = idx[order], copy[order].astype(np.int32)
     sizes = [min(samples_per_shard, total - s) for s in range(0, total, samples_per_shard)]
     start = 0
     for size in sizes:

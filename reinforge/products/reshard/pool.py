@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from reinforge.formats.sources import InputError
-from reinforge.formats.subset import LoadedSubset, locate, uid_hex
+from reinforge.formats.subset import LoadedSubset, UidLookup, locate, uid_hex
 from reinforge.formats.uid_index import INDEX_STATUS
 from reinforge.io.manifest import Task
 
@@ -61,6 +61,7 @@ def match_pool(subset: LoadedSubset, tables: Iterator[pa.Table], urls: list[str]
     """Stream the per-shard indexes, keeping only rows of requested uids (memory ~ subset + one shard)."""
     n = len(subset.uids)
     m = PoolMatch(np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool))
+    lookup = UidLookup(subset.uids)  # once, not per shard: a copy of the subset per shard was shards x uids
     for s, table in enumerate(tables):
         m.samples += table.num_rows
         status = table.column("status").to_numpy()
@@ -73,12 +74,16 @@ def match_pool(subset: LoadedSubset, tables: Iterator[pa.Table], urls: list[str]
                                     for i in bad[:SAMPLE - len(m.bad_sample)])
         ok = status == 0
         hi, lo = table.column("uid_hi").to_numpy()[ok], table.column("uid_lo").to_numpy()[ok]
-        pos = locate(hi, lo, subset.uids)
+        pos = locate(hi, lo, lookup)
         hit = np.flatnonzero(pos >= 0)
         p = pos[hit]
-        fresh = np.zeros(len(p), bool)
-        fresh[np.unique(p, return_index=True)[1]] = True  # first in this shard, by position
-        fresh &= ~m.found[p]  # and not already found in an earlier shard
+        in_order = np.sort(p)
+        if (in_order[1:] != in_order[:-1]).all():  # no uid twice in this shard (the usual case)
+            fresh = ~m.found[p]  # not already found in an earlier shard
+        else:
+            fresh = np.zeros(len(p), bool)
+            fresh[np.unique(p, return_index=True)[1]] = True  # first in this shard, by position
+            fresh &= ~m.found[p]  # and not already found in an earlier shard
         repeats = hit[~fresh]
         m.duplicates += len(repeats)
         m.duplicate_sample.extend(uid_hex(hi[i], lo[i]) for i in repeats[:SAMPLE - len(m.duplicate_sample)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from reinforge.formats.sources import WebDatasetSource
 from reinforge.formats.subset import LoadedSubset, make_subset, read_subset, uid_hex, write_subset
 from reinforge.formats.uid_index import build_index
 from reinforge.io.manifest import RunLayout
-from reinforge.io.storage import exists, filesystem, list_files, read_text, remove, write_bytes
+from reinforge.io.storage import atomic_open, exists, filesystem, list_files, read_text, remove, write_bytes
 from reinforge.products.reshard import face_blur
 from reinforge.products.reshard.assignment import assign
 from reinforge.products.reshard.pool import SAMPLE, PoolMatch, ReshardError, match_pool, select_shards
@@ -36,6 +37,7 @@ SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 # relative to the run; recorded in plan.json, so the files of another layout are rewritten
 TASK_ASSIGNMENTS = "plan/tasks/{:08d}.parquet"
 MISSING_UIDS = "plan/missing_uids.npy"
+BLOCK = 8 << 20  # bytes read at a time from a subset file
 
 
 def assignment_url(layout: RunLayout, task_id: str) -> str:
@@ -44,12 +46,30 @@ def assignment_url(layout: RunLayout, task_id: str) -> str:
 
 @dataclass
 class Assignment:
-    """What prepare decided: every output sample's pool location, in output order, and its account."""
-    table: pa.Table  # per output sample: shard, offset, length, uid_hi, uid_lo, copy (+ face_bboxes, cls)
+    """What prepare decided: every output sample's pool location, in output order, and its account.
+    Held as numbers (a subset row per output sample, pool shards by number); each output shard's table,
+    with the pool shard's URL on every row, is made only when its file is written."""
+    rows: np.ndarray  # per output sample: its subset row (uid, pool location in match)
+    copy: np.ndarray  # per output sample: its copy number (int32)
+    uids: np.ndarray  # the subset's uids
+    match: PoolMatch  # pool shard number, offset and length per subset row
+    urls: list[str]  # pool shard URLs by number
+    extra: dict  # per output sample: face_bboxes, cls (when asked for)
     sizes: list[int]  # samples per output shard
     missing: np.ndarray  # subset uids not in the pool (allow_missing)
     meta: dict  # reshard.json
     pool_samples: int  # samples indexed in the selected pool shards
+
+    def __post_init__(self):
+        self.url_array = pa.array(self.urls, pa.string())
+
+    def columns(self, start: int, stop: int) -> dict:
+        """Output samples start..stop-1: shard (URL), offset, length, uid_hi, uid_lo, copy (+ extras)."""
+        rows = self.rows[start:stop]
+        uids = self.uids[rows]
+        return {"shard": self.url_array.take(self.match.shard[rows]), "offset": self.match.offset[rows],
+                "length": self.match.length[rows], "uid_hi": uids["f0"], "uid_lo": uids["f1"],
+                "copy": self.copy[start:stop], **{k: v[start:stop] for k, v in self.extra.items()}}
 
 
 def assign_subset(recipe: ReshardRecipe, layout: RunLayout) -> Assignment:
@@ -65,19 +85,17 @@ def assign_subset(recipe: ReshardRecipe, layout: RunLayout) -> Assignment:
         raise ReshardError(f"{len(missing)} of {len(subset.uids)} subset uids are not in the pool "
                            f"({len(urls)} shards, {match.samples} samples), e.g. {examples}; "
                            f"set allow_missing: true to reshard without them")
-    found = match.found
-    idx, copy, sizes = assign(subset.uids[found], subset.counts[found], match.shard[found],
-                              match.offset[found], r.samples_per_shard, r.seed)
-    uids = subset.uids[found][idx]
-    columns = {
-        "shard": pa.array(np.asarray(urls, object)[match.shard[found][idx]] if len(idx) else [], pa.string()),
-        "offset": match.offset[found][idx], "length": match.length[found][idx],
-        "uid_hi": uids["f0"], "uid_lo": uids["f1"], "copy": copy.astype(np.int32)}
-    extra, extras_report = _extra_columns(r, subset, np.flatnonzero(found)[idx], selection)
-    columns.update(extra)
+    if len(missing):  # assign the found rows, then name them by subset row
+        found = np.flatnonzero(match.found)
+        idx, copy, sizes = assign(subset.uids[found], subset.counts[found], match.shard[found],
+                                  match.offset[found], r.samples_per_shard, r.seed)
+        rows = found[idx]
+    else:
+        rows, copy, sizes = assign(subset.uids, subset.counts, match.shard, match.offset, r.samples_per_shard, r.seed)
+    extra, extras_report = _extra_columns(r, subset, rows, selection)
     meta = _meta(r, subset, match, missing, urls, sizes)
     meta.update(extras_report)
-    return Assignment(pa.table(columns), sizes, subset.uids[missing], meta, match.samples)
+    return Assignment(rows, copy, subset.uids, match, urls, extra, sizes, subset.uids[missing], meta, match.samples)
 
 
 def _extra_columns(r: ReshardRecipe, subset: LoadedSubset, subset_index: np.ndarray,
@@ -102,12 +120,21 @@ def _extra_columns(r: ReshardRecipe, subset: LoadedSubset, subset_index: np.ndar
     return columns, report
 
 
+def _file_sha256(fs, path: str) -> str:
+    """sha256 of a file read a block at a time (a subset file is 16 B per uid: not whole in memory)."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _meta(r: ReshardRecipe, subset: LoadedSubset, match: PoolMatch, missing: np.ndarray, urls: list[str],
           sizes: list[int]) -> dict:
     fs, path = filesystem(r.subset)
     return {
         "format": "reinforge.reshard/1",
-        "subset": {"path": r.subset, "sha256": hashlib.sha256(fs.cat_file(path)).hexdigest(),
+        "subset": {"path": r.subset, "sha256": _file_sha256(fs, path),
                    "counts_file": subset.counts_file, "uids": len(subset.uids), "samples": subset.total,
                    "repeated_entries_folded": subset.repeated_entries, "notes": subset.notes},
         "missing": {"uids": int(len(missing)), "samples": int(subset.counts[missing].sum()),
@@ -151,13 +178,32 @@ def shard_sizes(assignment: Assignment) -> dict[str, int]:
     return {SHARD_FORMAT.format(j): n for j, n in enumerate(assignment.sizes)}
 
 
-def fingerprint(assignment: Assignment) -> str:
-    """Of the sizes and every assigned location (face boxes by value): equal iff the assignment is."""
-    table = assignment.table
-    digest = hashlib.sha256(f"{assignment.sizes}".encode())
-    shards = table.column("shard").combine_chunks().dictionary_encode()
-    digest.update("|".join(shards.dictionary.to_pylist()).encode())
-    for column in [shards.indices, *table.columns[1:]]:
+def fingerprint(assignment: Assignment, chunk: int = 1 << 20) -> str:
+    """Of the sizes and every assigned location (face boxes by value): equal iff the assignment is.
+    The bytes hashed are those of the whole assignment table with its shard column dictionary-encoded
+    (first occurrence order), column after column; made here from the numbers a chunk of rows at a
+    time, so no column is ever whole in memory."""
+    a = assignment
+    digest = hashlib.sha256(f"{a.sizes}".encode())
+    first_of = {}  # a URL listed twice is one dictionary entry, as dictionary_encode makes it
+    canonical = np.array([first_of.setdefault(u, i) for i, u in enumerate(a.urls)], np.int32)
+    chunks = [slice(start, start + chunk) for start in range(0, len(a.rows), chunk)]
+    code = np.full(len(a.urls), -1, np.int32)  # pool shard -> its place in the dictionary
+    dictionary: list[int] = []
+    for part in chunks:  # the dictionary: pool shards by first occurrence in output order
+        seen = pa.array(canonical[a.match.shard[a.rows[part]]]).dictionary_encode().dictionary.to_numpy()
+        new = seen[code[seen] < 0]
+        code[new] = np.arange(len(dictionary), len(dictionary) + len(new), dtype=np.int32)
+        dictionary.extend(new.tolist())
+    digest.update("|".join(a.urls[s] for s in dictionary).encode())
+    for part in chunks:
+        digest.update(code[canonical[a.match.shard[a.rows[part]]]])
+    for column in (a.match.offset, a.match.length, a.uids["f0"], a.uids["f1"]):
+        for part in chunks:
+            digest.update(np.ascontiguousarray(column[a.rows[part]]))
+    digest.update(np.ascontiguousarray(a.copy))
+    for values in a.extra.values():
+        column = pa.array(values) if not isinstance(values, pa.Array) else values
         if pa.types.is_list(column.type):  # face boxes: their values, not the addresses of numpy objects
             digest.update(json.dumps(column.to_pylist()).encode())
         else:
@@ -178,13 +224,14 @@ def commit(layout: RunLayout, assignment: Assignment, has_finished_tasks) -> Non
             raise ReshardError(f"{layout.root}: the subset or the pool changed since its tasks ran "
                                f"(plan fingerprint differs); write to a new output directory")
         remove(layout.plan_record)  # uncommitted while the task assignments are rewritten
-    starts = np.cumsum([0, *sizes])
+    starts = np.cumsum([0, *sizes], dtype=np.int64)
 
     def write_task_assignment(j: int) -> None:  # one file per output shard: a task reads just its own rows
         buf = pa.BufferOutputStream()
-        pq.write_table(assignment.table.slice(int(starts[j]), sizes[j]), buf)
+        pq.write_table(pa.table(assignment.columns(int(starts[j]), int(starts[j + 1]))), buf)
         write_bytes(assignment_url(layout, f"{j:08d}"), buf.getvalue().to_pybytes())
-    with ThreadPoolExecutor(max_workers=8) as pool:  # many small writes: overlap their latency
+    # many small writes: overlap their latency; 4 threads, as each keeps its own malloc arena (8: +150 MB)
+    with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(write_task_assignment, range(len(sizes))))
     ours = {f"{j:08d}.parquet" for j in range(len(sizes))}
     for url in list_files(layout.plan_file("tasks"), ".parquet"):  # a former, larger assignment's
@@ -208,4 +255,5 @@ def write_run_files(layout: RunLayout, r: ReshardRecipe, assignment: Assignment)
     write_bytes(layout.shards_file("meta.json"), json.dumps(datacomp_meta(r, assignment), indent=1).encode())
     write_bytes(layout.shards_file("reshard.json"), json.dumps(assignment.meta, indent=1).encode())
     fs, path = filesystem(r.subset)
-    write_bytes(layout.shards_file("sample_ids.npy"), fs.cat_file(path))  # DataComp copies the subset file there
+    with fs.open(path, "rb") as src, atomic_open(layout.shards_file("sample_ids.npy")) as out:
+        shutil.copyfileobj(src, out, BLOCK)  # DataComp copies the subset file there; a block at a time

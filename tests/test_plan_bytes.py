@@ -1,0 +1,261 @@
+"""Reshard and join planning write the same bytes as before they were streamed (issue #16): every file
+prepare() leaves in the run folder (plan/, the files beside the shards, dr_config.json), by sha256, for a
+pool with a repeated uid, a sample without uid, subset uids absent from it, multiplicities, face boxes,
+class ids and a pool-shard selection. The run folder is fixed (/tmp/reinforge-plan-bytes): plan files name
+the pool's paths. A change here changes what a rerun of an existing run compares its plan with."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_shard
+from pool_gen import random_uids
+
+from reinforge.formats.subset import make_subset, uid_order, write_subset
+from reinforge.io.manifest import RunLayout
+from reinforge.products.registry import parse_recipe
+from reinforge.runtime.pipeline import build_pipeline
+
+ROOT = "/tmp/reinforge-plan-bytes"
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """4 pool shards x 30 samples (uid 5 repeated in shard 2, one sample without a json member), reinforcement
+    shards (2 x 25 uids: pool uids, 3 not in the pool, one repeated), a subset of 70 uids (4 not in the pool)
+    with counts 1-3 (and two subsets all in the pool: with counts, and every uid once), face boxes and class ids."""
+    shutil.rmtree(ROOT, ignore_errors=True)
+    os.makedirs(f"{ROOT}/pool")
+    os.makedirs(f"{ROOT}/reinforcement")
+    strings, hi, lo = random_uids(130, np.random.default_rng(3))
+    hexes = strings.to_pylist()
+    for s in range(4):
+        samples = []
+        for i in range(30):
+            n = 30 * s + i
+            uid = hexes[5] if (s, i) == (2, 7) else hexes[n]
+            members = {"jpg": b"x" * (n % 7 + 1), "txt": b"t", "json": json.dumps({"uid": uid}).encode()}
+            if (s, i) == (1, 3):
+                del members["json"]
+            samples.append((f"{s:05d}{i:04d}", members))
+        write_shard(f"{ROOT}/pool/{s:08d}.tar", samples)
+    rein = [hexes[i] for i in range(100, 130, 3)] + [hexes[i] for i in range(0, 40)]  # 100..: 3 beyond the pool
+    rein = rein[:25] + [hexes[2]] + rein[25:49]
+    for s in range(2):
+        write_shard(f"{ROOT}/reinforcement/{s:08d}.tar", [
+            (f"{s:05d}{i:04d}", {"json": json.dumps({"uid": u}).encode()})
+            for i, u in enumerate(rein[25 * s:25 * s + 25])])
+    with open(f"{ROOT}/dr_config.json", "w") as f:
+        json.dump({"reinforce": {"image_augmentation": {}}}, f)
+    chosen = np.r_[0:60, 62:66, 122:126, 127, 129]
+    sub = make_subset(hi[chosen], lo[chosen])
+    order = uid_order(sub["f0"], sub["f1"])
+    write_subset(f"{ROOT}/subset.npy", sub[order], (np.arange(len(chosen)) % 3 + 1).astype(np.uint32)[order])
+    for name, rows, counts in (("found", np.r_[0:33, 40:60], True), ("once", np.r_[10:100:2], False)):
+        sub = make_subset(hi[rows], lo[rows])  # every uid in the pool: with counts, and each once
+        order = uid_order(sub["f0"], sub["f1"])
+        write_subset(f"{ROOT}/subset_{name}.npy", sub[order],
+                     (np.arange(len(rows)) % 4 + 1).astype(np.uint32)[order] if counts else None)
+    boxes = [[[0.1, 0.2, 0.3, 0.4]] if i % 3 == 0 else [] for i in range(120)]
+    face_bboxes = pa.array(boxes[:110], pa.list_(pa.list_(pa.float64())))
+    pq.write_table(pa.table({"uid": hexes[:110], "face_bboxes": face_bboxes}), f"{ROOT}/boxes.parquet")
+    with open(f"{ROOT}/classes.json", "w") as f:
+        json.dump({hexes[i]: i % 11 for i in range(130)}, f)
+    yield
+    shutil.rmtree(ROOT, ignore_errors=True)
+
+
+def run_digests(recipe: dict) -> dict[str, str]:
+    recipe = parse_recipe(recipe)
+    shutil.rmtree(recipe.output, ignore_errors=True)
+    build_pipeline(recipe).prepare(RunLayout(recipe.output))
+    out = {}
+    for folder, _, files in os.walk(recipe.output):
+        for name in files:
+            path = os.path.join(folder, name)
+            if "/index/" not in path:
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, recipe.output)] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return dict(sorted(out.items()))
+
+
+def reshard(name: str, **extra) -> dict:
+    return {"product": "reshard", "output": f"{ROOT}/{name}", "subset": f"{ROOT}/subset.npy",
+            "input": {"path": f"{ROOT}/pool/*.tar"}, "samples_per_shard": 16, "seed": 5, "allow_missing": True, **extra}
+
+
+CASES = {
+    "reshard": reshard("reshard"),
+    "reshard_extras": reshard("reshard_extras", blur_metadata=[f"{ROOT}/boxes.parquet"], inject_blur_metadata=True,
+                              cls_file=f"{ROOT}/classes.json", samples_per_shard=7, seed=1),
+    "reshard_all_found": reshard("reshard_all_found", subset=f"{ROOT}/subset_found.npy", allow_missing=False),
+    "reshard_once": reshard("reshard_once", subset=f"{ROOT}/subset_once.npy", allow_missing=False, seed=0,
+                            samples_per_shard=10),
+    "reshard_selection": reshard("reshard_selection", first_shard=1, num_shards=2, counts="none"),
+    "join": {"product": "join", "output": f"{ROOT}/join", "images": {"path": f"{ROOT}/pool/*.tar"},
+             "input": {"path": f"{ROOT}/reinforcement/*.tar", "dr_config": f"{ROOT}/dr_config.json"}},
+}
+
+GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner before #16 streamed it
+    'join': {
+        'dr_config.json': 'baada230ddc11b91',
+        'plan/00000000.parquet': '15298bd682d32ad5',
+        'plan/00000001.parquet': 'f41a9e0fdd520f50',
+        'plan/plan.json': 'bce7745e2f1c8936',
+    },
+    'reshard': {
+        'plan/missing_uids.npy': 'd79de981b67cc7a5',
+        'plan/plan.json': '5a01f1a668929f11',
+        'plan/tasks/00000000.parquet': 'c9d8920bfe832fbc',
+        'plan/tasks/00000001.parquet': 'bc6afd45bc8bda15',
+        'plan/tasks/00000002.parquet': '5badbc61cbf28047',
+        'plan/tasks/00000003.parquet': 'f375b4da825b9bba',
+        'plan/tasks/00000004.parquet': 'd43ae0db5036bcdc',
+        'plan/tasks/00000005.parquet': 'ef046d5ca7237de8',
+        'plan/tasks/00000006.parquet': '60516ad4e176c3fd',
+        'plan/tasks/00000007.parquet': '5ab89c3cefc461f6',
+        'shards/meta.json': 'f566796aff458106',
+        'shards/reshard.json': '130100a7f89332fb',
+        'shards/sample_ids.npy': 'c9bdc2085672e9a9',
+        'shards/sizes.json': 'e05a51734f7d5c60',
+    },
+    'reshard_all_found': {
+        'plan/plan.json': '055d41d6aa5b4153',
+        'plan/tasks/00000000.parquet': 'bab19444ff5e37ad',
+        'plan/tasks/00000001.parquet': '903a067a49848b58',
+        'plan/tasks/00000002.parquet': '78be33d274c2effa',
+        'plan/tasks/00000003.parquet': '521566a5fb4382ff',
+        'plan/tasks/00000004.parquet': '5496cc4bd2960089',
+        'plan/tasks/00000005.parquet': 'ec8a25835b23a791',
+        'plan/tasks/00000006.parquet': '93840d0eaeb49719',
+        'plan/tasks/00000007.parquet': '68d243f705f5453f',
+        'plan/tasks/00000008.parquet': '4915ae5b23b1dd08',
+        'shards/meta.json': 'ea290190eca06af3',
+        'shards/reshard.json': 'b0d505a619c7d28e',
+        'shards/sample_ids.npy': 'c649a604647fe12d',
+        'shards/sizes.json': 'f9c7bbae15c97dde',
+    },
+    'reshard_once': {
+        'plan/plan.json': '753baa23ff72900e',
+        'plan/tasks/00000000.parquet': '1917df61b62a5be4',
+        'plan/tasks/00000001.parquet': '0387650ecf5b05e9',
+        'plan/tasks/00000002.parquet': '34d10aebc5d74b2f',
+        'plan/tasks/00000003.parquet': '65a6d049c36cf629',
+        'plan/tasks/00000004.parquet': '70fc0edad67ae592',
+        'shards/meta.json': '43f80e99397f4aed',
+        'shards/reshard.json': '861e532bc9aeb766',
+        'shards/sample_ids.npy': '48f79f325053e767',
+        'shards/sizes.json': 'a041bdcc8ffc587a',
+    },
+    'reshard_extras': {
+        'plan/missing_uids.npy': 'd79de981b67cc7a5',
+        'plan/plan.json': '6bec73813390c9fb',
+        'plan/tasks/00000000.parquet': 'a19c89b16c56dac9',
+        'plan/tasks/00000001.parquet': '7236ab50e73ca2bf',
+        'plan/tasks/00000002.parquet': '3f2e3fd68948d448',
+        'plan/tasks/00000003.parquet': '36f2c11814742c68',
+        'plan/tasks/00000004.parquet': 'a9fa6e887598cfd4',
+        'plan/tasks/00000005.parquet': '6217fb96eba6b779',
+        'plan/tasks/00000006.parquet': 'fa34a2eb81571ba7',
+        'plan/tasks/00000007.parquet': '3370080d06973b8f',
+        'plan/tasks/00000008.parquet': 'a953d7b4b40bc766',
+        'plan/tasks/00000009.parquet': 'd9d0e136b4de2316',
+        'plan/tasks/00000010.parquet': 'c8e1c1da5ec36a1f',
+        'plan/tasks/00000011.parquet': 'f4d0749e79b6a1f5',
+        'plan/tasks/00000012.parquet': '9b3e4a772e0d4748',
+        'plan/tasks/00000013.parquet': 'f137d603aac91460',
+        'plan/tasks/00000014.parquet': 'ac41f67b02604eb3',
+        'plan/tasks/00000015.parquet': '8251b9de7e909e3d',
+        'plan/tasks/00000016.parquet': 'ccfa6e1103475dc8',
+        'plan/tasks/00000017.parquet': 'd678b19573c1270a',
+        'shards/meta.json': 'a475ca9f677070ac',
+        'shards/reshard.json': '6110e75e20100a50',
+        'shards/sample_ids.npy': 'c9bdc2085672e9a9',
+        'shards/sizes.json': '42c541e6433c64c4',
+    },
+    'reshard_selection': {
+        'plan/missing_uids.npy': '5cd20e36d44f53d9',
+        'plan/plan.json': '742d3c799f282474',
+        'plan/tasks/00000000.parquet': 'df044138195c2169',
+        'plan/tasks/00000001.parquet': '78f4910f81e79112',
+        'plan/tasks/00000002.parquet': '41593636d35d99c3',
+        'shards/meta.json': '8e71b1f3e4a73170',
+        'shards/reshard.json': '0f9053b3436edb3e',
+        'shards/sample_ids.npy': 'c9bdc2085672e9a9',
+        'shards/sizes.json': '6066053296b85bce',
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_files_are_unchanged(inputs, case, monkeypatch):
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    got = run_digests(CASES[case])
+    if os.environ.get("PRINT_PLAN_DIGESTS"):
+        print(f"\n    {case!r}: {got!r},")
+    assert got == GOLDEN[case]
+
+
+def test_uid_lookup_finds_what_a_binary_search_finds():
+    """UidLookup (the bucketed search planning uses) = np.searchsorted and the plain locate, at the edges too:
+    repeated high halves, 0 and 2**64-1, subsets of 0..5 uids."""
+    from reinforge.formats.subset import UidLookup, locate
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 2, 5, 17, 1000, 50_000]:
+        hi, lo = (rng.integers(0, 2**64, n, np.uint64, endpoint=False) for _ in range(2))
+        if n > 10:
+            hi[:5], hi[6], hi[7:10] = hi[5], 0, 2**64 - 1
+        members = np.unique(make_subset(hi, lo))
+        lookup = UidLookup(members)
+        edges = np.array([0, 2**64 - 1], np.uint64)
+        q_hi = np.r_[members["f0"], rng.integers(0, 2**64, 500, np.uint64, endpoint=False), edges]
+        q_lo = np.r_[members["f1"], rng.integers(0, 2**64, 502, np.uint64, endpoint=False)]
+        if n:
+            assert np.array_equal(lookup.search(q_hi), np.searchsorted(members["f0"], q_hi))
+        assert np.array_equal(locate(q_hi, q_lo, lookup), locate(q_hi, q_lo, members))
+        assert np.array_equal(locate(q_hi[:n], q_lo[:n], lookup), np.arange(n))
+
+
+@pytest.mark.parametrize("case", ["reshard", "join"])
+def test_a_rerun_of_the_same_plan_rewrites_nothing(inputs, case, monkeypatch):
+    """prepare() again on unchanged inputs compares fingerprints and leaves every plan file as it was."""
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    recipe = parse_recipe({**CASES[case], "output": f"{ROOT}/rerun-{case}"})
+    shutil.rmtree(recipe.output, ignore_errors=True)
+    build_pipeline(recipe).prepare(RunLayout(recipe.output))
+    plan = os.path.join(recipe.output, "plan")
+    stamps = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, fs in os.walk(plan) for n in fs}
+    build_pipeline(recipe).prepare(RunLayout(recipe.output))
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+
+
+def test_stable_argsort_is_numpys_stable_argsort():
+    """The packed-key sort the assignment uses orders as np.argsort(kind="stable"): random keys, many ties,
+    floats >= 0 by their bits, and keys whose top bits tie while their low bits differ; any chunk size; keys
+    given as an array or by a function of a slice / index array."""
+    from reinforge.formats.subset import stable_argsort
+    rng = np.random.default_rng(1)
+    for n in [0, 1, 2, 3, 1000, 100_000]:
+        floats = (rng.integers(0, 3, n) + rng.random(n).round(3)) / rng.integers(1, 4, n)
+        for key in (rng.integers(0, 2**64, n, np.uint64, endpoint=False), rng.integers(0, 5, n).astype(np.uint64) << 60,
+                    floats.view(np.uint64), rng.integers(0, 2**40, n).astype(np.uint64) * np.uint64(3)):
+            for chunk in (1, 3, 1 << 20):  # positions and ties are found a chunk at a time
+                assert np.array_equal(stable_argsort(key, chunk), np.argsort(key, kind="stable"))
+                by_function = stable_argsort(key.__getitem__, chunk, n)
+                assert np.array_equal(by_function, np.argsort(key, kind="stable"))
+
+
+@pytest.mark.parametrize("case", ["reshard", "reshard_extras"])
+def test_the_fingerprint_does_not_depend_on_its_chunk_size(inputs, case, monkeypatch):
+    """fingerprint() hashes a chunk of rows at a time: any chunk size gives the digest of the whole table."""
+    from reinforge.products.reshard import prepare
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    recipe = parse_recipe({**CASES[case], "output": f"{ROOT}/chunks-{case}"})
+    assignment = prepare.assign_subset(recipe, RunLayout(recipe.output))
+    assert len({prepare.fingerprint(assignment, chunk) for chunk in (1, 2, 5, 16, 1 << 20)}) == 1
