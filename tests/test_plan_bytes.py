@@ -2,9 +2,10 @@
 prepare() leaves in the run folder (plan/, the files beside the shards, dr_config.json), by sha256, for a
 pool with a repeated uid, a sample without uid, subset uids absent from it, multiplicities, face boxes,
 class ids and a pool-shard selection. The run folder is fixed (/tmp/reinforge-plan-bytes): plan files name
-the pool's paths. A change here changes what a rerun of an existing run compares its plan with."""
+the pool's paths; a lock file beside it keeps two test runs on one machine out of each other's way. A change here changes what a rerun of an existing run compares its plan with."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,12 @@ ROOT = "/tmp/reinforge-plan-bytes"
 
 @pytest.fixture(scope="module")
 def inputs():
+    with open(f"{ROOT}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the module's tests are done
+        yield from _make_inputs()
+
+
+def _make_inputs():
     """4 pool shards x 30 samples (uid 5 repeated in shard 2, one sample without a json member), reinforcement
     shards (2 x 25 uids: pool uids, 3 not in the pool, one repeated), a subset of 70 uids (4 not in the pool)
     with counts 1-3 (and two subsets all in the pool: with counts, and every uid once), face boxes and class ids."""
