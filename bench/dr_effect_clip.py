@@ -24,7 +24,8 @@ The student test of issue #14 for the DataCompDR codecs (formats.codecs), on ben
    targets are worth.
 5. Zero-shot accuracy on the held-out digits: argmax_k of student image . text("a photo of the digit k").
 
-Run: ../shared/tools/offline .venv/bin/python bench/dr_effect_clip.py   (~5 min on 2 quiet cores)
+Run: ../shared/tools/offline .venv/bin/python bench/dr_effect_clip.py   (18 students; 41 min with the 2 cores shared at
+load ~8, a fraction of that on quiet cores; --work DIR --reuse keeps the teachers)
 """
 from __future__ import annotations
 
