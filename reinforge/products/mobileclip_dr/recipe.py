@@ -21,7 +21,7 @@ class DRStorage(Strict):
     codec: str = Field("none", description="none: npz / pth.gz as above (what Apple's trainer reads); quant or "
                        "int8_row: a smaller `qemb.npz` member only reinforge's readers decode (formats.codecs); "
                        "`reinforge export datacompdr` re-expands such a run to format/dtype")
-    codec_params: dict[str, Any] = Field({}, description="the codec's parameters, e.g. {step: 0.000244} for quant")
+    codec_params: dict[str, Any] = Field({}, description="the codec's parameters, e.g. {step: 0.000488, mean_grid: 64} for quant")
 
     @model_validator(mode="after")
     def _check(self) -> "DRStorage":
