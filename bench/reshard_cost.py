@@ -5,10 +5,10 @@ issue #16 indexing and per-task plan reads). Prints ratios measured in one run; 
    runs it (a fresh process each time): wall time, the tasks' own copy time (from their manifests), and
    the overhead = wall - copy (interpreter, imports, indexing, planning, runner). Cold index cache, warm
    cache, the same with Ray forced (--runner ray), and run_recipe called in the bench's own process (the
-   imports already paid). With --before TREE (e.g. /work/main), the same
-   command from that tree. With --datacomp-python, DataComp's resharder.py (/work/ref/datacomp) on the
-   same pool, run unchanged (only img2dataset's package __init__ is bypassed, it imports a downloader
-   stack the resharder never uses). Goal: overhead <= 2 s.
+   imports already paid). With --before TREE (e.g. /work/main), the same command from that tree (in 2.
+   too, with --runner local). With --datacomp-python, DataComp's resharder.py (/work/ref/datacomp) on
+   the same pool, run unchanged (only img2dataset's package __init__ is bypassed, it imports a
+   downloader stack the resharder never uses). Goal: overhead <= 2 s.
 2. large pool (--samples, default 100,000; small images, --payload bytes): a single-process sequential
    tar reader of the same tars (reinforge.formats.wds.iter_samples, best of 2, page cache warm) against
    `reinforge reshard` end to end (cold index cache) with the default runner (Ray for many tasks) and with
@@ -168,9 +168,12 @@ def bench_large(tmp: str, args) -> None:
     say("| run | wall s | samples/s | ÷ reader | tasks | |")
     say("|---|---|---|---|---|---|")
     pool = os.path.join(folder, "pool", "*.tar")
-    for i, (label, extra) in enumerate([("reinforge --runner local (worker processes), cold index", ("--runner", "local")),
-                                        ("reinforge default runner (Ray: many tasks), cold index", ())]):
-        r = reshard_cli(ROOT, subset, pool, os.path.join(folder, f"out{i}"), os.path.join(tmp, f"cache-large{i}"), *extra)
+    runs = [("reinforge --runner local (worker processes), cold index", ROOT, ("--runner", "local")),
+            ("reinforge default runner (Ray: many tasks), cold index", ROOT, ())]
+    if args.before:
+        runs.append((f"before ({args.before}) --runner local, cold index", args.before, ("--runner", "local")))
+    for i, (label, tree, extra) in enumerate(runs):
+        r = reshard_cli(tree, subset, pool, os.path.join(folder, f"out{i}"), os.path.join(tmp, f"cache-large{i}"), *extra)
         rate = r["samples"] / r["wall"]
         say(f"| {label} | {r['wall']:.2f} | {rate:,.0f} | **{rate / reader:.2f}** | {r['tasks']} | {load()} |")
     if args.datacomp_python:
@@ -222,7 +225,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--payload", type=int, default=1024, help="bytes of the (random) jpg member")
-    parser.add_argument("--before", default=None, help="another reinforge tree to time the same small run with")
+    parser.add_argument("--before", default=None, help="another reinforge tree to time the same CLI runs with (small pool; large pool, --runner local)")
     parser.add_argument("--datacomp-python", default=None, help="a Python with DataComp's resharder dependencies")
     parser.add_argument("--results", default=None, help="also write the tables to this markdown file")
     args = parser.parse_args()
