@@ -245,8 +245,11 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
             return summary
         in_process = runs_in_process(recipe, address, len(todo))
         width = local_processes(recipe, len(todo))
+        if workers is not None and width == 1:  # a job of one task runs in this process
+            workers.shutdown()
+            workers = None
         with nullcontext() if in_process else ray_session(address, recipe.resources.object_store_memory_mb):
-            if workers is not None:  # started already: a job of one task runs on one of them
+            if workers is not None:
                 pool, workers.width = workers, width
             else:
                 pool = (LocalPool(absolute, width) if in_process else
