@@ -5,10 +5,10 @@ issue #16 indexing and per-task plan reads). Prints ratios measured in one run; 
    runs it (a fresh process each time): wall time, the tasks' own copy time (from their manifests), and
    the overhead = wall - copy (interpreter, imports, indexing, planning, runner). Cold index cache, warm
    cache, the same with Ray forced (--runner ray), and run_recipe called in the bench's own process (the
-   imports already paid). With --before TREE (e.g. /work/main), the same
-   command from that tree. With --datacomp-python, DataComp's resharder.py (/work/ref/datacomp) on the
-   same pool, run unchanged (only img2dataset's package __init__ is bypassed, it imports a downloader
-   stack the resharder never uses). Goal: overhead <= 2 s.
+   imports already paid). With --before TREE (e.g. /work/main), the same command from that tree (in 2.
+   too, with --runner local). With --datacomp-python, DataComp's resharder.py (/work/ref/datacomp) on
+   the same pool, run unchanged (only img2dataset's package __init__ is bypassed, it imports a
+   downloader stack the resharder never uses). Goal: overhead <= 2 s.
 2. large pool (--samples, default 100,000; small images, --payload bytes): a single-process sequential
    tar reader of the same tars (reinforge.formats.wds.iter_samples, best of 2, page cache warm) against
    `reinforge reshard` end to end (cold index cache) with the default runner (Ray for many tasks) and with
@@ -27,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -78,17 +79,20 @@ def make_pool(folder: str, samples: int, per_shard: int, payload: int, seed: int
 
 def reshard_cli(tree: str, subset: str, pool: str, out: str, cache: str, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": tree, "REINFORGE_INDEX_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "reinforge.cli.main", "reshard", subset, "--pool", pool,
                            "--output", out, "--no-progress", *extra], env=env, capture_output=True, text=True,
                           cwd=tree)  # `python -m` puts the working directory first on sys.path
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the CLI and its worker processes (not Ray's daemons)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"reshard failed ({tree}): {proc.stderr[-2000:]}")
     manifests = glob.glob(os.path.join(out, "manifests", "*.json"))
     copy = sum(json.load(open(m))["seconds"] for m in manifests)
     samples = sum(json.load(open(m))["samples_out"] for m in manifests)
-    return {"wall": wall, "copy": copy, "samples": samples, "tasks": len(manifests)}
+    return {"wall": wall, "copy": copy, "samples": samples, "tasks": len(manifests), "cpu": cpu}
 
 
 def datacomp(python: str, folder: str, subset: str, out: str, workers: int) -> float:
@@ -106,14 +110,15 @@ def datacomp(python: str, folder: str, subset: str, out: str, workers: int) -> f
     return wall
 
 
-def sequential_read(paths: list[str]) -> float:
+def sequential_read(paths: list[str]) -> tuple[float, float]:
+    """Samples per second of wall time and of CPU time."""
     from reinforge.formats.wds import iter_samples
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     n = 0
     for p in paths:
         with open(p, "rb") as f:
             n += sum(1 for _ in iter_samples(f))
-    return n / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started), n / (time.process_time() - cpu)
 
 
 def bench_small(tmp: str, args) -> None:
@@ -162,21 +167,30 @@ def bench_large(tmp: str, args) -> None:
         f"images, {mib:.0f} MiB; generated in {time.perf_counter() - started:.1f} s)")
     say()
     sequential_read(paths)  # page cache warm
-    reader = max(sequential_read(paths) for _ in range(2))
-    say(f"single-process sequential tar reader (iter_samples): **{reader:,.0f} samples/s** ({load()})")
+    reader, reader_cpu = max(sequential_read(paths) for _ in range(2))
+    say(f"single-process sequential tar reader (iter_samples): **{reader:,.0f} samples/s** ({reader_cpu:,.0f} per "
+        f"CPU second; {load()})")
     say()
-    say("| run | wall s | samples/s | ÷ reader | tasks | |")
-    say("|---|---|---|---|---|---|")
+    say("CPU s: of the CLI and its worker processes (Ray's own processes are not counted); ÷ reader, CPU: samples "
+        "per CPU second ÷ the reader's, what the ratio would be with no parallelism at all")
+    say()
+    say("| run | wall s | samples/s | ÷ reader | CPU s | ÷ reader, CPU | tasks | |")
+    say("|---|---|---|---|---|---|---|---|")
     pool = os.path.join(folder, "pool", "*.tar")
-    for i, (label, extra) in enumerate([("reinforge --runner local (worker processes), cold index", ("--runner", "local")),
-                                        ("reinforge default runner (Ray: many tasks), cold index", ())]):
-        r = reshard_cli(ROOT, subset, pool, os.path.join(folder, f"out{i}"), os.path.join(tmp, f"cache-large{i}"), *extra)
+    runs = [("reinforge --runner local (worker processes), cold index", ROOT, ("--runner", "local")),
+            ("reinforge default runner (Ray: many tasks), cold index", ROOT, ())]
+    if args.before:
+        runs.append((f"before ({args.before}) --runner local, cold index", args.before, ("--runner", "local")))
+    for i, (label, tree, extra) in enumerate(runs):
+        r = reshard_cli(tree, subset, pool, os.path.join(folder, f"out{i}"), os.path.join(tmp, f"cache-large{i}"), *extra)
         rate = r["samples"] / r["wall"]
-        say(f"| {label} | {r['wall']:.2f} | {rate:,.0f} | **{rate / reader:.2f}** | {r['tasks']} | {load()} |")
+        cpu_ratio = f"{r['samples'] / r['cpu'] / reader_cpu:.2f}" if "ray" not in label.lower() else "–"
+        say(f"| {label} | {r['wall']:.2f} | {rate:,.0f} | **{rate / reader:.2f}** | {r['cpu']:.2f} | {cpu_ratio} | "
+            f"{r['tasks']} | {load()} |")
     if args.datacomp_python:
         wall = datacomp(args.datacomp_python, folder, subset, os.path.join(folder, "datacomp"), 2)
         rate = args.samples / wall
-        say(f"| DataComp resharder.py -j 2 | {wall:.2f} | {rate:,.0f} | {rate / reader:.2f} | | {load()} |")
+        say(f"| DataComp resharder.py -j 2 | {wall:.2f} | {rate:,.0f} | {rate / reader:.2f} | | | | {load()} |")
     say()
     from reinforge.formats.uid_index import index_shard
     index_shard(paths[0])  # imports and first-touch costs out of the measurement
@@ -222,7 +236,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--payload", type=int, default=1024, help="bytes of the (random) jpg member")
-    parser.add_argument("--before", default=None, help="another reinforge tree to time the same small run with")
+    parser.add_argument("--before", default=None, help="another reinforge tree to time the same CLI runs with (small pool; large pool, --runner local)")
     parser.add_argument("--datacomp-python", default=None, help="a Python with DataComp's resharder dependencies")
     parser.add_argument("--results", default=None, help="also write the tables to this markdown file")
     args = parser.parse_args()

@@ -342,3 +342,102 @@ def test_shard_writer_writes_tarfiles_bytes():
         assert writer_bytes(samples) == tarfile_bytes(samples)
     with pytest.raises(ValueError, match="too long"):  # tarfile's own refusal, unchanged
         writer_bytes([("n" * 300, {"jpg": b"x"})])
+
+
+def test_shard_writer_hands_large_output_on_in_chunks():
+    rng = random.Random(1)
+    samples = [(f"{i:032x}", {"jpg": rng.randbytes(300_000), "txt": b"t" * i}) for i in range(9)]  # ~2.7 MB
+    assert writer_bytes(samples) == tarfile_bytes(samples)
+
+
+# ---------------------------------------------------------------- walks without a Python step per member
+
+def tar_bytes(members, fmt=tarfile.USTAR_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def patched_header(data: bytes, header: int, field: slice, value: bytes) -> bytes:
+    """`data` with one header field replaced and that header's checksum made right again."""
+    out = bytearray(data)
+    block = slice(header, header + 512)
+    out[header + field.start:header + field.stop] = value
+    out[header + 148:header + 156] = b" " * 8
+    out[header + 148:header + 155] = b"%06o\0" % sum(out[block])
+    return bytes(out)
+
+
+def test_ustar_chain_is_the_walk_or_declines():
+    """shard_spans._ustar_chain (mapped shards) takes the blocks with the ustar magic as the headers: only
+    when they are exactly what _walk_headers visits; anything it cannot vouch for is left to the walk."""
+    from reinforge.formats.shard_spans import _ustar_chain, _walk_headers
+    from reinforge.formats.tarscan import Corrupt
+    rng = random.Random(3)
+    plain = tar_bytes([(f"k{i}.{ext}", rng.randbytes(rng.randint(0, 1500))) for i in range(20) for ext in ("jpg", "json")])
+    inner = tar_bytes([("in.txt", b"x" * 600)])  # a member holding a tar: its blocks carry the magic too
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        in_data = next(info.offset_data + 1 for info in tar.getmembers()[5:] if info.size > 1)
+    cases = {"plain": plain, "gnu": tar_bytes([("a.jpg", b"1" * 700), ("a.txt", b"2")], tarfile.GNU_FORMAT),
+             "tar in a member": tar_bytes([("a.tar", inner), ("a.txt", b"t")]),
+             "no end blocks": plain[:len(plain) - 1024 * 10].rstrip(b"\0") + bytes(-len(plain.rstrip(b"\0")) % 512),
+             "cut in data": plain[:in_data], "cut in a header": plain[:1024 + 100], "garbage after": plain + b"junk" * 300,
+             "v7 header": patched_header(plain, 0, slice(257, 265), bytes(8)),
+             "spaced size": patched_header(plain, 0, slice(124, 136), b" %010o\0" % len(rng.randbytes(0))),
+             "empty": b""}
+    took = set()
+    for name, data in cases.items():
+        chain = _ustar_chain(data)
+        try:
+            headers, sizes = _walk_headers(data)
+        except Corrupt:
+            assert chain is None, name
+            continue
+        if chain is not None:
+            took.add(name)
+            rows = np.frombuffer(b"".join(headers), np.uint8).reshape(-1, 512)
+            assert np.array_equal(chain[0], rows) and chain[1].tolist() == sizes, name
+    assert {"plain", "gnu", "cut in data"} <= took and "tar in a member" not in took and "v7 header" not in took
+
+
+def test_fetch_many_reads_what_fetch_reads(tmp_path, monkeypatch):
+    """PoolReader.fetch_many (reshard tasks: nearby ranges read together, headers checked together) gives
+    for every range exactly what fetch gives: samples, and the same refusals for damaged ones."""
+    from reinforge.formats import pool_reader
+    from reinforge.formats.limits import Limits
+    members = []
+    for i in range(12):
+        members += [(f"s{i:02d}.jpg", bytes([i]) * (300 + 200 * i)), (f"s{i:02d}.json", b'{"uid": "%d"}' % i)]
+    members += [("x" * 120 + ".jpg", b"pax"), ("x" * 120 + ".json", b"{}")]  # a pax header: tarfile reads it
+    members += [("../up.jpg", b"u"), ("../up.json", b"{}"), ("big.jpg", b"b" * (2 << 20)), ("d/k.jpg", b"d"), ("d/k.txt", b"e")]
+    data = bytearray(tar_bytes(members, tarfile.PAX_FORMAT))
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        infos = tar.getmembers()
+    start = {info.name: info.offset for info in infos}
+    end = {info.name: info.offset_data + -(-info.size // 512) * 512 for info in infos}
+    data[start["s03.json"] + 5] ^= 1  # a damaged header: its checksum no longer matches
+    data = patched_header(bytes(data), start["s05.jpg"], slice(124, 136), b" %010o\0" % (300 + 200 * 5))
+    (tmp_path / "pool.tar").write_bytes(data)
+    url = str(tmp_path / "pool.tar")
+
+    def span(first, last=None):
+        return start[first], end[last or first.replace(".jpg", ".json")] - start[first]
+    spans = [span(f"s{i:02d}.jpg") for i in range(12)]
+    spans += [span("x" * 120 + ".jpg"), span("../up.jpg"), span("big.jpg", "big.jpg"), span("d/k.jpg", "d/k.txt"),
+              span("s06.jpg", "s07.json"),  # two samples in one range
+              (start["s08.jpg"], 4096 * 8),  # past the last member, into the end blocks and beyond the file
+              (start["s09.jpg"] + 512, 1024), span("s01.jpg"), span("s00.jpg"), (len(data) - 512, 1024)]
+    for gap, most in ((64 << 10, 16 << 20), (0, 16 << 20), (1 << 20, 3000), (0, 1)):
+        monkeypatch.setattr(pool_reader, "MERGE_GAP", gap)
+        monkeypatch.setattr(pool_reader, "MAX_READ", most)
+        for limits in (Limits.default(), Limits(0, 0, 0)):  # the latter: samples over 2 MiB are refused
+            reader = pool_reader.PoolReader(open_limit=1, limits=limits)
+            expected = [reader.fetch(url, *s) for s in spans]
+            assert list(reader.fetch_many(url, spans)) == expected
+            reader.close()
+            reasons = {s.get("__error__", ("ok",))[0] for s in expected}
+    assert reasons == {"ok", "bad_range", "bad_key", "member_too_large"}, reasons

@@ -104,6 +104,49 @@ def _walk_headers(buf) -> tuple[list[bytes], list[int]]:
     return headers, sizes
 
 
+def _header_rows(buf) -> tuple[np.ndarray, np.ndarray]:
+    """_walk_headers' headers as the rows of an (n, 512) array, and their sizes."""
+    chain = _ustar_chain(buf)
+    if chain is not None:
+        return chain
+    headers, sizes = _walk_headers(buf)
+    return (np.frombuffer(b"".join(headers), np.uint8).reshape(-1, tarscan.BLOCK), np.asarray(sizes, np.int64))
+
+
+_USTAR = np.frombuffer(b"ustar", np.uint8)
+_OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+
+
+def _ustar_chain(buf) -> tuple[np.ndarray, np.ndarray] | None:
+    """_walk_headers for a shard in memory (a mapped file), without a Python step per member: the
+    512-byte blocks with the ustar magic are taken as headers if each one's size (in tarfile's form)
+    leads exactly to the next, the first is at 0 and the last leads to a zero block or the end of the
+    file. Then they are the very headers the walk visits; None otherwise (member bytes that look like a
+    header, other header formats or size fields, a damaged tar), and the walk decides."""
+    try:
+        data = np.frombuffer(buf, np.uint8)
+    except (TypeError, ValueError):  # not a buffer (pread or seek slices), or an empty map
+        return None
+    n = len(data) // tarscan.BLOCK
+    blocks = data[:n * tarscan.BLOCK].reshape(n, tarscan.BLOCK)
+    at = np.flatnonzero(blocks[:, 257] == _USTAR[0])
+    at = at[(blocks[at, 257:262] == _USTAR).all(axis=1)]
+    if not len(at) or at[0] != 0:
+        return None
+    h = blocks[at]  # a copy: nothing keeps the map exported once this returns
+    digits = h[:, 124:135].astype(np.int64) - 48
+    if (h[:, 135] != 0).any() or ((digits < 0) | (digits > 7)).any():
+        return None
+    sizes = digits @ _OCTAL
+    following = at + 1 + (sizes + 511) // tarscan.BLOCK  # the block after each member
+    if (following[:-1] != at[1:]).any():
+        return None
+    end = int(following[-1])
+    if end * tarscan.BLOCK < len(data) and (end >= n or blocks[end].any()):  # a short or non-zero block follows
+        return None
+    return h, sizes
+
+
 def scan_plain(buf) -> tuple[list, list, list, list]:
     """Samples of a plain ustar shard from its headers: (key bytes, first header offset, end, json
     member (data offset, size) or None) per sample. Headers are walked in one tight loop; checksums,
@@ -111,18 +154,16 @@ def scan_plain(buf) -> tuple[list, list, list, list]:
     exactly as tarscan.parse_header and split_member_name would one by one. Raises tarscan.Unsupported
     for a header but a regular file or a directory, or a ustar name prefix (the caller falls back to
     tarfile), tarscan.Corrupt for a damaged header."""
-    headers, sizes = _walk_headers(buf)
-    if not headers:
+    h, sizes = _header_rows(buf)
+    if not len(h):
         return [], [], [], []
-    h = np.frombuffer(b"".join(headers), np.uint8).reshape(-1, tarscan.BLOCK)
-    _verify_checksums(h, headers)
+    _verify_checksums(h)
     flag = h[:, 156]
     odd = ~np.isin(flag, (48, 0, 53))  # "0", NUL (regular file), "5" (directory)
     if odd.any():
         raise tarscan.Unsupported(f"tar header type {bytes([flag[np.argmax(odd)]])!r}")
     if ((h[:, 345] != 0) & (h[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1)).any():
         raise tarscan.Unsupported("ustar name prefix")
-    sizes = np.asarray(sizes, np.int64)
     offsets = np.r_[0, np.cumsum(tarscan.BLOCK + ((sizes + 511) & -512))]
     nul = h[:, :100] == 0
     length = np.where(nul.any(axis=1), nul.argmax(axis=1), 100)
@@ -150,20 +191,30 @@ def scan_plain(buf) -> tuple[list, list, list, list]:
     return key_bytes, offsets[rows[new]].tolist(), (offsets[rows[last] + 1]).tolist(), jsons
 
 
-def _verify_checksums(h: np.ndarray, headers: list[bytes]) -> None:
-    """tarscan.parse_header's check for every header at once: the unsigned sum of the block with the
-    checksum field read as spaces equals the field. The field is compared in tarfile's form
-    ("%06o\\0 "); any other form is parsed one by one."""
+def _verify_checksums(h: np.ndarray) -> None:
+    """tarscan.parse_header's check for every header at once; a header whose checksum field is not in
+    tarfile's form is parsed one by one."""
+    for i in np.flatnonzero(~checksums_ok(h)):
+        if _number(h[i, 148:156].tobytes()) != _byte_sums(h[i:i + 1])[0]:
+            raise tarscan.Corrupt("header checksum mismatch")
+
+
+def checksums_ok(h: np.ndarray) -> np.ndarray:
+    """Per header block (rows of h): whether its checksum field, in tarfile's form ("%06o\\0 "), equals
+    the unsigned sum of the block with the field read as spaces. False also for a field in any other
+    form (which tarscan.parse_header may still accept)."""
+    sums = _byte_sums(h)
+    digits = ((sums[:, None] >> np.arange(15, -1, -3)) & 7) + 48
+    return (h[:, 148:154] == digits).all(axis=1) & (h[:, 154] == 0) & (h[:, 155] == 32)
+
+
+def _byte_sums(h: np.ndarray) -> np.ndarray:
+    """The header checksum of each row: its byte sum with the checksum field counted as 8 spaces."""
     lanes = h.view("<u8")  # bytes summed in four 16-bit lanes per word (64 words x 510 < 2**16: no carry)
     mask = np.uint64(0x00FF00FF00FF00FF)
     lanes = ((lanes & mask) + ((lanes >> np.uint64(8)) & mask)).sum(axis=1, dtype=np.uint64)
     sums = sum(((lanes >> np.uint64(s)) & np.uint64(0xFFFF)).astype(np.int64) for s in (0, 16, 32, 48))
-    sums = sums - h[:, 148:156].sum(axis=1, dtype=np.int64) + 256
-    digits = ((sums[:, None] >> np.arange(15, -1, -3)) & 7) + 48
-    canonical = (h[:, 148:154] == digits).all(axis=1) & (h[:, 154] == 0) & (h[:, 155] == 32)
-    for i in np.flatnonzero(~canonical):
-        if _number(headers[i][148:156]) != sums[i]:
-            raise tarscan.Corrupt("header checksum mismatch")
+    return sums - h[:, 148:156].sum(axis=1, dtype=np.int64) + 256
 
 
 def scan_tarfile(fs, path: str) -> tuple[list, list, list, list]:

@@ -42,7 +42,6 @@ def parse_hex_uids(strings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Returns (hi, lo, status): uint64 halves and an int8 status per row (UID_OK, or why not);
     hi/lo of rows that are not UID_OK are 0 and must be ignored by the caller."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     arr = strings if isinstance(strings, (pa.Array, pa.ChunkedArray)) else pa.array(strings, pa.string())
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
@@ -54,10 +53,13 @@ def parse_hex_uids(strings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise SubsetError(f"uid column has type {arr.type}, expected strings of 32 hex characters")
     n = len(arr)
     status = np.zeros(n, np.int8)
-    lengths = pc.binary_length(arr).to_numpy(zero_copy_only=False)  # NaN where null
-    null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False))
+    if n == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), status
+    # byte lengths from the offsets, nulls from the validity bitmap: no pyarrow.compute (0.1 s to import)
+    lengths = np.diff(np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4))
+    null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False)) if arr.null_count else np.zeros(n, bool)
     status[null] = UID_NULL
-    status[~null & (np.nan_to_num(lengths, nan=32) != 32)] = UID_BAD_LENGTH
+    status[~null & (lengths != 32)] = UID_BAD_LENGTH
     good32 = status == UID_OK
     hi = np.zeros(n, np.uint64)
     lo = np.zeros(n, np.uint64)

@@ -42,7 +42,7 @@ from reinforge.formats.subset import UID_OK, parse_hex_uids
 from reinforge.formats.wds import ShardReadError
 from reinforge.io.fingerprint import MISSING, file_versions
 from reinforge.io.manifest import Task
-from reinforge.io.storage import filesystem, write_bytes
+from reinforge.io.storage import filesystem, has_rename, write_bytes
 
 INDEX_STATUS = {1: "no_json", 2: "no_uid_field", 3: "malformed_uid", 4: "bad_json"}
 _META_KEY = b"reinforge.uid_index"
@@ -163,7 +163,7 @@ def load_or_build(url: str, size: int, version: str, index_dir: str, uid_field: 
     try:
         fs, path = filesystem(target)
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+            table = pq.ParquetFile(f).read()  # not read_table: its dataset layer imports pandas (~0.4 s)
         if json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}")) == identity:
             return table
     except (OSError, ValueError, pa.ArrowException):  # absent, or unreadable: index again
@@ -181,10 +181,14 @@ def load_or_build(url: str, size: int, version: str, index_dir: str, uid_field: 
 def build_index(tasks: list[Task], run_index_dir: str, uid_field: str, threads: int = 8):
     """Index tables in shard order (task.inputs[0] per shard). Entries live in index_cache_dir(), shared
     by every run on this machine, or in `run_index_dir` when the shared cache is off. Shards are
-    versioned in one batch (a stat each, or one listing per folder), then read on a few threads."""
+    versioned in one batch (a stat each, or one listing per folder), then read on a few threads, or on
+    one for a local disk (no latency to hide there: more threads only contend for the GIL, ~25 % more
+    CPU time for the same wall time)."""
     index_dir = index_cache_dir() or run_index_dir
     urls = [t.inputs[0] for t in tasks]
     versions = file_versions(urls)
+    if urls and has_rename(filesystem(urls[0])[0]):
+        threads = 1
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(tasks)))) as pool:
         # at most 2 x threads tables ahead of the consumer (pool.map would queue every shard's table:
         # the whole pool's index in memory when the consumer is the slower side)

@@ -154,14 +154,11 @@ def _ustar_header(name: str, size: int) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
         return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
-    block = bytearray(_HEADER_TEMPLATE)
-    block[:len(raw)] = raw  # over NULs
     size_field = b"%011o\0" % size
-    block[124:136] = size_field
     # tarfile's checksum: the block's byte sum with 8 spaces in the checksum field, as in the template
     checksum = _TEMPLATE_SUM + sum(raw) + sum(size_field) - _TEMPLATE_SIZE_SUM
-    block[148:155] = b"%06o\0" % checksum
-    return bytes(block)
+    return b"".join((raw.ljust(_FAST_NAME_BYTES, b"\0"), _MODE_TO_SIZE, size_field, _MTIME, b"%06o\0 " % checksum,
+                     _AFTER_CHECKSUM))
 
 
 def _template() -> bytes:
@@ -174,6 +171,10 @@ def _template() -> bytes:
 
 _HEADER_TEMPLATE = _template()
 _TEMPLATE_SUM, _TEMPLATE_SIZE_SUM = sum(_HEADER_TEMPLATE), sum(_HEADER_TEMPLATE[124:136])
+# the template's fields around the name, size and checksum fields
+_MODE_TO_SIZE, _MTIME, _AFTER_CHECKSUM = _HEADER_TEMPLATE[100:124], _HEADER_TEMPLATE[136:148], _HEADER_TEMPLATE[156:]
+_PADDING = [bytes(n) for n in range(tarfile.BLOCKSIZE)]
+FLUSH_BYTES = 1 << 20  # the writer hands samples to its stream in chunks of about this size
 
 
 class ShardWriter:
@@ -188,26 +189,37 @@ class ShardWriter:
     def __init__(self, fileobj: IO[bytes]):
         self._out = fileobj
         self._offset = fileobj.tell()  # as tarfile counts it: the end record pads the whole stream
+        self._pending: list[bytes] = []  # samples not yet handed to the stream, and their size
+        self._pending_bytes = 0
         self.samples = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key.rpartition("/")[2]:
             raise ValueError(f"sample key {key!r} contains a dot")
         names = [f"{key}.{ext}" for ext in members]
-        for name in names:  # checked before anything is written: no half-written sample
-            problem = unsafe_name(name)
-            if problem:
-                raise ValueError(f"member name {name!r} {problem}: refusing to write it")
+        joined = "/".join(names)  # no NUL, no "..", not absolute: every name is safe, no need to look closer
+        if "\0" in joined or ".." in joined or joined.startswith(("/", "\\")):
+            for name in names:  # checked before anything is written: no half-written sample
+                problem = unsafe_name(name)
+                if problem:
+                    raise ValueError(f"member name {name!r} {problem}: refusing to write it")
         parts = []
         for name, data in zip(names, members.values()):
-            parts += (_ustar_header(name, len(data)), data, bytes(-len(data) % tarfile.BLOCKSIZE))
-        chunk = b"".join(parts)  # one write per sample: each write costs more than copying a small member
-        self._out.write(chunk)
-        self._offset += len(chunk)
+            parts += (_ustar_header(name, len(data)), data, _PADDING[-len(data) % tarfile.BLOCKSIZE])
+        self._pending += parts
+        self._pending_bytes += sum(map(len, parts))
         self.samples += 1
+        if self._pending_bytes >= FLUSH_BYTES:  # few large writes: each write costs more than a small member
+            self._flush()
+
+    def _flush(self) -> None:
+        self._out.write(b"".join(self._pending))
+        self._offset += self._pending_bytes
+        self._pending, self._pending_bytes = [], 0
 
     def close(self) -> None:
         """tarfile's end of archive: two zero blocks, then zeros up to a whole record (20 blocks)."""
+        self._flush()
         end = self._offset + 2 * tarfile.BLOCKSIZE
         self._out.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._offset = end + (-end % tarfile.RECORDSIZE)

@@ -46,13 +46,11 @@ def library_versions(libraries: tuple[str, ...] = ("torch", "torchvision", "timm
 def worker_identity() -> dict:
     import os
     import socket
+    import sys
     identity = {"host": socket.gethostname(), "pid": os.getpid()}
-    try:
-        import ray
-        if ray.is_initialized():
-            identity["node_id"] = ray.get_runtime_context().get_node_id()
-    except ImportError:
-        pass
+    ray = sys.modules.get("ray")  # a worker on Ray has imported it; any other need not (it takes seconds)
+    if ray is not None and ray.is_initialized():
+        identity["node_id"] = ray.get_runtime_context().get_node_id()
     return identity
 
 

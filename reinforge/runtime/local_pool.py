@@ -7,7 +7,9 @@ holds the same TaskExecutor a Ray actor holds, so every task writes the same byt
 order (shard, sidecars, errors, manifest last) as on Ray, and resume, skipping and failure records work
 unchanged. It has ActorPool's interface (results, running, in_flight, shutdown), so the runner's
 progress, status file and summary are shared. With more than one process, each worker process (spawned
-fresh, never forked from the driver's threads) builds its executor once and takes tasks one at a time.
+fresh, never forked from the driver's threads) builds its executor once, at its first task, and takes
+tasks one at a time. The processes start when the pool is made: the runner makes it before the run is
+prepared, so that their interpreters and imports overlap the driver's work.
 
 The rule for choosing it (runner.runs_in_process) lives with the runner, not in any product.
 """
@@ -29,7 +31,8 @@ from reinforge.io.manifest import Task
 
 TICK_S = 2.0  # as actor_pool.TICK_S: the status file is refreshed at least this often
 
-_executor = None  # a worker process's TaskExecutor
+_recipe = None  # a worker process's recipe, and its TaskExecutor, built at its first task
+_executor = None
 
 
 def _make_executor(recipe: BaseModel):
@@ -45,11 +48,26 @@ def _make_executor(recipe: BaseModel):
 
 
 def _start_worker(recipe: BaseModel) -> None:
-    global _executor
-    _executor = _make_executor(recipe)
+    """A worker process's start: the imports its tasks need, nothing that needs the run prepared (the
+    driver may still be preparing it); the executor is built at the first task."""
+    global _recipe
+    import importlib
+    _recipe = recipe
+    for module in ("reinforge.runtime.executor", type(recipe).pipeline.partition(":")[0]):
+        importlib.import_module(module)
+
+
+def _started() -> None:
+    """Submitted once per worker process when the pool starts, so that all of them start at once."""
 
 
 def _run_in_worker(task: Task) -> Union[dict, str]:
+    global _executor
+    if _executor is None:
+        try:
+            _executor = _make_executor(_recipe)
+        except Exception:  # noqa: BLE001 - as a Ray actor that cannot start: every task it is given fails
+            return f"worker error: {traceback.format_exc()[-500:]}"
     return _run(_executor, task)
 
 
@@ -73,11 +91,11 @@ def _plain_main():
         sys.modules["__main__"] = real
 
 
-def local_processes(recipe: BaseModel, tasks: int) -> int:
+def local_processes(recipe: BaseModel, tasks: int | None = None) -> int:
     """resources.num_actors, else as many as the machine's CPUs fit at cpus_per_actor; at most `tasks`."""
     res = recipe.resources
     fits = res.num_actors or math.floor((os.cpu_count() or 1) / res.cpus_per_actor + 1e-9)
-    return max(1, min(tasks, fits))
+    return max(1, min(tasks, fits) if tasks is not None else fits)
 
 
 class LocalPool:
@@ -90,7 +108,10 @@ class LocalPool:
             self.executor = None
             self.processes = ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"), _start_worker,
                                                  (recipe,))
-        self.width = processes
+            with _plain_main():  # the pool starts its processes on demand: ask for all of them now
+                for _ in range(processes):
+                    self.processes.submit(_started)
+        self.width = processes  # tasks in flight at most (the runner may lower it)
 
     @property
     def in_flight(self) -> dict:

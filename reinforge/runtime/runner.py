@@ -1,6 +1,7 @@
 """The driver: record the recipe (run.json), prepare the run and list its tasks (Pipeline.prepare, then
-.tasks), skip the done ones, run the rest on the actor pool (actor_pool.py), or in this process when
-only one task is left to run (local_pool.py; the rule is runs_in_process).
+.tasks), skip the done ones, run the rest on the actor pool (actor_pool.py), or without Ray: in this
+process when only one task is left to run, on local worker processes when the recipe asks for them
+(local_pool.py; the rule is runs_in_process). Local worker processes start before the run is prepared.
 
 A task is done iff its manifest exists and carries this run's config digest, so a rerun costs one
 listing plus reading small JSON files, plus the inputs' metadata (a stat per file, or one listing per
@@ -224,36 +225,50 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
     pipeline = build_pipeline(recipe)
     layout = RunLayout(recipe.output)
     digest = write_run_record(layout, recipe, force)
-    pipeline.prepare(layout)
-    tasks = pipeline.tasks()
-    todo_list, changed = fingerprinted_todo(pipeline, layout, digest, tasks, redo_changed)
-    todo = deque(todo_list)
-    summary = RunSummary(output=recipe.output, tasks=len(tasks), skipped=len(tasks) - len(todo),
-                         redone_changed=changed)
-    status_url = layout.status
-    starting = Progress(len(tasks), summary.skipped, False, status_url)
-    starting.write_status([], "starting" if todo else "finished")
-    if not todo:
-        write_loader_files(layout, digest)
-        summary.seconds = time.perf_counter() - started
+    absolute = recipe.model_copy(update={"output": absolute_url(recipe.output)})  # as workers must read it
+    # local worker processes (runner: local) start now: they import while the driver prepares the run
+    workers = (LocalPool(absolute, local_processes(recipe))
+               if recipe.resources.runner == "local" and local_processes(recipe) > 1 else None)
+    try:
+        pipeline.prepare(layout)
+        tasks = pipeline.tasks()
+        todo_list, changed = fingerprinted_todo(pipeline, layout, digest, tasks, redo_changed)
+        todo = deque(todo_list)
+        summary = RunSummary(output=recipe.output, tasks=len(tasks), skipped=len(tasks) - len(todo),
+                             redone_changed=changed)
+        status_url = layout.status
+        starting = Progress(len(tasks), summary.skipped, False, status_url)
+        starting.write_status([], "starting" if todo else "finished")
+        if not todo:
+            write_loader_files(layout, digest)
+            summary.seconds = time.perf_counter() - started
+            return summary
+        in_process = runs_in_process(recipe, address, len(todo))
+        width = local_processes(recipe, len(todo))
+        if workers is not None and width == 1:  # a job of one task runs in this process
+            workers.shutdown()
+            workers = None
+        with nullcontext() if in_process else ray_session(address, recipe.resources.object_store_memory_mb):
+            if workers is not None:
+                pool, workers.width = workers, width
+            else:
+                pool = (LocalPool(absolute, width) if in_process else
+                        ActorPool(_start_pool(recipe, len(todo), starting), recipe.resources.tasks_in_flight_per_actor))
+            bar = Progress(len(tasks), summary.skipped, progress, status_url)
+            t0 = time.perf_counter()
+            try:
+                for task, result in pool.results(todo, tick=lambda: bar.write_status(pool.running())):
+                    if isinstance(result, str):
+                        result = _failed(layout, task, result)
+                    bar.update(result)
+                    summary.add(result)
+            finally:
+                bar.write_status(pool.running(), "interrupted" if todo or pool.in_flight else "finished")
+                bar.close()
+                pool.shutdown()
+            summary.seconds = time.perf_counter() - t0
+        write_loader_files(layout, digest)  # sizes.json, _info.json, dataset cards: what standard loaders read
         return summary
-    in_process = runs_in_process(recipe, address, len(todo))
-    with nullcontext() if in_process else ray_session(address, recipe.resources.object_store_memory_mb):
-        absolute = recipe.model_copy(update={"output": absolute_url(recipe.output)})
-        pool = (LocalPool(absolute, local_processes(recipe, len(todo))) if in_process else
-                ActorPool(_start_pool(recipe, len(todo), starting), recipe.resources.tasks_in_flight_per_actor))
-        bar = Progress(len(tasks), summary.skipped, progress, status_url)
-        t0 = time.perf_counter()
-        try:
-            for task, result in pool.results(todo, tick=lambda: bar.write_status(pool.running())):
-                if isinstance(result, str):
-                    result = _failed(layout, task, result)
-                bar.update(result)
-                summary.add(result)
-        finally:
-            bar.write_status(pool.running(), "interrupted" if todo or pool.in_flight else "finished")
-            bar.close()
-            pool.shutdown()
-        summary.seconds = time.perf_counter() - t0
-    write_loader_files(layout, digest)  # sizes.json, _info.json, dataset cards: what standard loaders read
-    return summary
+    finally:
+        if workers is not None:
+            workers.shutdown()

@@ -239,7 +239,7 @@ class JoinPipeline(Pipeline):
     def read(self, task: Task) -> Iterator[dict]:
         fs, path = filesystem(locations_url(self.layout, task.id))
         with fs.open(path, "rb") as f:
-            rows = pq.read_table(f).to_pydict()
+            rows = pq.ParquetFile(f).read().to_pydict()  # not read_table: it imports pandas (~0.4 s)
         where = {uid: (url, offset, length) for uid, url, offset, length in
                  zip(rows["uid"], rows["shard"], rows["offset"], rows["length"])}
         pool = PoolReader()
