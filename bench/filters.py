@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--clusters", type=int, default=256)
+    parser.add_argument("--clusters", type=int, default=256, help="0: no image-based clustering")
     parser.add_argument("--kmeans", choices=["datacomp", "spherical"], default="datacomp")
     parser.add_argument("--units", type=int, default=10, help="units (Ray tasks) of the parallel score pass; 0: skip")
     args = parser.parse_args()
@@ -86,9 +86,11 @@ def main() -> None:
                                 ScoreOptions(clusters=args.clusters, cluster_targets=os.path.join(tmp, "targets.npy"),
                                              kmeans=args.kmeans))
         score_s, score_cpu = time.perf_counter() - started, time.process_time() - cpu
+        clusters = (f"{args.kmeans} k-means k={args.clusters} on {report['clusters']['train_rows']:,} rows, dim "
+                    f"{args.dim}" if args.clusters else "no clustering")
         print(f"[score] {report['rows']:,} rows in {score_s:.1f} s = {report['rows'] / score_s:,.0f} rows/s wall, "
-              f"{report['rows'] / score_cpu:,.0f} rows per CPU-second ({args.kmeans} k-means k={args.clusters} on "
-              f"{report['clusters']['train_rows']:,} rows, dim {args.dim}; english {report['language']['english']:,})")
+              f"{report['rows'] / score_cpu:,.0f} rows per CPU-second ({clusters}; english "
+              f"{report['language']['english']:,})")
         if args.units:
             parallel = os.path.join(tmp, "scores_parallel")
             options = ScoreOptions(clusters=args.clusters, cluster_targets=os.path.join(tmp, "targets.npy"),
@@ -114,7 +116,7 @@ def main() -> None:
         per_cld3 = (time.process_time() - cpu) / texts.num_rows
         print(f"[score] --cld3: {1 / per_cld3:,.0f} captions per CPU-second; it would add "
               f"{per_cld3 * report['rows'] / score_cpu:.2f} of this score pass's CPU time")
-        for rule in ("basic & top(clip_l14, 0.3)", "image | clip_b32>=0.3"):
+        for rule in ("basic & top(clip_l14, 0.3)",) + (("image | clip_b32>=0.3",) if args.clusters else ()):
             started, cpu = time.perf_counter(), time.process_time()
             r = decide(scores, rule, os.path.join(tmp, "subset.npy"))
             decide_s, decide_cpu = time.perf_counter() - started, time.process_time() - cpu
