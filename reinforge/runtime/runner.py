@@ -249,8 +249,9 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
             workers.shutdown()
             workers = None
         with nullcontext() if in_process else ray_session(address, recipe.resources.object_store_memory_mb):
-            if workers is not None:
-                pool, workers.width = workers, width
+            if workers is not None:  # the early workers become the pool, which shuts them down
+                pool, workers = workers, None
+                pool.width = width
             else:
                 pool = (LocalPool(absolute, width) if in_process else
                         ActorPool(_start_pool(recipe, len(todo), starting), recipe.resources.tasks_in_flight_per_actor))
