@@ -78,15 +78,17 @@ def _make_inputs():
     shutil.rmtree(ROOT, ignore_errors=True)
 
 
-def run_digests(recipe: dict) -> dict[str, str]:
+def run_digests(recipe: dict, fresh: bool = True) -> dict[str, str]:
+    """sha256[:16] of every file in the run folder, after a fresh prepare() (`fresh`) or as it is."""
     recipe = parse_recipe(recipe)
-    shutil.rmtree(recipe.output, ignore_errors=True)
-    build_pipeline(recipe).prepare(RunLayout(recipe.output))
+    if fresh:
+        shutil.rmtree(recipe.output, ignore_errors=True)
+        build_pipeline(recipe).prepare(RunLayout(recipe.output))
     out = {}
     for folder, _, files in os.walk(recipe.output):
         for name in files:
             path = os.path.join(folder, name)
-            if "/index/" not in path:
+            if "/index/" not in path and not path.endswith("plan/inputs.json"):  # inputs: file versions (mtimes)
                 with open(path, "rb") as f:
                     out[os.path.relpath(path, recipe.output)] = hashlib.sha256(f.read()).hexdigest()[:16]
     return dict(sorted(out.items()))
@@ -109,7 +111,10 @@ CASES = {
              "input": {"path": f"{ROOT}/reinforcement/*.tar", "dr_config": f"{ROOT}/dr_config.json"}},
 }
 
-GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner before #16 streamed it
+# sha256[:16] per file, from the planner before #16 streamed it. Reshard's plan/plan.json: since the plan is
+# made in partitions, its "fingerprint" field hashes the task files' sha256 (it hashed the whole table column by
+# column); the new digests were taken after checking that nothing else in those files changed.
+GOLDEN: dict[str, dict[str, str]] = {
     'join': {
         'dr_config.json': 'baada230ddc11b91',
         'plan/00000000.parquet': '15298bd682d32ad5',
@@ -118,7 +123,7 @@ GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner 
     },
     'reshard': {
         'plan/missing_uids.npy': 'd79de981b67cc7a5',
-        'plan/plan.json': '5a01f1a668929f11',
+        'plan/plan.json': 'de8d3b5a1196f58a',
         'plan/tasks/00000000.parquet': 'c9d8920bfe832fbc',
         'plan/tasks/00000001.parquet': 'bc6afd45bc8bda15',
         'plan/tasks/00000002.parquet': '5badbc61cbf28047',
@@ -133,7 +138,7 @@ GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner 
         'shards/sizes.json': 'e05a51734f7d5c60',
     },
     'reshard_all_found': {
-        'plan/plan.json': '055d41d6aa5b4153',
+        'plan/plan.json': '6a63d2798bbea210',
         'plan/tasks/00000000.parquet': 'bab19444ff5e37ad',
         'plan/tasks/00000001.parquet': '903a067a49848b58',
         'plan/tasks/00000002.parquet': '78be33d274c2effa',
@@ -149,7 +154,7 @@ GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner 
         'shards/sizes.json': 'f9c7bbae15c97dde',
     },
     'reshard_once': {
-        'plan/plan.json': '753baa23ff72900e',
+        'plan/plan.json': 'e44a2ff13f753ee4',
         'plan/tasks/00000000.parquet': '1917df61b62a5be4',
         'plan/tasks/00000001.parquet': '0387650ecf5b05e9',
         'plan/tasks/00000002.parquet': '34d10aebc5d74b2f',
@@ -162,7 +167,7 @@ GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner 
     },
     'reshard_extras': {
         'plan/missing_uids.npy': 'd79de981b67cc7a5',
-        'plan/plan.json': '6bec73813390c9fb',
+        'plan/plan.json': '826eff65e9640931',
         'plan/tasks/00000000.parquet': 'a19c89b16c56dac9',
         'plan/tasks/00000001.parquet': '7236ab50e73ca2bf',
         'plan/tasks/00000002.parquet': '3f2e3fd68948d448',
@@ -188,7 +193,7 @@ GOLDEN: dict[str, dict[str, str]] = {  # sha256[:16] per file, from the planner 
     },
     'reshard_selection': {
         'plan/missing_uids.npy': '5cd20e36d44f53d9',
-        'plan/plan.json': '742d3c799f282474',
+        'plan/plan.json': 'd14bd4d93ebdcf7f',
         'plan/tasks/00000000.parquet': 'df044138195c2169',
         'plan/tasks/00000001.parquet': '78f4910f81e79112',
         'plan/tasks/00000002.parquet': '41593636d35d99c3',
@@ -258,11 +263,54 @@ def test_stable_argsort_is_numpys_stable_argsort():
                 assert np.array_equal(by_function, np.argsort(key, kind="stable"))
 
 
-@pytest.mark.parametrize("case", ["reshard", "reshard_extras"])
-def test_the_fingerprint_does_not_depend_on_its_chunk_size(inputs, case, monkeypatch):
-    """fingerprint() hashes a chunk of rows at a time: any chunk size gives the digest of the whole table."""
+@pytest.mark.parametrize("case", ["reshard", "reshard_extras", "reshard_once", "reshard_selection"])
+def test_any_partitioning_gives_the_same_plan(inputs, case, monkeypatch):
+    """The passes cut the work into pool shard groups, uid buckets and key ranges: any cut (one shard per
+    group, buckets of 3 uids, ranges of 5 copies, ...), inline or on worker processes, writes the bytes
+    of the default cut (the golden)."""
+    from reinforge.products.reshard import prepare
+    from reinforge.products.reshard.pipeline import ReshardPipeline
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    cuts = [prepare.Sizes(1, 3, 5, "inline"), prepare.Sizes(2, 7, 11, "inline"), prepare.Sizes(3, 1, 1, "inline")]
+    if case == "reshard":
+        cuts.append(prepare.Sizes(1, 4, 6, "processes"))
+    for cut in cuts:
+        recipe = parse_recipe({**CASES[case], "output": f"{ROOT}/cut-{case}"})
+        shutil.rmtree(recipe.output, ignore_errors=True)
+        layout = RunLayout(recipe.output)
+        plan = prepare.plan_subset(recipe, layout, f"{ROOT}/cut-work", cut)
+        assert plan.where == cut.where
+        prepare.commit(layout, recipe, plan, lambda: False, "test")
+        prepare.remove_work(f"{ROOT}/cut-work")
+        got = run_digests(recipe.model_dump(), fresh=False)
+        assert got == GOLDEN[case], cut
+    assert isinstance(build_pipeline(recipe), ReshardPipeline)
+
+
+def test_changed_inputs_plan_again_and_keep_equal_task_files(inputs, monkeypatch):
+    """A pool shard touched (new mtime, same bytes): the inputs differ, so prepare() plans again, finds every
+    task file's bytes equal and rewrites none, even under finished tasks; a changed subset under finished
+    tasks is refused before any file is touched."""
     from reinforge.products.reshard import prepare
     monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
-    recipe = parse_recipe({**CASES[case], "output": f"{ROOT}/chunks-{case}"})
-    assignment = prepare.assign_subset(recipe, RunLayout(recipe.output))
-    assert len({prepare.fingerprint(assignment, chunk) for chunk in (1, 2, 5, 16, 1 << 20)}) == 1
+    recipe = parse_recipe({**CASES["reshard"], "output": f"{ROOT}/changed"})
+    shutil.rmtree(recipe.output, ignore_errors=True)
+    layout = RunLayout(recipe.output)
+    build_pipeline(recipe).prepare(layout)
+    tasks = os.path.join(recipe.output, "plan", "tasks")
+    stamps = {n: os.stat(os.path.join(tasks, n)).st_mtime_ns for n in os.listdir(tasks)}
+    inputs_before = open(layout.file(prepare.INPUTS)).read()
+    os.utime(f"{ROOT}/pool/00000001.tar", ns=(1, 1))
+    finished = lambda: True  # noqa: E731
+    pipeline = build_pipeline(recipe)
+    pipeline._finished_tasks = finished
+    pipeline.prepare(layout)
+    assert {n: os.stat(os.path.join(tasks, n)).st_mtime_ns for n in os.listdir(tasks)} == stamps
+    assert open(layout.file(prepare.INPUTS)).read() != inputs_before  # the new inputs are recorded
+    changed = parse_recipe({**CASES["reshard"], "output": f"{ROOT}/changed", "subset": f"{ROOT}/subset_once.npy"})
+    pipeline = build_pipeline(changed)
+    pipeline._finished_tasks = finished
+    with pytest.raises(prepare.ReshardError, match="changed since its tasks ran"):
+        pipeline.prepare(layout)
+    assert {n: os.stat(os.path.join(tasks, n)).st_mtime_ns for n in os.listdir(tasks)} == stamps
+    assert not os.path.exists(layout.plan_file(prepare.WORK))

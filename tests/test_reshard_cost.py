@@ -153,7 +153,7 @@ def test_cached_index_gives_the_same_plan(small_pool, tmp_path, private_cache, m
     prepare(recipe(small_pool, tmp_path / "c"))
     assert len(os.listdir(tmp_path / "c" / "index")) == 3
     plans = [tree_bytes(tmp_path / run / "plan") for run in "abc"]
-    assert plans[0] == plans[1] == plans[2] and len(plans[0]) == 5  # plan.json + 4 task plans
+    assert plans[0] == plans[1] == plans[2] and len(plans[0]) == 6  # plan.json, inputs.json + 4 task plans
 
 
 def test_changed_shard_is_indexed_again(small_pool, tmp_path, private_cache, monkeypatch):

@@ -111,9 +111,13 @@ def write_bytes(url: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_text(url: str) -> str:
+def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    return fs.cat_file(path).decode()
+    return fs.cat_file(path)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
 
 
 def exists(url: str) -> bool:

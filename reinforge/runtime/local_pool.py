@@ -79,7 +79,7 @@ def _run(executor, task: Task) -> Union[dict, str]:
 
 
 @contextmanager
-def _plain_main():
+def plain_main():
     """Spawned workers re-run the parent's __main__ script unless it is guarded by `if __name__ ==
     "__main__"`; they need nothing from it (their code is this module), so while a worker is being
     started (ProcessPoolExecutor starts them inside submit) __main__ is an empty module."""
@@ -108,7 +108,7 @@ class LocalPool:
             self.executor = None
             self.processes = ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"), _start_worker,
                                                  (recipe,))
-            with _plain_main():  # the pool starts its processes on demand: ask for all of them now
+            with plain_main():  # the pool starts its processes on demand: ask for all of them now
                 for _ in range(processes):
                     self.processes.submit(_started)
         self.width = processes  # tasks in flight at most (the runner may lower it)
@@ -137,7 +137,7 @@ class LocalPool:
             while todo and len(self.running_tasks) < self.width:
                 task = todo.popleft()
                 try:
-                    with _plain_main():
+                    with plain_main():
                         self.running_tasks[self.processes.submit(_run_in_worker, task)] = task
                 except BrokenProcessPool as exc:  # the workers died: like Ray with no live actors left
                     for lost in [task, *todo]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -137,3 +138,34 @@ def node_resources(node_id: str | None) -> dict:
             return dict(node.get("Resources", {}))
     alive = [n for n in ray.nodes() if n.get("Alive")] or [{"Resources": ray.cluster_resources()}]
     return dict(alive[0].get("Resources", {}))
+
+
+def where_to_map(tasks: int, work_rows: int, min_rows: int = 2_000_000) -> str:
+    """Where map_tasks runs a pass of `tasks` tasks over `work_rows` rows: on Ray when this process has
+    one (or RAY_ADDRESS names a cluster), else on this machine's worker processes for a pass worth their
+    start (~1 s each), else inline. Results are the same bytes wherever they run."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    return "processes" if tasks > 1 and work_rows >= min_rows and (os.cpu_count() or 1) > 1 else "inline"
+
+
+def map_tasks(fn, per_task: list[tuple], shared: tuple, where: str):
+    """fn(*task_args, *shared) for each task, in task order: inline, on Ray (map_groups), or on up to
+    os.cpu_count() spawned worker processes of this machine (at most twice that many in flight)."""
+    if where != "processes":
+        with ray_session() if where == "ray" else nullcontext():
+            yield from map_groups(fn, per_task, shared, where == "ray")
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from reinforge.runtime.local_pool import plain_main
+    width = max(1, min(len(per_task), os.cpu_count() or 1))
+    with ProcessPoolExecutor(width, multiprocessing.get_context("spawn")) as pool:
+        todo = iter(per_task)
+        with plain_main():  # the first submits start every worker process
+            pending = [pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 2 * width)]
+        while pending:
+            part = pending.pop(0).result()
+            pending.extend(pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 1))
+            yield part

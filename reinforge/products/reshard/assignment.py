@@ -9,9 +9,9 @@ next different sample.
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from reinforge.formats.subset import stable_argsort
+import numpy as np
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -36,34 +36,36 @@ def uid_phase(hi: np.ndarray, lo: np.ndarray, seed: int, chunk: int = 1 << 20) -
     return out
 
 
-def assign(uids: np.ndarray, counts: np.ndarray, shard: np.ndarray, offset: np.ndarray,
-           samples_per_shard: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """(uid index, copy number) of every output sample in output order, and the size of each shard."""
-    total = int(counts.sum(dtype=np.int64))
-    if total == len(uids):  # every count 1: key = phase, copy = 0 (the same keys, without the expansion)
-        hi, lo = uids["f0"], uids["f1"]  # the phases a chunk at a time, never all in memory
-        idx = stable_argsort(lambda part: uid_phase(hi[part], lo[part], seed).view(np.uint64), n=len(uids))
-        copy = np.zeros(total, np.int32)
-    else:
-        counts = counts.astype(np.int64)
-        idx = np.repeat(np.arange(len(uids)), counts)
-        copy = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-        key = (copy + uid_phase(uids["f0"], uids["f1"], seed)[idx]) / counts[idx]
-        order = stable_argsort(key.view(np.uint64))  # ties: uid order, then copy order
-        idx, copy = idx[order], copy[order].astype(np.int32)
-    sizes = [min(samples_per_shard, total - s) for s in range(0, total, samples_per_shard)]
-    start = 0
-    for size in sizes:
-        block = slice(start, start + size)
-        inner = np.lexsort((offset[idx[block]], shard[idx[block]], copy[block]))
-        idx[block], copy[block] = idx[block][inner], copy[block][inner]
-        _separate_repeats(idx[block], copy[block])
-        start += size
-    return idx, copy, sizes
+@dataclass
+class Copies:
+    index: np.ndarray  # per copy: its uid's row in the arrays given
+    copy: np.ndarray  # its copy number (int32)
+    key: np.ndarray  # its sort key (float64 in [0, 1))
 
 
-def _separate_repeats(idx: np.ndarray, copy: np.ndarray) -> None:
+def copy_keys(hi: np.ndarray, lo: np.ndarray, counts: np.ndarray, seed: int) -> Copies:
+    """Every copy of every uid (rows in order, copies in order inside) with its sort key
+    (copy + phase) / count. Sorting all copies of a subset by key, stably, is its output order."""
+    phase = uid_phase(hi, lo, seed)
+    if (counts == 1).all():  # (0 + phase) / 1 == phase: the same keys without the expansion
+        return Copies(np.arange(len(hi)), np.zeros(len(hi), np.int32), phase)
+    counts = counts.astype(np.int64)
+    index = np.repeat(np.arange(len(hi)), counts)
+    copy = np.arange(len(index)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return Copies(index, copy.astype(np.int32), (copy + phase[index]) / counts[index])
+
+
+def order_inside(block: np.ndarray) -> np.ndarray:
+    """One output shard's copies (fields row, copy, shard, offset) in the order they are written:
+    (copy round, pool shard, offset), then no copy directly after a copy of the same uid."""
+    block = block[np.lexsort((block["offset"], block["shard"], block["copy"]))]
+    _separate_repeats(block)
+    return block
+
+
+def _separate_repeats(block: np.ndarray) -> None:
     """In place: no sample directly follows a copy of its own uid, where another sample can go there."""
+    idx = block["row"]
     if not (idx[1:] == idx[:-1]).any():
         return
     for i in range(1, len(idx)):
@@ -71,4 +73,4 @@ def _separate_repeats(idx: np.ndarray, copy: np.ndarray) -> None:
             later = np.flatnonzero(idx[i + 1:] != idx[i - 1])
             if len(later):
                 j = i + 1 + int(later[0])
-                idx[[i, j]], copy[[i, j]] = idx[[j, i]], copy[[j, i]]
+                block[[i, j]] = block[[j, i]]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -44,14 +45,21 @@ class ReshardPipeline(Pipeline):
         self.layout = RunLayout(recipe.output.rstrip("/"))
 
     def prepare(self, layout: RunLayout) -> None:
-        """Assign the subset to output shards and commit the assignment (unless an identical one is),
-        then the files DataComp's resharder writes beside the shards. A dry run assigns (so refuses what
-        a real run would) and writes nothing but uid indexes."""
-        assignment = prepare.assign_subset(self.recipe, layout)
-        if self.recipe.dry_run:
+        """Plan the subset onto output shards and commit the plan, with the files DataComp's resharder
+        writes beside the shards, unless the committed plan was made from the same inputs. A dry run plans
+        (so refuses what a real run would) and writes nothing but uid indexes."""
+        r = self.recipe
+        if r.dry_run:
+            self.dry_run_report()
             return
-        prepare.commit(layout, assignment, self._finished_tasks)
-        prepare.write_run_files(layout, self.recipe, assignment)
+        inputs = prepare.inputs_digest(r, layout)
+        if prepare.planned_already(layout, inputs):
+            return
+        try:
+            prepare.commit(layout, r, prepare.plan_subset(r, layout, layout.plan_file(prepare.WORK)),
+                           self._finished_tasks, inputs)
+        finally:
+            prepare.remove_work(layout.plan_file(prepare.WORK))
 
     def _finished_tasks(self) -> bool:
         return bool(done_manifests(self.layout.root, config_digest(self.recipe)))
@@ -66,9 +74,10 @@ class ReshardPipeline(Pipeline):
     def dry_run_report(self) -> dict:
         """What prepare() would decide, without writing it: the facts reshard.json and meta.json hold."""
         recipe = self.recipe.model_copy(update={"dry_run": True})
-        assignment = prepare.assign_subset(recipe, self.layout)
-        return {"reshard": assignment.meta, "datacomp_meta": prepare.datacomp_meta(recipe, assignment),
-                "sizes": prepare.shard_sizes(assignment)}
+        with tempfile.TemporaryDirectory(prefix="reinforge-plan-") as work:  # nothing in the run folder
+            plan = prepare.plan_subset(recipe, self.layout, work)
+        return {"reshard": plan.meta, "datacomp_meta": prepare.datacomp_meta(recipe, plan),
+                "sizes": prepare.shard_sizes(plan)}
 
     def read(self, task: Task) -> Iterator[dict]:
         samples = read_assigned(task.inputs[0])

@@ -1,8 +1,11 @@
-"""prepare(), on the driver, once per run: index the pool (formats/uid_index.py), locate every subset uid
-(pool.py), expand multiplicities into copies and assign them to output shards (assignment.py). The
-assignment is committed as one small Parquet per output shard, `plan/tasks/{:08d}.parquet`, then
-`plan/plan.json` (its fingerprint, shard sizes and meta; written last, it commits them). A rerun whose
-assignment has the same fingerprint rewrites nothing; a different one under finished tasks is refused.
+"""prepare(), on the driver, once per run: plan the subset's copies onto output shards as three passes of
+tasks over partitions (partitions.py: pool shards -> uid buckets -> key ranges -> task files), so the
+driver holds counts per partition, never an array per sample. The assignment is committed as one small
+Parquet per output shard, `plan/tasks/{:08d}.parquet`, then `plan/plan.json` (sizes, meta and the
+files' fingerprint; written last, it commits them), then `plan/inputs.json` (what the plan was made
+from: the recipe and the versions of the pool shards and files it read). A rerun with the same inputs
+plans nothing; one whose inputs changed plans again and keeps every task file whose bytes are the same;
+a changed assignment under finished tasks is refused.
 
 Subset uids absent from the pool are a hard error (count and examples) unless `allow_missing`, which
 writes them to plan/missing_uids.npy. Face boxes (face_blur.py) and class ids (datacompnet.py) are looked
@@ -15,29 +18,40 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reinforge.formats.datacompnet import class_id_array, read_class_ids
 from reinforge.formats.sources import WebDatasetSource
-from reinforge.formats.subset import LoadedSubset, make_subset, read_subset, uid_hex, write_subset
-from reinforge.formats.uid_index import build_index
+from reinforge.formats.subset import (SUBSET_DTYPE, SubsetError, counts_path, is_sorted_unique, locate, read_subset,
+                                      uid_hex, write_subset)
+from reinforge.formats.uid_index import index_cache_dir
+from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import atomic_open, exists, filesystem, list_files, read_text, remove, write_bytes
-from reinforge.products.reshard import face_blur
-from reinforge.products.reshard.assignment import assign
-from reinforge.products.reshard.pool import SAMPLE, PoolMatch, ReshardError, match_pool, select_shards
+from reinforge.products.reshard import face_blur, partitions
+from reinforge.products.reshard.pool import ReshardError, select_shards
 from reinforge.products.reshard.recipe import ReshardRecipe
+from reinforge.runtime.ray_session import map_tasks, where_to_map
 
 SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 # relative to the run; recorded in plan.json, so the files of another layout are rewritten
 TASK_ASSIGNMENTS = "plan/tasks/{:08d}.parquet"
 MISSING_UIDS = "plan/missing_uids.npy"
+INPUTS = "plan/inputs.json"
+WORK = "work"  # under plan/: the passes' files, removed once the plan is committed
 BLOCK = 8 << 20  # bytes read at a time from a subset file
+
+
+@dataclass
+class Sizes:
+    """How finely the passes cut the work (tests use tiny ones: any sizes give the same plan)."""
+    pool_shards: int = 64  # pool shards per bucketing task
+    bucket_rows: int = 1 << 20  # subset rows per uid bucket
+    range_copies: int = 1 << 20  # copies per key range, about
+    where: Optional[str] = None  # inline, processes or ray; None: ray_session.where_to_map decides
 
 
 def assignment_url(layout: RunLayout, task_id: str) -> str:
@@ -45,104 +59,193 @@ def assignment_url(layout: RunLayout, task_id: str) -> str:
 
 
 @dataclass
-class Assignment:
-    """What prepare decided: every output sample's pool location, in output order, and its account.
-    Held as numbers (a subset row per output sample, pool shards by number); each output shard's table,
-    with the pool shard's URL on every row, is made only when its file is written."""
-    rows: np.ndarray  # per output sample: its subset row (uid, pool location in match)
-    copy: np.ndarray  # per output sample: its copy number (int32)
-    uids: np.ndarray  # the subset's uids
-    match: PoolMatch  # pool shard number, offset and length per subset row
-    urls: list[str]  # pool shard URLs by number
-    extra: dict  # per output sample: face_bboxes, cls (when asked for)
-    sizes: list[int]  # samples per output shard
-    missing: np.ndarray  # subset uids not in the pool (allow_missing)
-    meta: dict  # reshard.json
-    pool_samples: int  # samples indexed in the selected pool shards
-
-    def __post_init__(self):
-        self.url_array = pa.array(self.urls, pa.string())
-
-    def columns(self, start: int, stop: int) -> dict:
-        """Output samples start..stop-1: shard (URL), offset, length, uid_hi, uid_lo, copy (+ extras)."""
-        rows = self.rows[start:stop]
-        uids = self.uids[rows]
-        return {"shard": self.url_array.take(self.match.shard[rows]), "offset": self.match.offset[rows],
-                "length": self.match.length[rows], "uid_hi": uids["f0"], "uid_lo": uids["f1"],
-                "copy": self.copy[start:stop], **{k: v[start:stop] for k, v in self.extra.items()}}
+class SubsetFile:
+    """The subset as the passes read it (a sorted unique u8,u8 .npy, by row range), and what the
+    streaming pass over it found: sha256 of the file, rows, copies, bucket starts."""
+    source: dict  # partitions.subset_rows' description (url, dtype, header, counts_...)
+    rows: int
+    total: int
+    sha256: str
+    counts_file: Optional[str]
+    bounds: np.ndarray  # the first uid of each bucket but the first
+    starts: list[int]  # the first row of each bucket, and the end
+    repeated_entries: int = 0
+    notes: list = field(default_factory=list)
 
 
-def assign_subset(recipe: ReshardRecipe, layout: RunLayout) -> Assignment:
-    """Index the pool, locate the subset and assign its copies; writes nothing but uid indexes."""
-    r = recipe
-    pool, selection = select_shards(WebDatasetSource(r.input.path).tasks(), r.first_shard, r.num_shards)
-    urls = [t.inputs[0] for t in pool]
-    subset = read_subset(r.subset, r.counts)
-    match = match_pool(subset, build_index(pool, layout.index_dir(), r.input.uid_field), urls)
-    missing = np.flatnonzero(~match.found)
-    if len(missing) and not r.allow_missing:
-        examples = ", ".join(uid_hex(*subset.uids[i]) for i in missing[:5])
-        raise ReshardError(f"{len(missing)} of {len(subset.uids)} subset uids are not in the pool "
-                           f"({len(urls)} shards, {match.samples} samples), e.g. {examples}; "
-                           f"set allow_missing: true to reshard without them")
-    if len(missing):  # assign the found rows, then name them by subset row
-        found = np.flatnonzero(match.found)
-        idx, copy, sizes = assign(subset.uids[found], subset.counts[found], match.shard[found],
-                                  match.offset[found], r.samples_per_shard, r.seed)
-        rows = found[idx]
-    else:
-        rows, copy, sizes = assign(subset.uids, subset.counts, match.shard, match.offset, r.samples_per_shard, r.seed)
-    extra, extras_report = _extra_columns(r, subset, rows, selection)
-    meta = _meta(r, subset, match, missing, urls, sizes)
-    meta.update(extras_report)
-    return Assignment(rows, copy, subset.uids, match, urls, extra, sizes, subset.uids[missing], meta, match.samples)
+def _npy(url: str, what: str) -> tuple[int, np.dtype, int]:
+    if not exists(url):
+        raise SubsetError(f"{what} file {url} not found")
+    try:
+        return partitions.npy_layout(url)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SubsetError(f"{url}: not a readable .npy file ({exc})") from None
 
 
-def _extra_columns(r: ReshardRecipe, subset: LoadedSubset, subset_index: np.ndarray,
-                   selection: dict) -> tuple[dict, dict]:
-    """Per output sample: its face boxes and / or class id, looked up by uid now so workers need
-    neither the metadata nor the class file; and what reshard.json says of them."""
-    columns, report = {}, {}
-    if r.apply_blur:
-        face_blur.cv2_module()  # no OpenCV: say so now, not in every task
-    if r.blur_metadata:
-        boxes = face_blur.load_face_boxes(r.blur_metadata, subset.uids)
-        columns["face_bboxes"] = boxes.column(subset_index)
-        found = face_blur.boxes_report(boxes, subset_index, lambda i: uid_hex(*subset.uids[i]))
-        report["blur"] = {"apply_blur": r.apply_blur, "inject_blur_metadata": r.inject_blur_metadata,
-                          "reencode_webp_quality": r.reencode_webp_quality, **found}
-    if r.cls_file:
-        ids = class_id_array(read_class_ids(r.cls_file), subset.uids, r.cls_file)
-        columns["cls"] = ids[subset_index]
-        report["cls"] = {"file": r.cls_file, "classes": int(len(np.unique(ids[subset_index])))}
-    if selection:
-        report["pool_selection"] = selection
-    return columns, report
-
-
-def _file_sha256(fs, path: str) -> str:
-    """sha256 of a file read a block at a time (a subset file is 16 B per uid: not whole in memory)."""
-    digest = hashlib.sha256()
+def open_subset(r: ReshardRecipe, work: str, bucket_rows: int) -> SubsetFile:
+    """Check the subset (and counts) file a block at a time, hashing it and taking every bucket's first
+    uid. A file that is not sorted and unique (not DataComp's format) is normalised as read_subset does
+    it, in memory, and the passes read that copy (in `work`)."""
+    url = r.subset
+    rows, dtype, header = _npy(url, "subset")
+    if dtype.names is None or len(dtype.names) != 2 or any(dtype[i].kind != "u" or dtype[i].itemsize != 8
+                                                           for i in range(2)):
+        raise SubsetError(f"{url}: dtype {dtype} is not DataComp's u8,u8 subset format")
+    counts_file = None if r.counts == "none" else (counts_path(url) if r.counts == "auto" else r.counts)
+    if counts_file and r.counts == "auto" and not exists(counts_file):
+        counts_file = None
+    source = {"url": url, "dtype": dtype, "header": header,
+              "counts_url": counts_file, "counts_dtype": None, "counts_header": None}
+    if counts_file:
+        n, cdtype, cheader = _npy(counts_file, "counts")
+        if cdtype.kind not in "ui":
+            raise SubsetError(f"{counts_file}: counts dtype {cdtype} is not an integer type")
+        if n != rows:
+            raise SubsetError(f"{counts_file}: {n} counts for {rows} uids in {url}")
+        source.update(counts_dtype=cdtype, counts_header=cheader)
+    fs, path = filesystem(url)
+    digest, total, largest, ordered, previous = hashlib.sha256(), 0, 0, True, None
+    step = max(1, BLOCK // dtype.itemsize)
     with fs.open(path, "rb") as f:
         while block := f.read(BLOCK):
             digest.update(block)
-    return digest.hexdigest()
+    for a in range(0, rows, step):
+        uids, counts = partitions.subset_rows(source, a, min(a + step, rows))
+        if len(counts) and counts.min() < 1:
+            raise SubsetError(f"{counts_file}: counts must be >= 1 (found {int(counts.min())})")
+        total += int(counts.sum())
+        largest = max(largest, int(counts.max(initial=0)))
+        joined = uids if previous is None else np.concatenate([previous, uids])
+        ordered = ordered and is_sorted_unique(joined)
+        previous = uids[-1:]
+    if ordered:
+        if largest > np.iinfo(np.uint32).max:
+            raise SubsetError(f"{url}: a multiplicity exceeds uint32")
+        starts = list(range(0, rows, bucket_rows)) + [rows] if rows else [0, 0]
+        bounds = np.concatenate([partitions.subset_rows(source, s, s + 1)[0] for s in starts[1:-1]]
+                                or [np.zeros(0, SUBSET_DTYPE)])
+        return SubsetFile(source, rows, total, digest.hexdigest(), counts_file, bounds, starts)
+    loaded = read_subset(url, r.counts)  # not DataComp's format: sorted and folded in memory, then re-read
+    normalised = f"{work}/subset.npy"
+    write_subset(normalised, loaded.uids, loaded.counts)
+    r_norm = r.model_copy(update={"subset": normalised, "counts": counts_path(normalised)})
+    found = open_subset(r_norm, work, bucket_rows)
+    found.sha256, found.counts_file = digest.hexdigest(), loaded.counts_file
+    found.repeated_entries, found.notes = loaded.repeated_entries, loaded.notes
+    return found
 
 
-def _meta(r: ReshardRecipe, subset: LoadedSubset, match: PoolMatch, missing: np.ndarray, urls: list[str],
+@dataclass
+class Plan:
+    """What the passes decided, and where the key ranges' copies are (in plan/work/)."""
+    sizes: list[int]  # samples per output shard
+    meta: dict  # reshard.json
+    pool_samples: int  # samples indexed in the selected pool shards
+    urls: list[str]  # pool shard URLs by number
+    range_parts: list[list[tuple[str, int, int]]]  # per key range: (bucket file, first row, end row)
+    range_starts: list[int]  # per key range: its first output position
+    missing_files: list[str]  # per bucket: its missing uids
+    where: str  # where the passes ran (ray_session.where_to_map)
+    extras: Optional[Callable] = None  # subset rows -> face_bboxes / cls columns
+
+
+def plan_subset(r: ReshardRecipe, layout: RunLayout, work: str, sizes: Sizes = Sizes()) -> Plan:
+    """Passes 1 and 2 (partitions.py): every subset uid's pool location, and its copies by key range;
+    their files go to `work` (a folder every task can reach)."""
+    pool, selection = select_shards(WebDatasetSource(r.input.path).tasks(), r.first_shard, r.num_shards)
+    urls = [t.inputs[0] for t in pool]
+    subset = open_subset(r, work, sizes.bucket_rows)
+    versions = file_versions(urls)
+    for url in urls:
+        if versions[url][0] < 0:
+            raise ReshardError(f"pool shard {url} not found")
+    index_dir = index_cache_dir() or layout.index_dir()
+    bounds, buckets = subset.bounds, len(subset.bounds) + 1
+    groups = [[(n, urls[n], *versions[urls[n]]) for n in range(a, min(a + sizes.pool_shards, len(urls)))]
+              for a in range(0, len(urls), sizes.pool_shards)]
+    where = sizes.where or where_to_map(max(len(groups), buckets), subset.rows)
+    group_files = [f"{work}/pool-{g:06d}.bin" for g in range(len(groups))]
+    scans = list(map_tasks(partitions.pool_to_buckets, [(g, f) for g, f in zip(groups, group_files)],
+                           (index_dir, r.input.uid_field, bounds), where))
+    ends = [np.cumsum(s["counts"]) for s in scans]
+    ranges = max(1, -(-subset.total // sizes.range_copies))
+    copy_files = [f"{work}/copies-{b:06d}.bin" for b in range(buckets)]
+    missing_files = [f"{work}/missing-{b:06d}.bin" for b in range(buckets)]
+    tasks = [(subset.starts[b], subset.starts[b + 1],
+              [(f, int(e[b] - c[b]), int(e[b])) for f, e, c in zip(group_files, ends, (s["counts"] for s in scans))],
+              copy_files[b], missing_files[b]) for b in range(buckets)]
+    matched = list(map_tasks(partitions.match_bucket, tasks, (subset.source, r.seed, ranges), where))
+    per_range = np.array([m["per_range"] for m in matched]).reshape(buckets, ranges)
+    ends_b = np.cumsum(per_range, axis=1)
+    range_parts = [[(copy_files[b], int(ends_b[b, k] - per_range[b, k]), int(ends_b[b, k])) for b in range(buckets)]
+                   for k in range(ranges)]
+    range_starts = np.r_[0, np.cumsum(per_range.sum(axis=0))].tolist()
+    missing = sum(m["missing"] for m in matched)
+    if missing and not r.allow_missing:
+        examples = ", ".join([u for m in matched for u in m["missing_sample"]][:5])
+        raise ReshardError(f"{missing} of {subset.rows} subset uids are not in the pool ({len(urls)} shards, "
+                           f"{sum(s['samples'] for s in scans)} samples), e.g. {examples}; "
+                           f"set allow_missing: true to reshard without them")
+    total = int(range_starts[-1])
+    out_sizes = [min(r.samples_per_shard, total - s) for s in range(0, total, r.samples_per_shard)]
+    meta = _meta(r, subset, scans, matched, urls, out_sizes)
+    plan = Plan(out_sizes, meta, sum(s["samples"] for s in scans), urls, range_parts, range_starts, missing_files,
+                where)
+    if r.blur_metadata or r.cls_file or selection:
+        _add_extras(r, plan, selection)
+    return plan
+
+
+def _add_extras(r: ReshardRecipe, plan: Plan, selection: dict) -> None:
+    """Face boxes and class ids per output sample, looked up by uid now so workers need neither the
+    metadata nor the class file; and what reshard.json says of them. These hold the subset in memory
+    (not partitioned yet)."""
+    report, columns = {}, {}
+    if r.blur_metadata or r.cls_file:
+        subset = read_subset(r.subset, r.counts)
+        missing = partitions.read_missing(plan.missing_files)
+        found = np.ones(len(subset.uids), bool)
+        found[locate(missing["f0"], missing["f1"], subset.uids)] = False
+        outputs = np.repeat(np.flatnonzero(found), subset.counts[found])  # a subset row per output sample
+        if r.apply_blur:
+            face_blur.cv2_module()  # no OpenCV: say so now, not in every task
+        if r.blur_metadata:
+            boxes = face_blur.load_face_boxes(r.blur_metadata, subset.uids)
+            columns["face_bboxes"] = boxes.column
+            found_boxes = face_blur.boxes_report(boxes, outputs, lambda i: uid_hex(*subset.uids[i]))
+            report["blur"] = {"apply_blur": r.apply_blur, "inject_blur_metadata": r.inject_blur_metadata,
+                              "reencode_webp_quality": r.reencode_webp_quality, **found_boxes}
+        if r.cls_file:
+            ids = class_id_array(read_class_ids(r.cls_file), subset.uids, r.cls_file)
+            columns["cls"] = ids.__getitem__
+            report["cls"] = {"file": r.cls_file, "classes": int(len(np.unique(ids[outputs])))}
+        plan.extras = (lambda rows: {name: column(rows) for name, column in columns.items()}) if columns else None
+    if selection:
+        report["pool_selection"] = selection
+    plan.meta.update(report)
+
+
+def _meta(r: ReshardRecipe, subset: SubsetFile, scans: list[dict], matched: list[dict], urls: list[str],
           sizes: list[int]) -> dict:
-    fs, path = filesystem(r.subset)
+    bad, bad_sample = {}, []
+    for scan in scans:  # in pool shard order, as one pass over the shards counts them
+        for name, n in scan["bad"].items():
+            bad[name] = bad.get(name, 0) + n
+        bad_sample.extend(scan["bad_sample"][:partitions.SAMPLE - len(bad_sample)])
+    duplicates = sorted(d for m in matched for d in m["duplicate_sample"])[:partitions.SAMPLE]  # (shard, offset)
+    missing = sum(m["missing"] for m in matched)
     return {
         "format": "reinforge.reshard/1",
-        "subset": {"path": r.subset, "sha256": _file_sha256(fs, path),
-                   "counts_file": subset.counts_file, "uids": len(subset.uids), "samples": subset.total,
-                   "repeated_entries_folded": subset.repeated_entries, "notes": subset.notes},
-        "missing": {"uids": int(len(missing)), "samples": int(subset.counts[missing].sum()),
-                    "allowed": r.allow_missing, "sample": [uid_hex(*subset.uids[i]) for i in missing[:SAMPLE]],
-                    "file": MISSING_UIDS if len(missing) else None},
-        "pool": {"shards": len(urls), "samples_indexed": match.samples, "samples_without_uid": match.bad,
-                 "without_uid_sample": match.bad_sample, "duplicate_uids_requested": match.duplicates,
-                 "duplicate_sample": match.duplicate_sample,
+        "subset": {"path": r.subset, "sha256": subset.sha256, "counts_file": subset.counts_file,
+                   "uids": subset.rows, "samples": subset.total, "repeated_entries_folded": subset.repeated_entries,
+                   "notes": subset.notes},
+        "missing": {"uids": missing, "samples": sum(m["missing_samples"] for m in matched),
+                    "allowed": r.allow_missing,
+                    "sample": [u for m in matched for u in m["missing_sample"]][:partitions.SAMPLE],
+                    "file": MISSING_UIDS if missing else None},
+        "pool": {"shards": len(urls), "samples_indexed": sum(s["samples"] for s in scans), "samples_without_uid": bad,
+                 "without_uid_sample": bad_sample, "duplicate_uids_requested": sum(m["duplicates"] for m in matched),
+                 "duplicate_sample": [uid for _, _, uid in duplicates],
                  "duplicate_policy": "first occurrence (pool shard order, then position) is used"},
         "output": {"shards": len(sizes), "samples": int(sum(sizes)),
                    "samples_per_shard": r.samples_per_shard, "seed": r.seed,
@@ -153,12 +256,99 @@ def _meta(r: ReshardRecipe, subset: LoadedSubset, match: PoolMatch, missing: np.
     }
 
 
-def datacomp_meta(r: ReshardRecipe, assignment: Assignment) -> dict:
+# ---------------------------------------------------------------- committing the plan
+
+def inputs_digest(r: ReshardRecipe, layout: RunLayout) -> str:
+    """What a plan is made from: the recipe, the code's plan format, and the size and version of every
+    file it reads (pool shards, subset, counts, face-box metadata, class file). Equal digests, equal plans."""
+    pool, _ = select_shards(WebDatasetSource(r.input.path).tasks(), r.first_shard, r.num_shards)
+    files = [t.inputs[0] for t in pool] + [r.subset, counts_path(r.subset)]
+    files += ([r.counts] if r.counts not in ("auto", "none") else []) + ([r.cls_file] if r.cls_file else [])
+    files += face_blur.metadata_files(r.blur_metadata) if r.blur_metadata else []
+    versions = file_versions(files)
+    record = [TASK_ASSIGNMENTS, r.model_dump(mode="json", exclude={"resources", "output"}), [versions[f] for f in files]]
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def planned_already(layout: RunLayout, digest: str) -> bool:
+    """Whether the committed plan was made from these very inputs (plan/inputs.json, written last)."""
+    return (exists(layout.file(INPUTS)) and exists(layout.plan_record)
+            and json.loads(read_text(layout.file(INPUTS))).get("inputs") == digest)
+
+
+def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, write: bool) -> list[tuple[str, bool]]:
+    """Pass 3 (partitions.write_range), one task per key range in which output shards start: per output
+    shard, sha256 of its file and whether the file already there has those bytes; `write`: write those
+    that differ. Face boxes and class ids are looked up on the driver, so with them the pass runs here."""
+    starts, S, total = plan.range_starts, r.samples_per_shard, int(sum(plan.sizes))
+    task_urls = [assignment_url(layout, f"{j:08d}") for j in range(len(plan.sizes))]
+    tasks = []
+    for k in range(len(plan.range_parts)):
+        first, last = -(-starts[k] // S), min(-(-starts[k + 1] // S), len(plan.sizes))
+        if last > first:
+            tasks.append((first, last, starts[k], plan.range_parts[k:]))
+    shared = (S, total, plan.urls, task_urls, write)
+    where = "inline" if plan.extras else plan.where
+    results = {}
+    for part in map_tasks(partitions.write_range, tasks, shared + ((plan.extras,) if plan.extras else ()), where):
+        results.update(part)
+    return [results[j] for j in range(len(plan.sizes))]
+
+
+def fingerprint(sizes: list[int], files: list[tuple[str, bool]]) -> str:
+    """Of the sizes and every task file's bytes (their sha256, in order): equal iff the assignment is."""
+    digest = hashlib.sha256(f"{sizes}".encode())
+    for sha, _ in files:
+        digest.update(sha.encode())
+    return digest.hexdigest()
+
+
+def commit(layout: RunLayout, r: ReshardRecipe, plan: Plan, has_finished_tasks: Callable[[], bool],
+           inputs: str) -> None:
+    """Write the assignment's task files (only those whose bytes changed), then plan.json and
+    inputs.json; refuse to change an assignment under finished tasks (`has_finished_tasks()`)."""
+    if exists(layout.plan_record):
+        files = write_task_files(layout, r, plan, write=False)
+        saved = json.loads(read_text(layout.plan_record))
+        if not (all(same for _, same in files) and saved.get("sizes") == plan.sizes):
+            if has_finished_tasks():
+                raise ReshardError(f"{layout.root}: the subset or the pool changed since its tasks ran "
+                                   f"(the plan differs); write to a new output directory")
+            remove(layout.plan_record)  # uncommitted while the task assignments are rewritten
+            files = write_task_files(layout, r, plan, write=True)
+    else:
+        files = write_task_files(layout, r, plan, write=True)
+    ours = {f"{j:08d}.parquet" for j in range(len(plan.sizes))}
+    for url in list_files(layout.plan_file("tasks"), ".parquet"):  # a former, larger assignment's
+        if url.rpartition("/")[2] not in ours:
+            remove(url)
+    missing = partitions.read_missing(plan.missing_files)
+    if len(missing):
+        write_subset(layout.file(MISSING_UIDS), missing)
+    write_bytes(layout.plan_record, json.dumps({"fingerprint": fingerprint(plan.sizes, files),
+                                                "task_plans": TASK_ASSIGNMENTS, "sizes": plan.sizes,
+                                                "meta": plan.meta}, indent=1).encode())
+    write_run_files(layout, r, plan)
+    write_bytes(layout.file(INPUTS), json.dumps({"inputs": inputs}).encode())
+
+
+def remove_work(work: str) -> None:
+    fs, path = filesystem(work)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def committed_sizes(layout: RunLayout) -> list[int] | None:
+    """The output shard sizes of the committed assignment (plan/plan.json), None before prepare."""
+    return json.loads(read_text(layout.plan_record))["sizes"] if exists(layout.plan_record) else None
+
+
+def datacomp_meta(r: ReshardRecipe, plan: Plan) -> dict:
     """meta.json as DataComp's resharder writes it: its arguments as strings, then its counters.
     DataComp's train.py reads output_shard_count and output_shard_format from it. Left out: the
     timing (blur_time) and the driver's cwd, which would make reruns differ; output_dir is "." (the
     folder of this file), so equal runs in different places write equal bytes."""
-    sizes = assignment.sizes
+    sizes = plan.sizes
     args = {"input_dir": r.input.path, "output_dir": ".", "subset_file": r.subset, "cls_file": r.cls_file,
             "num_shards": r.num_shards, "first_shard": r.first_shard, "num_workers": None,
             "shard_size": r.samples_per_shard, "shard_format": SHARD_FORMAT, "output_shard_format": SHARD_FORMAT,
@@ -168,92 +358,21 @@ def datacomp_meta(r: ReshardRecipe, assignment: Assignment) -> dict:
             "inject_blur_metadata": r.inject_blur_metadata, "reencode_webp_quality": r.reencode_webp_quality,
             "dry_run": r.dry_run, "overwrite": False, "verbose": None, "quiet": None}
     # DataComp counts a blurred pool sample once, however many copies of it are written
-    blurred = assignment.meta.get("blur", {}).get("uids_with_faces", 0) if r.apply_blur else 0
+    blurred = plan.meta.get("blur", {}).get("uids_with_faces", 0) if r.apply_blur else 0
     return {**{k: str(v) for k, v in args.items()},
-            "processed_count": assignment.pool_samples, "output_count": int(sum(sizes)), "blur_count": blurred,
+            "processed_count": plan.pool_samples, "output_count": int(sum(sizes)), "blur_count": blurred,
             "output_shard_count": len(sizes), "worker_success": len(sizes)}
 
 
-def shard_sizes(assignment: Assignment) -> dict[str, int]:
-    return {SHARD_FORMAT.format(j): n for j, n in enumerate(assignment.sizes)}
+def shard_sizes(plan: Plan) -> dict[str, int]:
+    return {SHARD_FORMAT.format(j): n for j, n in enumerate(plan.sizes)}
 
 
-def fingerprint(assignment: Assignment, chunk: int = 1 << 20) -> str:
-    """Of the sizes and every assigned location (face boxes by value): equal iff the assignment is.
-    The bytes hashed are those of the whole assignment table with its shard column dictionary-encoded
-    (first occurrence order), column after column; made here from the numbers a chunk of rows at a
-    time, so no column is ever whole in memory."""
-    a = assignment
-    digest = hashlib.sha256(f"{a.sizes}".encode())
-    first_of = {}  # a URL listed twice is one dictionary entry, as dictionary_encode makes it
-    canonical = np.array([first_of.setdefault(u, i) for i, u in enumerate(a.urls)], np.int32)
-    chunks = [slice(start, start + chunk) for start in range(0, len(a.rows), chunk)]
-    code = np.full(len(a.urls), -1, np.int32)  # pool shard -> its place in the dictionary
-    dictionary: list[int] = []
-    for part in chunks:  # the dictionary: pool shards by first occurrence in output order
-        seen = pa.array(canonical[a.match.shard[a.rows[part]]]).dictionary_encode().dictionary.to_numpy()
-        new = seen[code[seen] < 0]
-        code[new] = np.arange(len(dictionary), len(dictionary) + len(new), dtype=np.int32)
-        dictionary.extend(new.tolist())
-    digest.update("|".join(a.urls[s] for s in dictionary).encode())
-    for part in chunks:
-        digest.update(code[canonical[a.match.shard[a.rows[part]]]])
-    for column in (a.match.offset, a.match.length, a.uids["f0"], a.uids["f1"]):
-        for part in chunks:
-            digest.update(np.ascontiguousarray(column[a.rows[part]]))
-    digest.update(np.ascontiguousarray(a.copy))
-    for values in a.extra.values():
-        column = pa.array(values) if not isinstance(values, pa.Array) else values
-        if pa.types.is_list(column.type):  # face boxes: their values, not the addresses of numpy objects
-            digest.update(json.dumps(column.to_pylist()).encode())
-        else:
-            digest.update(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)).tobytes())
-    return digest.hexdigest()
-
-
-def commit(layout: RunLayout, assignment: Assignment, has_finished_tasks) -> None:
-    """Write the assignment unless an identical one is committed; refuse to change it under finished
-    tasks (`has_finished_tasks()`: whether the run's recipe has any)."""
-    current = fingerprint(assignment)
-    sizes = assignment.sizes
-    if exists(layout.plan_record):
-        saved = json.loads(read_text(layout.plan_record))
-        if saved.get("fingerprint") == current and saved.get("task_plans") == TASK_ASSIGNMENTS:
-            return
-        if has_finished_tasks():
-            raise ReshardError(f"{layout.root}: the subset or the pool changed since its tasks ran "
-                               f"(plan fingerprint differs); write to a new output directory")
-        remove(layout.plan_record)  # uncommitted while the task assignments are rewritten
-    starts = np.cumsum([0, *sizes], dtype=np.int64)
-
-    def write_task_assignment(j: int) -> None:  # one file per output shard: a task reads just its own rows
-        buf = pa.BufferOutputStream()
-        pq.write_table(pa.table(assignment.columns(int(starts[j]), int(starts[j + 1]))), buf)
-        write_bytes(assignment_url(layout, f"{j:08d}"), buf.getvalue().to_pybytes())
-    # many small writes: overlap their latency; 4 threads, as each keeps its own malloc arena (8: +150 MB)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(write_task_assignment, range(len(sizes))))
-    ours = {f"{j:08d}.parquet" for j in range(len(sizes))}
-    for url in list_files(layout.plan_file("tasks"), ".parquet"):  # a former, larger assignment's
-        if url.rpartition("/")[2] not in ours:
-            remove(url)
-    missing = assignment.missing
-    if len(missing):
-        write_subset(layout.file(MISSING_UIDS), make_subset(missing["f0"], missing["f1"]))
-    write_bytes(layout.plan_record, json.dumps({"fingerprint": current, "task_plans": TASK_ASSIGNMENTS,
-                                                "sizes": sizes, "meta": assignment.meta}, indent=1).encode())
-
-
-def committed_sizes(layout: RunLayout) -> list[int] | None:
-    """The output shard sizes of the committed assignment (plan/plan.json), None before prepare."""
-    return json.loads(read_text(layout.plan_record))["sizes"] if exists(layout.plan_record) else None
-
-
-def write_run_files(layout: RunLayout, r: ReshardRecipe, assignment: Assignment) -> None:
+def write_run_files(layout: RunLayout, r: ReshardRecipe, plan: Plan) -> None:
     """Beside the shards: sizes.json, DataComp's meta.json, reshard.json, the subset file."""
-    write_bytes(layout.shards_file("sizes.json"), json.dumps(shard_sizes(assignment), indent=1).encode())
-    write_bytes(layout.shards_file("meta.json"), json.dumps(datacomp_meta(r, assignment), indent=1).encode())
-    write_bytes(layout.shards_file("reshard.json"), json.dumps(assignment.meta, indent=1).encode())
+    write_bytes(layout.shards_file("sizes.json"), json.dumps(shard_sizes(plan), indent=1).encode())
+    write_bytes(layout.shards_file("meta.json"), json.dumps(datacomp_meta(r, plan), indent=1).encode())
+    write_bytes(layout.shards_file("reshard.json"), json.dumps(plan.meta, indent=1).encode())
     fs, path = filesystem(r.subset)
     with fs.open(path, "rb") as src, atomic_open(layout.shards_file("sample_ids.npy")) as out:
         shutil.copyfileobj(src, out, BLOCK)  # DataComp copies the subset file there; a block at a time
