@@ -303,26 +303,29 @@ def main() -> None:
                     continue
                 r = measure_plan(TREE, tmp, kwargs) if tool in PLAN_TOOLS else measure(tool, kwargs)
                 extra = r["peak"] - r["base"]
-                rows.setdefault(label, []).append((n, extra, r["seconds"], r.get("digest", ""), r.get("cpu")))
+                rows.setdefault(label, []).append((n, extra, r["seconds"], r.get("digest", ""), r.get("cpu"),
+                                                   r.get("cpu_workers")))
                 if not r["tree"].startswith(TREE):
                     raise SystemExit(f"measured {r['tree']}, not {TREE}")
-                cpu = f"cpu {r['cpu']:6.1f} s" if "cpu" in r else ""
+                cpu = f"cpu {r['cpu']:6.1f} s + workers {r.get('cpu_workers') or 0:.1f} s" if "cpu" in r else ""
                 print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows "
                       f"{r['seconds']:6.1f} s {cpu} {r.get('digest', '')[:16]} (load {os.getloadavg()[0]:.1f})",
                       flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     lines = ["| tool | rows | driver B/sample above imports | s per M rows | growth vs previous size "
-             "| marginal B per extra sample | s | CPU s | outputs sha256 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| marginal B per extra sample | s | CPU s (driver) | CPU s (worker processes) | outputs sha256 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, results in rows.items():
-        for i, (n, extra, seconds, digest, cpu) in enumerate(results):
+        for i, (n, extra, seconds, digest, cpu, cpu_workers) in enumerate(results):
             growth = marginal = ""
             if i:
                 pn, pe, *_ = results[i - 1]
                 growth = f"{math.log(max(extra, 1) / max(pe, 1)) / math.log(n / pn):.2f}"
                 marginal = f"{(extra - pe) / (n - pn):.1f}"
             lines.append(f"| {label} | {n:,} | {extra / n:.1f} | {seconds / n * 1e6:.2f} | {growth} | {marginal} "
-                         f"| {seconds:.1f} | {'' if cpu is None else f'{cpu:.1f}'} | {digest[:16]} |")
+                         f"| {seconds:.1f} | {'' if cpu is None else f'{cpu:.1f}'} "
+                         f"| {'' if cpu_workers is None else f'{cpu_workers:.1f}'} | {digest[:16]} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

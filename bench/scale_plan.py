@@ -48,6 +48,8 @@ pipeline.prepare(layout)
 seconds = time.perf_counter() - start
 cpu1 = resource.getrusage(resource.RUSAGE_SELF)
 cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # every thread's: robust to a loaded machine
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu_workers = kids.ru_utime + kids.ru_stime  # worker processes prepare() ran its passes on (reaped by now)
 with open("/proc/self/status") as f:
     peak = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
 digest = hashlib.sha256()
@@ -55,10 +57,16 @@ for folder, dirs, files in sorted(os.walk(recipe.output)):
     dirs.sort()
     for name in sorted(files):
         path = os.path.join(folder, name)
+        relative = os.path.relpath(path, recipe.output)
+        if relative == "plan/inputs.json":  # the versions (mtimes) of the files read: differs run to run
+            continue
         with open(path, "rb") as f:
-            digest.update(f"{os.path.relpath(path, recipe.output)}\0{hashlib.sha256(f.read()).hexdigest()}\n".encode())
+            data = f.read()
+        if relative == "plan/plan.json":  # compared without its fingerprint, whose definition changed in #16
+            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "fingerprint"}).encode()
+        digest.update(f"{relative}\0{hashlib.sha256(data).hexdigest()}\n".encode())
 import reinforge
-print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "cpu": cpu, "digest": digest.hexdigest(),
+print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "cpu": cpu, "cpu_workers": cpu_workers, "digest": digest.hexdigest(),
                   "tree": os.path.dirname(reinforge.__file__)}))
 """
 

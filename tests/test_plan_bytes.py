@@ -280,7 +280,7 @@ def test_any_partitioning_gives_the_same_plan(inputs, case, monkeypatch):
         layout = RunLayout(recipe.output)
         plan = prepare.plan_subset(recipe, layout, f"{ROOT}/cut-work", cut)
         assert plan.where == cut.where
-        prepare.commit(layout, recipe, plan, lambda: False, "test")
+        prepare.commit(layout, recipe, plan, f"{ROOT}/cut-work", lambda: False, "test")
         prepare.remove_work(f"{ROOT}/cut-work")
         got = run_digests(recipe.model_dump(), fresh=False)
         assert got == GOLDEN[case], cut

@@ -152,9 +152,11 @@ def index_key(url: str, size: int, version: str, uid_field: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
-def load_or_build(url: str, size: int, version: str, index_dir: str, uid_field: str) -> pa.Table:
+def load_or_build(url: str, size: int, version: str, index_dir: str, uid_field: str,
+                  columns: list[str] | None = None) -> pa.Table:
     """The index of one pool shard, from `index_dir` when an entry for this very shard version is there,
-    else built and stored (atomically: concurrent runs write the same bytes under the same name)."""
+    else built and stored (atomically: concurrent runs write the same bytes under the same name).
+    `columns`: only these (a cached entry is then read only in part)."""
     if (size, version) == MISSING:
         raise ShardReadError(f"pool shard {url} not found")
     key = index_key(url, size, version, uid_field)
@@ -163,19 +165,18 @@ def load_or_build(url: str, size: int, version: str, index_dir: str, uid_field: 
     try:
         fs, path = filesystem(target)
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read()  # not read_table: its dataset layer imports pandas (~0.4 s)
+            table = pq.ParquetFile(f).read(columns)  # not read_table: its dataset layer imports pandas (~0.4 s)
         if json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}")) == identity:
             return table
     except (OSError, ValueError, pa.ArrowException):  # absent, or unreadable: index again
         pass
     table = index_shard(url, uid_field)
-    if file_versions([url])[url] != (size, version):  # rewritten while we read it: do not keep this one
-        return table
-    table = table.replace_schema_metadata({_META_KEY: json.dumps(identity, sort_keys=True).encode()})
-    buf = pa.BufferOutputStream()  # pyarrow wants a real stream; index files are small
-    pq.write_table(table, buf)
-    write_bytes(target, buf.getvalue().to_pybytes())
-    return table
+    if file_versions([url])[url] == (size, version):  # not rewritten while we read it: keep it
+        table = table.replace_schema_metadata({_META_KEY: json.dumps(identity, sort_keys=True).encode()})
+        buf = pa.BufferOutputStream()  # pyarrow wants a real stream; index files are small
+        pq.write_table(table, buf)
+        write_bytes(target, buf.getvalue().to_pybytes())
+    return table if columns is None else table.select(columns)
 
 
 def build_index(tasks: list[Task], run_index_dir: str, uid_field: str, threads: int = 8):

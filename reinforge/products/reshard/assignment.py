@@ -55,17 +55,17 @@ def copy_keys(hi: np.ndarray, lo: np.ndarray, counts: np.ndarray, seed: int) -> 
     return Copies(index, copy.astype(np.int32), (copy + phase[index]) / counts[index])
 
 
-def order_inside(block: np.ndarray) -> np.ndarray:
-    """One output shard's copies (fields row, copy, shard, offset) in the order they are written:
+def order_inside(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One output shard's copies (columns row, copy, shard, offset, ...) in the order they are written:
     (copy round, pool shard, offset), then no copy directly after a copy of the same uid."""
-    block = block[np.lexsort((block["offset"], block["shard"], block["copy"]))]
-    _separate_repeats(block)
-    return block
+    order = np.lexsort((block["offset"], block["shard"], block["copy"]))
+    _separate_repeats(block["row"][order], order)
+    return {name: values[order] for name, values in block.items()}
 
 
-def _separate_repeats(block: np.ndarray) -> None:
-    """In place: no sample directly follows a copy of its own uid, where another sample can go there."""
-    idx = block["row"]
+def _separate_repeats(idx: np.ndarray, order: np.ndarray) -> None:
+    """In place, on a shard's uid rows and its order: no sample directly follows a copy of its own uid,
+    where another sample can go there."""
     if not (idx[1:] == idx[:-1]).any():
         return
     for i in range(1, len(idx)):
@@ -73,4 +73,4 @@ def _separate_repeats(block: np.ndarray) -> None:
             later = np.flatnonzero(idx[i + 1:] != idx[i - 1])
             if len(later):
                 j = i + 1 + int(later[0])
-                block[[i, j]] = block[[j, i]]
+                idx[[i, j]], order[[i, j]] = idx[[j, i]], order[[j, i]]

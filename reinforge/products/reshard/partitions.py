@@ -31,9 +31,6 @@ from reinforge.io.storage import exists, filesystem, read_bytes, write_bytes
 from reinforge.products.reshard.assignment import copy_keys, order_inside
 
 SAMPLE = 10  # examples kept of each kind of problem
-POOL_ROW = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("offset", "<i8"), ("length", "<i8"), ("shard", "<i4")])
-COPY_ROW = np.dtype([("key", "<f8"), ("row", "<i8"), ("copy", "<i4"), ("shard", "<i4"), ("offset", "<i8"),
-                     ("length", "<i8"), ("hi", "<u8"), ("lo", "<u8")])
 
 
 class SubsetNotSorted(ValueError):
@@ -74,25 +71,43 @@ def subset_rows(subset: dict, start: int, stop: int) -> tuple[np.ndarray, np.nda
     return uids, counts.astype(np.int64)
 
 
-# ---------------------------------------------------------------- record files, read by row range
+# ---------------------------------------------------------------- part files: columns, read by row range
+# A part file holds rows of fixed columns (POOL_COLUMNS, COPY_COLUMNS) grouped by part: part after part, each
+# part its columns one after the other. Rows start..stop of a file are bytes start*width .. stop*width.
 
-def write_records(url: str, rows: np.ndarray) -> None:
-    write_bytes(url, np.ascontiguousarray(rows).tobytes())
-
-
-def read_records(url: str, dtype: np.dtype, start: int, stop: int) -> np.ndarray:
-    if stop <= start:
-        return np.zeros(0, dtype)
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        f.seek(start * dtype.itemsize)
-        return np.frombuffer(f.read((stop - start) * dtype.itemsize), dtype)
+POOL_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "offset": np.int64, "length": np.int64, "shard": np.int32}
+COPY_COLUMNS = {"key": np.float64, "row": np.int64, "copy": np.int32, "shard": np.int32, "offset": np.int64,
+                "length": np.int64, "hi": np.uint64, "lo": np.uint64}
 
 
-def group_by(rows: np.ndarray, part: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
-    """rows reordered so each part's rows are together (stable), and each part's row count."""
+def write_parts(url: str, columns: dict[str, np.ndarray], part: np.ndarray, parts: int) -> np.ndarray:
+    """Write the rows grouped by part (stable), and return each part's row count."""
     counts = np.bincount(part, minlength=parts)
-    return rows[np.argsort(part, kind="stable")], counts
+    order = np.argsort(part.astype(np.uint16) if parts <= 1 << 16 else part, kind="stable")  # uint16: a radix sort
+    grouped = {name: values[order] for name, values in columns.items()}
+    ends = np.cumsum(counts)
+    pieces = [memoryview(grouped[name][end - n:end]).cast("B") for n, end in zip(counts.tolist(), ends.tolist())
+              for name in columns]
+    write_bytes(url, b"".join(pieces))
+    return counts
+
+
+def read_parts(parts: list[tuple[str, int, int]], dtypes: dict[str, type]) -> dict[str, np.ndarray]:
+    """Rows start..stop-1 of each (file, start, stop), concatenated in the order given."""
+    width = sum(np.dtype(t).itemsize for t in dtypes.values())
+    out = {name: [] for name in dtypes}
+    for url, start, stop in parts:
+        if stop <= start:
+            continue
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as f:
+            f.seek(start * width)
+            data = f.read((stop - start) * width)
+        at = 0
+        for name, t in dtypes.items():
+            out[name].append(np.frombuffer(data, t, stop - start, at))
+            at += (stop - start) * np.dtype(t).itemsize
+    return {name: np.concatenate(v) if v else np.zeros(0, dtypes[name]) for name, v in out.items()}
 
 
 def bucket_of(hi: np.ndarray, lo: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -115,25 +130,24 @@ def pool_to_buckets(shards: list[tuple[int, str, int, str]], out_url: str, index
     route their readable samples to uid buckets; problems counted, the first SAMPLE kept as examples."""
     parts, bad, bad_sample, samples = [], {}, [], 0
     for number, url, size, version in shards:
-        table = load_or_build(url, size, version, index_dir, uid_field)
+        table = load_or_build(url, size, version, index_dir, uid_field, ["uid_hi", "uid_lo", "offset", "length",
+                                                                         "status"])
         samples += table.num_rows
         status = table.column("status").to_numpy()
         for code, name in INDEX_STATUS.items():
             rows = np.flatnonzero(status == code)
             if len(rows):
                 bad[name] = bad.get(name, 0) + len(rows)
-                keys = table.column("key")
+                keys = load_or_build(url, size, version, index_dir, uid_field, ["key"]).column("key")
                 bad_sample.extend({"shard": url, "key": keys[int(i)].as_py(), "problem": name}
                                   for i in rows[:max(0, SAMPLE - len(bad_sample))])
         ok = status == 0
-        part = np.empty(int(ok.sum()), POOL_ROW)
-        for name in ("uid_hi", "uid_lo", "offset", "length"):
-            part[{"uid_hi": "hi", "uid_lo": "lo"}.get(name, name)] = table.column(name).to_numpy()[ok]
-        part["shard"] = number
+        part = {name: table.column(column).to_numpy()[ok] for name, column in
+                (("hi", "uid_hi"), ("lo", "uid_lo"), ("offset", "offset"), ("length", "length"))}
+        part["shard"] = np.full(int(ok.sum()), number, np.int32)
         parts.append(part)
-    rows = np.concatenate(parts) if parts else np.zeros(0, POOL_ROW)
-    rows, counts = group_by(rows, bucket_of(rows["hi"], rows["lo"], bounds), len(bounds) + 1)
-    write_records(out_url, rows)
+    rows = {name: np.concatenate([p[name] for p in parts] or [np.zeros(0, t)]) for name, t in POOL_COLUMNS.items()}
+    counts = write_parts(out_url, rows, bucket_of(rows["hi"], rows["lo"], bounds), len(bounds) + 1)
     return {"samples": samples, "bad": bad, "bad_sample": bad_sample, "counts": counts}
 
 
@@ -150,92 +164,96 @@ def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], 
     uids, counts = uids[start - lo_row:], counts[start - lo_row:]
     if len(counts) and (counts.min() < 1 or counts.max() > np.iinfo(np.uint32).max):
         raise ValueError(f"{subset['counts_url']}: counts must be >= 1 and fit uint32 (rows {start}..{stop - 1})")
-    pool = np.concatenate([read_records(url, POOL_ROW, a, b) for url, a, b in pool_parts] or [np.zeros(0, POOL_ROW)])
+    pool = read_parts(pool_parts, POOL_COLUMNS)
     pos = locate(pool["hi"], pool["lo"], UidLookup(uids))
     hit = np.flatnonzero(pos >= 0)
-    by_uid = hit[np.argsort(pos[hit], kind="stable")]  # hits grouped by subset row, in pool order inside
+    twice = np.bincount(pos[hit], minlength=len(uids))[pos[hit]] > 1  # hits of uids the pool holds twice
+    by_uid = hit[twice][np.argsort(pos[hit[twice]], kind="stable")]  # grouped by subset row, pool order inside
     first = np.r_[True, pos[by_uid][1:] != pos[by_uid][:-1]] if len(by_uid) else np.zeros(0, bool)
-    chosen, repeats = by_uid[first], np.sort(by_uid[~first])
-    found = np.zeros(len(uids), bool)
-    found[pos[chosen]] = True
-    where = np.empty(len(uids), POOL_ROW)
-    where[pos[chosen]] = pool[chosen]
-    missing = np.flatnonzero(~found)
+    chosen, repeats = np.concatenate([hit[~twice], by_uid[first]]), np.sort(by_uid[~first])
+    source = np.full(len(uids), -1, np.int64)  # per subset row: its pool row (the first, in pool order)
+    source[pos[chosen]] = chosen
+    missing = np.flatnonzero(source < 0)
     write_bytes(missing_url, np.ascontiguousarray(uids[missing]).tobytes())
-    rows = np.flatnonzero(found)
+    rows = np.flatnonzero(source >= 0)
     copies = copy_keys(uids["f0"][rows], uids["f1"][rows], counts[rows], seed)
-    out = np.empty(len(copies.key), COPY_ROW)
-    out["key"], out["copy"] = copies.key, copies.copy
-    at = rows[copies.index]
-    out["row"] = start + at
-    for name in ("shard", "offset", "length", "hi", "lo"):
-        out[name] = where[name][at]
+    at = source[rows][copies.index]
+    out = {"key": copies.key, "row": start + rows[copies.index], "copy": copies.copy,
+           **{name: pool[name][at] for name in ("shard", "offset", "length", "hi", "lo")}}
     part = np.minimum((copies.key * ranges).astype(np.int64), ranges - 1)
-    out, per_range = group_by(out, part, ranges)
-    write_records(out_url, out)
-    dup = pool[repeats[:SAMPLE]]
+    per_range = write_parts(out_url, out, part, ranges)
+    dup = repeats[:SAMPLE]
     return {"uids": len(uids), "samples": int(counts.sum()), "per_range": per_range,
             "missing": len(missing), "missing_samples": int(counts[missing].sum()),
             "missing_sample": [uid_hex(*u) for u in uids[missing[:SAMPLE]].tolist()],
             "duplicates": len(repeats),
-            "duplicate_sample": [(int(r["shard"]), int(r["offset"]), uid_hex(r["hi"], r["lo"])) for r in dup]}
+            "duplicate_sample": [(int(pool["shard"][i]), int(pool["offset"][i]), uid_hex(pool["hi"][i], pool["lo"][i]))
+                                 for i in dup]}
 
 
 # ---------------------------------------------------------------- 3. a key range: output order, task files
 
-def range_rows(parts: list[tuple[str, int, int]], take: int | None = None) -> np.ndarray:
-    """A key range's copies from every bucket (`parts`: file, first row, end row, in bucket order) in
-    output order: by key, ties in subset row then copy order (bucket order is subset row order). With
-    `take`, only the first `take` of them."""
-    rows = np.concatenate([read_records(url, COPY_ROW, a, b) for url, a, b in parts] or [np.zeros(0, COPY_ROW)])
-    keys = rows["key"].view(np.uint64)
-    if take is not None and take < len(rows):  # the first `take` in order: all keys below the take-th, sorted
-        cut = np.partition(keys, take - 1)[take - 1]
-        rows, keys = rows[keys <= cut], keys[keys <= cut]
-    rows = rows[stable_argsort(np.ascontiguousarray(keys))]
-    return rows if take is None else rows[:take]
-
-
-def task_table(rows: np.ndarray, urls: pa.Array, extras) -> pa.Table:
-    """One output shard's assignment file: shard (URL), offset, length, uid_hi, uid_lo, copy (+ extras)."""
+def task_file(rows: dict[str, np.ndarray], urls: pa.Array, extras) -> bytes:
+    """One output shard's assignment file, its copies put in the order they are written
+    (assignment.order_inside): shard (URL), offset, length, uid_hi, uid_lo, copy (+ extras)."""
+    rows = order_inside(rows)
     columns = {"shard": urls.take(rows["shard"]), "offset": rows["offset"], "length": rows["length"],
                "uid_hi": rows["hi"], "uid_lo": rows["lo"], "copy": rows["copy"]}
     if extras is not None:
         columns.update(extras(rows["row"]))
-    return pa.table(columns)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue().to_pybytes()
 
 
-def write_range(first_shard: int, last_shard: int, start: int, parts: list[list[tuple[str, int, int]]],
+def commit_file(url: str, data: bytes, write: bool) -> tuple[str, bool]:
+    """(sha256, whether the file there has these bytes); written when `write` (no comparison then)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if write:
+        write_bytes(url, data)
+        return digest, False
+    return digest, exists(url) and hashlib.sha256(read_bytes(url)).hexdigest() == digest
+
+
+def write_range(k: int, parts: list[tuple[str, int, int]], start: int, stop: int, fragment_url: str,
                 samples_per_shard: int, total: int, urls: list[str], task_urls: list[str], write: bool,
-                extras=None) -> dict[int, tuple[str, bool]]:
-    """Output shards first_shard..last_shard-1 (they start in the key range whose copies are parts[0],
-    at output position `start`; parts[1:] are the following ranges, read only as far as a shard runs
-    past its range). Per shard: sha256 of its file, and whether the file already there has those bytes;
-    `write`: write the ones that differ."""
-    url_array = pa.array(urls, pa.string())
-    rows = range_rows(parts[0])
-    need = min(last_shard * samples_per_shard, total) - start  # up to the end of the last shard
-    for more in parts[1:]:  # its tail, from the next ranges
-        if len(rows) >= need:
-            break
-        rows = np.concatenate([rows, range_rows(more, need - len(rows))])
-    out = {}
-    for j in range(first_shard, last_shard):
-        a = j * samples_per_shard - start
-        block = order_inside(rows[a:min(a + samples_per_shard, total - start)].copy())
-        buf = pa.BufferOutputStream()
-        pq.write_table(task_table(block, url_array, extras), buf)
-        data = buf.getvalue().to_pybytes()
-        digest = hashlib.sha256(data).hexdigest()
-        same = exists(task_urls[j]) and hashlib.sha256(read_bytes(task_urls[j])).hexdigest() == digest
-        if write and not same:
-            write_bytes(task_urls[j], data)
-        out[j] = (digest, same)
-    return out
+                extras=None) -> dict:
+    """Key range k: its copies (`parts`: bucket file, first row, end row, in bucket order) are output
+    positions start..stop-1. Sorted into output order (by key; ties in subset row then copy order, as
+    bucket order is subset row order), then cut at shard boundaries: a shard wholly inside is made here
+    (commit_file); the pieces of shards that cross the range's edges go to `fragment_url`, for
+    write_crossing. Returns {shard: (sha256, same)} and the pieces: (shard, file, first row, end row)."""
+    rows = read_parts(parts, COPY_COLUMNS)
+    order = stable_argsort(np.ascontiguousarray(rows["key"]).view(np.uint64))
+    rows = {name: values[order] for name, values in rows.items()}
+    url_array, S = pa.array(urls, pa.string()), samples_per_shard
+    files, pieces = {}, []
+    for j in range(start // S, -(-stop // S)):
+        first, end = j * S, min((j + 1) * S, total)  # the shard's output positions
+        a, b = max(first, start) - start, min(end, stop) - start  # its rows here
+        if first >= start and end <= stop:
+            files[j] = commit_file(task_urls[j], task_file({n: v[a:b] for n, v in rows.items()}, url_array, extras),
+                                   write)
+        elif b > a:
+            pieces.append((j, a, b))
+    if not pieces:
+        return {"files": files, "pieces": []}
+    lengths = [b - a for _, a, b in pieces]
+    counts = write_parts(fragment_url, {n: np.concatenate([v[a:b] for _, a, b in pieces]) for n, v in rows.items()},
+                         np.repeat(np.arange(len(pieces)), lengths), len(pieces))
+    ends = np.cumsum(counts).tolist()
+    return {"files": files, "pieces": [(j, fragment_url, e - n, e) for (j, _, _), n, e in zip(pieces, lengths, ends)]}
+
+
+def write_crossing(j: int, fragments: list[tuple[str, int, int]], task_url: str, urls: list[str], write: bool,
+                   extras=None) -> dict:
+    """Shard j, which crosses key ranges: its pieces (in range order, hence output order) joined."""
+    rows = read_parts(fragments, COPY_COLUMNS)
+    return {"files": {j: commit_file(task_url, task_file(rows, pa.array(urls, pa.string()), extras), write)},
+            "pieces": []}
 
 
 def read_missing(urls: list[str]) -> np.ndarray:
     """The missing uids of every bucket, in uid order."""
-    return np.concatenate([np.frombuffer(read_bytes(u), make_subset(np.zeros(0), np.zeros(0)).dtype) for u in urls]
-                          or [make_subset(np.zeros(0, np.uint64), np.zeros(0, np.uint64))])
-
+    empty = make_subset(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    return np.concatenate([np.frombuffer(read_bytes(u), empty.dtype) for u in urls] or [empty])

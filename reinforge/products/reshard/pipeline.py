@@ -55,11 +55,11 @@ class ReshardPipeline(Pipeline):
         inputs = prepare.inputs_digest(r, layout)
         if prepare.planned_already(layout, inputs):
             return
+        work = layout.plan_file(prepare.WORK)
         try:
-            prepare.commit(layout, r, prepare.plan_subset(r, layout, layout.plan_file(prepare.WORK)),
-                           self._finished_tasks, inputs)
+            prepare.commit(layout, r, prepare.plan_subset(r, layout, work), work, self._finished_tasks, inputs)
         finally:
-            prepare.remove_work(layout.plan_file(prepare.WORK))
+            prepare.remove_work(work)
 
     def _finished_tasks(self) -> bool:
         return bool(done_manifests(self.layout.root, config_digest(self.recipe)))

@@ -276,23 +276,27 @@ def planned_already(layout: RunLayout, digest: str) -> bool:
             and json.loads(read_text(layout.file(INPUTS))).get("inputs") == digest)
 
 
-def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, write: bool) -> list[tuple[str, bool]]:
-    """Pass 3 (partitions.write_range), one task per key range in which output shards start: per output
-    shard, sha256 of its file and whether the file already there has those bytes; `write`: write those
-    that differ. Face boxes and class ids are looked up on the driver, so with them the pass runs here."""
-    starts, S, total = plan.range_starts, r.samples_per_shard, int(sum(plan.sizes))
+def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str, write: bool) -> list[tuple[str, bool]]:
+    """Pass 3: per key range, the shards inside it (partitions.write_range), then the shards that cross
+    ranges, from their pieces (write_crossing). Per output shard: sha256 of its file and whether the file
+    there has those bytes; `write`: write them all. Face boxes and class ids are looked up on the
+    driver, so with them the pass runs here."""
+    starts, total = plan.range_starts, int(sum(plan.sizes))
     task_urls = [assignment_url(layout, f"{j:08d}") for j in range(len(plan.sizes))]
-    tasks = []
-    for k in range(len(plan.range_parts)):
-        first, last = -(-starts[k] // S), min(-(-starts[k + 1] // S), len(plan.sizes))
-        if last > first:
-            tasks.append((first, last, starts[k], plan.range_parts[k:]))
-    shared = (S, total, plan.urls, task_urls, write)
     where = "inline" if plan.extras else plan.where
-    results = {}
-    for part in map_tasks(partitions.write_range, tasks, shared + ((plan.extras,) if plan.extras else ()), where):
-        results.update(part)
-    return [results[j] for j in range(len(plan.sizes))]
+    extras = (plan.extras,) if plan.extras else ()
+    ranges = [(k, parts, starts[k], starts[k + 1], f"{work}/pieces-{k:06d}.bin")
+              for k, parts in enumerate(plan.range_parts) if starts[k + 1] > starts[k]]
+    files, pieces = {}, {}
+    for done in map_tasks(partitions.write_range, ranges,
+                          (r.samples_per_shard, total, plan.urls, task_urls, write, *extras), where):
+        files.update(done["files"])
+        for j, url, a, b in done["pieces"]:  # in range order: a crossing shard's pieces in output order
+            pieces.setdefault(j, []).append((url, a, b))
+    crossing = [(j, parts, task_urls[j]) for j, parts in sorted(pieces.items())]
+    for done in map_tasks(partitions.write_crossing, crossing, (plan.urls, write, *extras), where):
+        files.update(done["files"])
+    return [files[j] for j in range(len(plan.sizes))]
 
 
 def fingerprint(sizes: list[int], files: list[tuple[str, bool]]) -> str:
@@ -303,21 +307,21 @@ def fingerprint(sizes: list[int], files: list[tuple[str, bool]]) -> str:
     return digest.hexdigest()
 
 
-def commit(layout: RunLayout, r: ReshardRecipe, plan: Plan, has_finished_tasks: Callable[[], bool],
+def commit(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str, has_finished_tasks: Callable[[], bool],
            inputs: str) -> None:
     """Write the assignment's task files (only those whose bytes changed), then plan.json and
     inputs.json; refuse to change an assignment under finished tasks (`has_finished_tasks()`)."""
     if exists(layout.plan_record):
-        files = write_task_files(layout, r, plan, write=False)
+        files = write_task_files(layout, r, plan, work, write=False)
         saved = json.loads(read_text(layout.plan_record))
         if not (all(same for _, same in files) and saved.get("sizes") == plan.sizes):
             if has_finished_tasks():
                 raise ReshardError(f"{layout.root}: the subset or the pool changed since its tasks ran "
                                    f"(the plan differs); write to a new output directory")
             remove(layout.plan_record)  # uncommitted while the task assignments are rewritten
-            files = write_task_files(layout, r, plan, write=True)
+            files = write_task_files(layout, r, plan, work, write=True)
     else:
-        files = write_task_files(layout, r, plan, write=True)
+        files = write_task_files(layout, r, plan, work, write=True)
     ours = {f"{j:08d}.parquet" for j in range(len(plan.sizes))}
     for url in list_files(layout.plan_file("tasks"), ".parquet"):  # a former, larger assignment's
         if url.rpartition("/")[2] not in ours:
