@@ -216,12 +216,14 @@ def test_plan_files_are_unchanged(inputs, case, monkeypatch):
 
 def test_uid_lookup_finds_what_a_binary_search_finds():
     """UidLookup (the bucketed search planning uses) = np.searchsorted and the plain locate, at the edges too:
-    repeated high halves, 0 and 2**64-1, subsets of 0..5 uids."""
+    repeated high halves, 0 and 2**64-1, subsets of 0..5 uids, members from one narrow slice of uids."""
     from reinforge.formats.subset import UidLookup, locate
     rng = np.random.default_rng(0)
-    for n in [0, 1, 2, 5, 17, 1000, 50_000]:
+    for n, narrow in [(0, 0), (1, 0), (2, 0), (5, 0), (17, 0), (1000, 0), (50_000, 0), (1000, 1), (50_000, 1)]:
         hi, lo = (rng.integers(0, 2**64, n, np.uint64, endpoint=False) for _ in range(2))
-        if n > 10:
+        if narrow:  # members from one slice of the uid space (a uid bucket of the planner's)
+            hi = np.uint64(3 << 60) + (hi >> np.uint64(8))
+        if n > 10 and not narrow:
             hi[:5], hi[6], hi[7:10] = hi[5], 0, 2**64 - 1
         members = np.unique(make_subset(hi, lo))
         lookup = UidLookup(members)

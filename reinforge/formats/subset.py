@@ -164,25 +164,34 @@ def is_sorted_unique(uids: np.ndarray) -> bool:
 
 class UidLookup:
     """A sorted unique subset array prepared for many locate() calls (one per pool shard): where each
-    bucket of high halves starts (buckets by the top bits, about 4 uids each: uids are hashes, so they
-    fill buckets evenly). A lookup walks one bucket, a cache line or two, instead of binary-searching
-    the whole subset (~24 random reads per uid at 12.8M). hi and lo are views of the subset, not copies."""
+    bucket of high halves starts (equal slices of the members' own span of high halves, about 4 uids
+    each: uids are hashes, so they fill the slices evenly, also when the members are one uid range of
+    many). A lookup walks one bucket, a cache line or two, instead of binary-searching the whole subset
+    (~24 random reads per uid at 12.8M). hi and lo are views of the subset, not copies."""
 
     def __init__(self, members: np.ndarray):
         self.hi, self.lo = members["f0"], members["f1"]
-        bits = min(40, max(1, int(np.ceil(np.log2(max(len(members), 1) / 4)))))
-        self.shift = np.uint64(64 - bits)
-        counts = np.bincount((self.hi >> self.shift).astype(np.intp), minlength=2 ** bits)
-        self.starts = np.r_[0, np.cumsum(counts)].astype(np.int32 if len(members) < 2**31 else np.int64)
+        n = len(members)
+        self.base = self.hi[0] if n else np.uint64(0)
+        span = int(self.hi[-1]) - int(self.base) if n else 0
+        bits = min(40, max(1, int(np.ceil(np.log2(max(n, 1) / 4)))))
+        self.shift = np.uint64(max(0, span.bit_length() - bits))
+        counts = np.bincount(((self.hi - self.base) >> self.shift).astype(np.intp), minlength=(span >> int(self.shift)) + 1)
+        self.starts = np.r_[0, np.cumsum(counts)].astype(np.int32 if n < 2**31 else np.int64)
 
     def __len__(self) -> int:
         return len(self.hi)
 
     def search(self, hi: np.ndarray) -> np.ndarray:
         """np.searchsorted(self.hi, hi) (the first position whose high half is >= hi)."""
-        bucket = (hi >> self.shift).astype(np.intp)
+        last = len(self.starts) - 2  # the last bucket
+        inside = hi >= self.base
+        bucket = np.where(inside, (hi - self.base) >> self.shift, 0)
+        past = bucket > np.uint64(max(last, 0))
+        bucket = np.minimum(bucket, np.uint64(max(last, 0))).astype(np.intp)
         pos, end = self.starts[bucket].astype(np.int64), self.starts[bucket + 1]
-        todo = np.flatnonzero(pos < end)
+        pos[past] = end[past]  # beyond the last member's bucket: after every member
+        todo = np.flatnonzero(inside & ~past & (pos < end))
         while len(todo):  # past every smaller high half of the bucket; past its end, the next is larger
             todo = todo[self.hi[pos[todo]] < hi[todo]]
             pos[todo] += 1
