@@ -281,8 +281,9 @@ def test_any_partitioning_gives_the_same_plan(inputs, case, monkeypatch):
         shutil.rmtree(recipe.output, ignore_errors=True)
         layout = RunLayout(recipe.output)
         plan = prepare.plan_subset(recipe, layout, f"{ROOT}/cut-work", cut)
-        assert plan.where == cut.where
+        assert plan.tasks.where == cut.where
         prepare.commit(layout, recipe, plan, f"{ROOT}/cut-work", lambda: False, "test")
+        plan.tasks.close()
         prepare.remove_work(f"{ROOT}/cut-work")
         got = run_digests(recipe.model_dump(), fresh=False)
         assert got == GOLDEN[case], cut

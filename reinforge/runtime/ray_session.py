@@ -17,7 +17,7 @@ import itertools
 import os
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -141,7 +141,7 @@ def node_resources(node_id: str | None) -> dict:
 
 
 def where_to_map(tasks: int, work_rows: int, min_rows: int = 2_000_000) -> str:
-    """Where map_tasks runs a pass of `tasks` tasks over `work_rows` rows: on Ray when this process has
+    """Where a TaskMap runs a pass of `tasks` tasks over `work_rows` rows: on Ray when this process has
     one (or RAY_ADDRESS names a cluster), else on this machine's worker processes for a pass worth their
     start (~1 s each), else inline. Results are the same bytes wherever they run."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized() or os.environ.get("RAY_ADDRESS"):
@@ -149,23 +149,44 @@ def where_to_map(tasks: int, work_rows: int, min_rows: int = 2_000_000) -> str:
     return "processes" if tasks > 1 and work_rows >= min_rows and (os.cpu_count() or 1) > 1 else "inline"
 
 
-def map_tasks(fn, per_task: list[tuple], shared: tuple, where: str):
-    """fn(*task_args, *shared) for each task, in task order: inline, on Ray (map_groups), or on up to
-    os.cpu_count() spawned worker processes of this machine (at most twice that many in flight)."""
-    if where != "processes":
-        with ray_session() if where == "ray" else nullcontext():
-            yield from map_groups(fn, per_task, shared, where == "ray")
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+class TaskMap:
+    """map(fn, per_task, shared): fn(*task_args, *shared) for each task, in task order, inline, on Ray
+    (map_groups), or on up to os.cpu_count() spawned worker processes of this machine, started at the
+    first call and kept for every later one until close() (a pass's tasks wait for the previous pass)."""
 
-    from reinforge.runtime.local_pool import plain_main
-    width = max(1, min(len(per_task), os.cpu_count() or 1))
-    with ProcessPoolExecutor(width, multiprocessing.get_context("spawn")) as pool:
+    def __init__(self, where: str):
+        self.where, self._pool, self._ray = where, None, None
+
+    def __call__(self, fn, per_task: list[tuple], shared: tuple):
+        if self.where == "ray" and self._ray is None:
+            self._ray = ray_session()
+            self._ray.__enter__()
+        if self.where != "processes":
+            return map_groups(fn, per_task, shared, self.where == "ray")
+        return self._on_processes(fn, per_task, shared)
+
+    def _on_processes(self, fn, per_task: list[tuple], shared: tuple):
+        width = os.cpu_count() or 1
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            from reinforge.runtime.local_pool import plain_main
+            self._pool = ProcessPoolExecutor(width, multiprocessing.get_context("spawn"))
+            with plain_main():  # submits start the worker processes
+                for _ in range(width):
+                    self._pool.submit(int)
         todo = iter(per_task)
-        with plain_main():  # the first submits start every worker process
-            pending = [pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 2 * width)]
+        pending = [self._pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 2 * width)]
         while pending:
             part = pending.pop(0).result()
-            pending.extend(pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 1))
+            pending.extend(self._pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 1))
             yield part
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        if self._ray is not None:
+            self._ray.__exit__(None, None, None)
+            self._ray = None

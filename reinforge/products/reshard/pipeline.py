@@ -57,7 +57,11 @@ class ReshardPipeline(Pipeline):
             return
         work = layout.plan_file(prepare.WORK)
         try:
-            prepare.commit(layout, r, prepare.plan_subset(r, layout, work), work, self._finished_tasks, inputs)
+            plan = prepare.plan_subset(r, layout, work)
+            try:
+                prepare.commit(layout, r, plan, work, self._finished_tasks, inputs)
+            finally:
+                plan.tasks.close()
         finally:
             prepare.remove_work(work)
 
@@ -76,6 +80,7 @@ class ReshardPipeline(Pipeline):
         recipe = self.recipe.model_copy(update={"dry_run": True})
         with tempfile.TemporaryDirectory(prefix="reinforge-plan-") as work:  # nothing in the run folder
             plan = prepare.plan_subset(recipe, self.layout, work)
+            plan.tasks.close()
         return {"reshard": plan.meta, "datacomp_meta": prepare.datacomp_meta(recipe, plan),
                 "sizes": prepare.shard_sizes(plan)}
 

@@ -34,7 +34,7 @@ from reinforge.io.storage import atomic_open, exists, filesystem, list_files, re
 from reinforge.products.reshard import face_blur, partitions
 from reinforge.products.reshard.pool import ReshardError, select_shards
 from reinforge.products.reshard.recipe import ReshardRecipe
-from reinforge.runtime.ray_session import map_tasks, where_to_map
+from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 # relative to the run; recorded in plan.json, so the files of another layout are rewritten
@@ -145,7 +145,7 @@ class Plan:
     range_parts: list[list[tuple[str, int, int]]]  # per key range: (bucket file, first row, end row)
     range_starts: list[int]  # per key range: its first output position
     missing_files: list[str]  # per bucket: its missing uids
-    where: str  # where the passes ran (ray_session.where_to_map)
+    tasks: TaskMap  # where the passes run (close it when done)
     extras: Optional[Callable] = None  # subset rows -> face_bboxes / cls columns
 
 
@@ -160,21 +160,31 @@ def plan_subset(r: ReshardRecipe, layout: RunLayout, work: str, sizes: Sizes = S
         if versions[url][0] < 0:
             raise ReshardError(f"pool shard {url} not found")
     index_dir = index_cache_dir() or layout.index_dir()
-    bounds, buckets = subset.bounds, len(subset.bounds) + 1
+    buckets = len(subset.bounds) + 1
     groups = [[(n, urls[n], *versions[urls[n]]) for n in range(a, min(a + sizes.pool_shards, len(urls)))]
               for a in range(0, len(urls), sizes.pool_shards)]
-    where = sizes.where or where_to_map(max(len(groups), buckets), subset.rows)
+    tasks = TaskMap(sizes.where or where_to_map(max(len(groups), buckets), subset.rows))
+    try:
+        return _plan(r, subset, urls, groups, index_dir, work, sizes, selection, tasks)
+    except BaseException:
+        tasks.close()
+        raise
+
+
+def _plan(r: ReshardRecipe, subset: SubsetFile, urls: list[str], groups: list, index_dir: str, work: str,
+          sizes: Sizes, selection: dict, tasks: TaskMap) -> Plan:
+    bounds, buckets = subset.bounds, len(subset.bounds) + 1
     group_files = [f"{work}/pool-{g:06d}.bin" for g in range(len(groups))]
-    scans = list(map_tasks(partitions.pool_to_buckets, [(g, f) for g, f in zip(groups, group_files)],
-                           (index_dir, r.input.uid_field, bounds), where))
+    scans = list(tasks(partitions.pool_to_buckets, [(g, f) for g, f in zip(groups, group_files)],
+                       (index_dir, r.input.uid_field, bounds)))
     ends = [np.cumsum(s["counts"]) for s in scans]
     ranges = max(1, -(-subset.total // sizes.range_copies))
     copy_files = [f"{work}/copies-{b:06d}.bin" for b in range(buckets)]
     missing_files = [f"{work}/missing-{b:06d}.bin" for b in range(buckets)]
-    tasks = [(subset.starts[b], subset.starts[b + 1],
-              [(f, int(e[b] - c[b]), int(e[b])) for f, e, c in zip(group_files, ends, (s["counts"] for s in scans))],
-              copy_files[b], missing_files[b]) for b in range(buckets)]
-    matched = list(map_tasks(partitions.match_bucket, tasks, (subset.source, r.seed, ranges), where))
+    per_bucket = [(subset.starts[b], subset.starts[b + 1],
+                   [(f, int(e[b] - s["counts"][b]), int(e[b])) for f, e, s in zip(group_files, ends, scans)],
+                   copy_files[b], missing_files[b]) for b in range(buckets)]
+    matched = list(tasks(partitions.match_bucket, per_bucket, (subset.source, r.seed, ranges)))
     per_range = np.array([m["per_range"] for m in matched]).reshape(buckets, ranges)
     ends_b = np.cumsum(per_range, axis=1)
     range_parts = [[(copy_files[b], int(ends_b[b, k] - per_range[b, k]), int(ends_b[b, k])) for b in range(buckets)]
@@ -190,7 +200,7 @@ def plan_subset(r: ReshardRecipe, layout: RunLayout, work: str, sizes: Sizes = S
     out_sizes = [min(r.samples_per_shard, total - s) for s in range(0, total, r.samples_per_shard)]
     meta = _meta(r, subset, scans, matched, urls, out_sizes)
     plan = Plan(out_sizes, meta, sum(s["samples"] for s in scans), urls, range_parts, range_starts, missing_files,
-                where)
+                tasks)
     if r.blur_metadata or r.cls_file or selection:
         _add_extras(r, plan, selection)
     return plan
@@ -283,18 +293,18 @@ def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str,
     driver, so with them the pass runs here."""
     starts, total = plan.range_starts, int(sum(plan.sizes))
     task_urls = [assignment_url(layout, f"{j:08d}") for j in range(len(plan.sizes))]
-    where = "inline" if plan.extras else plan.where
+    tasks = TaskMap("inline") if plan.extras else plan.tasks
     extras = (plan.extras,) if plan.extras else ()
     ranges = [(k, parts, starts[k], starts[k + 1], f"{work}/pieces-{k:06d}.bin")
               for k, parts in enumerate(plan.range_parts) if starts[k + 1] > starts[k]]
     files, pieces = {}, {}
-    for done in map_tasks(partitions.write_range, ranges,
-                          (r.samples_per_shard, total, plan.urls, task_urls, write, *extras), where):
+    for done in tasks(partitions.write_range, ranges, (r.samples_per_shard, total, plan.urls, task_urls, write,
+                                                       *extras)):
         files.update(done["files"])
         for j, url, a, b in done["pieces"]:  # in range order: a crossing shard's pieces in output order
             pieces.setdefault(j, []).append((url, a, b))
     crossing = [(j, parts, task_urls[j]) for j, parts in sorted(pieces.items())]
-    for done in map_tasks(partitions.write_crossing, crossing, (plan.urls, write, *extras), where):
+    for done in tasks(partitions.write_crossing, crossing, (plan.urls, write, *extras)):
         files.update(done["files"])
     return [files[j] for j in range(len(plan.sizes))]
 
