@@ -20,6 +20,7 @@ from pool_gen import random_uids
 
 from reinforge.formats.subset import make_subset, uid_order, write_subset
 from reinforge.io.manifest import RunLayout
+from reinforge.io.storage import remove_tree
 from reinforge.products.registry import parse_recipe
 from reinforge.runtime.pipeline import build_pipeline
 
@@ -284,10 +285,20 @@ def test_any_partitioning_gives_the_same_plan(inputs, case, monkeypatch):
         assert plan.tasks.where == cut.where
         prepare.commit(layout, recipe, plan, f"{ROOT}/cut-work", lambda: False, "test")
         plan.tasks.close()
-        prepare.remove_work(f"{ROOT}/cut-work")
+        remove_tree(f"{ROOT}/cut-work")
         got = run_digests(recipe.model_dump(), fresh=False)
         assert got == GOLDEN[case], cut
     assert isinstance(build_pipeline(recipe), ReshardPipeline)
+
+
+@pytest.mark.parametrize("per_group, per_bucket", [(1, 1), (1, 2), (3, 1)])
+def test_any_partitioning_gives_the_same_join_plan(inputs, monkeypatch, per_group, per_bucket):
+    """Join's passes with one shard per group and per uid bucket (and mixes) write the golden bytes."""
+    from reinforge.products.join import plan
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    monkeypatch.setattr(plan, "SHARDS_PER_GROUP", per_group)
+    monkeypatch.setattr(plan, "SHARDS_PER_BUCKET", per_bucket)
+    assert run_digests(CASES["join"]) == GOLDEN["join"]
 
 
 def test_changed_inputs_plan_again_and_keep_equal_task_files(inputs, monkeypatch):
@@ -302,18 +313,18 @@ def test_changed_inputs_plan_again_and_keep_equal_task_files(inputs, monkeypatch
     build_pipeline(recipe).prepare(layout)
     tasks = os.path.join(recipe.output, "plan", "tasks")
     stamps = {n: os.stat(os.path.join(tasks, n)).st_mtime_ns for n in os.listdir(tasks)}
-    inputs_before = open(layout.file(prepare.INPUTS)).read()
+    inputs_before = open(layout.plan_inputs).read()
     os.utime(f"{ROOT}/pool/00000001.tar", ns=(1, 1))
     finished = lambda: True  # noqa: E731
     pipeline = build_pipeline(recipe)
     pipeline._finished_tasks = finished
     pipeline.prepare(layout)
     assert {n: os.stat(os.path.join(tasks, n)).st_mtime_ns for n in os.listdir(tasks)} == stamps
-    assert open(layout.file(prepare.INPUTS)).read() != inputs_before  # the new inputs are recorded
+    assert open(layout.plan_inputs).read() != inputs_before  # the new inputs are recorded
     changed = parse_recipe({**CASES["reshard"], "output": f"{ROOT}/changed", "subset": f"{ROOT}/subset_once.npy"})
     pipeline = build_pipeline(changed)
     pipeline._finished_tasks = finished
     with pytest.raises(prepare.ReshardError, match="changed since its tasks ran"):
         pipeline.prepare(layout)
     assert {n: os.stat(os.path.join(tasks, n)).st_mtime_ns for n in os.listdir(tasks)} == stamps
-    assert not os.path.exists(layout.plan_file(prepare.WORK))
+    assert not os.path.exists(layout.plan_work)

@@ -19,8 +19,8 @@ from typing import Callable, Iterable
 
 from fsspec.implementations.local import LocalFileSystem
 
-from reinforge.io.manifest import Task
-from reinforge.io.storage import filesystem
+from reinforge.io.manifest import RunLayout, Task
+from reinforge.io.storage import exists, filesystem, read_text
 
 MISSING = (-1, "missing")
 # what object stores report as a file's version, most specific first (s3, gcs, azure, local via fsspec, memory)
@@ -110,3 +110,22 @@ def changed_inputs(recorded: dict[str, str | None], current: dict[str, str]) -> 
     without a fingerprint (an old manifest) is unknown, not changed."""
     return {task: (old, current[task]) for task, old in recorded.items()
             if old is not None and task in current and current[task] != old}
+
+
+def plan_digest(plan_format: str, recipe: dict, files: list[str]) -> str:
+    """What a plan is made from: its format, the recipe's fields that shape it, and the size and version of
+    every file it reads. Equal digests, equal plans: prepare() keeps it in RunLayout.plan_inputs and does
+    not plan again while it holds."""
+    versions = file_versions(files)
+    record = [plan_format, recipe, [versions[f] for f in files]]
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def planned_already(layout: RunLayout, digest: str) -> bool:
+    """Whether the run's committed plan was made from inputs with this plan_digest."""
+    if not (exists(layout.plan_inputs) and exists(layout.plan_record)):
+        return False
+    try:
+        return json.loads(read_text(layout.plan_inputs)).get("inputs") == digest
+    except ValueError:  # a damaged record: plan again
+        return False

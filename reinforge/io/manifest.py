@@ -111,6 +111,17 @@ class RunLayout:
         """plan/plan.json: prepare()'s record of what it decided (fingerprint, counts)."""
         return join(self.root, "plan", "plan.json")
 
+    @property
+    def plan_inputs(self) -> str:
+        """plan/inputs.json: a digest of what the committed plan was made from (io/fingerprint.plan_digest);
+        written after everything else prepare() writes."""
+        return join(self.root, "plan", "inputs.json")
+
+    @property
+    def plan_work(self) -> str:
+        """plan/work/: files prepare()'s passes hand each other (tasks on any node read them); removed after."""
+        return join(self.root, "plan", "work")
+
     def index_dir(self, *parts: str) -> str:
         """Where the run's own uid indexes go (index/, or a sub-folder per side of a join)."""
         return join(self.root, "index", *parts)

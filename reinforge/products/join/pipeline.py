@@ -1,10 +1,11 @@
 """Join: reinforcement-only DataCompDR shards (no images, like Apple's release) + the DataComp image
 shards they came from, matched by uid, into trainable DataCompDR shards (FORMATS §2).
 
-prepare() (driver, once per run): index both sides with uid_index.py (tar headers and json members
-only; cached in <run>/index/{reinforcement,images}/), locate every reinforcement uid in the pool
-(reshard's match_pool), and write each reinforcement shard's pool locations to <run>/plan/<task>.parquet,
-with the counts in <run>/plan/plan.json, and the trainer config to <run>/dr_config.json. Tasks are the
+prepare() (once per run; plan.py, in passes of tasks over uid buckets): index both sides with uid_index.py
+(tar headers and json members only; the shared index cache, else <run>/index/{reinforcement,images}/),
+locate every reinforcement uid in the pool, and write each reinforcement shard's pool locations to
+<run>/plan/<task>.parquet, with the counts in <run>/plan/plan.json, and the trainer config to
+<run>/dr_config.json. Tasks are the
 reinforcement shards (an output shard keeps its input's name; tasks() lists them and writes nothing);
 read(task) streams its shard and fetches only the pool samples it needs, by byte range.
 
@@ -19,13 +20,9 @@ a keep_images run of the same recipe writes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Iterator
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reinforge.formats.augment import Augmenter
@@ -36,58 +33,15 @@ from reinforge.formats.imagenet_plus import SchemaError
 from reinforge.formats.limits import Limits
 from reinforge.formats.pool_reader import PoolReader
 from reinforge.formats.sources import InputError, WebDatasetSource
-from reinforge.formats.subset import LoadedSubset, UidLookup, first_occurrence, locate, make_subset, uid_hex, uid_order
-from reinforge.formats.uid_index import build_index
+from reinforge.io.fingerprint import plan_digest, planned_already
 from reinforge.io.manifest import RunLayout, Task
-from reinforge.io.storage import exists, filesystem, read_text, remove, write_bytes
+from reinforge.io.storage import exists, filesystem, read_text, remove_tree, write_bytes
+from reinforge.products.join import plan
 from reinforge.products.join.recipe import JoinRecipe
-from reinforge.products.reshard.pool import match_pool
 from reinforge.readers.mobileclip import augmentation_from_config
 from reinforge.runtime.pipeline import Pipeline
 from reinforge.stages.base import MapStage, SkipSample, Stage
 from reinforge.stages.text import ParseCaption
-
-
-def locations_url(layout: RunLayout, task_id: str) -> str:
-    """The pool locations of one reinforcement shard's uids, as prepare() found them."""
-    return layout.plan_file(f"{task_id}.parquet")
-
-
-def uid_strings(hi: np.ndarray, lo: np.ndarray) -> pa.StringArray:
-    """uid_hex of every row, as one Arrow string array made from a single hex buffer (no str per row)."""
-    raw = np.empty((len(hi), 2), ">u8")
-    raw[:, 0], raw[:, 1] = hi, lo
-    offsets = np.arange(0, 32 * len(hi) + 1, 32, dtype=np.int32)
-    return pa.StringArray.from_buffers(len(hi), pa.py_buffer(offsets.tobytes()),
-                                       pa.py_buffer(raw.tobytes().hex().encode()))
-
-
-def commit_locations(layout: RunLayout, tasks: int, make: Callable[[int], tuple[str, bytes]], summary: dict) -> None:
-    """Write every task's locations (`make(i)`: the i-th task's URL and file), then plan/plan.json (the
-    summary and their fingerprint; written last, it commits them), unless the committed ones are the
-    same: a rerun of unchanged inputs rewrites nothing. Files are made on a few threads and dropped once
-    written or hashed; against a committed plan, a first pass only hashes them, a second writes them."""
-    def each(write: bool) -> dict[str, str]:
-        def one(i: int) -> tuple[str, str]:
-            url, data = make(i)
-            if write:
-                write_bytes(url, data)
-            return url, hashlib.sha256(data).hexdigest()
-        with ThreadPoolExecutor(max_workers=4) as pool:  # Parquet encoding and writes release the GIL
-            return dict(pool.map(one, range(tasks)))
-
-    def fingerprint(hashes: dict[str, str]) -> str:
-        digest = hashlib.sha256()
-        for url in sorted(hashes):
-            digest.update(f"{layout.relative(url)}\0{hashes[url]}\n".encode())
-        return digest.hexdigest()
-
-    if exists(layout.plan_record):
-        if fingerprint(each(write=False)) == json.loads(read_text(layout.plan_record)).get("fingerprint"):
-            return
-        remove(layout.plan_record)  # uncommitted while the locations are rewritten
-    hashes = each(write=True)
-    write_bytes(layout.plan_record, json.dumps({**summary, "fingerprint": fingerprint(hashes)}, indent=1).encode())
 
 
 class JoinError(InputError):
@@ -180,8 +134,9 @@ class JoinPipeline(Pipeline):
         return self.source.tasks()  # the reinforcement shards
 
     def prepare(self, layout: RunLayout) -> None:
-        """Where each task's pool samples are (plan/), and the trainer config of the reinforcement shards,
-        byte for byte: it describes the joined shards too."""
+        """Where each task's pool samples are (plan/, join/plan.py), and the trainer config of the
+        reinforcement shards, byte for byte: it describes the joined shards too. Nothing is planned when
+        the committed plan was made from the same inputs."""
         r = self.recipe
         config_url = self.dr_config_url()
         self.load_dr_config(config_url)
@@ -190,54 +145,29 @@ class JoinPipeline(Pipeline):
             pool = WebDatasetSource(r.images.path).tasks()
         except InputError as exc:
             raise JoinError(str(exc).replace("input.path", "images.path", 1)) from None
-        urls = [t.inputs[0] for t in pool]
-        # every sample's uid, read from the json members only; unreadable ones are refused by JoinDR.
-        # Kept: each shard's readable uids (16 B per sample), not its index table.
-        samples, task_hi, task_lo = 0, [], []
-        for table in build_index(tasks, layout.index_dir("reinforcement"), "uid"):
-            ok = table.column("status").to_numpy() == 0
-            samples += table.num_rows
-            task_hi.append(table.column("uid_hi").to_numpy()[ok])
-            task_lo.append(table.column("uid_lo").to_numpy()[ok])
-        none = [np.zeros(0, np.uint64)]
-        hi, lo = np.concatenate(task_hi or none), np.concatenate(task_lo or none)
-        order = uid_order(hi, lo)
-        hi, lo = hi[order], lo[order]
-        del order
-        first = first_occurrence(hi, lo)
-        uids = make_subset(hi[first], lo[first])
-        del hi, lo, first
-        wanted = LoadedSubset(uids, np.ones(len(uids), np.uint32), r.input.path)
-        match = match_pool(wanted, build_index(pool, layout.index_dir("images"), r.images.uid_field), urls)
-        if len(uids) and not match.found.any():
-            raise JoinError(f"images.path: none of the {len(uids)} reinforcement uids is in the image pool "
-                            f"({len(urls)} shards, {match.samples} samples): wrong pool?")
-        lookup, url_array = UidLookup(uids), pa.array(urls, pa.string())
-
-        def make(i: int) -> tuple[str, bytes]:
-            pos = locate(task_hi[i], task_lo[i], lookup)
-            pos = pos[match.found[pos]]
-            locations = pa.table({"uid": uid_strings(lookup.hi[pos], lookup.lo[pos]),
-                                  "shard": url_array.take(match.shard[pos]),
-                                  "offset": match.offset[pos], "length": match.length[pos]})
-            buf = pa.BufferOutputStream()
-            pq.write_table(locations, buf)
-            return locations_url(layout, tasks[i].id), buf.getvalue().to_pybytes()
-
-        readable = sum(len(h) for h in task_hi)
-        summary = {"format": "reinforge.join/1", "reinforcement_shards": len(tasks), "reinforcement_samples": samples,
-                   "samples_without_uid": samples - readable, "uids": len(uids),
-                   "uids_in_pool": int(match.found.sum()), "uids_not_in_pool": int((~match.found).sum()),
-                   "not_in_pool_sample": [uid_hex(*u) for u in uids[~match.found][:10].tolist()],
-                   "pool": {"shards": len(urls), "samples_indexed": match.samples, "samples_without_uid": match.bad,
-                            "duplicate_uids": match.duplicates, "duplicate_sample": match.duplicate_sample,
-                            "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
-        commit_locations(layout, len(tasks), make, summary)
+        files = [t.inputs[0] for t in tasks + pool] + [config_url]
+        inputs = plan_digest("reinforge.join/1", r.model_dump(mode="json", exclude={"resources", "output"}), files)
+        if planned_already(layout, inputs):
+            return
+        work = layout.plan_work
+        try:
+            made = plan.plan_join(tasks, pool, layout, work, r.images.uid_field)
+            try:
+                found = made.summary
+                if found["uids"] and not found["uids_in_pool"]:
+                    raise JoinError(f"images.path: none of the {found['uids']} reinforcement uids is in the image "
+                                    f"pool ({len(pool)} shards, {found['pool']['samples_indexed']} samples): wrong pool?")
+                plan.commit_plan(layout, tasks, made)
+            finally:
+                made.tasks.close()
+        finally:
+            remove_tree(work)
         fs, path = filesystem(config_url)
         write_bytes(layout.dr_config, fs.cat_file(path))
+        write_bytes(layout.plan_inputs, json.dumps({"inputs": inputs}).encode())
 
     def read(self, task: Task) -> Iterator[dict]:
-        fs, path = filesystem(locations_url(self.layout, task.id))
+        fs, path = filesystem(plan.locations_url(self.layout, task.id))
         with fs.open(path, "rb") as f:
             rows = pq.ParquetFile(f).read().to_pydict()  # not read_table: it imports pandas (~0.4 s)
         where = {uid: (url, offset, length) for uid, url, offset, length in

@@ -27,8 +27,10 @@ import pyarrow as pa
 from reinforge.formats.recipe import config_digest
 from reinforge.formats.sources import WebDatasetSource
 from reinforge.formats.subset import UID_OK, make_subset, parse_hex_uids, write_subset
+from reinforge.io.fingerprint import planned_already
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.runs import done_manifests
+from reinforge.io.storage import remove_tree
 from reinforge.products.reshard import prepare
 from reinforge.products.reshard.copying import DataCompExtras, Passthrough, buffer_shuffle, read_assigned
 from reinforge.products.reshard.pool import ReshardError
@@ -52,10 +54,10 @@ class ReshardPipeline(Pipeline):
         if r.dry_run:
             self.dry_run_report()
             return
-        inputs = prepare.inputs_digest(r, layout)
-        if prepare.planned_already(layout, inputs):
+        inputs = prepare.inputs_digest(r)
+        if planned_already(layout, inputs):
             return
-        work = layout.plan_file(prepare.WORK)
+        work = layout.plan_work
         try:
             plan = prepare.plan_subset(r, layout, work)
             try:
@@ -63,7 +65,7 @@ class ReshardPipeline(Pipeline):
             finally:
                 plan.tasks.close()
         finally:
-            prepare.remove_work(work)
+            remove_tree(work)
 
     def _finished_tasks(self) -> bool:
         return bool(done_manifests(self.layout.root, config_digest(self.recipe)))

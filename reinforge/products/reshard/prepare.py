@@ -28,7 +28,7 @@ from reinforge.formats.sources import WebDatasetSource
 from reinforge.formats.subset import (SUBSET_DTYPE, SubsetError, counts_path, is_sorted_unique, locate, read_subset,
                                       uid_hex, write_subset)
 from reinforge.formats.uid_index import index_cache_dir
-from reinforge.io.fingerprint import file_versions
+from reinforge.io.fingerprint import file_versions, plan_digest
 from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import atomic_open, exists, filesystem, list_files, read_text, remove, write_bytes
 from reinforge.products.reshard import face_blur, partitions
@@ -40,8 +40,6 @@ SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 # relative to the run; recorded in plan.json, so the files of another layout are rewritten
 TASK_ASSIGNMENTS = "plan/tasks/{:08d}.parquet"
 MISSING_UIDS = "plan/missing_uids.npy"
-INPUTS = "plan/inputs.json"
-WORK = "work"  # under plan/: the passes' files, removed once the plan is committed
 BLOCK = 8 << 20  # bytes read at a time from a subset file
 
 
@@ -268,22 +266,13 @@ def _meta(r: ReshardRecipe, subset: SubsetFile, scans: list[dict], matched: list
 
 # ---------------------------------------------------------------- committing the plan
 
-def inputs_digest(r: ReshardRecipe, layout: RunLayout) -> str:
-    """What a plan is made from: the recipe, the code's plan format, and the size and version of every
-    file it reads (pool shards, subset, counts, face-box metadata, class file). Equal digests, equal plans."""
+def inputs_digest(r: ReshardRecipe) -> str:
+    """The plan's inputs: the recipe and the pool shards, subset, counts, face-box metadata and class file."""
     pool, _ = select_shards(WebDatasetSource(r.input.path).tasks(), r.first_shard, r.num_shards)
     files = [t.inputs[0] for t in pool] + [r.subset, counts_path(r.subset)]
     files += ([r.counts] if r.counts not in ("auto", "none") else []) + ([r.cls_file] if r.cls_file else [])
     files += face_blur.metadata_files(r.blur_metadata) if r.blur_metadata else []
-    versions = file_versions(files)
-    record = [TASK_ASSIGNMENTS, r.model_dump(mode="json", exclude={"resources", "output"}), [versions[f] for f in files]]
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def planned_already(layout: RunLayout, digest: str) -> bool:
-    """Whether the committed plan was made from these very inputs (plan/inputs.json, written last)."""
-    return (exists(layout.file(INPUTS)) and exists(layout.plan_record)
-            and json.loads(read_text(layout.file(INPUTS))).get("inputs") == digest)
+    return plan_digest(TASK_ASSIGNMENTS, r.model_dump(mode="json", exclude={"resources", "output"}), files)
 
 
 def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str, write: bool) -> list[tuple[str, bool]]:
@@ -343,13 +332,7 @@ def commit(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str, has_finis
                                                 "task_plans": TASK_ASSIGNMENTS, "sizes": plan.sizes,
                                                 "meta": plan.meta}, indent=1).encode())
     write_run_files(layout, r, plan)
-    write_bytes(layout.file(INPUTS), json.dumps({"inputs": inputs}).encode())
-
-
-def remove_work(work: str) -> None:
-    fs, path = filesystem(work)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    write_bytes(layout.plan_inputs, json.dumps({"inputs": inputs}).encode())
 
 
 def committed_sizes(layout: RunLayout) -> list[int] | None:

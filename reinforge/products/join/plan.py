@@ -1,0 +1,214 @@
+"""Join's plan, made as reshard's is (reshard/partitions.py), in passes of tasks over partitions, so the
+driver holds counts per partition and never an array per sample:
+1. every reinforcement shard's readable uids, and every pool shard's samples, routed to uid buckets (equal
+   slices of the uid space: uids are hashes);
+2. per uid bucket: the bucket's distinct reinforcement uids located in its pool rows (the first occurrence
+   in pool shard order wins), and each reinforcement row that was found, with its pool location, routed
+   to the group of reinforcement shards it belongs to;
+3. per group of reinforcement shards: each shard's locations file, its rows in the shard's order.
+Files: plan/<task>.parquet (uid, shard, offset, length) and plan/plan.json (the counts and the files'
+fingerprint; written last, it commits them). A rerun with the same inputs (plan/inputs.json) plans
+nothing; one whose inputs changed plans again and rewrites nothing when every file's bytes are the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reinforge.formats.subset import UidLookup, locate, make_subset, uid_hex
+from reinforge.formats.uid_index import index_cache_dir, load_or_build
+from reinforge.io.fingerprint import file_versions
+from reinforge.io.manifest import RunLayout, Task
+from reinforge.io.storage import exists, read_text, remove, write_bytes
+from reinforge.products.reshard.partitions import (POOL_COLUMNS, SAMPLE, bucket_of, commit_file, pool_to_buckets,
+                                                   read_parts, write_parts)
+from reinforge.runtime.ray_session import TaskMap, where_to_map
+
+ROW_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "task": np.int32, "row": np.int64}  # a reinforcement row
+FOUND_COLUMNS = {**ROW_COLUMNS, "shard": np.int32, "offset": np.int64, "length": np.int64}
+SHARDS_PER_GROUP = 64  # shards per bucketing task, and reinforcement shards per writing task
+SHARDS_PER_BUCKET = 100  # reinforcement shards per uid bucket (~1M uids of 10,000-sample shards)
+
+
+def locations_url(layout: RunLayout, task_id: str) -> str:
+    """The pool locations of one reinforcement shard's uids, as prepare() found them."""
+    return layout.plan_file(f"{task_id}.parquet")
+
+
+def uid_strings(hi: np.ndarray, lo: np.ndarray) -> pa.StringArray:
+    """uid_hex of every row, as one Arrow string array made from a single hex buffer (no str per row)."""
+    raw = np.empty((len(hi), 2), ">u8")
+    raw[:, 0], raw[:, 1] = hi, lo
+    offsets = np.arange(0, 32 * len(hi) + 1, 32, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(hi), pa.py_buffer(offsets.tobytes()),
+                                       pa.py_buffer(raw.tobytes().hex().encode()))
+
+
+def even_bounds(buckets: int) -> np.ndarray:
+    """The first uid of each bucket but the first: equal slices of the uid space."""
+    return make_subset(np.array([(b << 64) // buckets for b in range(1, buckets)], np.uint64),
+                       np.zeros(buckets - 1, np.uint64))
+
+
+def reinforcement_to_buckets(shards: list[tuple[int, str, int, str]], out_url: str, index_dir: str,
+                             bounds: np.ndarray) -> dict:
+    """Pass 1 for reinforcement shards (number, URL, size, version): their readable uids by uid bucket."""
+    parts, samples = [], 0
+    for number, url, size, version in shards:
+        table = load_or_build(url, size, version, index_dir, "uid", ["uid_hi", "uid_lo", "status"])
+        samples += table.num_rows
+        ok = table.column("status").to_numpy() == 0
+        hi, lo = table.column("uid_hi").to_numpy()[ok], table.column("uid_lo").to_numpy()[ok]
+        parts.append({"hi": hi, "lo": lo, "task": np.full(len(hi), number, np.int32),
+                      "row": np.arange(len(hi), dtype=np.int64)})
+    rows = {name: np.concatenate([p[name] for p in parts] or [np.zeros(0, t)]) for name, t in ROW_COLUMNS.items()}
+    counts = write_parts(out_url, rows, bucket_of(rows["hi"], rows["lo"], bounds), len(bounds) + 1)
+    return {"samples": samples, "readable": len(rows["hi"]), "counts": counts}
+
+
+def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int) -> dict:
+    """Pass 2: the bucket's reinforcement rows located in its pool rows (first occurrence in pool order);
+    the found rows, with their locations, by group of reinforcement shards."""
+    rows = read_parts(rows_parts, ROW_COLUMNS)
+    pool = read_parts(pool_parts, POOL_COLUMNS)
+    wanted = np.unique(make_subset(rows["hi"], rows["lo"]))
+    pos = locate(pool["hi"], pool["lo"], UidLookup(wanted))
+    hit = np.flatnonzero(pos >= 0)
+    twice = np.bincount(pos[hit], minlength=len(wanted))[pos[hit]] > 1  # uids the pool holds twice
+    by_uid = hit[twice][np.argsort(pos[hit[twice]], kind="stable")]
+    first = np.r_[True, pos[by_uid][1:] != pos[by_uid][:-1]] if len(by_uid) else np.zeros(0, bool)
+    chosen, repeats = np.concatenate([hit[~twice], by_uid[first]]), np.sort(by_uid[~first])
+    source = np.full(len(wanted), -1, np.int64)  # per wanted uid: its pool row
+    source[pos[chosen]] = chosen
+    at = source[locate(rows["hi"], rows["lo"], wanted)]
+    found = at >= 0
+    out = {**{name: values[found] for name, values in rows.items()},
+           **{name: pool[name][at[found]] for name in ("shard", "offset", "length")}}
+    per_group = write_parts(out_url, out, out["task"] // SHARDS_PER_GROUP, groups)
+    missing = wanted[source < 0]
+    return {"uids": len(wanted), "in_pool": int((source >= 0).sum()), "per_group": per_group,
+            "missing_sample": [uid_hex(*u) for u in missing[:SAMPLE].tolist()], "duplicates": len(repeats),
+            "duplicate_sample": [(int(pool["shard"][i]), int(pool["offset"][i]), uid_hex(pool["hi"][i], pool["lo"][i]))
+                                 for i in repeats[:SAMPLE]]}
+
+
+def write_group(first: int, parts: list, task_urls: list[str], urls: list[str], write: bool) -> dict:
+    """Pass 3: the locations files of reinforcement shards first.. (as many as task_urls), each with its
+    found rows in the shard's order."""
+    rows = read_parts(parts, FOUND_COLUMNS)
+    url_array = pa.array(urls, pa.string())
+    order = np.lexsort((rows["row"], rows["task"]))
+    rows = {name: values[order] for name, values in rows.items()}
+    ends = np.searchsorted(rows["task"], np.arange(first, first + len(task_urls) + 1))
+    files = {}
+    for i, url in enumerate(task_urls):
+        a, b = ends[i], ends[i + 1]
+        table = pa.table({"uid": uid_strings(rows["hi"][a:b], rows["lo"][a:b]),
+                          "shard": url_array.take(rows["shard"][a:b]),
+                          "offset": rows["offset"][a:b], "length": rows["length"][a:b]})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        files[first + i] = commit_file(url, buf.getvalue().to_pybytes(), write)
+    return files
+
+
+@dataclass
+class JoinPlan:
+    summary: dict  # plan.json without its fingerprint
+    group_parts: list  # per group of reinforcement shards: (bucket file, first row, end row) of its found rows
+    pool_urls: list[str]
+    tasks: TaskMap
+
+
+def plan_join(tasks: list[Task], pool: list[Task], layout: RunLayout, work: str, uid_field: str,
+              where: str | None = None) -> JoinPlan:
+    """Passes 1 and 2; raises nothing on uids absent from the pool (the caller decides)."""
+    urls = [t.inputs[0] for t in pool]
+    rein_urls = [t.inputs[0] for t in tasks]
+    versions = file_versions(urls + rein_urls)
+    index_dir = index_cache_dir()
+    buckets = max(1, -(-len(tasks) // SHARDS_PER_BUCKET))
+    bounds = even_bounds(buckets)
+    run = TaskMap(where or where_to_map(buckets + len(pool) // SHARDS_PER_GROUP, len(tasks) * 10_000))
+    try:
+        def groups_of(shard_urls):
+            return [[(n, shard_urls[n], *versions[shard_urls[n]])
+                     for n in range(a, min(a + SHARDS_PER_GROUP, len(shard_urls)))]
+                    for a in range(0, len(shard_urls), SHARDS_PER_GROUP)]
+        rein_files = [f"{work}/reinforcement-{g:06d}.bin" for g in range(len(groups_of(rein_urls)))]
+        rein = list(run(reinforcement_to_buckets, list(zip(groups_of(rein_urls), rein_files)),
+                        (index_dir or layout.index_dir("reinforcement"), bounds)))
+        pool_files = [f"{work}/pool-{g:06d}.bin" for g in range(len(groups_of(urls)))]
+        scans = list(run(pool_to_buckets, list(zip(groups_of(urls), pool_files)),
+                         (index_dir or layout.index_dir("images"), uid_field, bounds)))
+        groups = max(1, -(-len(tasks) // SHARDS_PER_GROUP))
+        found_files = [f"{work}/found-{b:06d}.bin" for b in range(buckets)]
+        per_bucket = [(_slices(rein_files, rein, b), _slices(pool_files, scans, b), found_files[b])
+                      for b in range(buckets)]
+        matched = list(run(match_bucket, per_bucket, (groups,)))
+    except BaseException:
+        run.close()
+        raise
+    per_group = np.array([m["per_group"] for m in matched]).reshape(buckets, groups)
+    starts = np.cumsum(per_group, axis=1) - per_group  # group g's first row in bucket b's file
+    group_parts = [[(found_files[b], int(starts[b, g]), int(starts[b, g] + per_group[b, g])) for b in range(buckets)]
+                   for g in range(groups)]
+    bad, bad_sample = {}, []
+    for scan in scans:
+        for name, n in scan["bad"].items():
+            bad[name] = bad.get(name, 0) + n
+        bad_sample.extend(scan["bad_sample"][:SAMPLE - len(bad_sample)])
+    samples, readable = sum(s["samples"] for s in rein), sum(s["readable"] for s in rein)
+    uids, in_pool = sum(m["uids"] for m in matched), sum(m["in_pool"] for m in matched)
+    duplicates = sorted(d for m in matched for d in m["duplicate_sample"])[:SAMPLE]
+    summary = {"format": "reinforge.join/1", "reinforcement_shards": len(tasks), "reinforcement_samples": samples,
+               "samples_without_uid": samples - readable, "uids": uids, "uids_in_pool": in_pool,
+               "uids_not_in_pool": uids - in_pool,
+               "not_in_pool_sample": [u for m in matched for u in m["missing_sample"]][:SAMPLE],
+               "pool": {"shards": len(urls), "samples_indexed": sum(s["samples"] for s in scans),
+                        "samples_without_uid": bad, "duplicate_uids": sum(m["duplicates"] for m in matched),
+                        "duplicate_sample": [u for _, _, u in duplicates],
+                        "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
+    return JoinPlan(summary, group_parts, urls, run)
+
+
+def _slices(files: list[str], results: list[dict], bucket: int) -> list[tuple[str, int, int]]:
+    """Bucket `bucket`'s rows in each pass-1 file: (file, first row, end row), in file order."""
+    out = []
+    for url, result in zip(files, results):
+        ends = np.cumsum(result["counts"])
+        out.append((url, int(ends[bucket] - result["counts"][bucket]), int(ends[bucket])))
+    return out
+
+
+def commit_plan(layout: RunLayout, tasks: list[Task], plan: JoinPlan) -> None:
+    """Write every task's locations file, then plan/plan.json (the summary and the files' fingerprint;
+    written last, it commits them), unless the committed files have the same bytes: then nothing."""
+    task_urls = [locations_url(layout, t.id) for t in tasks]
+
+    def write_all(write: bool) -> list[tuple[str, bool]]:
+        files = {}
+        per_group = [(g * SHARDS_PER_GROUP, parts, task_urls[g * SHARDS_PER_GROUP:(g + 1) * SHARDS_PER_GROUP])
+                     for g, parts in enumerate(plan.group_parts) if g * SHARDS_PER_GROUP < len(tasks)]
+        for done in plan.tasks(write_group, per_group, (plan.pool_urls, write)):
+            files.update(done)
+        return [files[i] for i in range(len(tasks))]
+
+    def fingerprint(files: list[tuple[str, bool]]) -> str:
+        digest = hashlib.sha256()
+        for url, (sha, _) in sorted(zip(task_urls, files)):
+            digest.update(f"{layout.relative(url)}\0{sha}\n".encode())
+        return digest.hexdigest()
+
+    if exists(layout.plan_record):
+        files = write_all(write=False)
+        if fingerprint(files) == json.loads(read_text(layout.plan_record)).get("fingerprint"):
+            return
+        remove(layout.plan_record)  # uncommitted while the locations are rewritten
+    files = write_all(write=True)
+    write_bytes(layout.plan_record, json.dumps({**plan.summary, "fingerprint": fingerprint(files)}, indent=1).encode())
