@@ -129,6 +129,14 @@ def remove(url: str) -> None:
         fs.rm(path)
 
 
+def remove_tree(url: str) -> None:
+    """Remove the folder `url` and everything under it (nothing if it is missing)."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def list_files(url: str, suffix: str = "") -> list[str]:
     """Full URLs of the files directly under `url` ending in `suffix` (empty if the folder is missing)."""
     fs, path = filesystem(url)
