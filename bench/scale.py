@@ -12,6 +12,9 @@ The growth column is log(peak_b/peak_a)/log(n_b/n_a) between consecutive sizes: 
 0 = flat; the marginal column is (peak_b - peak_a)/(n_b - n_a), the bytes each extra sample costs (a fixed
 cost such as allocator arenas and one batch of columns divides away at scale, a per-sample one does not). Nothing here is asserted; tests check results, this prints costs.
 
+index (bench/scale_index.py): build_index (ivf_pq + fp16 refine) over n synthetic 256-d embeddings; the extra
+column hashes index.faiss, uids.npy and index.json without timings (byte-identical before/after).
+
 reshard-plan and join-plan (bench/scale_plan.py): prepare() of a reshard / join run on placeholder pool shards
 whose uid indexes are cached; the extra column hashes every output file (byte-identical before/after).
 
@@ -30,11 +33,13 @@ The pool and subsets are built once (not timed); the uid index cache lives in th
 Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000,4000000] [--tools filter,schedule]
      [--out bench/results/scale.md] [--tree DIR]   (DIR: e.g. `git archive <commit> | tar -x -C DIR`, for before/after)
      bench/scale.py --tools reshard-plan,join-plan --sizes 1000000,12800000
+     bench/scale.py --tools index --sizes 500000,1000000,2000000 --tree DIR_BEFORE,DIR_AFTER
      bench/scale.py --tools runner,status [--tasks 1000,10000] [--runners local,ray]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -45,6 +50,7 @@ import tempfile
 import time
 
 import numpy as np
+from scale_index import INDEX_TOOLS, index_cases, make_index_inputs, measure_index
 from scale_plan import PLAN_TOOLS, make_plan_inputs, measure_plan, plan_cases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -264,15 +270,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated pool sizes (rows)")
     parser.add_argument("--tools", default="filter,schedule", help="filter, schedule, reshard-plan, join-plan, "
-                        "runner, status")
+                        "index, runner, status")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
-    parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one)")
+    parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one); "
+                        "several, comma-separated, are measured one after the other on the same inputs "
+                        "(rows labelled by the tree's folder name)")
     parser.add_argument("--tasks", default="1000,10000", help="runner/status: comma-separated task counts")
     parser.add_argument("--runners", default="local", help="runner: local and/or ray")
     parser.add_argument("--repeat", type=int, default=3, help="status: best of this many")
     args = parser.parse_args()
     global TREE
-    TREE = os.path.abspath(args.tree)
+    trees = [os.path.abspath(t) for t in args.tree.split(",")]
+    TREE = trees[0]
     sizes = [int(s) for s in args.sizes.split(",")]
     tools = set(args.tools.split(","))
     rows: dict[str, list] = {}
@@ -282,7 +291,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write("\n".join(lines) + "\n")
-    if not tools & {"filter", "schedule", *PLAN_TOOLS}:
+    if not tools & {"filter", "schedule", *PLAN_TOOLS, *INDEX_TOOLS}:
         return
     for n in sizes:
         # a fixed folder: the plan files name the pool's paths, so equal outputs need equal paths across runs
@@ -297,11 +306,21 @@ def main() -> None:
                 make_splits(os.path.join(tmp, "splits"), n)
             if tools & PLAN_TOOLS:
                 make_plan_inputs(tmp, n, tools)
+            if tools & INDEX_TOOLS:
+                make_index_inputs(tmp, n)
             print(f"{n:,} rows: inputs generated in {time.perf_counter() - started:.1f} s", flush=True)
-            for tool, label, kwargs in cases(tmp, n) + plan_cases(tmp):
+            for (tool, label, kwargs), TREE in itertools.product(cases(tmp, n) + plan_cases(tmp) + index_cases(tmp),
+                                                                 trees):
                 if tool not in tools:
                     continue
-                r = measure_plan(TREE, tmp, kwargs) if tool in PLAN_TOOLS else measure(tool, kwargs)
+                if len(trees) > 1:
+                    label = f"{label} [{os.path.basename(TREE)}]"
+                if tool in PLAN_TOOLS:
+                    r = measure_plan(TREE, tmp, kwargs)
+                elif tool in INDEX_TOOLS:
+                    r = measure_index(TREE, tmp, kwargs)
+                else:
+                    r = measure(tool, kwargs)
                 extra = r["peak"] - r["base"]
                 rows.setdefault(label, []).append((n, extra, r["seconds"], r.get("digest", ""), r.get("cpu"),
                                                    r.get("cpu_workers")))
@@ -309,8 +328,8 @@ def main() -> None:
                     raise SystemExit(f"measured {r['tree']}, not {TREE}")
                 cpu = f"cpu {r['cpu']:6.1f} s + workers {r.get('cpu_workers') or 0:.1f} s" if "cpu" in r else ""
                 print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows "
-                      f"{r['seconds']:6.1f} s {cpu} {r.get('digest', '')[:16]} (load {os.getloadavg()[0]:.1f})",
-                      flush=True)
+                      f"{r['seconds']:6.1f} s {cpu} {r.get('digest', '')[:16]} {r.get('recall', '')} "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     lines = ["| tool | rows | driver B/sample above imports | s per M rows | growth vs previous size "

@@ -5,9 +5,11 @@ else IVF-PQ. IVF-PQ re-ranks k_factor*k candidates on fp16 copies of the vectors
 distances alone cap recall@10 near 0.76 on clustered 512-d data; the IVF probe then sets it).
 IVF and PQ are trained on a seeded sample that excludes the recall queries. The driver reads only
 that sample and the queries: IVF and flat indexes are built per shard group in parallel (Ray tasks
-add their group's files, one at a time, to copies of the trained empty index, and find the queries'
-exact neighbours among them for recall) and merged in group order with id offsets, which gives the
-same inverted lists, hence the same bytes, as a serial build. HNSW graphs cannot be merged and are
+add their group's files, one at a time, to copies of the trained empty index, write it to a part file
+in `.tmp-parts/` of the output, and find the queries' exact neighbours among them for recall); the
+driver streams the parts, merged in group order with id offsets, into index.faiss (index_parts), which
+gives the same inverted lists, hence the same bytes, as a serial build, and never holds the index
+(recall is measured by a task on the written file, memory-mapped). HNSW graphs cannot be merged and are
 built in one thread (faiss' parallel HNSW insertion depends on thread timing).
 
 Saved as `index/index.faiss`, `index/index.json` (config, ntotal, dim, metric, search parameters,
@@ -19,6 +21,8 @@ import contextlib
 import io
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
@@ -28,9 +32,10 @@ from pydantic import Field, ValidationError
 
 from reinforge.formats.embeddings import EmbeddingError, count_rows, iter_embeddings, merge_skipped, resolve_paths
 from reinforge.formats.recipe import ConfigError, Strict, format_validation_error
+from reinforge.curation.index_parts import PartFiles, layout_of, write_merged_index, write_merged_uids, write_part
 from reinforge.formats.subset import SUBSET_DTYPE
-from reinforge.io.manifest import join
-from reinforge.io.storage import filesystem, read_text, write_bytes
+from reinforge.io.manifest import TMP_MARKER, join
+from reinforge.io.storage import filesystem, read_text, remove_tree, write_bytes
 
 FORMAT = "reinforge.index/1"
 
@@ -163,10 +168,11 @@ def top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def _add_group(files: list[str], first_row: int, empty: bytes, key: str, queries: Optional[np.ndarray],
-               kk: int, add_threads: Optional[int]) -> dict:
+def _add_group(files: list[str], first_row: int, part_url: Optional[str], empty: bytes, key: str,
+               queries: Optional[np.ndarray], kk: int, add_threads: Optional[int]) -> dict:
     """Pass 2 on a worker: the group's files, one at a time, added to a copy of the trained empty index,
-    and the exact top-kk of the recall queries among them (brute force, ids global)."""
+    and the exact top-kk of the recall queries among them (brute force, ids global). The populated index
+    and uids are written to `part_url` (index_parts), or returned when there is no part file (one group)."""
     import faiss
     index = deserialize(empty)
     uids, rows = [], 0
@@ -180,18 +186,25 @@ def _add_group(files: list[str], first_row: int, empty: bytes, key: str, queries
             sims, ids = top_k(np.hstack([sims, d]), np.hstack([ids, i + first_row + rows]), kk)
         uids.append(emb.uids)
         rows += len(emb.vectors)
-    return {"index": serialize(index), "rows": rows, "uids": np.concatenate(uids), "sims": sims, "ids": ids}
+    if part_url is None:
+        return {"index": serialize(index), "rows": rows, "uids": np.concatenate(uids), "sims": sims, "ids": ids}
+    write_part(part_url, index, first_row, np.concatenate(uids))
+    return {"rows": rows, "sims": sims, "ids": ids}
 
 
-def merge_into(index, part, offset: int) -> None:
-    """Append `part`'s vectors to `index` as ids offset.. (IVF lists keep their order: serial == parallel)."""
+def _recall_from_file(url: str, search: dict, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
+                      k: int) -> float:
+    """recall_at_k of a written index, memory-mapped (a copy in local temp first where it is remote)."""
     import faiss
-    if isinstance(index, faiss.IndexRefine):  # faiss has no IndexRefine.merge_from: merge both halves
-        for name in ("base_index", "refine_index"):
-            merge_into(faiss.downcast_index(getattr(index, name)), faiss.downcast_index(getattr(part, name)), offset)
-        index.ntotal += part.ntotal
-    else:
-        index.merge_from(part, offset if isinstance(index, faiss.IndexIVF) else 0)
+    from fsspec.implementations.local import LocalFileSystem
+    fs, path = filesystem(url)
+    with tempfile.TemporaryDirectory(prefix="reinforge-index-") as tmp:
+        if not isinstance(fs, LocalFileSystem):
+            fs.get(path, os.path.join(tmp, "index.faiss"))
+            path = os.path.join(tmp, "index.faiss")
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
+        set_search_parameters(index, search)
+        return recall_at_k(index, queries, query_ids, truth, k)
 
 
 def recall_at_k(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -204,21 +217,37 @@ def recall_at_k(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.nda
     return hits / len(query_ids)
 
 
-def _sample(parts: list[dict], files: list[str], spec: IndexSpec):
-    """The pool-wide sample from the groups' samples: recall queries, then training rows (disjoint)."""
-    for g, part in enumerate(parts):
-        if (part["dim"], part["key"]) != (parts[0]["dim"], parts[0]["key"]):
-            raise EmbeddingError(f"{files[0]}: key {parts[0]['key']!r} dim {parts[0]['dim']}, but a later file "
+def _fold_samples(scans, files: list[str], keep: int) -> dict:
+    """The groups' samples folded as they arrive, keeping the `keep` smallest seeded keys seen so far
+    (a total order: the pool-wide result does not depend on the grouping, and the driver holds one
+    group's sample besides its own); rows per file are kept (O(files))."""
+    out = None
+    for g, part in enumerate(scans):
+        if out is None:
+            out = {**part, "rows": []}
+        elif (part["dim"], part["key"]) != (out["dim"], out["key"]):
+            raise EmbeddingError(f"{files[0]}: key {out['key']!r} dim {out['dim']}, but a later file "
                                  f"of group {g} has key {part['key']!r} dim {part['dim']}")
-    rows = [r for part in parts for r in part["rows"]]
+        else:
+            out["keys"] = np.concatenate([out["keys"], part["keys"]])
+            out["where"] = np.concatenate([out["where"], part["where"]])
+            out["vectors"] = np.concatenate([out["vectors"], part["vectors"]])
+        best = np.lexsort((out["where"][:, 1], out["where"][:, 0], out["keys"]))[:keep]
+        out["keys"], out["where"], out["vectors"] = out["keys"][best], out["where"][best], out["vectors"][best]
+        if g:
+            out["skipped"], out["skipped_sample"] = merge_skipped([out, part])
+        out["rows"] += part["rows"]
+    return out
+
+
+def _sample(scan: dict, files: list[str], spec: IndexSpec):
+    """The pool-wide sample from the folded groups' samples: recall queries, then training rows (disjoint)."""
+    rows = scan["rows"]
     n = sum(rows)
     if not n:
-        skipped, _ = merge_skipped(parts)
         raise EmbeddingError(f"embeddings: no usable rows in {len(files)} file(s) ({files[0]}, ...); "
-                             f"skipped: {skipped or 'none (the files are empty)'}")
-    keys = np.concatenate([p["keys"] for p in parts])
-    where = np.concatenate([p["where"] for p in parts])
-    vectors = np.concatenate([p["vectors"] for p in parts])
+                             f"skipped: {scan['skipped'] or 'none (the files are empty)'}")
+    keys, where, vectors = scan["keys"], scan["where"], scan["vectors"]
     best = np.lexsort((where[:, 1], where[:, 0], keys))
     row_ids = (np.cumsum([0] + rows)[where[:, 0]] + where[:, 1])[best]
     n_queries = min(spec.recall_queries, max(1, n // 10))
@@ -231,8 +260,9 @@ def _sample(parts: list[dict], files: list[str], spec: IndexSpec):
 def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, address: Optional[str] = None) -> dict:
     """Two passes over the files, in parallel per shard group (Ray tasks when more than one group):
     1. usable rows per file + a seeded sample (recall queries, training rows) — all the driver reads;
-    2. each group adds its own files to a copy of the trained index and finds the queries' exact
-       neighbours among them; the driver merges the parts in group order."""
+    2. each group adds its own files to a copy of the trained index, writes it to a part file and finds
+       the queries' exact neighbours among them; the driver streams the parts, merged in group order,
+       into index.faiss and uids.npy, and a task measures recall on the written index."""
     import faiss
 
     from reinforge.runtime.ray_session import map_groups, ray_session
@@ -245,11 +275,16 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
     if not parallel:
         parts_files = [list(range(len(files)))]
     group_files = [[files[i] for i in part] for part in parts_files]
-    with ray_session(address) if parallel else contextlib.nullcontext():
-        scans = list(map_groups(_sample_group, [(f, part[0]) for f, part in zip(group_files, parts_files)],
-                                (spec.key, spec.seed, spec.recall_queries + spec.train_size), parallel))
-        file_rows, query_ids, queries, train = _sample(scans, files, spec)
-        key, dim, n = scans[0]["key"], scans[0]["dim"], sum(file_rows)
+    work = join(out_dir, f"{TMP_MARKER}parts")  # the groups' part files, removed once merged
+    remove_tree(work)
+    with ray_session(address) if parallel else contextlib.nullcontext(), _removed(work if parallel else None):
+        keep = spec.recall_queries + spec.train_size
+        scan = _fold_samples(map_groups(_sample_group, [(f, part[0]) for f, part in zip(group_files, parts_files)],
+                                        (spec.key, spec.seed, keep), parallel), files, keep)
+        file_rows, query_ids, queries, train = _sample(scan, files, spec)
+        key, dim, n = scan["key"], scan["dim"], sum(file_rows)
+        skipped, skipped_sample = scan["skipped"], scan["skipped_sample"]
+        del scan
         plan = plan_index(spec, n, dim)
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
         if plan.kind == "ivf_pq" and len(train) < 2 ** spec.pq_bits:
@@ -265,34 +300,48 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
         t0 = time.perf_counter()
         empty = serialize(index)
         index = deserialize(empty)  # the same concrete classes as the parts (the factory's IndexFlat is IndexFlatIP there)
-        first_rows = np.cumsum([0] + [sum(file_rows[i] for i in part) for part in parts_files]).tolist()
+        group_rows = [sum(file_rows[i] for i in part) for part in parts_files]
+        first_rows = np.cumsum([0] + group_rows).tolist()
+        part_urls = [join(work, f"{g:06d}.part") if parallel else None for g in range(len(parts_files))]
         kk = min(spec.recall_k + 1, n)
         exact = plan.kind != "flat"
-        pieces = map_groups(_add_group, list(zip(group_files, first_rows)),
+        pieces = map_groups(_add_group, list(zip(group_files, first_rows, part_urls)),
                             (empty, key, queries if exact else None, kk, 1 if plan.kind == "hnsw" else None), parallel)
-        uids, sims, ids = [], [], []
-        for part, first, piece in zip(parts_files, first_rows, pieces):
-            expected = sum(file_rows[i] for i in part)
+        uids, sims, ids = [], np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        for part, expected, piece in zip(parts_files, group_rows, pieces):
             if piece["rows"] != expected:
                 raise RuntimeError(f"index group {part}: {piece['rows']} vectors, the first pass read {expected} "
                                    "(files changed?)")
-            if len(parts_files) == 1:
+            if not parallel:
                 index = deserialize(piece["index"])
-            else:
-                merge_into(index, deserialize(piece["index"]), first)
-            uids.append(piece["uids"])
-            sims.append(piece["sims"])
-            ids.append(piece["ids"])
-    add_s = time.perf_counter() - t0
-    set_search_parameters(index, plan.search)
-    t0 = time.perf_counter()
-    recall = 1.0 if not exact else recall_at_k(index, queries, query_ids, top_k(np.hstack(sims), np.hstack(ids), kk)[1],
-                                               spec.recall_k)
-    data = serialize(index)
-    skipped, skipped_sample = merge_skipped(scans)
+                uids.append(piece["uids"])
+            if exact:  # the queries' exact neighbours so far (ids are global rows, so the order is total)
+                sims, ids = top_k(np.hstack([sims, piece["sims"]]), np.hstack([ids, piece["ids"]]), kk)
+        set_search_parameters(index, plan.search)
+        if parallel:  # the parts streamed into the files a serial build writes, one slab of lists at a time
+            parts = PartFiles(part_urls, group_rows, layout_of(index))
+            size = write_merged_index(join(out_dir, "index.faiss"), index, parts)
+            write_merged_uids(join(out_dir, "uids.npy"), parts)
+        else:
+            data = serialize(index)
+            size = len(data)
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(np.concatenate(uids), SUBSET_DTYPE), allow_pickle=False)
+            write_bytes(join(out_dir, "index.faiss"), data)
+            write_bytes(join(out_dir, "uids.npy"), buf.getvalue())
+            del data, buf
+        add_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if not exact:
+            recall = 1.0
+        elif parallel:  # on a worker, from the written file: the driver never holds the index
+            recall = next(map_groups(_recall_from_file, [(join(out_dir, "index.faiss"),)],
+                                     (plan.search, queries, query_ids, ids, spec.recall_k), True))
+        else:
+            recall = recall_at_k(index, queries, query_ids, ids, spec.recall_k)
     meta = {"format": FORMAT, "kind": plan.kind, "factory": plan.factory, "metric": "inner_product",
-            "dim": int(dim), "ntotal": int(index.ntotal), "search": plan.search, "config": spec.model_dump(),
-            "refine": plan.refine, "bytes_per_vector": round(len(data) / max(1, index.ntotal), 1),
+            "dim": int(dim), "ntotal": int(n), "search": plan.search, "config": spec.model_dump(),
+            "refine": plan.refine, "bytes_per_vector": round(size / max(1, n), 1),
             "source": files, "key": key, "skipped_rows": skipped, "skipped_sample": skipped_sample,
             "train_vectors": int(len(train)), "groups": len(parts_files),
             "recall": {f"recall@{spec.recall_k}": round(recall, 4), "queries": int(len(query_ids)),
@@ -300,12 +349,18 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
                        "seconds": round(time.perf_counter() - t0, 3)},
             "seconds": {"train": round(train_s, 3), "add": round(add_s, 3),
                         "total": round(time.perf_counter() - started, 3)}}
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(np.concatenate(uids), SUBSET_DTYPE), allow_pickle=False)
-    write_bytes(join(out_dir, "index.faiss"), data)
-    write_bytes(join(out_dir, "uids.npy"), buf.getvalue())
     write_bytes(join(out_dir, "index.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return meta
+
+
+@contextlib.contextmanager
+def _removed(url: Optional[str]):
+    """Remove the folder `url` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        if url:
+            remove_tree(url)
 
 
 @dataclass

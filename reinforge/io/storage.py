@@ -134,7 +134,7 @@ def remove(url: str) -> None:
 
 
 def remove_tree(url: str) -> None:
-    """A folder and everything in it, if it is there."""
+    """Remove the folder `url` and everything under it (nothing if it is missing)."""
     fs, path = filesystem(url)
     fs.invalidate_cache(path)
     if fs.exists(path):
