@@ -30,9 +30,9 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 from pydantic import Field, ValidationError
 
+from reinforge.curation.index_parts import PartFiles, layout_of, write_merged_index, write_merged_uids, write_part
 from reinforge.formats.embeddings import EmbeddingError, count_rows, iter_embeddings, merge_skipped, resolve_paths
 from reinforge.formats.recipe import ConfigError, Strict, format_validation_error
-from reinforge.curation.index_parts import PartFiles, layout_of, write_merged_index, write_merged_uids, write_part
 from reinforge.formats.subset import SUBSET_DTYPE
 from reinforge.io.manifest import TMP_MARKER, join
 from reinforge.io.storage import filesystem, read_text, remove_tree, write_bytes
