@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reinforge.formats.subset import UidLookup, locate, make_subset, uid_hex
+from reinforge.formats.subset import UidLookup, first_occurrence, locate, make_subset, uid_hex, uid_order
 from reinforge.formats.uid_index import index_cache_dir, load_or_build
 from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout, Task
@@ -32,7 +32,7 @@ from reinforge.runtime.ray_session import TaskMap, where_to_map
 ROW_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "task": np.int32, "row": np.int64}  # a reinforcement row
 FOUND_COLUMNS = {**ROW_COLUMNS, "shard": np.int32, "offset": np.int64, "length": np.int64}
 SHARDS_PER_GROUP = 64  # shards per bucketing task, and reinforcement shards per writing task
-SHARDS_PER_BUCKET = 100  # reinforcement shards per uid bucket (~1M uids of 10,000-sample shards)
+SHARDS_PER_BUCKET = 25  # reinforcement shards per uid bucket (~250k uids of 10,000-sample shards)
 
 
 def locations_url(layout: RunLayout, task_id: str) -> str:
@@ -76,7 +76,11 @@ def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int) 
     the found rows, with their locations, by group of reinforcement shards."""
     rows = read_parts(rows_parts, ROW_COLUMNS)
     pool = read_parts(pool_parts, POOL_COLUMNS)
-    wanted = np.unique(make_subset(rows["hi"], rows["lo"]))
+    order = uid_order(rows["hi"], rows["lo"])
+    distinct = first_occurrence(rows["hi"][order], rows["lo"][order])
+    wanted = make_subset(rows["hi"][order][distinct], rows["lo"][order][distinct])  # sorted, unique
+    which = np.empty(len(order), np.int64)  # per reinforcement row: its uid's place in wanted
+    which[order] = np.cumsum(distinct) - 1
     pos = locate(pool["hi"], pool["lo"], UidLookup(wanted))
     hit = np.flatnonzero(pos >= 0)
     twice = np.bincount(pos[hit], minlength=len(wanted))[pos[hit]] > 1  # uids the pool holds twice
@@ -85,7 +89,7 @@ def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int) 
     chosen, repeats = np.concatenate([hit[~twice], by_uid[first]]), np.sort(by_uid[~first])
     source = np.full(len(wanted), -1, np.int64)  # per wanted uid: its pool row
     source[pos[chosen]] = chosen
-    at = source[locate(rows["hi"], rows["lo"], wanted)]
+    at = source[which]
     found = at >= 0
     out = {**{name: values[found] for name, values in rows.items()},
            **{name: pool[name][at[found]] for name in ("shard", "offset", "length")}}

@@ -47,8 +47,8 @@ BLOCK = 8 << 20  # bytes read at a time from a subset file
 class Sizes:
     """How finely the passes cut the work (tests use tiny ones: any sizes give the same plan)."""
     pool_shards: int = 64  # pool shards per bucketing task
-    bucket_rows: int = 1 << 20  # subset rows per uid bucket
-    range_copies: int = 1 << 20  # copies per key range, about
+    bucket_rows: int = 1 << 18  # subset rows per uid bucket (a task holds a few arrays of this size)
+    range_copies: int = 1 << 18  # copies per key range, about
     where: Optional[str] = None  # inline, processes or ray; None: ray_session.where_to_map decides
 
 
