@@ -28,8 +28,6 @@ import io
 import json
 import os
 import tarfile
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -41,8 +39,7 @@ from reinforge.formats.shard_spans import open_buffer, scan_plain, scan_tarfile
 from reinforge.formats.subset import UID_OK, parse_hex_uids
 from reinforge.formats.wds import ShardReadError
 from reinforge.io.fingerprint import MISSING, file_versions
-from reinforge.io.manifest import Task
-from reinforge.io.storage import filesystem, has_rename, write_bytes
+from reinforge.io.storage import filesystem, write_bytes
 
 INDEX_STATUS = {1: "no_json", 2: "no_uid_field", 3: "malformed_uid", 4: "bad_json"}
 _META_KEY = b"reinforge.uid_index"
@@ -177,26 +174,3 @@ def load_or_build(url: str, size: int, version: str, index_dir: str, uid_field: 
         pq.write_table(table, buf)
         write_bytes(target, buf.getvalue().to_pybytes())
     return table if columns is None else table.select(columns)
-
-
-def build_index(tasks: list[Task], run_index_dir: str, uid_field: str, threads: int = 8):
-    """Index tables in shard order (task.inputs[0] per shard). Entries live in index_cache_dir(), shared
-    by every run on this machine, or in `run_index_dir` when the shared cache is off. Shards are
-    versioned in one batch (a stat each, or one listing per folder), then read on a few threads, or on
-    one for a local disk (no latency to hide there: more threads only contend for the GIL, ~25 % more
-    CPU time for the same wall time)."""
-    index_dir = index_cache_dir() or run_index_dir
-    urls = [t.inputs[0] for t in tasks]
-    versions = file_versions(urls)
-    if urls and has_rename(filesystem(urls[0])[0]):
-        threads = 1
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(tasks)))) as pool:
-        # at most 2 x threads tables ahead of the consumer (pool.map would queue every shard's table:
-        # the whole pool's index in memory when the consumer is the slower side)
-        pending = deque()
-        for url in urls:
-            pending.append(pool.submit(load_or_build, url, *versions[url], index_dir, uid_field))
-            if len(pending) >= 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()

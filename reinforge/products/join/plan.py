@@ -20,13 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reinforge.formats.subset import UidLookup, first_occurrence, locate, make_subset, uid_hex, uid_order
+from reinforge.formats.subset import first_occurrence, make_subset, uid_hex, uid_order
 from reinforge.formats.uid_index import index_cache_dir, load_or_build
 from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, read_text, remove, write_bytes
-from reinforge.products.reshard.partitions import (POOL_COLUMNS, SAMPLE, bucket_of, commit_file, pool_to_buckets,
-                                                   read_parts, write_parts)
+from reinforge.products.reshard.partitions import (POOL_COLUMNS, bucket_of, commit_file, duplicate_examples,
+                                                   first_in_pool, pool_to_buckets, read_parts, write_parts)
+from reinforge.products.reshard.pool import SAMPLE
 from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 ROW_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "task": np.int32, "row": np.int64}  # a reinforcement row
@@ -81,14 +82,7 @@ def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int) 
     wanted = make_subset(rows["hi"][order][distinct], rows["lo"][order][distinct])  # sorted, unique
     which = np.empty(len(order), np.int64)  # per reinforcement row: its uid's place in wanted
     which[order] = np.cumsum(distinct) - 1
-    pos = locate(pool["hi"], pool["lo"], UidLookup(wanted))
-    hit = np.flatnonzero(pos >= 0)
-    twice = np.bincount(pos[hit], minlength=len(wanted))[pos[hit]] > 1  # uids the pool holds twice
-    by_uid = hit[twice][np.argsort(pos[hit[twice]], kind="stable")]
-    first = np.r_[True, pos[by_uid][1:] != pos[by_uid][:-1]] if len(by_uid) else np.zeros(0, bool)
-    chosen, repeats = np.concatenate([hit[~twice], by_uid[first]]), np.sort(by_uid[~first])
-    source = np.full(len(wanted), -1, np.int64)  # per wanted uid: its pool row
-    source[pos[chosen]] = chosen
+    source, repeats = first_in_pool(pool, wanted)  # per wanted uid: its pool row
     at = source[which]
     found = at >= 0
     out = {**{name: values[found] for name, values in rows.items()},
@@ -97,8 +91,7 @@ def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int) 
     missing = wanted[source < 0]
     return {"uids": len(wanted), "in_pool": int((source >= 0).sum()), "per_group": per_group,
             "missing_sample": [uid_hex(*u) for u in missing[:SAMPLE].tolist()], "duplicates": len(repeats),
-            "duplicate_sample": [(int(pool["shard"][i]), int(pool["offset"][i]), uid_hex(pool["hi"][i], pool["lo"][i]))
-                                 for i in repeats[:SAMPLE]]}
+            "duplicate_sample": duplicate_examples(pool, repeats)}
 
 
 def write_group(first: int, parts: list, task_urls: list[str], urls: list[str], write: bool) -> dict:

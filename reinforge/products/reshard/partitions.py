@@ -29,8 +29,7 @@ from reinforge.formats.subset import UidLookup, is_sorted_unique, locate, make_s
 from reinforge.formats.uid_index import INDEX_STATUS, load_or_build
 from reinforge.io.storage import exists, filesystem, read_bytes, write_bytes
 from reinforge.products.reshard.assignment import copy_keys, order_inside
-
-SAMPLE = 10  # examples kept of each kind of problem
+from reinforge.products.reshard.pool import SAMPLE
 
 
 class SubsetNotSorted(ValueError):
@@ -153,6 +152,26 @@ def pool_to_buckets(shards: list[tuple[int, str, int, str]], out_url: str, index
 
 # ---------------------------------------------------------------- 2. a uid bucket: match, copies, key ranges
 
+def first_in_pool(pool: dict[str, np.ndarray], uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per uid of the sorted unique `uids`: the pool row holding it (-1: none), the first in pool order
+    where the pool holds it twice; and those repeated pool rows, in pool order."""
+    pos = locate(pool["hi"], pool["lo"], UidLookup(uids))
+    hit = np.flatnonzero(pos >= 0)
+    twice = np.bincount(pos[hit], minlength=len(uids))[pos[hit]] > 1  # hits of uids the pool holds twice
+    by_uid = hit[twice][np.argsort(pos[hit[twice]], kind="stable")]  # grouped by uid, pool order inside
+    first = np.r_[True, pos[by_uid][1:] != pos[by_uid][:-1]] if len(by_uid) else np.zeros(0, bool)
+    chosen = np.concatenate([hit[~twice], by_uid[first]])
+    source = np.full(len(uids), -1, np.int64)
+    source[pos[chosen]] = chosen
+    return source, np.sort(by_uid[~first])
+
+
+def duplicate_examples(pool: dict[str, np.ndarray], repeats: np.ndarray) -> list[tuple[int, int, str]]:
+    """(pool shard, offset, uid) of the first SAMPLE repeated pool rows: merged across buckets by place."""
+    return [(int(pool["shard"][i]), int(pool["offset"][i]), uid_hex(pool["hi"][i], pool["lo"][i]))
+            for i in repeats[:SAMPLE]]
+
+
 def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], out_url: str, missing_url: str,
                  subset: dict, seed: int, ranges: int) -> dict:
     """Subset rows start..stop-1 against their pool rows (`pool_parts`: group file, first row, end row, in
@@ -165,14 +184,7 @@ def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], 
     if len(counts) and (counts.min() < 1 or counts.max() > np.iinfo(np.uint32).max):
         raise ValueError(f"{subset['counts_url']}: counts must be >= 1 and fit uint32 (rows {start}..{stop - 1})")
     pool = read_parts(pool_parts, POOL_COLUMNS)
-    pos = locate(pool["hi"], pool["lo"], UidLookup(uids))
-    hit = np.flatnonzero(pos >= 0)
-    twice = np.bincount(pos[hit], minlength=len(uids))[pos[hit]] > 1  # hits of uids the pool holds twice
-    by_uid = hit[twice][np.argsort(pos[hit[twice]], kind="stable")]  # grouped by subset row, pool order inside
-    first = np.r_[True, pos[by_uid][1:] != pos[by_uid][:-1]] if len(by_uid) else np.zeros(0, bool)
-    chosen, repeats = np.concatenate([hit[~twice], by_uid[first]]), np.sort(by_uid[~first])
-    source = np.full(len(uids), -1, np.int64)  # per subset row: its pool row (the first, in pool order)
-    source[pos[chosen]] = chosen
+    source, repeats = first_in_pool(pool, uids)
     missing = np.flatnonzero(source < 0)
     write_bytes(missing_url, np.ascontiguousarray(uids[missing]).tobytes())
     rows = np.flatnonzero(source >= 0)
@@ -182,13 +194,10 @@ def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], 
            **{name: pool[name][at] for name in ("shard", "offset", "length", "hi", "lo")}}
     part = np.minimum((copies.key * ranges).astype(np.int64), ranges - 1)
     per_range = write_parts(out_url, out, part, ranges)
-    dup = repeats[:SAMPLE]
     return {"uids": len(uids), "samples": int(counts.sum()), "per_range": per_range,
             "missing": len(missing), "missing_samples": int(counts[missing].sum()),
             "missing_sample": [uid_hex(*u) for u in uids[missing[:SAMPLE]].tolist()],
-            "duplicates": len(repeats),
-            "duplicate_sample": [(int(pool["shard"][i]), int(pool["offset"][i]), uid_hex(pool["hi"][i], pool["lo"][i]))
-                                 for i in dup]}
+            "duplicates": len(repeats), "duplicate_sample": duplicate_examples(pool, repeats)}
 
 
 # ---------------------------------------------------------------- 3. a key range: output order, task files
