@@ -26,14 +26,15 @@ from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, read_text, remove, write_bytes
 from reinforge.products.reshard.partitions import (POOL_COLUMNS, bucket_of, commit_file, duplicate_examples,
-                                                   first_in_pool, pool_to_buckets, read_parts, write_parts)
+                                                   first_in_pool, partition_size, pool_to_buckets, read_parts,
+                                                   write_parts)
 from reinforge.products.reshard.pool import SAMPLE
 from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 ROW_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "task": np.int32, "row": np.int64}  # a reinforcement row
 FOUND_COLUMNS = {**ROW_COLUMNS, "shard": np.int32, "offset": np.int64, "length": np.int64}
 SHARDS_PER_GROUP = 64  # shards per bucketing task, and reinforcement shards per writing task
-SHARDS_PER_BUCKET = 25  # reinforcement shards per uid bucket (~250k uids of 10,000-sample shards)
+SHARDS_PER_BUCKET = None  # reinforcement shards per uid bucket; None: partition_size of 10,000 per shard
 
 
 def locations_url(layout: RunLayout, task_id: str) -> str:
@@ -117,7 +118,8 @@ def write_group(first: int, parts: list, task_urls: list[str], urls: list[str], 
 @dataclass
 class JoinPlan:
     summary: dict  # plan.json without its fingerprint
-    group_parts: list  # per group of reinforcement shards: (bucket file, first row, end row) of its found rows
+    found_files: list[str]  # per uid bucket: its found reinforcement rows, grouped by group of shards
+    found_counts: np.ndarray  # found rows per (uid bucket, group of reinforcement shards)
     pool_urls: list[str]
     tasks: TaskMap
 
@@ -129,7 +131,8 @@ def plan_join(tasks: list[Task], pool: list[Task], layout: RunLayout, work: str,
     rein_urls = [t.inputs[0] for t in tasks]
     versions = file_versions(urls + rein_urls)
     index_dir = index_cache_dir()
-    buckets = max(1, -(-len(tasks) // SHARDS_PER_BUCKET))
+    per_bucket = SHARDS_PER_BUCKET or max(1, partition_size(10_000 * len(tasks)) // 10_000)
+    buckets = max(1, -(-len(tasks) // per_bucket))
     bounds = even_bounds(buckets)
     run = TaskMap(where or where_to_map(buckets + len(pool) // SHARDS_PER_GROUP, len(tasks) * 10_000))
     try:
@@ -145,16 +148,12 @@ def plan_join(tasks: list[Task], pool: list[Task], layout: RunLayout, work: str,
                          (index_dir or layout.index_dir("images"), uid_field, bounds)))
         groups = max(1, -(-len(tasks) // SHARDS_PER_GROUP))
         found_files = [f"{work}/found-{b:06d}.bin" for b in range(buckets)]
-        per_bucket = [(_slices(rein_files, rein, b), _slices(pool_files, scans, b), found_files[b])
-                      for b in range(buckets)]
-        matched = list(run(match_bucket, per_bucket, (groups,)))
+        matched = list(run(match_bucket, ((_slices(rein_files, rein, b), _slices(pool_files, scans, b), found_files[b])
+                                          for b in range(buckets)), (groups,)))
     except BaseException:
         run.close()
         raise
     per_group = np.array([m["per_group"] for m in matched]).reshape(buckets, groups)
-    starts = np.cumsum(per_group, axis=1) - per_group  # group g's first row in bucket b's file
-    group_parts = [[(found_files[b], int(starts[b, g]), int(starts[b, g] + per_group[b, g])) for b in range(buckets)]
-                   for g in range(groups)]
     bad, bad_sample = {}, []
     for scan in scans:
         for name, n in scan["bad"].items():
@@ -171,7 +170,7 @@ def plan_join(tasks: list[Task], pool: list[Task], layout: RunLayout, work: str,
                         "samples_without_uid": bad, "duplicate_uids": sum(m["duplicates"] for m in matched),
                         "duplicate_sample": [u for _, _, u in duplicates],
                         "duplicate_policy": "first occurrence (pool shard order, then position) is used"}}
-    return JoinPlan(summary, group_parts, urls, run)
+    return JoinPlan(summary, found_files, per_group, urls, run)
 
 
 def _slices(files: list[str], results: list[dict], bucket: int) -> list[tuple[str, int, int]]:
@@ -190,8 +189,11 @@ def commit_plan(layout: RunLayout, tasks: list[Task], plan: JoinPlan) -> None:
 
     def write_all(write: bool) -> list[tuple[str, bool]]:
         files = {}
-        per_group = [(g * SHARDS_PER_GROUP, parts, task_urls[g * SHARDS_PER_GROUP:(g + 1) * SHARDS_PER_GROUP])
-                     for g, parts in enumerate(plan.group_parts) if g * SHARDS_PER_GROUP < len(tasks)]
+        firsts = np.cumsum(plan.found_counts, axis=1) - plan.found_counts  # a group's first row per bucket file
+        per_group = ((g * SHARDS_PER_GROUP, [(url, int(firsts[b, g]), int(firsts[b, g] + plan.found_counts[b, g]))
+                                             for b, url in enumerate(plan.found_files)],
+                      task_urls[g * SHARDS_PER_GROUP:(g + 1) * SHARDS_PER_GROUP])
+                     for g in range(plan.found_counts.shape[1]) if g * SHARDS_PER_GROUP < len(tasks))
         for done in plan.tasks(write_group, per_group, (plan.pool_urls, write)):
             files.update(done)
         return [files[i] for i in range(len(tasks))]

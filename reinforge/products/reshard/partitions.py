@@ -20,6 +20,7 @@ the plan is committed.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,13 @@ from reinforge.formats.uid_index import INDEX_STATUS, load_or_build
 from reinforge.io.storage import exists, filesystem, read_bytes, write_bytes
 from reinforge.products.reshard.assignment import copy_keys, order_inside
 from reinforge.products.reshard.pool import SAMPLE
+
+
+def partition_size(n: int) -> int:
+    """Rows per partition for n rows: 256k (a task holds a few arrays of that size) up to ~5M rows, then
+    64 * sqrt(n), so the pieces one pass hands the next (buckets x ranges of them) stay large: ~2.3M rows
+    per partition and ~500 partitions at 1.28B."""
+    return max(1 << 18, int(64 * math.sqrt(n)))
 
 
 class SubsetNotSorted(ValueError):

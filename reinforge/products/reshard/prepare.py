@@ -47,8 +47,8 @@ BLOCK = 8 << 20  # bytes read at a time from a subset file
 class Sizes:
     """How finely the passes cut the work (tests use tiny ones: any sizes give the same plan)."""
     pool_shards: int = 64  # pool shards per bucketing task
-    bucket_rows: int = 1 << 18  # subset rows per uid bucket (a task holds a few arrays of this size)
-    range_copies: int = 1 << 18  # copies per key range, about
+    bucket_rows: Optional[int] = None  # subset rows per uid bucket; None: partitions.partition_size
+    range_copies: Optional[int] = None  # copies per key range, about; None: partitions.partition_size
     where: Optional[str] = None  # inline, processes or ray; None: ray_session.where_to_map decides
 
 
@@ -80,7 +80,7 @@ def _npy(url: str, what: str) -> tuple[int, np.dtype, int]:
         raise SubsetError(f"{url}: not a readable .npy file ({exc})") from None
 
 
-def open_subset(r: ReshardRecipe, work: str, bucket_rows: int) -> SubsetFile:
+def open_subset(r: ReshardRecipe, work: str, bucket_rows: Optional[int]) -> SubsetFile:
     """Check the subset (and counts) file a block at a time, hashing it and taking every bucket's first
     uid. A file that is not sorted and unique (not DataComp's format) is normalised as read_subset does
     it, in memory, and the passes read that copy (in `work`)."""
@@ -119,7 +119,7 @@ def open_subset(r: ReshardRecipe, work: str, bucket_rows: int) -> SubsetFile:
     if ordered:
         if largest > np.iinfo(np.uint32).max:
             raise SubsetError(f"{url}: a multiplicity exceeds uint32")
-        starts = list(range(0, rows, bucket_rows)) + [rows] if rows else [0, 0]
+        starts = list(range(0, rows, bucket_rows or partitions.partition_size(rows))) + [rows] if rows else [0, 0]
         bounds = np.concatenate([partitions.subset_rows(source, s, s + 1)[0] for s in starts[1:-1]]
                                 or [np.zeros(0, SUBSET_DTYPE)])
         return SubsetFile(source, rows, total, digest.hexdigest(), counts_file, bounds, starts)
@@ -140,7 +140,8 @@ class Plan:
     meta: dict  # reshard.json
     pool_samples: int  # samples indexed in the selected pool shards
     urls: list[str]  # pool shard URLs by number
-    range_parts: list[list[tuple[str, int, int]]]  # per key range: (bucket file, first row, end row)
+    copy_files: list[str]  # per uid bucket: its copies, grouped by key range
+    copy_counts: np.ndarray  # copies per (uid bucket, key range)
     range_starts: list[int]  # per key range: its first output position
     missing_files: list[str]  # per bucket: its missing uids
     tasks: TaskMap  # where the passes run (close it when done)
@@ -176,17 +177,14 @@ def _plan(r: ReshardRecipe, subset: SubsetFile, urls: list[str], groups: list, i
     scans = list(tasks(partitions.pool_to_buckets, [(g, f) for g, f in zip(groups, group_files)],
                        (index_dir, r.input.uid_field, bounds)))
     ends = [np.cumsum(s["counts"]) for s in scans]
-    ranges = max(1, -(-subset.total // sizes.range_copies))
+    ranges = max(1, -(-subset.total // (sizes.range_copies or partitions.partition_size(subset.total))))
     copy_files = [f"{work}/copies-{b:06d}.bin" for b in range(buckets)]
     missing_files = [f"{work}/missing-{b:06d}.bin" for b in range(buckets)]
-    per_bucket = [(subset.starts[b], subset.starts[b + 1],
+    per_bucket = ((subset.starts[b], subset.starts[b + 1],  # made as the tasks start: groups x buckets pieces
                    [(f, int(e[b] - s["counts"][b]), int(e[b])) for f, e, s in zip(group_files, ends, scans)],
-                   copy_files[b], missing_files[b]) for b in range(buckets)]
+                   copy_files[b], missing_files[b]) for b in range(buckets))
     matched = list(tasks(partitions.match_bucket, per_bucket, (subset.source, r.seed, ranges)))
     per_range = np.array([m["per_range"] for m in matched]).reshape(buckets, ranges)
-    ends_b = np.cumsum(per_range, axis=1)
-    range_parts = [[(copy_files[b], int(ends_b[b, k] - per_range[b, k]), int(ends_b[b, k])) for b in range(buckets)]
-                   for k in range(ranges)]
     range_starts = np.r_[0, np.cumsum(per_range.sum(axis=0))].tolist()
     missing = sum(m["missing"] for m in matched)
     if missing and not r.allow_missing:
@@ -197,8 +195,8 @@ def _plan(r: ReshardRecipe, subset: SubsetFile, urls: list[str], groups: list, i
     total = int(range_starts[-1])
     out_sizes = [min(r.samples_per_shard, total - s) for s in range(0, total, r.samples_per_shard)]
     meta = _meta(r, subset, scans, matched, urls, out_sizes)
-    plan = Plan(out_sizes, meta, sum(s["samples"] for s in scans), urls, range_parts, range_starts, missing_files,
-                tasks)
+    plan = Plan(out_sizes, meta, sum(s["samples"] for s in scans), urls, copy_files, per_range, range_starts,
+                missing_files, tasks)
     if r.blur_metadata or r.cls_file or selection:
         _add_extras(r, plan, selection)
     return plan
@@ -284,8 +282,10 @@ def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str,
     task_urls = [assignment_url(layout, f"{j:08d}") for j in range(len(plan.sizes))]
     tasks = TaskMap("inline") if plan.extras else plan.tasks
     extras = (plan.extras,) if plan.extras else ()
-    ranges = [(k, parts, starts[k], starts[k + 1], f"{work}/pieces-{k:06d}.bin")
-              for k, parts in enumerate(plan.range_parts) if starts[k + 1] > starts[k]]
+    firsts = np.cumsum(plan.copy_counts, axis=1) - plan.copy_counts  # a range's first row in each bucket file
+    ranges = ((k, [(url, int(firsts[b, k]), int(firsts[b, k] + plan.copy_counts[b, k]))
+                   for b, url in enumerate(plan.copy_files)], starts[k], starts[k + 1], f"{work}/pieces-{k:06d}.bin")
+              for k in range(len(starts) - 1) if starts[k + 1] > starts[k])
     files, pieces = {}, {}
     for done in tasks(partitions.write_range, ranges, (r.samples_per_shard, total, plan.urls, task_urls, write,
                                                        *extras)):
