@@ -34,7 +34,7 @@ from reinforge.products.reshard.pool import SAMPLE
 
 
 def partition_size(n: int) -> int:
-    """Rows per partition for n rows: 256k (a task holds a few arrays of that size) up to ~5M rows, then
+    """Rows per partition for n rows: 256k (a task holds a few arrays of that size) up to ~16M rows, then
     64 * sqrt(n), so the pieces one pass hands the next (buckets x ranges of them) stay large: ~2.3M rows
     per partition and ~500 partitions at 1.28B."""
     return max(1 << 18, int(64 * math.sqrt(n)))
