@@ -291,6 +291,25 @@ def test_any_partitioning_gives_the_same_plan(inputs, case, monkeypatch):
     assert isinstance(build_pipeline(recipe), ReshardPipeline)
 
 
+@pytest.mark.ray
+def test_passes_as_ray_tasks_give_the_same_plan(inputs, monkeypatch, local_ray):
+    """With Ray up in the process, the planner's passes run as Ray tasks (where_to_map), same bytes."""
+    from reinforge.products.reshard import prepare
+    from reinforge.runtime.ray_session import where_to_map
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    assert where_to_map(2, 10) == "ray"
+    recipe = parse_recipe({**CASES["reshard_extras"], "output": f"{ROOT}/cut-ray"})
+    shutil.rmtree(recipe.output, ignore_errors=True)
+    layout = RunLayout(recipe.output)
+    plan = prepare.plan_subset(recipe, layout, f"{ROOT}/cut-ray-work", prepare.Sizes(1, 4, 6))
+    assert plan.tasks.where == "ray"
+    prepare.commit(layout, recipe, plan, f"{ROOT}/cut-ray-work", lambda: False, "test")
+    plan.tasks.close()
+    remove_tree(f"{ROOT}/cut-ray-work")
+    assert run_digests(recipe.model_dump(), fresh=False) == GOLDEN["reshard_extras"]
+    assert run_digests(CASES["join"]) == GOLDEN["join"]
+
+
 @pytest.mark.parametrize("per_group, per_bucket", [(1, 1), (1, 2), (3, 1)])
 def test_any_partitioning_gives_the_same_join_plan(inputs, monkeypatch, per_group, per_bucket):
     """Join's passes with one shard per group and per uid bucket (and mixes) write the golden bytes."""

@@ -229,6 +229,18 @@ def run_recipe(recipe: BaseModel, address: str | None = None, force: bool = Fals
     # local worker processes (runner: local) start now: they import while the driver prepares the run
     workers = (LocalPool(absolute, local_processes(recipe))
                if recipe.resources.runner == "local" and local_processes(recipe) > 1 else None)
+    # a named cluster is joined before prepare(), so that its passes (reshard and join planning) run there too
+    try:
+        with ray_session(address, recipe.resources.object_store_memory_mb) if address else nullcontext():
+            owned, workers = workers, None  # _run owns them from here on
+            return _run(recipe, pipeline, layout, digest, absolute, owned, address, redo_changed, progress, started)
+    finally:
+        if workers is not None:  # joining the cluster failed
+            workers.shutdown()
+
+
+def _run(recipe, pipeline, layout: RunLayout, digest: str, absolute, workers, address, redo_changed: bool,
+         progress: bool, started: float) -> RunSummary:
     try:
         pipeline.prepare(layout)
         tasks = pipeline.tasks()
