@@ -26,9 +26,9 @@ from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, read_text, remove, write_bytes
 from reinforge.products.reshard.partitions import (POOL_COLUMNS, bucket_of, commit_file, duplicate_examples,
-                                                   first_in_pool, partition_size, pool_to_buckets, read_parts,
-                                                   write_parts)
+                                                   first_in_pool, pool_to_buckets, read_parts, write_parts)
 from reinforge.products.reshard.pool import SAMPLE
+from reinforge.products.reshard.subset_file import partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 ROW_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "task": np.int32, "row": np.int64}  # a reinforcement row
@@ -73,7 +73,7 @@ def reinforcement_to_buckets(shards: list[tuple[int, str, int, str]], out_url: s
     return {"samples": samples, "readable": len(rows["hi"]), "counts": counts}
 
 
-def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int) -> dict:
+def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int, shards_per_group: int) -> dict:
     """Pass 2: the bucket's reinforcement rows located in its pool rows (first occurrence in pool order);
     the found rows, with their locations, by group of reinforcement shards."""
     rows = read_parts(rows_parts, ROW_COLUMNS)
@@ -88,7 +88,7 @@ def match_bucket(rows_parts: list, pool_parts: list, out_url: str, groups: int) 
     found = at >= 0
     out = {**{name: values[found] for name, values in rows.items()},
            **{name: pool[name][at[found]] for name in ("shard", "offset", "length")}}
-    per_group = write_parts(out_url, out, out["task"] // SHARDS_PER_GROUP, groups)
+    per_group = write_parts(out_url, out, out["task"] // shards_per_group, groups)
     missing = wanted[source < 0]
     return {"uids": len(wanted), "in_pool": int((source >= 0).sum()), "per_group": per_group,
             "missing_sample": [uid_hex(*u) for u in missing[:SAMPLE].tolist()], "duplicates": len(repeats),
@@ -149,7 +149,7 @@ def plan_join(tasks: list[Task], pool: list[Task], layout: RunLayout, work: str,
         groups = max(1, -(-len(tasks) // SHARDS_PER_GROUP))
         found_files = [f"{work}/found-{b:06d}.bin" for b in range(buckets)]
         matched = list(run(match_bucket, ((_slices(rein_files, rein, b), _slices(pool_files, scans, b), found_files[b])
-                                          for b in range(buckets)), (groups,)))
+                                          for b in range(buckets)), (groups, SHARDS_PER_GROUP)))
     except BaseException:
         run.close()
         raise

@@ -1,7 +1,8 @@
 """The reshard plan as three passes over partitions, each a task (Ray, worker processes or inline), so the
 driver holds per-partition counts and never a per-sample array (issue #16).
 
-The subset file is sorted by uid, so consecutive row ranges of it are uid ranges: the *uid buckets*.
+The subset file is sorted by uid (subset_file.py checks it), so consecutive row ranges of it are uid
+ranges: the *uid buckets*.
 1. pool_to_buckets (per group of pool shards): index each shard (or read its cached index), route each
    sample's (uid, shard, byte range) to the uid bucket it falls in; one file per group, rows grouped by
    bucket, with the bucket counts returned.
@@ -11,72 +12,26 @@ The subset file is sorted by uid, so consecutive row ranges of it are uid ranges
    key, so key ranges are consecutive runs of the output order); one file per bucket, rows grouped by
    key range.
 3. write_range (per key range): its copies from every bucket, put in output order (key, then subset row
-   and copy, as one stable sort of the whole subset would); every output shard that starts in the range
-   is cut, ordered inside (assignment.order_inside) and written as plan/tasks/{:08d}.parquet. A shard
-   that runs past the range takes the first copies of the next ranges.
+   and copy, as one stable sort of the whole subset would); every output shard inside the range is
+   ordered inside (assignment.order_inside) and written as plan/tasks/{:08d}.parquet; the pieces of the
+   shards that cross its edges are kept for write_crossing, which joins them.
 Work files live in plan/work/ (the run's storage, so tasks on any node see them) and are removed once
 the plan is committed.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reinforge.formats.subset import UidLookup, is_sorted_unique, locate, make_subset, stable_argsort, uid_hex
+from reinforge.formats.subset import UidLookup, locate, make_subset, stable_argsort, uid_hex
 from reinforge.formats.uid_index import INDEX_STATUS, load_or_build
 from reinforge.io.storage import exists, filesystem, read_bytes, write_bytes
 from reinforge.products.reshard.assignment import copy_keys, order_inside
 from reinforge.products.reshard.pool import SAMPLE
-
-
-def partition_size(n: int) -> int:
-    """Rows per partition for n rows: 256k (a task holds a few arrays of that size) up to ~16M rows, then
-    64 * sqrt(n), so the pieces one pass hands the next (buckets x ranges of them) stay large: ~2.3M rows
-    per partition and ~500 partitions at 1.28B."""
-    return max(1 << 18, int(64 * math.sqrt(n)))
-
-
-class SubsetNotSorted(ValueError):
-    """A bucket of the subset file is not sorted ascending and unique (not DataComp's format)."""
-
-
-# ---------------------------------------------------------------- the subset file, read by row range
-
-def npy_layout(url: str) -> tuple[int, np.dtype, int]:
-    """(rows, dtype, header bytes) of a .npy file, from its header alone."""
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        header = f.tell()
-    if fortran and len(shape) > 1:
-        raise ValueError(f"{url}: a Fortran-ordered array")
-    return int(np.prod(shape, dtype=np.int64)), dtype, header
-
-
-def read_rows(url: str, dtype: np.dtype, header: int, start: int, stop: int) -> np.ndarray:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        f.seek(header + start * dtype.itemsize)
-        data = f.read((stop - start) * dtype.itemsize)
-    return np.frombuffer(data, dtype)
-
-
-def subset_rows(subset: dict, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows start..stop-1 of the subset file as u8,u8 uids, and their counts (int64; ones without a file)."""
-    raw = read_rows(subset["url"], np.dtype(subset["dtype"]), subset["header"], start, stop)
-    names = raw.dtype.names
-    uids = make_subset(raw[names[0]].astype("<u8"), raw[names[1]].astype("<u8"))
-    if subset["counts_url"] is None:
-        return uids, np.ones(len(uids), np.int64)
-    counts = read_rows(subset["counts_url"], np.dtype(subset["counts_dtype"]), subset["counts_header"], start, stop)
-    return uids, counts.astype(np.int64)
-
+from reinforge.products.reshard.subset_file import SubsetFile
 
 # ---------------------------------------------------------------- part files: columns, read by row range
 # A part file holds rows of fixed columns (POOL_COLUMNS, COPY_COLUMNS) grouped by part: part after part, each
@@ -181,16 +136,10 @@ def duplicate_examples(pool: dict[str, np.ndarray], repeats: np.ndarray) -> list
 
 
 def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], out_url: str, missing_url: str,
-                 subset: dict, seed: int, ranges: int) -> dict:
+                 subset: SubsetFile, seed: int, ranges: int) -> dict:
     """Subset rows start..stop-1 against their pool rows (`pool_parts`: group file, first row, end row, in
     pool shard order). Writes the found uids' copies grouped by key range, and the missing uids."""
-    lo_row = max(0, start - 1)  # the row before: the bucket must sort after it
-    uids, counts = subset_rows(subset, lo_row, stop)
-    if not is_sorted_unique(uids):
-        raise SubsetNotSorted(f"rows {lo_row}..{stop - 1}")
-    uids, counts = uids[start - lo_row:], counts[start - lo_row:]
-    if len(counts) and (counts.min() < 1 or counts.max() > np.iinfo(np.uint32).max):
-        raise ValueError(f"{subset['counts_url']}: counts must be >= 1 and fit uint32 (rows {start}..{stop - 1})")
+    uids, counts = subset.read(start, stop)  # checked when the subset was opened (subset_file.py)
     pool = read_parts(pool_parts, POOL_COLUMNS)
     source, repeats = first_in_pool(pool, uids)
     missing = np.flatnonzero(source < 0)

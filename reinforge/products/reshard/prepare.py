@@ -18,15 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
 from reinforge.formats.datacompnet import class_id_array, read_class_ids
 from reinforge.formats.sources import WebDatasetSource
-from reinforge.formats.subset import (SUBSET_DTYPE, SubsetError, counts_path, is_sorted_unique, locate, read_subset,
-                                      uid_hex, write_subset)
+from reinforge.formats.subset import counts_path, locate, read_subset, uid_hex, write_subset
 from reinforge.formats.uid_index import index_cache_dir
 from reinforge.io.fingerprint import file_versions, plan_digest
 from reinforge.io.manifest import RunLayout
@@ -34,103 +33,27 @@ from reinforge.io.storage import atomic_open, exists, filesystem, list_files, re
 from reinforge.products.reshard import face_blur, partitions
 from reinforge.products.reshard.pool import ReshardError, select_shards
 from reinforge.products.reshard.recipe import ReshardRecipe
+from reinforge.products.reshard.subset_file import SubsetFile, open_subset, partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 # relative to the run; recorded in plan.json, so the files of another layout are rewritten
 TASK_ASSIGNMENTS = "plan/tasks/{:08d}.parquet"
 MISSING_UIDS = "plan/missing_uids.npy"
-BLOCK = 8 << 20  # bytes read at a time from a subset file
+BLOCK = 8 << 20  # bytes copied at a time from the subset file
 
 
 @dataclass
 class Sizes:
     """How finely the passes cut the work (tests use tiny ones: any sizes give the same plan)."""
     pool_shards: int = 64  # pool shards per bucketing task
-    bucket_rows: Optional[int] = None  # subset rows per uid bucket; None: partitions.partition_size
-    range_copies: Optional[int] = None  # copies per key range, about; None: partitions.partition_size
+    bucket_rows: Optional[int] = None  # subset rows per uid bucket; None: partition_size
+    range_copies: Optional[int] = None  # copies per key range, about; None: partition_size
     where: Optional[str] = None  # inline, processes or ray; None: ray_session.where_to_map decides
 
 
 def assignment_url(layout: RunLayout, task_id: str) -> str:
     return layout.file(TASK_ASSIGNMENTS.format(int(task_id)))
-
-
-@dataclass
-class SubsetFile:
-    """The subset as the passes read it (a sorted unique u8,u8 .npy, by row range), and what the
-    streaming pass over it found: sha256 of the file, rows, copies, bucket starts."""
-    source: dict  # partitions.subset_rows' description (url, dtype, header, counts_...)
-    rows: int
-    total: int
-    sha256: str
-    counts_file: Optional[str]
-    bounds: np.ndarray  # the first uid of each bucket but the first
-    starts: list[int]  # the first row of each bucket, and the end
-    repeated_entries: int = 0
-    notes: list = field(default_factory=list)
-
-
-def _npy(url: str, what: str) -> tuple[int, np.dtype, int]:
-    if not exists(url):
-        raise SubsetError(f"{what} file {url} not found")
-    try:
-        return partitions.npy_layout(url)
-    except (ValueError, OSError, EOFError) as exc:
-        raise SubsetError(f"{url}: not a readable .npy file ({exc})") from None
-
-
-def open_subset(r: ReshardRecipe, work: str, bucket_rows: Optional[int]) -> SubsetFile:
-    """Check the subset (and counts) file a block at a time, hashing it and taking every bucket's first
-    uid. A file that is not sorted and unique (not DataComp's format) is normalised as read_subset does
-    it, in memory, and the passes read that copy (in `work`)."""
-    url = r.subset
-    rows, dtype, header = _npy(url, "subset")
-    if dtype.names is None or len(dtype.names) != 2 or any(dtype[i].kind != "u" or dtype[i].itemsize != 8
-                                                           for i in range(2)):
-        raise SubsetError(f"{url}: dtype {dtype} is not DataComp's u8,u8 subset format")
-    counts_file = None if r.counts == "none" else (counts_path(url) if r.counts == "auto" else r.counts)
-    if counts_file and r.counts == "auto" and not exists(counts_file):
-        counts_file = None
-    source = {"url": url, "dtype": dtype, "header": header,
-              "counts_url": counts_file, "counts_dtype": None, "counts_header": None}
-    if counts_file:
-        n, cdtype, cheader = _npy(counts_file, "counts")
-        if cdtype.kind not in "ui":
-            raise SubsetError(f"{counts_file}: counts dtype {cdtype} is not an integer type")
-        if n != rows:
-            raise SubsetError(f"{counts_file}: {n} counts for {rows} uids in {url}")
-        source.update(counts_dtype=cdtype, counts_header=cheader)
-    fs, path = filesystem(url)
-    digest, total, largest, ordered, previous = hashlib.sha256(), 0, 0, True, None
-    step = max(1, BLOCK // dtype.itemsize)
-    with fs.open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            digest.update(block)
-    for a in range(0, rows, step):
-        uids, counts = partitions.subset_rows(source, a, min(a + step, rows))
-        if len(counts) and counts.min() < 1:
-            raise SubsetError(f"{counts_file}: counts must be >= 1 (found {int(counts.min())})")
-        total += int(counts.sum())
-        largest = max(largest, int(counts.max(initial=0)))
-        joined = uids if previous is None else np.concatenate([previous, uids])
-        ordered = ordered and is_sorted_unique(joined)
-        previous = uids[-1:]
-    if ordered:
-        if largest > np.iinfo(np.uint32).max:
-            raise SubsetError(f"{url}: a multiplicity exceeds uint32")
-        starts = list(range(0, rows, bucket_rows or partitions.partition_size(rows))) + [rows] if rows else [0, 0]
-        bounds = np.concatenate([partitions.subset_rows(source, s, s + 1)[0] for s in starts[1:-1]]
-                                or [np.zeros(0, SUBSET_DTYPE)])
-        return SubsetFile(source, rows, total, digest.hexdigest(), counts_file, bounds, starts)
-    loaded = read_subset(url, r.counts)  # not DataComp's format: sorted and folded in memory, then re-read
-    normalised = f"{work}/subset.npy"
-    write_subset(normalised, loaded.uids, loaded.counts)
-    r_norm = r.model_copy(update={"subset": normalised, "counts": counts_path(normalised)})
-    found = open_subset(r_norm, work, bucket_rows)
-    found.sha256, found.counts_file = digest.hexdigest(), loaded.counts_file
-    found.repeated_entries, found.notes = loaded.repeated_entries, loaded.notes
-    return found
 
 
 @dataclass
@@ -153,7 +76,7 @@ def plan_subset(r: ReshardRecipe, layout: RunLayout, work: str, sizes: Sizes = S
     their files go to `work` (a folder every task can reach)."""
     pool, selection = select_shards(WebDatasetSource(r.input.path).tasks(), r.first_shard, r.num_shards)
     urls = [t.inputs[0] for t in pool]
-    subset = open_subset(r, work, sizes.bucket_rows)
+    subset = open_subset(r.subset, r.counts, work, sizes.bucket_rows)
     versions = file_versions(urls)
     for url in urls:
         if versions[url][0] < 0:
@@ -177,13 +100,13 @@ def _plan(r: ReshardRecipe, subset: SubsetFile, urls: list[str], groups: list, i
     scans = list(tasks(partitions.pool_to_buckets, [(g, f) for g, f in zip(groups, group_files)],
                        (index_dir, r.input.uid_field, bounds)))
     ends = [np.cumsum(s["counts"]) for s in scans]
-    ranges = max(1, -(-subset.total // (sizes.range_copies or partitions.partition_size(subset.total))))
+    ranges = max(1, -(-subset.total // (sizes.range_copies or partition_size(subset.total))))
     copy_files = [f"{work}/copies-{b:06d}.bin" for b in range(buckets)]
     missing_files = [f"{work}/missing-{b:06d}.bin" for b in range(buckets)]
     per_bucket = ((subset.starts[b], subset.starts[b + 1],  # made as the tasks start: groups x buckets pieces
                    [(f, int(e[b] - s["counts"][b]), int(e[b])) for f, e, s in zip(group_files, ends, scans)],
                    copy_files[b], missing_files[b]) for b in range(buckets))
-    matched = list(tasks(partitions.match_bucket, per_bucket, (subset.source, r.seed, ranges)))
+    matched = list(tasks(partitions.match_bucket, per_bucket, (subset, r.seed, ranges)))
     per_range = np.array([m["per_range"] for m in matched]).reshape(buckets, ranges)
     range_starts = np.r_[0, np.cumsum(per_range.sum(axis=0))].tolist()
     missing = sum(m["missing"] for m in matched)
