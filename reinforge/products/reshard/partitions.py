@@ -100,9 +100,10 @@ def pool_to_buckets(shards: list[tuple[int, str, int, str]], out_url: str, index
             rows = np.flatnonzero(status == code)
             if len(rows):
                 bad[name] = bad.get(name, 0) + len(rows)
+            if len(rows) and len(bad_sample) < SAMPLE:  # examples: the keys column, read only for them
                 keys = load_or_build(url, size, version, index_dir, uid_field, ["key"]).column("key")
                 bad_sample.extend({"shard": url, "key": keys[int(i)].as_py(), "problem": name}
-                                  for i in rows[:max(0, SAMPLE - len(bad_sample))])
+                                  for i in rows[:SAMPLE - len(bad_sample)])
         ok = status == 0
         part = {name: table.column(column).to_numpy()[ok] for name, column in
                 (("hi", "uid_hi"), ("lo", "uid_lo"), ("offset", "offset"), ("length", "length"))}
