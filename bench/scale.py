@@ -8,6 +8,9 @@ so a big parent would hide the child's peak) minus that baseline. Inputs are gen
                  1 % NaN scores); rule `basic & top(clip_l14, 0.3)` in datacomp and exact semantics
   schedule       four disjoint time splits (sorted u8,u8 .npy, sizes growing 1:2:3:4); cumulative-all,
                  budget = the pool size, independent buffer
+  splits         `reinforge splits` (tic buckets, defaults) on DataComp-like metadata: ceil(n / 8M) parquet files
+                 of 128k-row groups with a 32-hex uid and int64 epoch-seconds timestamp (2014-2022, volume
+                 growing yearly, 1 % null); written a row group at a time
 The growth column is log(peak_b/peak_a)/log(n_b/n_a) between consecutive sizes: 1 = linear in samples,
 0 = flat; the marginal column is (peak_b - peak_a)/(n_b - n_a), the bytes each extra sample costs (a fixed
 cost such as allocator arenas and one batch of columns divides away at scale, a per-sample one does not). Nothing here is asserted; tests check results, this prints costs.
@@ -65,6 +68,7 @@ import numpy as np, pyarrow, pyarrow.parquet
 import pandas  # pyarrow imports it on a column's first to_numpy(): an import, not a per-sample cost
 from reinforge.curation.filters.decide import decide
 from reinforge.curation.replay import build_schedule
+from reinforge.curation.time_splits import SplitOptions, build_splits
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -75,6 +79,8 @@ if tool == "filter":
     decide(**args)
 elif tool == "schedule":
     build_schedule(**args)
+elif tool == "splits":
+    build_splits(args["inputs"], args["out_dir"], SplitOptions())
 seconds = time.perf_counter() - start
 with open("/proc/self/status") as f:  # VmHWM: this process's peak; ru_maxrss would carry the parent's across exec
     peak = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
@@ -143,6 +149,25 @@ def make_splits(folder: str, n: int, seed: int = 0) -> None:
         manifest["splits"][name] = {"uids": size, "file": f"{name}.npy"}
     with open(os.path.join(folder, "splits.json"), "w") as f:
         json.dump(manifest, f)
+
+
+def make_metadata(folder: str, n: int, seed: int = 0, per_file: int = 8 << 20) -> None:
+    """DataComp-like metadata (uid, timestamp) in parquet files of `per_file` rows, a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from pool_gen import random_uids, skewed_epochs
+    rng = np.random.default_rng(seed + 2)
+    os.makedirs(folder, exist_ok=True)
+    schema = pa.schema([("uid", pa.string()), ("timestamp", pa.int64())])
+    for f, first in enumerate(range(0, n, per_file)):
+        rows = min(per_file, n - first)
+        with pq.ParquetWriter(os.path.join(folder, f"{f:05d}.parquet"), schema, compression="zstd") as writer:
+            for start in range(0, rows, ROW_GROUP):
+                m = min(ROW_GROUP, rows - start)
+                strings, _, _ = random_uids(m, rng)
+                ts = pa.array(skewed_epochs(m, rng), pa.int64(), mask=rng.random(m) < 0.01)
+                writer.write_table(pa.table({"uid": strings, "timestamp": ts}, schema=schema))
 
 
 def measure(tool: str, args: dict) -> dict:
@@ -263,13 +288,15 @@ def cases(tmp: str, n: int) -> list[tuple[str, str, dict]]:
             ("filter", "filter apply (exact)", {"scores_dir": scores, "rule_text": rule,
                                                 "out": os.path.join(tmp, "ex.npy"), "semantics": "exact"}),
             ("schedule", "schedule (cumulative-all)", {"splits_dir": splits, "policy": "cumulative-all",
-                                                       "budget": n, "out_dir": os.path.join(tmp, "sched")})]
+                                                       "budget": n, "out_dir": os.path.join(tmp, "sched")}),
+            ("splits", "splits (tic, from metadata)", {"inputs": [os.path.join(tmp, "metadata")],
+                                                       "out_dir": os.path.join(tmp, "tic")})]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated pool sizes (rows)")
-    parser.add_argument("--tools", default="filter,schedule", help="filter, schedule, reshard-plan, join-plan, "
+    parser.add_argument("--tools", default="filter,schedule", help="filter, schedule, splits, reshard-plan, join-plan, "
                         "index, runner, status")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one); "
@@ -291,7 +318,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write("\n".join(lines) + "\n")
-    if not tools & {"filter", "schedule", *PLAN_TOOLS, *INDEX_TOOLS}:
+    if not tools & {"filter", "schedule", "splits", *PLAN_TOOLS, *INDEX_TOOLS}:
         return
     for n in sizes:
         # a fixed folder: the plan files name the pool's paths, so equal outputs need equal paths across runs
@@ -304,6 +331,8 @@ def main() -> None:
                 make_scores(os.path.join(tmp, "scores"), n)
             if "schedule" in tools:
                 make_splits(os.path.join(tmp, "splits"), n)
+            if "splits" in tools:
+                make_metadata(os.path.join(tmp, "metadata"), n)
             if tools & PLAN_TOOLS:
                 make_plan_inputs(tmp, n, tools)
             if tools & INDEX_TOOLS:
