@@ -49,16 +49,18 @@ def temp_name(path: str) -> str:
 
 
 class HashingWriter:
-    """Pass-through writer that counts bytes and hashes them as they stream out."""
+    """Pass-through writer that counts bytes and, if asked, hashes them as they stream out (sha256 is
+    None otherwise: hashing costs ~1 s per GB, which work files and plans have no use for)."""
 
-    def __init__(self, raw: IO[bytes]):
+    def __init__(self, raw: IO[bytes], digest: bool = False):
         self.raw = raw
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if digest else None
         self.bytes = 0
 
     def write(self, data) -> int:
         self.raw.write(data)
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         self.bytes += len(data)
         return len(data)
 
@@ -70,8 +72,9 @@ class HashingWriter:
 
 
 @contextmanager
-def atomic_open(url: str) -> Iterator[HashingWriter]:
-    """Open `url` for writing; it appears under its final name only if the block completes."""
+def atomic_open(url: str, digest: bool = False) -> Iterator[HashingWriter]:
+    """Open `url` for writing; it appears under its final name only if the block completes. With
+    `digest`, the writer's sha256 hashes what was written."""
     fs, path = filesystem(url)
     if not is_object_store(fs):
         fs.makedirs(path.rpartition("/")[0], exist_ok=True)
@@ -79,7 +82,7 @@ def atomic_open(url: str) -> Iterator[HashingWriter]:
     target = temp_name(path) if rename else path
     raw = fs.open(target, "wb")
     try:
-        writer = HashingWriter(raw)
+        writer = HashingWriter(raw, digest)
         yield writer
         raw.close()  # an object store's upload completes here, whole, or not at all
         if rename:

@@ -136,7 +136,7 @@ class TaskExecutor:
         samples_in = 0
         shard_url = self.pipeline.output_url(self.layout, task)
         try:
-            with atomic_open(shard_url) as out:
+            with atomic_open(shard_url, digest=True) as out:
                 with self.pipeline.task_writer(out) as writer:
                     prepared = self._prepared(task, stats)
                     for n_read, batch in (prefetch(prepared) if self.overlap else prepared):

@@ -18,15 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reinforge.formats.subset import first_occurrence, make_subset, uid_hex, uid_order
 from reinforge.formats.uid_index import index_cache_dir, load_or_build
 from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, remove, write_bytes
+from reinforge.products.reshard.assignment import lexsort_nonnegative
 from reinforge.products.reshard.partitions import (POOL_COLUMNS, bucket_of, commit_file, duplicate_examples,
-                                                   first_in_pool, pool_to_buckets, read_parts, write_parts)
+                                                   first_in_pool, plan_table_bytes, pool_to_buckets, read_parts,
+                                                   write_parts)
 from reinforge.products.reshard.pool import SAMPLE
 from reinforge.products.reshard.subset_file import partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map
@@ -100,7 +101,7 @@ def write_group(first: int, parts: list, task_urls: list[str], urls: list[str], 
     found rows in the shard's order."""
     rows = read_parts(parts, FOUND_COLUMNS)
     url_array = pa.array(urls, pa.string())
-    order = np.lexsort((rows["row"], rows["task"]))
+    order = lexsort_nonnegative((rows["row"], rows["task"]))
     rows = {name: values[order] for name, values in rows.items()}
     ends = np.searchsorted(rows["task"], np.arange(first, first + len(task_urls) + 1))
     files = {}
@@ -109,9 +110,7 @@ def write_group(first: int, parts: list, task_urls: list[str], urls: list[str], 
         table = pa.table({"uid": uid_strings(rows["hi"][a:b], rows["lo"][a:b]),
                           "shard": url_array.take(rows["shard"][a:b]),
                           "offset": rows["offset"][a:b], "length": rows["length"][a:b]})
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf)
-        files[first + i] = commit_file(url, buf.getvalue().to_pybytes(), write)
+        files[first + i] = commit_file(url, plan_table_bytes(table), write)
     return files
 
 

@@ -55,10 +55,23 @@ def copy_keys(hi: np.ndarray, lo: np.ndarray, counts: np.ndarray, seed: int) -> 
     return Copies(index, copy.astype(np.int32), (copy + phase[index]) / counts[index])
 
 
+def lexsort_nonnegative(keys: tuple[np.ndarray, ...]) -> np.ndarray:
+    """np.lexsort(keys) (the last key primary) of non-negative integer keys: when their bits fit in 64,
+    one stable argsort of the keys packed into a uint64 (about half lexsort's time), else lexsort."""
+    widths = [int(k.max()).bit_length() if len(k) else 0 for k in keys]
+    if sum(widths) > 64 or any(len(k) and k.min() < 0 for k in keys):
+        return np.lexsort(keys)
+    packed, shift = np.zeros(len(keys[0]), np.uint64), 0
+    for key, width in zip(keys, widths):
+        packed |= key.astype(np.uint64) << np.uint64(shift)
+        shift += width
+    return np.argsort(packed, kind="stable")
+
+
 def order_inside(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One output shard's copies (columns row, copy, shard, offset, ...) in the order they are written:
     (copy round, pool shard, offset), then no copy directly after a copy of the same uid."""
-    order = np.lexsort((block["offset"], block["shard"], block["copy"]))
+    order = lexsort_nonnegative((block["offset"], block["shard"], block["copy"]))
     _separate_repeats(block["row"][order], order)
     return {name: values[order] for name, values in block.items()}
 
