@@ -112,11 +112,10 @@ def changed_inputs(recorded: dict[str, str | None], current: dict[str, str]) -> 
             if old is not None and task in current and current[task] != old}
 
 
-def plan_digest(plan_format: str, recipe: dict, files: list[str]) -> str:
+def plan_digest(plan_format: str, recipe: dict, files: list[str], versions: dict[str, tuple[int, str]]) -> str:
     """What a plan is made from: its format, the recipe's fields that shape it, and the size and version of
-    every file it reads. Equal digests, equal plans: prepare() keeps it in RunLayout.plan_inputs and does
-    not plan again while it holds."""
-    versions = file_versions(files)
+    every file it reads (`versions`: file_versions of them, the ones the plan is then made from). Equal
+    digests, equal plans: prepare() keeps it in RunLayout.plan_inputs and does not plan again while it holds."""
     record = [plan_format, recipe, [versions[f] for f in files]]
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 

@@ -33,7 +33,7 @@ from reinforge.formats.imagenet_plus import SchemaError
 from reinforge.formats.limits import Limits
 from reinforge.formats.pool_reader import PoolReader
 from reinforge.formats.sources import InputError, WebDatasetSource
-from reinforge.io.fingerprint import plan_digest, planned_already
+from reinforge.io.fingerprint import file_versions, plan_digest, planned_already
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, filesystem, read_text, remove_tree, write_bytes
 from reinforge.products.join import plan
@@ -146,12 +146,14 @@ class JoinPipeline(Pipeline):
         except InputError as exc:
             raise JoinError(str(exc).replace("input.path", "images.path", 1)) from None
         files = [t.inputs[0] for t in tasks + pool] + [config_url]
-        inputs = plan_digest("reinforge.join/1", r.model_dump(mode="json", exclude={"resources", "output"}), files)
+        versions = file_versions(files)  # once: the digest records the versions the plan is made from
+        inputs = plan_digest("reinforge.join/1", r.model_dump(mode="json", exclude={"resources", "output"}), files,
+                             versions)
         if planned_already(layout, inputs):
             return
         work = layout.plan_work
         try:
-            made = plan.plan_join(tasks, pool, layout, work, r.images.uid_field)
+            made = plan.plan_join(tasks, pool, layout, work, r.images.uid_field, versions)
             try:
                 found = made.summary
                 if found["uids"] and not found["uids_in_pool"]:

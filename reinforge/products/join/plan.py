@@ -21,7 +21,6 @@ import pyarrow as pa
 
 from reinforge.formats.subset import first_occurrence, make_subset, uid_hex, uid_order
 from reinforge.formats.uid_index import index_cache_dir, load_or_build
-from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, remove, write_bytes
 from reinforge.products.reshard.assignment import lexsort_nonnegative
@@ -124,11 +123,11 @@ class JoinPlan:
 
 
 def plan_join(tasks: list[Task], pool: list[Task], layout: RunLayout, work: str, uid_field: str,
-              where: str | None = None) -> JoinPlan:
-    """Passes 1 and 2; raises nothing on uids absent from the pool (the caller decides)."""
+              versions: dict[str, tuple[int, str]], where: str | None = None) -> JoinPlan:
+    """Passes 1 and 2; raises nothing on uids absent from the pool (the caller decides). `versions`: the
+    shards' file_versions, as the plan's inputs digest recorded them."""
     urls = [t.inputs[0] for t in pool]
     rein_urls = [t.inputs[0] for t in tasks]
-    versions = file_versions(urls + rein_urls)
     index_dir = index_cache_dir()
     per_bucket = SHARDS_PER_BUCKET or max(1, partition_size(10_000 * len(tasks)) // 10_000)
     buckets = max(1, -(-len(tasks) // per_bucket))

@@ -54,14 +54,14 @@ class ReshardPipeline(Pipeline):
         if r.dry_run:
             self.dry_run_report()
             return
-        inputs = prepare.inputs_digest(r)
-        if planned_already(layout, inputs):
+        inputs = prepare.read_inputs(r)
+        if planned_already(layout, inputs.digest):
             return
         work = layout.plan_work
         try:
-            plan = prepare.plan_subset(r, layout, work)
+            plan = prepare.plan_subset(r, layout, work, inputs=inputs)
             try:
-                prepare.commit(layout, r, plan, work, self._finished_tasks, inputs)
+                prepare.commit(layout, r, plan, work, self._finished_tasks, inputs.digest)
             finally:
                 plan.tasks.close()
         finally:

@@ -71,13 +71,37 @@ class Plan:
     extras: Optional[Callable] = None  # subset rows -> face_bboxes / cls columns
 
 
-def plan_subset(r: ReshardRecipe, layout: RunLayout, work: str, sizes: Sizes = Sizes()) -> Plan:
-    """Passes 1 and 2 (partitions.py): every subset uid's pool location, and its copies by key range;
-    their files go to `work` (a folder every task can reach)."""
+@dataclass
+class Inputs:
+    """The files a plan is made from, listed and stat-ed once: the pool shards (after first_shard /
+    num_shards), their versions, and the digest prepare() compares with the committed plan's."""
+    urls: list[str]  # pool shard URLs by number
+    selection: dict  # what first_shard / num_shards picked ({} without them)
+    versions: dict[str, tuple[int, str]]
+    digest: str
+
+
+def read_inputs(r: ReshardRecipe) -> Inputs:
+    """The pool's listing and the versions of every file the plan reads: the pool shards, the subset, its
+    counts, the face-box metadata and the class file."""
     pool, selection = select_shards(WebDatasetSource(r.input.path).tasks(), r.first_shard, r.num_shards)
     urls = [t.inputs[0] for t in pool]
+    files = urls + [r.subset, counts_path(r.subset)]
+    files += ([r.counts] if r.counts not in ("auto", "none") else []) + ([r.cls_file] if r.cls_file else [])
+    files += face_blur.metadata_files(r.blur_metadata) if r.blur_metadata else []
+    versions = file_versions(files)
+    digest = plan_digest(TASK_ASSIGNMENTS, r.model_dump(mode="json", exclude={"resources", "output"}), files,
+                         versions)
+    return Inputs(urls, selection, versions, digest)
+
+
+def plan_subset(r: ReshardRecipe, layout: RunLayout, work: str, sizes: Sizes = Sizes(),
+                inputs: Optional[Inputs] = None) -> Plan:
+    """Passes 1 and 2 (partitions.py): every subset uid's pool location, and its copies by key range;
+    their files go to `work` (a folder every task can reach). `inputs`: read_inputs(r), if read already."""
+    inputs = inputs or read_inputs(r)
+    urls, selection, versions = inputs.urls, inputs.selection, inputs.versions
     subset = open_subset(r.subset, r.counts, work, sizes.bucket_rows)
-    versions = file_versions(urls)
     for url in urls:
         if versions[url][0] < 0:
             raise ReshardError(f"pool shard {url} not found")
@@ -186,15 +210,6 @@ def _meta(r: ReshardRecipe, subset: SubsetFile, scans: list[dict], matched: list
 
 
 # ---------------------------------------------------------------- committing the plan
-
-def inputs_digest(r: ReshardRecipe) -> str:
-    """The plan's inputs: the recipe and the pool shards, subset, counts, face-box metadata and class file."""
-    pool, _ = select_shards(WebDatasetSource(r.input.path).tasks(), r.first_shard, r.num_shards)
-    files = [t.inputs[0] for t in pool] + [r.subset, counts_path(r.subset)]
-    files += ([r.counts] if r.counts not in ("auto", "none") else []) + ([r.cls_file] if r.cls_file else [])
-    files += face_blur.metadata_files(r.blur_metadata) if r.blur_metadata else []
-    return plan_digest(TASK_ASSIGNMENTS, r.model_dump(mode="json", exclude={"resources", "output"}), files)
-
 
 def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str, write: bool) -> list[tuple[str, bool]]:
     """Pass 3: per key range, the shards inside it (partitions.write_range), then the shards that cross
