@@ -25,8 +25,9 @@ from reinforge.formats.uid_index import index_cache_dir, load_or_build
 from reinforge.io.fingerprint import file_versions
 from reinforge.io.manifest import RunLayout, Task
 from reinforge.io.storage import exists, remove, write_bytes
-from reinforge.products.reshard.partitions import (POOL_COLUMNS, bucket_of, commit_file, duplicate_examples,
-                                                   first_in_pool, pool_to_buckets, read_parts, write_parts)
+from reinforge.products.reshard.partitions import (POOL_COLUMNS, commit_file, duplicate_examples, first_in_pool,
+                                                   pool_to_buckets)
+from reinforge.products.reshard.parts import bucket_of, read_parts, write_parts
 from reinforge.products.reshard.pool import SAMPLE
 from reinforge.products.reshard.subset_file import partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map
