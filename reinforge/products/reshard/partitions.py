@@ -15,7 +15,10 @@ ranges: the *uid buckets*.
    and copy, as one stable sort of the whole subset would); every output shard inside the range is
    ordered inside (assignment.order_inside) and written as plan/tasks/{:08d}.parquet; the pieces of the
    shards that cross its edges are kept for write_crossing, which joins them.
-Work files live in plan/work/ (the run's storage, so tasks on any node see them) and are removed once
+Face boxes and class ids (extras.py) ride along: the blur metadata is routed to the uid buckets by a pass of
+its own, and from pass 2 on each copy carries its uid's box count and class id (the box values in a part
+file beside its copies', grouped the same way), which pass 3 writes as the face_bboxes and cls columns.
+Work files (part files, parts.py) live in plan/work/ (the run's storage, so tasks on any node see them) and are removed once
 the plan is committed.
 """
 from __future__ import annotations
