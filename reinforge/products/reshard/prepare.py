@@ -152,6 +152,7 @@ def _route_extras(r: ReshardRecipe, tasks: TaskMap, work: str, bounds: np.ndarra
     meta_urls = [f"{work}/meta-{t:06d}.bin" for t in range(len(routed))]
     ends = [np.cumsum(t["counts"]) for t in routed]
     value_ends = [np.cumsum(t["value_counts"]) for t in routed]
+    class_ends = None if class_counts is None else np.cumsum(class_counts)
 
     def parts(b: int) -> dict:
         out = {}
@@ -160,8 +161,7 @@ def _route_extras(r: ReshardRecipe, tasks: TaskMap, work: str, bounds: np.ndarra
             out["meta_values"] = [(extras.values_url(u), int(e[b] - t["value_counts"][b]), int(e[b]))
                                   for u, e, t in zip(meta_urls, value_ends, routed)]
         if class_counts is not None:
-            first = int(class_counts[:b].sum())
-            out["classes"] = [(f"{work}/classes.bin", first, first + int(class_counts[b]))]
+            out["classes"] = [(f"{work}/classes.bin", int(class_ends[b] - class_counts[b]), int(class_ends[b]))]
         return out
     return files, routed, parts
 
