@@ -36,6 +36,7 @@ The pool and subsets are built once (not timed); the uid index cache lives in th
 Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000,4000000] [--tools filter,schedule]
      [--out bench/results/scale.md] [--tree DIR]   (DIR: e.g. `git archive <commit> | tar -x -C DIR`, for before/after)
      bench/scale.py --tools reshard-plan,join-plan --sizes 1000000,12800000
+     bench/scale.py --tools reshard-plan --blur-metadata 0.2 --sizes 1000000,4000000 --tree DIR_BEFORE,DIR_AFTER
      bench/scale.py --tools index --sizes 500000,1000000,2000000 --tree DIR_BEFORE,DIR_AFTER
      bench/scale.py --tools runner,status [--tasks 1000,10000] [--runners local,ray]
 """
@@ -302,6 +303,8 @@ def main() -> None:
     parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one); "
                         "several, comma-separated, are measured one after the other on the same inputs "
                         "(rows labelled by the tree's folder name)")
+    parser.add_argument("--blur-metadata", type=float, default=0.0, help="reshard-plan: also face boxes, from "
+                        "generated blur metadata with boxes for this fraction of the uids (e.g. 0.2)")
     parser.add_argument("--tasks", default="1000,10000", help="runner/status: comma-separated task counts")
     parser.add_argument("--runners", default="local", help="runner: local and/or ray")
     parser.add_argument("--repeat", type=int, default=3, help="status: best of this many")
@@ -334,11 +337,11 @@ def main() -> None:
             if "splits" in tools:
                 make_metadata(os.path.join(tmp, "metadata"), n)
             if tools & PLAN_TOOLS:
-                make_plan_inputs(tmp, n, tools)
+                make_plan_inputs(tmp, n, tools, args.blur_metadata)
             if tools & INDEX_TOOLS:
                 make_index_inputs(tmp, n)
             print(f"{n:,} rows: inputs generated in {time.perf_counter() - started:.1f} s", flush=True)
-            for (tool, label, kwargs), TREE in itertools.product(cases(tmp, n) + plan_cases(tmp) + index_cases(tmp),
+            for (tool, label, kwargs), TREE in itertools.product(cases(tmp, n) + plan_cases(tmp, args.blur_metadata) + index_cases(tmp),
                                                                  trees):
                 if tool not in tools:
                     continue

@@ -9,6 +9,10 @@ Inputs per size n, generated once and not timed:
   reshard plan   subset = every pool uid once (n output samples in 10,000-sample shards, seed 0)
   join plan      reinforcement shards = the same n uids shuffled into ceil(n / 10,000) other placeholder shards
                  (their indexes cached too), every one found in the pool
+  face boxes     (--blur-metadata F) the reshard plan also reads blur metadata: every pool uid once, shuffled, in
+                 ceil(n / 1M) parquet files of 128k-row groups (uid, face_bboxes), a fraction F of the rows with
+                 1-3 boxes and the rest empty lists; the plan writes the boxes into the task files
+                 (inject_blur_metadata)
 Each cell runs in a fresh process: imports (numpy, pyarrow, pandas, the product's pipeline) and the recipe
 parsed before the baseline RSS; then prepare() timed (wall, and CPU seconds of all its threads: on a shared,
 loaded machine the CPU time says more than the wall time); then VmHWM. After that (not timed) the child hashes every
@@ -113,8 +117,31 @@ def write_cached_shards(folder: str, cache: str, hi: np.ndarray, lo: np.ndarray,
     return os.path.join(folder, "*.tar")
 
 
-def make_plan_inputs(tmp: str, n: int, tools: set) -> None:
-    """The pool (and, for join, reinforcement shards and a trainer config) of n uids, indexes cached."""
+def write_blur_metadata(folder: str, hi: np.ndarray, lo: np.ndarray, fraction: float, seed: int = 5) -> None:
+    """DataComp-like blur metadata for the given uids (shuffled): a `fraction` of them with 1-3 face boxes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(hi))
+    per_file = 1 << 20
+    for f, start in enumerate(range(0, len(hi), per_file)):
+        rows = order[start:start + per_file]
+        text = np.stack([hi[rows], lo[rows]], axis=1).astype(">u8").tobytes().hex().encode()
+        uids = pa.StringArray.from_buffers(len(rows), pa.py_buffer(np.arange(0, 32 * len(rows) + 1, 32,
+                                                                             dtype=np.int32).tobytes()),
+                                           pa.py_buffer(text))
+        boxes = np.where(rng.random(len(rows)) < fraction, rng.integers(1, 4, len(rows)), 0)
+        corners = np.sort(rng.random((int(boxes.sum()), 2, 2)), axis=1).reshape(-1)  # x0, y0, x1, y1
+        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, len(corners) + 1, 4, dtype=np.int32)), pa.array(corners))
+        column = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(boxes)].astype(np.int32)), inner)
+        pq.write_table(pa.table({"uid": uids, "face_bboxes": column}), os.path.join(folder, f"{f:05d}.parquet"),
+                       row_group_size=128 << 10)
+
+
+def make_plan_inputs(tmp: str, n: int, tools: set, blur: float = 0.0) -> None:
+    """The pool (and, for join, reinforcement shards and a trainer config) of n uids, indexes cached; with
+    `blur`, blur metadata for the pool's uids."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from reinforge.formats.subset import make_subset, uid_order, write_subset
     rng = np.random.default_rng(11)
@@ -124,6 +151,8 @@ def make_plan_inputs(tmp: str, n: int, tools: set) -> None:
     if "reshard-plan" in tools:
         uids = make_subset(hi, lo)
         write_subset(os.path.join(tmp, "subset.npy"), uids[uid_order(hi, lo)])
+        if blur:
+            write_blur_metadata(os.path.join(tmp, "blur-metadata"), hi, lo, blur)
     if "join-plan" in tools:
         perm = rng.permutation(n)
         write_cached_shards(os.path.join(tmp, "reinforcement"), cache, hi[perm], lo[perm], 2)
@@ -131,11 +160,12 @@ def make_plan_inputs(tmp: str, n: int, tools: set) -> None:
             json.dump({"reinforce": {"image_augmentation": {}}}, f)
 
 
-def plan_cases(tmp: str) -> list[tuple[str, str, dict]]:
+def plan_cases(tmp: str, blur: float = 0.0) -> list[tuple[str, str, dict]]:
     pool = os.path.join(tmp, "pool", "*.tar")
-    return [("reshard-plan", "reshard planning (subset = pool)",
+    boxes = {"blur_metadata": [os.path.join(tmp, "blur-metadata")], "inject_blur_metadata": True} if blur else {}
+    return [("reshard-plan", f"reshard planning (subset = pool{f', face boxes {blur:.0%}' if blur else ''})",
              {"product": "reshard", "output": os.path.join(tmp, "reshard-out"),
-              "subset": os.path.join(tmp, "subset.npy"), "input": {"path": pool}}),
+              "subset": os.path.join(tmp, "subset.npy"), "input": {"path": pool}, **boxes}),
             ("join-plan", "join planning",
              {"product": "join", "output": os.path.join(tmp, "join-out"),
               "input": {"path": os.path.join(tmp, "reinforcement", "*.tar"),

@@ -24,7 +24,7 @@ from collections import OrderedDict
 import numpy as np
 
 from reinforge.formats.sources import InputError
-from reinforge.formats.subset import UID_OK, locate, parse_hex_uids, uid_hex
+from reinforge.formats.subset import UID_OK, locate, parse_hex_uids
 from reinforge.io.storage import filesystem, write_bytes
 
 _PLAIN = {("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "list"): list,
@@ -76,25 +76,32 @@ def read_class_ids(url: str) -> dict[str, int]:
     return raw
 
 
-def class_id_array(mapping: dict[str, int], subset_uids: np.ndarray, url: str) -> np.ndarray:
-    """Class id per subset uid (int64). A subset uid absent from the file is a hard error (count and
-    examples): ml-tic-clip's resharder would drop such a sample with a KeyError in its log."""
+def class_id_table(mapping: dict[str, int], url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uid_hi, uid_lo, class id) per entry of the file, in its order; a key that is not a 32-hex uid is
+    an error (count and examples)."""
     keys = list(mapping)
     hi, lo, status = parse_hex_uids([k.lower() for k in keys])
     if (status != UID_OK).any():
         bad = [keys[i] for i in np.flatnonzero(status != UID_OK)[:3]]
         raise ClassFileError(f"{url}: {int((status != UID_OK).sum())} keys are not 32-hex uids, e.g. {bad}")
-    values = np.fromiter(mapping.values(), np.int64, len(keys))
-    pos = locate(hi, lo, subset_uids)  # each key's row in the subset, -1 if it is not there
-    ids = np.full(len(subset_uids), -1, np.int64)
+    return hi, lo, np.fromiter(mapping.values(), np.int64, len(keys))
+
+
+def class_ids_for(hi: np.ndarray, lo: np.ndarray, ids: np.ndarray, subset_uids: np.ndarray) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """Class id per subset uid (int64), and which uids have one. Entries (hi, lo, ids) in file order: of two
+    keys naming one uid (they differ in case), the later one's id is taken."""
+    pos = locate(hi, lo, subset_uids)  # each entry's row in the subset, -1 if it is not there
+    out = np.full(len(subset_uids), -1, np.int64)
     found = np.zeros(len(subset_uids), bool)
-    ids[pos[pos >= 0]], found[pos[pos >= 0]] = values[pos >= 0], True
-    if not found.all():
-        missing = np.flatnonzero(~found)
-        examples = ", ".join(uid_hex(*subset_uids[i]) for i in missing[:5])
-        raise ClassFileError(f"{len(missing)} of {len(subset_uids)} subset uids have no class id in {url}, "
-                             f"e.g. {examples}")
-    return ids
+    out[pos[pos >= 0]], found[pos[pos >= 0]] = ids[pos >= 0], True
+    return out, found
+
+
+def missing_class_ids(missing: int, uids: int, examples: list[str], url: str) -> ClassFileError:
+    """A subset uid absent from the file is a hard error (count and examples): ml-tic-clip's resharder
+    would drop such a sample with a KeyError in its log."""
+    return ClassFileError(f"{missing} of {uids} subset uids have no class id in {url}, e.g. {', '.join(examples)}")
 
 
 def write_uid2classid(year2uids_url: str, class_info_url: str, out_dir: str) -> dict[str, int]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -32,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reinforge.formats.sources import InputError
-from reinforge.formats.subset import UID_OK, locate, parse_hex_uids
 from reinforge.io.storage import filesystem, read_text
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -109,22 +107,6 @@ def inject_boxes(json_bytes: bytes, boxes) -> bytes:
 
 # ---------------------------------------------------------------- where the boxes come from
 
-@dataclass
-class FaceBoxes:
-    """Per subset uid: its metadata row's face_bboxes (a list of boxes, maybe empty), or None when no
-    metadata row has the uid."""
-    boxes: list
-    files: list[str]
-    rows: int = 0
-    duplicate_rows: int = 0
-    bad_uids: int = 0
-    bad_boxes: int = 0
-    bad_box_sample: list = field(default_factory=list)
-
-    def column(self, subset_index: np.ndarray) -> pa.Array:
-        return pa.array([self.boxes[i] for i in subset_index.tolist()], BOXES_TYPE)
-
-
 def metadata_files(sources: list[str]) -> list[str]:
     """Parquet files from paths, globs, folders, or DataComp's --blur-metadata-map JSON
     ({name: {"parquet": path, "shards": [...]}}: every parquet it names)."""
@@ -146,59 +128,77 @@ def valid_boxes(boxes) -> bool:
     return all(len(b) == 4 and all(v is not None and math.isfinite(v) for v in b) for b in boxes)
 
 
-def load_face_boxes(sources: list[str], subset_uids: np.ndarray, batch_rows: int = 1 << 16) -> FaceBoxes:
-    """Stream the metadata's (uid, face_bboxes), keeping the rows of subset uids (memory ~ the subset).
-    A uid's first row (files in the order given, rows in file order) wins. A row whose boxes are not
-    lists of 4 finite numbers is counted and treated as having no metadata."""
+def parse_boxes(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A face_bboxes column -> per row its number of boxes (int32; -1: malformed, i.e. not lists of 4 finite
+    numbers, which counts as no metadata row) and the well-formed rows' boxes as float64, 4 per box. A null
+    row has no boxes. Lists of lists of numbers are checked by Arrow's kernels, anything else row by row."""
     import pyarrow.compute as pc  # here, not at the top: it costs every reshard run ~0.1 s to import
-    files = metadata_files(sources)
-    out = FaceBoxes([None] * len(subset_uids), files)
-    taken = np.zeros(len(subset_uids), bool)
-    for url in files:
-        fs, path = filesystem(url)
+    listy = lambda t: pa.types.is_list(t) or pa.types.is_large_list(t)  # noqa: E731
+    kind = column.type
+    if not (listy(kind) and listy(kind.value_type) and (pa.types.is_integer(kind.value_type.value_type)
+                                                        or pa.types.is_floating(kind.value_type.value_type))):
+        return _parse_rows(column.to_pylist())
+    per_row = pc.list_value_length(column).fill_null(0).to_numpy().astype(np.int64)
+    boxes = pc.list_flatten(column)  # null rows hold none
+    sides = pc.list_value_length(boxes)
+    null_box = sides.is_null().to_numpy(zero_copy_only=False)
+    sides = sides.fill_null(0).to_numpy().astype(np.int64)
+    values = pc.list_flatten(boxes).cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null: NaN
+    bad_values = np.r_[0, np.cumsum(~np.isfinite(values))]
+    ends = np.cumsum(sides)
+    box_ok = (sides == 4) & ~null_box & (bad_values[ends] == bad_values[ends - sides])
+    bad_boxes = np.r_[0, np.cumsum(~box_ok)]
+    row_ends = np.cumsum(per_row)
+    row_ok = bad_boxes[row_ends] == bad_boxes[row_ends - per_row]
+    keep = np.repeat(np.repeat(row_ok, per_row), sides)  # the values of well-formed rows (4 per box)
+    return np.where(row_ok, per_row, -1).astype(np.int32), values[keep]
+
+
+def _parse_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
+    counts, values = np.zeros(len(rows), np.int32), []
+    for i, b in enumerate(rows):
+        b = [] if b is None else b
+        if valid_boxes(b):
+            counts[i] = len(b)
+            values.extend(float(v) for box in b for v in box)
+        else:
+            counts[i] = -1
+    return counts, np.array(values, np.float64)
+
+
+def bad_box_examples(files: list[str], places: list[tuple[int, int]], batch_rows: int) -> list[dict]:
+    """reshard.json's examples of malformed boxes: (file number, row in file) -> the file, the row's place in
+    the batch of `batch_rows` rows a reader streaming the file from its start holds it in, its boxes."""
+    out = []
+    for number, row in places:
+        fs, path = filesystem(files[number])
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            missing = {"uid", "face_bboxes"} - set(parquet.schema_arrow.names)
-            if missing:
-                raise BlurError(f"blur metadata {url}: no column {', '.join(sorted(missing))}")
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=["uid", "face_bboxes"]):
-                out.rows += batch.num_rows
-                uids = batch.column("uid")
-                if pa.types.is_string(uids.type) or pa.types.is_large_string(uids.type):
-                    uids = pc.utf8_lpad(uids, 32, "0")  # DataComp pads short uids with zeros
-                hi, lo, status = parse_hex_uids(uids)
-                out.bad_uids += int((status != UID_OK).sum())
-                pos = np.where(status == UID_OK, locate(hi, lo, subset_uids), -1)
-                rows = np.flatnonzero(pos >= 0)
-                if not len(rows):
-                    continue
-                boxes = batch.column("face_bboxes").take(pa.array(rows)).to_pylist()
-                for row, p, b in zip(rows.tolist(), pos[rows].tolist(), boxes):
-                    if taken[p]:
-                        out.duplicate_rows += 1
-                        continue
-                    taken[p] = True
-                    b = [] if b is None else b
-                    if valid_boxes(b):
-                        out.boxes[p] = [list(map(float, box)) for box in b]
-                    else:
-                        out.bad_boxes += 1
-                        if len(out.bad_box_sample) < SAMPLE:
-                            out.bad_box_sample.append({"file": url, "row_in_batch": row, "face_bboxes": str(b)[:200]})
+            first = 0
+            for group in range(parquet.num_row_groups):  # the row group holding the row
+                rows = parquet.metadata.row_group(group).num_rows
+                if row < first + rows:
+                    break
+                first += rows
+            at = row - first
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=["face_bboxes"]):
+                if at < batch.num_rows:
+                    boxes = batch.column("face_bboxes")[at].as_py()
+                    break
+                at -= batch.num_rows
+        out.append({"file": files[number], "row_in_batch": row % batch_rows, "face_bboxes": str(boxes)[:200]})
     return out
 
 
-def boxes_report(found: FaceBoxes, subset_index: np.ndarray, uid_names) -> dict:
-    """What the blur pass will do, for reshard.json (per output sample and per uid)."""
-    per_uid = [found.boxes[i] for i in subset_index.tolist()]
-    without = [i for i, b in zip(subset_index.tolist(), per_uid) if b is None]
-    return {"metadata_files": len(found.files), "metadata_rows": found.rows,
-            "duplicate_metadata_rows": found.duplicate_rows, "malformed_metadata_uids": found.bad_uids,
-            "malformed_boxes": found.bad_boxes, "malformed_box_sample": found.bad_box_sample,
-            "uids_without_metadata": len(set(without)),
-            "without_metadata_sample": [uid_names(i) for i in sorted(set(without))[:SAMPLE]],
-            "samples_with_faces": sum(1 for b in per_uid if b),
-            "uids_with_faces": sum(1 for i in set(subset_index.tolist()) if found.boxes[i]),
+def boxes_report(files: int, rows: int, duplicate_rows: int, bad_uids: int, bad_boxes: int, bad_box_sample: list,
+                 without: int, without_sample: list[str], samples_with_faces: int, uids_with_faces: int) -> dict:
+    """What the blur pass will do, for reshard.json: of the metadata, and per output sample and per uid
+    (of the subset uids found in the pool)."""
+    return {"metadata_files": files, "metadata_rows": rows,
+            "duplicate_metadata_rows": duplicate_rows, "malformed_metadata_uids": bad_uids,
+            "malformed_boxes": bad_boxes, "malformed_box_sample": bad_box_sample,
+            "uids_without_metadata": without, "without_metadata_sample": without_sample[:SAMPLE],
+            "samples_with_faces": samples_with_faces, "uids_with_faces": uids_with_faces,
             "policy": "samples with a non-empty face_bboxes list are blurred / annotated; samples without "
                       "a metadata row are written unchanged (DataComp logs them and does the same)"}
 

@@ -15,7 +15,10 @@ ranges: the *uid buckets*.
    and copy, as one stable sort of the whole subset would); every output shard inside the range is
    ordered inside (assignment.order_inside) and written as plan/tasks/{:08d}.parquet; the pieces of the
    shards that cross its edges are kept for write_crossing, which joins them.
-Work files live in plan/work/ (the run's storage, so tasks on any node see them) and are removed once
+Face boxes and class ids (extras.py) ride along: the blur metadata is routed to the uid buckets by a pass of
+its own, and from pass 2 on each copy carries its uid's box count and class id (the box values in a part
+file beside its copies', grouped the same way), which pass 3 writes as the face_bboxes and cls columns.
+Work files (part files, parts.py) live in plan/work/ (the run's storage, so tasks on any node see them) and are removed once
 the plan is committed.
 """
 from __future__ import annotations
@@ -28,62 +31,22 @@ import pyarrow.parquet as pq
 
 from reinforge.formats.subset import UidLookup, locate, make_subset, stable_argsort, uid_hex
 from reinforge.formats.uid_index import INDEX_STATUS, load_or_build
-from reinforge.io.storage import exists, filesystem, read_bytes, write_bytes
+from reinforge.io.storage import exists, read_bytes, write_bytes
+from reinforge.products.reshard import extras
 from reinforge.products.reshard.assignment import copy_keys, order_inside
+from reinforge.products.reshard.parts import bucket_of, read_parts, write_parts
 from reinforge.products.reshard.pool import SAMPLE
 from reinforge.products.reshard.subset_file import SubsetFile
 
-# ---------------------------------------------------------------- part files: columns, read by row range
-# A part file holds rows of fixed columns (POOL_COLUMNS, COPY_COLUMNS) grouped by part: part after part, each
-# part its columns one after the other. Rows start..stop of a file are bytes start*width .. stop*width.
-
+# columns of the part files (parts.py) the passes hand on: pool rows, copies (+ face boxes, class ids: extras.py)
 POOL_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "offset": np.int64, "length": np.int64, "shard": np.int32}
 COPY_COLUMNS = {"key": np.float64, "row": np.int64, "copy": np.int32, "shard": np.int32, "offset": np.int64,
                 "length": np.int64, "hi": np.uint64, "lo": np.uint64}
 
 
-def write_parts(url: str, columns: dict[str, np.ndarray], part: np.ndarray, parts: int) -> np.ndarray:
-    """Write the rows grouped by part (stable), and return each part's row count."""
-    counts = np.bincount(part, minlength=parts)
-    order = np.argsort(part.astype(np.uint16) if parts <= 1 << 16 else part, kind="stable")  # uint16: a radix sort
-    grouped = {name: values[order] for name, values in columns.items()}
-    ends = np.cumsum(counts)
-    pieces = [memoryview(grouped[name][end - n:end]).cast("B") for n, end in zip(counts.tolist(), ends.tolist())
-              for name in columns]
-    write_bytes(url, b"".join(pieces))
-    return counts
-
-
-def read_parts(parts: list[tuple[str, int, int]], dtypes: dict[str, type]) -> dict[str, np.ndarray]:
-    """Rows start..stop-1 of each (file, start, stop), concatenated in the order given."""
-    width = sum(np.dtype(t).itemsize for t in dtypes.values())
-    out = {name: [] for name in dtypes}
-    for url, start, stop in parts:
-        if stop <= start:
-            continue
-        fs, path = filesystem(url)
-        with fs.open(path, "rb") as f:
-            f.seek(start * width)
-            data = f.read((stop - start) * width)
-        at = 0
-        for name, t in dtypes.items():
-            out[name].append(np.frombuffer(data, t, stop - start, at))
-            at += (stop - start) * np.dtype(t).itemsize
-    return {name: np.concatenate(v) if v else np.zeros(0, dtypes[name]) for name, v in out.items()}
-
-
-def bucket_of(hi: np.ndarray, lo: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """The uid bucket of each uid: how many bucket starts (sorted u8,u8 `bounds`) are <= it."""
-    b = np.searchsorted(bounds["f0"], hi, side="right")
-    # a start with the same high half counts only if its low half is <= lo: only uids whose high half
-    # is some start's need that look (rare: uids are hashes)
-    todo = np.flatnonzero(np.searchsorted(bounds["f0"], hi, side="left") != b)
-    while len(todo):
-        above = (bounds["f0"][b[todo] - 1] == hi[todo]) & (bounds["f1"][b[todo] - 1] > lo[todo])
-        todo = todo[above]
-        b[todo] -= 1
-        todo = todo[b[todo] > 0]
-    return b
+def copy_columns(boxes: bool, cls: bool) -> dict[str, type]:
+    """The copies' columns: with face boxes, their count per copy (the values in a part file of their own)."""
+    return {**COPY_COLUMNS, **({"boxes": np.int32} if boxes else {}), **({"cls": np.int64} if cls else {})}
 
 
 # ---------------------------------------------------------------- 1. pool shards -> uid buckets
@@ -138,10 +101,11 @@ def duplicate_examples(pool: dict[str, np.ndarray], repeats: np.ndarray) -> list
             for i in repeats[:SAMPLE]]
 
 
-def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], out_url: str, missing_url: str,
-                 subset: SubsetFile, seed: int, ranges: int) -> dict:
+def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], extra_parts: dict, out_url: str,
+                 missing_url: str, subset: SubsetFile, seed: int, ranges: int) -> dict:
     """Subset rows start..stop-1 against their pool rows (`pool_parts`: group file, first row, end row, in
-    pool shard order). Writes the found uids' copies grouped by key range, and the missing uids."""
+    pool shard order). Writes the found uids' copies grouped by key range (with their uid's face boxes
+    and class id from `extra_parts`, extras.bucket_extras), and the missing uids."""
     uids, counts = subset.read(start, stop)  # checked when the subset was opened (subset_file.py)
     pool = read_parts(pool_parts, POOL_COLUMNS)
     source, repeats = first_in_pool(pool, uids)
@@ -153,8 +117,19 @@ def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], 
     out = {"key": copies.key, "row": start + rows[copies.index], "copy": copies.copy,
            **{name: pool[name][at] for name in ("shard", "offset", "length", "hi", "lo")}}
     part = np.minimum((copies.key * ranges).astype(np.int64), ranges - 1)
+    found = extras.bucket_extras(uids, counts, source >= 0, extra_parts)
+    of_copy, per_range_values = rows[copies.index], None
+    if found.boxes is not None:  # the columns in copy_columns' order
+        out["boxes"] = found.boxes[of_copy]
+        n = 4 * np.maximum(out["boxes"], 0)
+        per_range_values = write_parts(extras.values_url(out_url),
+                                       {"v": found.values[extras.ragged_take(found.starts[of_copy], n)]},
+                                       np.repeat(part, n), ranges)
+    if found.cls is not None:
+        out["cls"] = found.cls[of_copy]
     per_range = write_parts(out_url, out, part, ranges)
     return {"uids": len(uids), "samples": int(counts.sum()), "per_range": per_range,
+            "per_range_values": per_range_values, "extras": found.facts,
             "missing": len(missing), "missing_samples": int(counts[missing].sum()),
             "missing_sample": [uid_hex(*u) for u in uids[missing[:SAMPLE]].tolist()],
             "duplicates": len(repeats), "duplicate_sample": duplicate_examples(pool, repeats)}
@@ -162,14 +137,17 @@ def match_bucket(start: int, stop: int, pool_parts: list[tuple[str, int, int]], 
 
 # ---------------------------------------------------------------- 3. a key range: output order, task files
 
-def task_file(rows: dict[str, np.ndarray], urls: pa.Array, extras) -> bytes:
+def task_file(rows: dict[str, np.ndarray], urls: pa.Array, values: np.ndarray) -> bytes:
     """One output shard's assignment file, its copies put in the order they are written
-    (assignment.order_inside): shard (URL), offset, length, uid_hi, uid_lo, copy (+ extras)."""
+    (assignment.order_inside): shard (URL), offset, length, uid_hi, uid_lo, copy (+ face_bboxes, whose
+    values start at rows["start"] in `values`; + cls)."""
     rows = order_inside(rows)
     columns = {"shard": urls.take(rows["shard"]), "offset": rows["offset"], "length": rows["length"],
                "uid_hi": rows["hi"], "uid_lo": rows["lo"], "copy": rows["copy"]}
-    if extras is not None:
-        columns.update(extras(rows["row"]))
+    if "boxes" in rows:
+        columns["face_bboxes"] = extras.boxes_column(rows["boxes"], rows["start"], values)
+    if "cls" in rows:
+        columns["cls"] = rows["cls"]
     return plan_table_bytes(pa.table(columns))
 
 
@@ -181,6 +159,16 @@ def plan_table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue().to_pybytes()
 
 
+def read_copies(parts: list[tuple[str, int, int]], value_parts: list[tuple[str, int, int]],
+                columns: dict[str, type]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Copies from part files, and their box values (each copy's start in column "start")."""
+    rows = read_parts(parts, columns)
+    if "boxes" not in columns:
+        return rows, np.zeros(0)
+    rows["start"] = extras.value_starts(rows["boxes"])
+    return rows, read_parts(value_parts, extras.VALUE_COLUMNS)["v"]
+
+
 def commit_file(url: str, data: bytes, write: bool) -> tuple[str, bool]:
     """(sha256, whether the file there has these bytes); written when `write` (no comparison then)."""
     digest = hashlib.sha256(data).hexdigest()
@@ -190,41 +178,50 @@ def commit_file(url: str, data: bytes, write: bool) -> tuple[str, bool]:
     return digest, exists(url) and hashlib.sha256(read_bytes(url)).hexdigest() == digest
 
 
-def write_range(k: int, parts: list[tuple[str, int, int]], start: int, stop: int, fragment_url: str,
-                samples_per_shard: int, total: int, urls: list[str], task_urls: list[str], write: bool,
-                extras=None) -> dict:
-    """Key range k: its copies (`parts`: bucket file, first row, end row, in bucket order) are output
-    positions start..stop-1. Sorted into output order (by key; ties in subset row then copy order, as
-    bucket order is subset row order), then cut at shard boundaries: a shard wholly inside is made here
-    (commit_file); the pieces of shards that cross the range's edges go to `fragment_url`, for
-    write_crossing. Returns {shard: (sha256, same)} and the pieces: (shard, file, first row, end row)."""
-    rows = read_parts(parts, COPY_COLUMNS)
+def write_range(k: int, parts: list[tuple[str, int, int]], value_parts: list[tuple[str, int, int]], start: int,
+                stop: int, fragment_url: str, samples_per_shard: int, total: int, urls: list[str],
+                task_urls: list[str], write: bool, columns: dict[str, type]) -> dict:
+    """Key range k: its copies (`parts`: bucket file, first row, end row, in bucket order; `value_parts`:
+    their box values) are output positions start..stop-1. Sorted into output order (by key; ties in subset
+    row then copy order, as bucket order is subset row order), then cut at shard boundaries: a shard wholly
+    inside is made here (commit_file); the pieces of shards that cross the range's edges go to
+    `fragment_url`, for write_crossing. Returns {shard: (sha256, same)} and the pieces: (shard, file, first
+    row, end row, first value, end value)."""
+    rows, values = read_copies(parts, value_parts, columns)
     order = stable_argsort(np.ascontiguousarray(rows["key"]).view(np.uint64))
-    rows = {name: values[order] for name, values in rows.items()}
+    rows = {name: v[order] for name, v in rows.items()}
     url_array, S = pa.array(urls, pa.string()), samples_per_shard
     files, pieces = {}, []
     for j in range(start // S, -(-stop // S)):
         first, end = j * S, min((j + 1) * S, total)  # the shard's output positions
         a, b = max(first, start) - start, min(end, stop) - start  # its rows here
         if first >= start and end <= stop:
-            files[j] = commit_file(task_urls[j], task_file({n: v[a:b] for n, v in rows.items()}, url_array, extras),
+            files[j] = commit_file(task_urls[j], task_file({n: v[a:b] for n, v in rows.items()}, url_array, values),
                                    write)
         elif b > a:
             pieces.append((j, a, b))
     if not pieces:
         return {"files": files, "pieces": []}
     lengths = [b - a for _, a, b in pieces]
-    counts = write_parts(fragment_url, {n: np.concatenate([v[a:b] for _, a, b in pieces]) for n, v in rows.items()},
-                         np.repeat(np.arange(len(pieces)), lengths), len(pieces))
-    ends = np.cumsum(counts).tolist()
-    return {"files": files, "pieces": [(j, fragment_url, e - n, e) for (j, _, _), n, e in zip(pieces, lengths, ends)]}
+    kept = {n: np.concatenate([rows[n][a:b] for _, a, b in pieces]) for n in columns}
+    part = np.repeat(np.arange(len(pieces)), lengths)
+    counts = write_parts(fragment_url, kept, part, len(pieces))
+    value_counts = np.zeros(len(pieces), np.int64)
+    if "boxes" in columns:
+        n = 4 * np.maximum(kept["boxes"], 0)
+        starts = np.concatenate([rows["start"][a:b] for _, a, b in pieces])
+        value_counts = write_parts(extras.values_url(fragment_url), {"v": values[extras.ragged_take(starts, n)]},
+                                   np.repeat(part, n), len(pieces))
+    ends, value_ends = np.cumsum(counts).tolist(), np.cumsum(value_counts).tolist()
+    return {"files": files, "pieces": [(j, fragment_url, e - n, e, ve - vn, ve) for (j, _, _), n, e, vn, ve
+                                       in zip(pieces, counts.tolist(), ends, value_counts.tolist(), value_ends)]}
 
 
-def write_crossing(j: int, fragments: list[tuple[str, int, int]], task_url: str, urls: list[str], write: bool,
-                   extras=None) -> dict:
+def write_crossing(j: int, fragments: list[tuple[str, int, int]], value_fragments: list[tuple[str, int, int]],
+                   task_url: str, urls: list[str], write: bool, columns: dict[str, type]) -> dict:
     """Shard j, which crosses key ranges: its pieces (in range order, hence output order) joined."""
-    rows = read_parts(fragments, COPY_COLUMNS)
-    return {"files": {j: commit_file(task_url, task_file(rows, pa.array(urls, pa.string()), extras), write)},
+    rows, values = read_copies(fragments, value_fragments, columns)
+    return {"files": {j: commit_file(task_url, task_file(rows, pa.array(urls, pa.string()), values), write)},
             "pieces": []}
 
 

@@ -8,8 +8,11 @@ plans nothing; one whose inputs changed plans again and keeps every task file wh
 a changed assignment under finished tasks is refused.
 
 Subset uids absent from the pool are a hard error (count and examples) unless `allow_missing`, which
-writes them to plan/missing_uids.npy. Face boxes (face_blur.py) and class ids (datacompnet.py) are looked
-up per uid here and travel in the assignment (columns face_bboxes, cls), so workers need neither file.
+writes them to plan/missing_uids.npy. Face boxes (face_blur.py) and class ids (datacompnet.py) follow the
+partitions (extras.py): the blur metadata's rows are routed to the uid buckets by a pass of tasks, the
+class file (a dict, read whole by its format: O(file) on the driver) by the driver; each bucket gives its
+copies their uid's boxes and class id, and they travel in the assignment (columns face_bboxes, cls), so
+workers need neither file.
 Beside the shards: meta.json in the schema DataComp's resharder writes, reshard.json with reinforge's
 own account, and sample_ids.npy (the subset file, as DataComp copies it).
 """
@@ -23,14 +26,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from reinforge.formats.datacompnet import class_id_array, read_class_ids
+from reinforge.formats.datacompnet import missing_class_ids
 from reinforge.formats.sources import WebDatasetSource
-from reinforge.formats.subset import counts_path, locate, read_subset, uid_hex, write_subset
+from reinforge.formats.subset import counts_path, write_subset
 from reinforge.formats.uid_index import index_cache_dir
 from reinforge.io.fingerprint import file_versions, plan_digest
 from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import atomic_open, exists, filesystem, list_files, read_text, remove, write_bytes
-from reinforge.products.reshard import face_blur, partitions
+from reinforge.products.reshard import extras, face_blur, partitions
 from reinforge.products.reshard.pool import ReshardError, select_shards
 from reinforge.products.reshard.recipe import ReshardRecipe
 from reinforge.products.reshard.subset_file import SubsetFile, open_subset, partition_size
@@ -50,6 +53,7 @@ class Sizes:
     bucket_rows: Optional[int] = None  # subset rows per uid bucket; None: partition_size
     range_copies: Optional[int] = None  # copies per key range, about; None: partition_size
     where: Optional[str] = None  # inline, processes or ray; None: ray_session.where_to_map decides
+    metadata_rows: Optional[int] = None  # blur metadata rows per routing task, about; None: partition_size
 
 
 def assignment_url(layout: RunLayout, task_id: str) -> str:
@@ -65,10 +69,11 @@ class Plan:
     urls: list[str]  # pool shard URLs by number
     copy_files: list[str]  # per uid bucket: its copies, grouped by key range
     copy_counts: np.ndarray  # copies per (uid bucket, key range)
+    value_counts: Optional[np.ndarray]  # face box values per (uid bucket, key range); None: no face boxes
+    columns: dict  # the copies' columns (partitions.copy_columns)
     range_starts: list[int]  # per key range: its first output position
     missing_files: list[str]  # per bucket: its missing uids
     tasks: TaskMap  # where the passes run (close it when done)
-    extras: Optional[Callable] = None  # subset rows -> face_bboxes / cls columns
 
 
 @dataclass
@@ -124,14 +129,17 @@ def _plan(r: ReshardRecipe, subset: SubsetFile, urls: list[str], groups: list, i
     scans = list(tasks(partitions.pool_to_buckets, [(g, f) for g, f in zip(groups, group_files)],
                        (index_dir, r.input.uid_field, bounds)))
     ends = [np.cumsum(s["counts"]) for s in scans]
+    files, routed, extra_parts = _route_extras(r, tasks, work, bounds, sizes)
     ranges = max(1, -(-subset.total // (sizes.range_copies or partition_size(subset.total))))
     copy_files = [f"{work}/copies-{b:06d}.bin" for b in range(buckets)]
     missing_files = [f"{work}/missing-{b:06d}.bin" for b in range(buckets)]
     per_bucket = ((subset.starts[b], subset.starts[b + 1],  # made as the tasks start: groups x buckets pieces
                    [(f, int(e[b] - s["counts"][b]), int(e[b])) for f, e, s in zip(group_files, ends, scans)],
-                   copy_files[b], missing_files[b]) for b in range(buckets))
+                   extra_parts(b), copy_files[b], missing_files[b]) for b in range(buckets))
     matched = list(tasks(partitions.match_bucket, per_bucket, (subset, r.seed, ranges)))
     per_range = np.array([m["per_range"] for m in matched]).reshape(buckets, ranges)
+    per_range_values = (np.array([m["per_range_values"] for m in matched]).reshape(buckets, ranges)
+                        if r.blur_metadata else None)
     range_starts = np.r_[0, np.cumsum(per_range.sum(axis=0))].tolist()
     missing = sum(m["missing"] for m in matched)
     if missing and not r.allow_missing:
@@ -142,37 +150,62 @@ def _plan(r: ReshardRecipe, subset: SubsetFile, urls: list[str], groups: list, i
     total = int(range_starts[-1])
     out_sizes = [min(r.samples_per_shard, total - s) for s in range(0, total, r.samples_per_shard)]
     meta = _meta(r, subset, scans, matched, urls, out_sizes)
-    plan = Plan(out_sizes, meta, sum(s["samples"] for s in scans), urls, copy_files, per_range, range_starts,
-                missing_files, tasks)
-    if r.blur_metadata or r.cls_file or selection:
-        _add_extras(r, plan, selection)
+    plan = Plan(out_sizes, meta, sum(s["samples"] for s in scans), urls, copy_files, per_range, per_range_values,
+                partitions.copy_columns(bool(r.blur_metadata), bool(r.cls_file)), range_starts, missing_files, tasks)
+    _report_extras(r, plan, subset, selection, files, routed, matched)
     return plan
 
 
-def _add_extras(r: ReshardRecipe, plan: Plan, selection: dict) -> None:
-    """Face boxes and class ids per output sample, looked up by uid now so workers need neither the
-    metadata nor the class file; and what reshard.json says of them. These hold the subset in memory
-    (not partitioned yet)."""
-    report, columns = {}, {}
-    if r.blur_metadata or r.cls_file:
-        subset = read_subset(r.subset, r.counts)
-        missing = partitions.read_missing(plan.missing_files)
-        found = np.ones(len(subset.uids), bool)
-        found[locate(missing["f0"], missing["f1"], subset.uids)] = False
-        outputs = np.repeat(np.flatnonzero(found), subset.counts[found])  # a subset row per output sample
-        if r.apply_blur:
-            face_blur.cv2_module()  # no OpenCV: say so now, not in every task
+def _route_extras(r: ReshardRecipe, tasks: TaskMap, work: str, bounds: np.ndarray,
+                  sizes: Sizes) -> tuple[list[str], list[dict], Callable[[int], dict]]:
+    """Face boxes: the blur metadata's rows to uid buckets, a pass of tasks over runs of its row groups
+    (extras.py); class ids: the class file's entries, here. Returns the metadata files, what each routing
+    task counted, and per uid bucket its parts of both (for match_bucket)."""
+    files, routed, class_counts = [], [], None
+    if r.blur_metadata:
+        files = face_blur.metadata_files(r.blur_metadata)
+        per_task = extras.FILES_PER_TASK
+        groups = [([(n, files[n]) for n in range(a, min(a + per_task, len(files)))],)
+                  for a in range(0, len(files), per_task)]
+        layouts = [rows for done in tasks(extras.metadata_layout, groups, ()) for rows in done]
+        runs = extras.metadata_tasks(files, layouts, sizes.metadata_rows or partition_size(sum(map(sum, layouts))))
+        routed = list(tasks(extras.metadata_to_buckets, [(run, f"{work}/meta-{t:06d}.bin")
+                                                         for t, run in enumerate(runs)], (bounds,)))
+    if r.cls_file:
+        class_counts = extras.class_ids_to_buckets(r.cls_file, f"{work}/classes.bin", bounds)
+    meta_urls = [f"{work}/meta-{t:06d}.bin" for t in range(len(routed))]
+    ends = [np.cumsum(t["counts"]) for t in routed]
+    value_ends = [np.cumsum(t["value_counts"]) for t in routed]
+    class_ends = None if class_counts is None else np.cumsum(class_counts)
+
+    def parts(b: int) -> dict:
+        out = {}
         if r.blur_metadata:
-            boxes = face_blur.load_face_boxes(r.blur_metadata, subset.uids)
-            columns["face_bboxes"] = boxes.column
-            found_boxes = face_blur.boxes_report(boxes, outputs, lambda i: uid_hex(*subset.uids[i]))
-            report["blur"] = {"apply_blur": r.apply_blur, "inject_blur_metadata": r.inject_blur_metadata,
-                              "reencode_webp_quality": r.reencode_webp_quality, **found_boxes}
-        if r.cls_file:
-            ids = class_id_array(read_class_ids(r.cls_file), subset.uids, r.cls_file)
-            columns["cls"] = ids.__getitem__
-            report["cls"] = {"file": r.cls_file, "classes": int(len(np.unique(ids[outputs])))}
-        plan.extras = (lambda rows: {name: column(rows) for name, column in columns.items()}) if columns else None
+            out["meta"] = [(u, int(e[b] - t["counts"][b]), int(e[b])) for u, e, t in zip(meta_urls, ends, routed)]
+            out["meta_values"] = [(extras.values_url(u), int(e[b] - t["value_counts"][b]), int(e[b]))
+                                  for u, e, t in zip(meta_urls, value_ends, routed)]
+        if class_counts is not None:
+            out["classes"] = [(f"{work}/classes.bin", int(class_ends[b] - class_counts[b]), int(class_ends[b]))]
+        return out
+    return files, routed, parts
+
+
+def _report_extras(r: ReshardRecipe, plan: Plan, subset: SubsetFile, selection: dict, files: list[str],
+                   routed: list[dict], matched: list[dict]) -> None:
+    """What reshard.json says of face boxes, class ids and the pool selection; a subset uid without a
+    class id is an error."""
+    report = {}
+    if r.apply_blur:
+        face_blur.cv2_module()  # no OpenCV: say so now, not in every task
+    if r.blur_metadata:
+        report["blur"] = {"apply_blur": r.apply_blur, "inject_blur_metadata": r.inject_blur_metadata,
+                          "reencode_webp_quality": r.reencode_webp_quality, **extras.blur_report(files, routed, matched)}
+    if r.cls_file:
+        no_class = sum(m["extras"]["no_class"] for m in matched)
+        if no_class:
+            raise missing_class_ids(no_class, subset.rows, [u for m in matched for u in m["extras"]["no_class_sample"]][:5],
+                                    r.cls_file)
+        report["cls"] = {"file": r.cls_file, "classes": len(set().union(*(m["extras"]["classes"] for m in matched)))}
     if selection:
         report["pool_selection"] = selection
     plan.meta.update(report)
@@ -214,24 +247,28 @@ def _meta(r: ReshardRecipe, subset: SubsetFile, scans: list[dict], matched: list
 def write_task_files(layout: RunLayout, r: ReshardRecipe, plan: Plan, work: str, write: bool) -> list[tuple[str, bool]]:
     """Pass 3: per key range, the shards inside it (partitions.write_range), then the shards that cross
     ranges, from their pieces (write_crossing). Per output shard: sha256 of its file and whether the file
-    there has those bytes; `write`: write them all. Face boxes and class ids are looked up on the
-    driver, so with them the pass runs here."""
+    there has those bytes; `write`: write them all."""
     starts, total = plan.range_starts, int(sum(plan.sizes))
     task_urls = [assignment_url(layout, f"{j:08d}") for j in range(len(plan.sizes))]
-    tasks = TaskMap("inline") if plan.extras else plan.tasks
-    extras = (plan.extras,) if plan.extras else ()
     firsts = np.cumsum(plan.copy_counts, axis=1) - plan.copy_counts  # a range's first row in each bucket file
+    values = plan.value_counts
+    value_firsts = None if values is None else np.cumsum(values, axis=1) - values
+
+    def value_parts(k: int) -> list[tuple[str, int, int]]:
+        return [] if values is None else [(extras.values_url(url), int(value_firsts[b, k]),
+                                           int(value_firsts[b, k] + values[b, k])) for b, url in enumerate(plan.copy_files)]
     ranges = ((k, [(url, int(firsts[b, k]), int(firsts[b, k] + plan.copy_counts[b, k]))
-                   for b, url in enumerate(plan.copy_files)], starts[k], starts[k + 1], f"{work}/pieces-{k:06d}.bin")
+                   for b, url in enumerate(plan.copy_files)], value_parts(k), starts[k], starts[k + 1],
+               f"{work}/pieces-{k:06d}.bin")
               for k in range(len(starts) - 1) if starts[k + 1] > starts[k])
     files, pieces = {}, {}
-    for done in tasks(partitions.write_range, ranges, (r.samples_per_shard, total, plan.urls, task_urls, write,
-                                                       *extras)):
+    for done in plan.tasks(partitions.write_range, ranges, (r.samples_per_shard, total, plan.urls, task_urls, write,
+                                                            plan.columns)):
         files.update(done["files"])
-        for j, url, a, b in done["pieces"]:  # in range order: a crossing shard's pieces in output order
-            pieces.setdefault(j, []).append((url, a, b))
-    crossing = [(j, parts, task_urls[j]) for j, parts in sorted(pieces.items())]
-    for done in tasks(partitions.write_crossing, crossing, (plan.urls, write, *extras)):
+        for j, url, a, b, va, vb in done["pieces"]:  # in range order: a crossing shard's pieces in output order
+            pieces.setdefault(j, []).append(((url, a, b), (extras.values_url(url), va, vb)))
+    crossing = [(j, [p for p, _ in parts], [v for _, v in parts], task_urls[j]) for j, parts in sorted(pieces.items())]
+    for done in plan.tasks(partitions.write_crossing, crossing, (plan.urls, write, plan.columns)):
         files.update(done["files"])
     return [files[j] for j in range(len(plan.sizes))]
 

@@ -1,0 +1,53 @@
+"""Part files, how the reshard and join planning passes hand rows to each other (partitions.py): rows of
+fixed columns grouped by part (a uid bucket, a key range, ...): part after part, each part its columns one
+after the other, so rows start..stop of a file are bytes start*width .. stop*width and a task reads just
+its part of every file. Ragged values (face boxes) go in a part file of their own, grouped the same way."""
+from __future__ import annotations
+
+import numpy as np
+
+from reinforge.io.storage import filesystem, write_bytes
+
+
+def write_parts(url: str, columns: dict[str, np.ndarray], part: np.ndarray, parts: int) -> np.ndarray:
+    """Write the rows grouped by part (stable), and return each part's row count."""
+    counts = np.bincount(part, minlength=parts)
+    order = np.argsort(part.astype(np.uint16) if parts <= 1 << 16 else part, kind="stable")  # uint16: a radix sort
+    grouped = {name: values[order] for name, values in columns.items()}
+    ends = np.cumsum(counts)
+    pieces = [memoryview(grouped[name][end - n:end]).cast("B") for n, end in zip(counts.tolist(), ends.tolist())
+              for name in columns]
+    write_bytes(url, b"".join(pieces))
+    return counts
+
+
+def read_parts(parts: list[tuple[str, int, int]], dtypes: dict[str, type]) -> dict[str, np.ndarray]:
+    """Rows start..stop-1 of each (file, start, stop), concatenated in the order given."""
+    width = sum(np.dtype(t).itemsize for t in dtypes.values())
+    out = {name: [] for name in dtypes}
+    for url, start, stop in parts:
+        if stop <= start:
+            continue
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as f:
+            f.seek(start * width)
+            data = f.read((stop - start) * width)
+        at = 0
+        for name, t in dtypes.items():
+            out[name].append(np.frombuffer(data, t, stop - start, at))
+            at += (stop - start) * np.dtype(t).itemsize
+    return {name: np.concatenate(v) if v else np.zeros(0, dtypes[name]) for name, v in out.items()}
+
+
+def bucket_of(hi: np.ndarray, lo: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The uid bucket of each uid: how many bucket starts (sorted u8,u8 `bounds`) are <= it."""
+    b = np.searchsorted(bounds["f0"], hi, side="right")
+    # a start with the same high half counts only if its low half is <= lo: only uids whose high half
+    # is some start's need that look (rare: uids are hashes)
+    todo = np.flatnonzero(np.searchsorted(bounds["f0"], hi, side="left") != b)
+    while len(todo):
+        above = (bounds["f0"][b[todo] - 1] == hi[todo]) & (bounds["f1"][b[todo] - 1] > lo[todo])
+        todo = todo[above]
+        b[todo] -= 1
+        todo = todo[b[todo] > 0]
+    return b
