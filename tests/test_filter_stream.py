@@ -93,3 +93,142 @@ def test_ties_resolved_on_the_low_half(tmp_path, monkeypatch):
     unique_lo = np.unique(lo)
     assert got["f1"].tolist() == unique_lo[:int(math.floor(0.1 * len(unique_lo) + 0.5))].tolist()
     assert (got["f0"] == 7).all()
+
+
+# --- radix selection (radix.py): the k-th smallest without holding the column -----------------------------
+
+def _chunks(keys: np.ndarray, rng) -> list[np.ndarray]:
+    """The keys cut at random places (empty batches included), as streamed batches are."""
+    return np.split(keys, np.sort(rng.integers(0, len(keys) + 1, 6)))
+
+
+def _adversarial(rng, n=2000) -> dict[str, np.ndarray]:
+    f32 = np.float32
+    tiny = np.finfo(f32).smallest_subnormal
+    return {
+        "all ties": np.full(n, 0.25, f32),
+        "zeros of both signs": rng.choice(np.array([0.0, -0.0], f32), n),
+        "ties, signs, subnormals, inf": rng.choice(np.array([-1.5, -0.0, 0.0, tiny, -tiny, 1e-40, -1e-40, 3.4e38,
+                                                             -np.inf, np.inf, 0.3, 0.3, 0.3], f32), n),
+        "normal float32": rng.standard_normal(n).astype(f32),
+        "float64 with subnormals": rng.choice(np.array([5e-324, -5e-324, -0.0, 0.0, 1e-310, -np.inf, np.inf, 2.5,
+                                                        -2.5], np.float64), n),
+        "float64 spread": rng.standard_normal(n) * 1e300,
+        "int32 extremes": rng.choice(np.array([-2**31, -3, -1, 0, 2, 2**31 - 1], np.int32), n),
+        "int32 spread": rng.integers(-2**31, 2**31, n, np.int64).astype(np.int32),
+        "int64 extremes": rng.choice(np.array([-2**63, -1, 0, 1, 2**63 - 1], np.int64), n),
+        "int16": rng.integers(-2**15, 2**15, n, np.int64).astype(np.int16),
+        "uint64 colliding high halves": rng.choice(np.array([0, 3, 2**63, 2**64 - 1], np.uint64), n),
+        "uint64 spread": rng.integers(0, 2**64, n, np.uint64, endpoint=False),
+    }
+
+
+@pytest.mark.parametrize("small", [0, 5, None])  # 0: every pass a histogram; None: radix.SMALL as shipped
+def test_radix_select_equals_partition(monkeypatch, small):
+    from reinforge.curation.filters import radix
+    if small is not None:
+        monkeypatch.setattr(radix, "SMALL", small)
+    rng = np.random.default_rng(1)
+    for name, values in _adversarial(rng).items():
+        keys = radix.order_keys(values)
+        chunks = _chunks(keys, rng)
+        ordered = np.sort(values)
+        ties = np.flatnonzero(ordered[1:] != ordered[:-1])  # the edges of tied runs
+        for k in sorted({0, len(values) - 1, len(values) // 2, *ties[:3].tolist(), *(ties[-3:] + 1).tolist()}):
+            for count in (None, len(values)):
+                got = radix.radix_select(lambda: iter(chunks), lambda m: k, 8 * keys.dtype.itemsize, count=count)
+                want = np.partition(values, k)[k]
+                value = radix.key_value(got.key, values.dtype)
+                assert value.dtype == values.dtype and value == want, (name, k)
+                assert (got.count, got.below, got.equal) == (len(values), int((values < want).sum()),
+                                                             int((values == want).sum())), (name, k)
+    none = radix.radix_select(lambda: iter([keys]), lambda m: None, 64)
+    assert none.key is None and none.count == len(keys)
+
+
+def test_order_keys_sort_as_the_values():
+    from reinforge.curation.filters.radix import key_value, order_keys
+    rng = np.random.default_rng(2)
+    for dtype, bits in ((np.float32, np.uint32), (np.float64, np.uint64)):
+        values = rng.integers(0, np.iinfo(bits).max, 20000, bits, endpoint=True).view(dtype)
+        values = np.concatenate([np.array([0.0, -0.0, np.inf, -np.inf], dtype), values[~np.isnan(values)]])
+        keys = order_keys(values)
+        assert keys.dtype == bits
+        assert (np.diff(values[np.argsort(keys, kind="stable")]) >= 0).all()
+        assert ((keys[:, None] == keys[None, :2000]) == (values[:, None] == values[None, :2000])).all()
+        back = np.array([key_value(int(k), dtype) for k in keys[:3000]], dtype)
+        zero = values[:3000] == 0  # -0.0 comes back as +0.0
+        assert (back.view(bits) == np.where(zero, 0, values[:3000]).view(bits)).all()
+    ints = np.array([-2**31, -1, 0, 1, 2**31 - 1], np.int32)
+    assert (np.diff(order_keys(ints).astype(np.int64)) > 0).all()
+    assert [int(key_value(int(k), np.int32)) for k in order_keys(ints)] == ints.tolist()
+
+
+def _adversarial_pool(folder, column, values):
+    """The stress pool of _pool (repeats, colliding high halves) with `column` replaced (None = null)."""
+    _pool(folder)
+    table = pq.read_table(folder / SCORES)
+    i = table.schema.get_field_index(column)
+    table = table.set_column(i, column, pa.array(values, table.schema.field(column).type, from_pandas=True))
+    pq.write_table(table, folder / SCORES, row_group_size=777)
+    return table.column("uid_hi").to_numpy(), table.column("uid_lo").to_numpy()
+
+
+def _adversarial_column(kind, rng):
+    if kind == "ints with nulls":  # batches with nulls come as float64 and are cast back to int32
+        values = rng.choice(np.array([-2**31, -3, 0, 2, 2**31 - 1], np.int64), N).astype(object)
+        values[rng.random(N) < 0.1] = None
+        return "words", values
+    f32 = np.float32
+    tiny = float(np.finfo(f32).smallest_subnormal)
+    pick = {"zeros of both signs": [0.0, -0.0, 0.0, -0.0, np.nan],
+            "signs, subnormals, inf": [-1.5, -0.0, 0.0, tiny, -tiny, 1e-40, -1e-40, np.inf, -np.inf, np.nan, 0.3]}[kind]
+    return "clip_l14", rng.choice(np.array(pick, f32), N)
+
+
+@pytest.mark.parametrize("semantics", ["exact", "datacomp"])
+@pytest.mark.parametrize("kind", ["zeros of both signs", "signs, subnormals, inf", "ints with nulls"])
+def test_top_on_adversarial_columns(tmp_path, monkeypatch, semantics, kind):
+    """Ties everywhere, -0.0 with 0.0, subnormals, +-inf, NaN/nulls, ints: the radix selection with every pass
+    a histogram (SMALL = 0) and batches that cut tied runs, against the whole-table reference, k at both ends."""
+    from reinforge.curation.filters import radix
+    monkeypatch.setattr(decide_module, "BATCH", 333)
+    monkeypatch.setattr(radix, "SMALL", 0)
+    column, values = _adversarial_column(kind, np.random.default_rng(3))
+    hi, lo = _adversarial_pool(tmp_path, column, values)
+    v = np.array([np.nan if x is None else x for x in values], np.float64)
+    fractions = [0.0, 0.0001, 0.0003, 0.3, 0.77] + ([1.0] if semantics == "exact" else [])  # rank n-1 ... rank 0
+    for fraction in fractions:
+        report = decide(str(tmp_path), f"top({column}, {fraction})", str(tmp_path / "out.npy"), semantics=semantics)
+        got = read_subset(str(tmp_path / "out.npy"), counts="none").uids
+        want = _reference(hi, lo, v, fraction, semantics)
+        assert list(zip(got["f0"].tolist(), got["f1"].tolist())) == want, (kind, fraction)
+        atom = report["atoms"][0]
+        if semantics == "datacomp":
+            ranked = -np.sort(-v)  # NaN last
+            assert atom["threshold"] == ranked[atom["position"]] or math.isnan(ranked[atom["position"]])
+        elif atom["keep"]:
+            first = {}
+            for i, uid in enumerate(zip(hi.tolist(), lo.tolist())):
+                first.setdefault(uid, i)
+            assert atom["threshold"] == min(v[first[uid]] for uid in want)
+        if atom.get("threshold") == 0:
+            assert math.copysign(1, atom["threshold"]) == 1  # -0.0 and 0.0 share a key: the threshold is 0.0
+
+
+def test_tie_break_over_colliding_high_halves(tmp_path, monkeypatch):
+    """Exact top() with every row tied: the tie-break selects high halves (4 of them, so 64-bit collisions)
+    and then low halves at the boundary's high half, by histogram passes (SMALL = 0) and by gathering."""
+    from reinforge.curation.filters import radix
+    monkeypatch.setattr(decide_module, "BATCH", 100)
+    hi, lo = _adversarial_pool(tmp_path, "clip_l14", np.full(N, 0.5, np.float32))
+    v = np.full(N, 0.5)
+    for small in (0, radix.SMALL):
+        monkeypatch.setattr(radix, "SMALL", small)
+        for fraction in (0.0003, 0.26, 0.5, 0.999, 1.0):
+            report = decide(str(tmp_path), f"top(clip_l14, {fraction})", str(tmp_path / "out.npy"), semantics="exact")
+            got = read_subset(str(tmp_path / "out.npy"), counts="none").uids
+            assert list(zip(got["f0"].tolist(), got["f1"].tolist())) == _reference(hi, lo, v, fraction, "exact")
+            atom = report["atoms"][0]
+            assert atom["keep"] >= 1
+            assert atom["tied_not_kept"] == atom["valid"] - atom["keep"] and atom["threshold"] == 0.5

@@ -19,9 +19,10 @@ JSON report. No model runs here; a new threshold costs one read of a few score c
 The report holds every threshold resolved to a number, so a decision can be reproduced or audited.
 
 Memory (issue #16): the scores are streamed in batches, never held whole. The driver keeps a bit per row
-(repeated uid), one top() column at a time in its stored 4-byte type (a selection finds the threshold,
-no sort), and spills uids to files by their high bits to find repeats and to write the sorted subset
-(24 B a row under the temp directory, TMPDIR; removed as each bucket is read).
+(repeated uid) and spills uids to files by their high bits to find repeats and to write the sorted subset
+(24 B a row under the temp directory, TMPDIR; removed as each bucket is read). A top() threshold and its
+exact tie-break are radix selections over a few more passes (radix.py): a 65536-bin histogram per pass
+and at most radix.SMALL keys at the end, not the column.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from reinforge.curation.filters.clusters import FilterError
+from reinforge.curation.filters.radix import Selected, key_value, order_keys, radix_select
 from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
 from reinforge.curation.filters.scores import REPORT, SCORES
 from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, uid_hex, uid_order
@@ -121,37 +123,35 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _kth_smallest(values: np.ndarray, k: int):
-    values.partition(k)  # in place: a selection, not a sort
-    return values[k]
-
-
 class _Top:
-    """A top() atom resolved to a row-local test: a threshold (and, in exact semantics, the last tied uid kept)."""
+    """A top() atom resolved to a row-local test: a threshold (and, in exact semantics, the last tied uid kept).
+    Both are found by radix selections over streamed passes (radix.py), never by holding the column."""
 
     def __init__(self, atom: Top, semantics: str, scores: _Scores):
         self.atom, self.semantics = atom, semantics
         self.details: dict = {}
         self.threshold = math.nan
         self.boundary = None  # exact: (hi, lo) of the last tied row kept
+        self.stored = np.dtype(scores.pf.schema_arrow.field(atom.column).type.to_pandas_dtype())
         (self._datacomp if semantics == "datacomp" else self._exact)(scores)
 
-    def _values(self, scores: _Scores, unique_only: bool):
-        """The column's non-NaN values (of unique rows, or of every row) in its stored 4-byte type."""
+    def _select(self, scores: _Scores, rank, unique_finite: bool) -> Selected:
+        """The rank(n)-th smallest of the column's n non-NaN values (of every row), or of its finite values
+        (of unique rows), as an order key of the stored type."""
         column = self.atom.column
-        buffer, m = None, 0
-        for start, n, b in scores.batches([column]):
-            v = b[column]
-            keep = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(n, bool)
-            if unique_only:
-                keep &= scores.unique(start, n)
-            if buffer is None:
-                stored = scores.pf.schema_arrow.field(column).type.to_pandas_dtype()
-                buffer = np.empty(scores.rows, stored)
-            picked = v[keep]
-            buffer[m:m + len(picked)] = picked  # exact: NaN came from nulls, the stored values fit their type
-            m += len(picked)
-        return (buffer if buffer is not None else np.empty(0)), m
+
+        def passes() -> Iterator[np.ndarray]:
+            for start, n, b in scores.batches([column]):
+                v = b[column]
+                if v.dtype.kind == "f":
+                    keep = np.isfinite(v) if unique_finite else ~np.isnan(v)
+                else:
+                    keep = np.ones(n, bool)
+                if unique_finite:
+                    keep &= scores.unique(start, n)
+                # exact: a batch with nulls came as float64, and its other values are of the stored type
+                yield order_keys(v[keep].astype(self.stored, copy=False))
+        return radix_select(passes, rank, 8 * self.stored.itemsize)
 
     def _datacomp(self, scores: _Scores) -> None:
         # DataComp ranks every scored row (repeats and invalid values included, NaN last) and takes the
@@ -161,46 +161,42 @@ class _Top:
         if not 0 <= position < n:
             raise FilterError(f"{a}: DataComp's threshold is the score at sorted position int(f*n) = {position}, "
                               f"outside the {n} scored rows (use --semantics exact)")
-        values, m = self._values(scores, unique_only=False)
-        if position < m:
-            self.threshold = float(_kth_smallest(values[:m], m - 1 - position))
+        selected = self._select(scores, lambda m: m - 1 - position if position < m else None, unique_finite=False)
+        if selected.key is not None:
+            self.threshold = float(key_value(selected.key, self.stored))
         self.details = {"position": position, "ranked_rows": n, "threshold": self.threshold}
 
     def _exact(self, scores: _Scores) -> None:
         # the round(f*n) highest unique valid rows, ties broken by uid ascending
-        values, valid = self._values(scores, unique_only=True)
-        if np.issubdtype(values.dtype, np.floating):
-            finite = np.isfinite(values[:valid])
-            if not finite.all():  # +-inf are not valid scores
-                values, valid = values[:valid][finite], int(finite.sum())
+        def smallest_kept(valid: int) -> Optional[int]:  # the rank of the keep-th largest
+            keep = _round_half_up(self.atom.fraction * valid)
+            return valid - keep if keep else None
+        selected = self._select(scores, smallest_kept, unique_finite=True)
+        valid = selected.count
         keep = _round_half_up(self.atom.fraction * valid)
         self.details = {"valid": valid, "keep": keep}
         if not keep:
-            del values
             return
-        self.threshold = float(_kth_smallest(values[:valid], valid - keep))
-        del values
-        greater, tied_hi = 0, []
-        column = self.atom.column
-        for start, n, b in scores.batches(["uid_hi", column]):
-            v, unique = b[column], scores.unique(start, n)
-            with np.errstate(invalid="ignore"):
-                greater += int((unique & (v > self.threshold) & np.isfinite(v)).sum())
-                tied_hi.append(b["uid_hi"][unique & (v == self.threshold)])
-        tied = np.concatenate(tied_hi)
+        self.threshold = float(key_value(selected.key, self.stored))
+        greater, tied = valid - selected.below - selected.equal, selected.equal
         need = keep - greater  # >= 1: the threshold is the keep-th largest
-        h = _kth_smallest(tied.copy(), need - 1)
-        at_h = int((tied == h).sum())
-        below = int((tied < h).sum())
+        # the need-th smallest high half among the tied rows, then (a 64-bit collision there) the low half
+        h = radix_select(lambda: self._tied(scores, "uid_hi"), lambda m: need - 1, 64, count=tied)
         lo = _MAX_U64
-        if at_h > 1:  # a 64-bit collision of high halves at the boundary: resolve by the low half
-            los = []
-            for start, n, b in scores.batches(["uid_hi", "uid_lo", column]):
-                v, unique = b[column], scores.unique(start, n)
-                los.append(b["uid_lo"][unique & (v == self.threshold) & (b["uid_hi"] == h)])
-            lo = np.sort(np.concatenate(los))[need - below - 1]
-        self.boundary = (np.uint64(h), np.uint64(lo))
-        self.details.update(threshold=self.threshold, tied_not_kept=len(tied) - need)
+        if h.equal > 1:
+            lo = radix_select(lambda: self._tied(scores, "uid_lo", np.uint64(h.key)), lambda m: need - h.below - 1, 64,
+                              count=h.equal).key
+        self.boundary = (np.uint64(h.key), np.uint64(lo))
+        self.details.update(threshold=self.threshold, tied_not_kept=tied - need)
+
+    def _tied(self, scores: _Scores, half: str, hi: Optional[np.uint64] = None) -> Iterator[np.ndarray]:
+        """One uid half of the unique rows tied with the threshold (and with high half `hi`), batch by batch."""
+        column = self.atom.column
+        for start, n, b in scores.batches(["uid_hi", column] + (["uid_lo"] if half == "uid_lo" else [])):
+            at = scores.unique(start, n) & (b[column] == self.threshold)
+            if hi is not None:
+                at &= b["uid_hi"] == hi
+            yield b[half][at]
 
     def test(self, b: dict) -> tuple[np.ndarray, np.ndarray]:
         v = b[self.atom.column]
