@@ -27,6 +27,7 @@ from reinforge.formats.datacompnet import class_id_table, class_ids_for, read_cl
 from reinforge.formats.subset import UID_OK, UidLookup, locate, parse_hex_uids, uid_hex
 from reinforge.io.storage import filesystem
 from reinforge.products.reshard import face_blur
+from reinforge.products.reshard.parts import bucket_of, read_parts, write_parts
 from reinforge.products.reshard.pool import SAMPLE
 
 META_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "file": np.int32, "row": np.int64, "boxes": np.int32}
@@ -100,10 +101,9 @@ def metadata_tasks(files: list[str], layouts: list[list[int]], rows_per_task: in
 
 
 def metadata_to_buckets(pieces: list[tuple], out_url: str, bounds: np.ndarray) -> dict:
-    """Route the pieces' rows with a readable uid to uid buckets (partitions.bucket_of), in row order."""
+    """Route the pieces' rows with a readable uid to uid buckets (parts.bucket_of), in row order."""
     import pyarrow.compute as pc  # here, not at the top: it costs every reshard run ~0.1 s to import
 
-    from reinforge.products.reshard.partitions import bucket_of, write_parts
     rows, bad_uids, parts, values = 0, 0, [], []
     for number, url, first_group, end_group, first_row in pieces:
         fs, path = filesystem(url)
@@ -137,7 +137,6 @@ def metadata_to_buckets(pieces: list[tuple], out_url: str, bounds: np.ndarray) -
 
 def class_ids_to_buckets(url: str, out_url: str, bounds: np.ndarray) -> np.ndarray:
     """The class file's entries (file order) routed to uid buckets; each bucket's entry count."""
-    from reinforge.products.reshard.partitions import bucket_of, write_parts
     hi, lo, ids = class_id_table(read_class_ids(url), url)
     return write_parts(out_url, {"hi": hi, "lo": lo, "cls": ids}, bucket_of(hi, lo, bounds), len(bounds) + 1)
 
@@ -157,7 +156,6 @@ class BucketExtras:
 def bucket_extras(uids: np.ndarray, counts: np.ndarray, found: np.ndarray, parts: dict) -> BucketExtras:
     """`parts`: "meta" and "meta_values" (metadata part rows, in task order) and/or "classes" (class file
     entries) of this bucket; `found`: which uids the pool holds (their copies are written)."""
-    from reinforge.products.reshard.partitions import read_parts
     out = BucketExtras()
     if "meta" in parts:
         meta = read_parts(parts["meta"], META_COLUMNS)
