@@ -53,7 +53,7 @@ def bucket_of(hi: np.ndarray, lo: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     shift = np.uint64(64 - PREFIX_BITS)
     prefixes = np.arange(1 << PREFIX_BITS, dtype=np.uint64)
     first = np.searchsorted(f0, prefixes << shift, side="left")  # starts below the prefix
-    last = np.searchsorted(f0, (prefixes << shift) | ((np.uint64(1) << shift) - np.uint64(1)), side="right")  # and in it
+    last = np.searchsorted(f0, (prefixes << shift) | ~(~np.uint64(0) << shift), side="right")  # and inside it
     prefix = hi >> shift
     b = first[prefix]
     mixed = np.flatnonzero(last[prefix] != b)
