@@ -62,7 +62,7 @@ def train_candidates(unit: MetadataUnit, options: ScoreOptions) -> tuple[TrainSa
     return sample, dim, left_out
 
 
-def _training_sample(units: list[MetadataUnit], options: ScoreOptions, parallel: bool):
+def training_sample(units: list[MetadataUnit], options: ScoreOptions, parallel: bool):
     """One pass over the pool embeddings, unit by unit (Ray tasks when `parallel`), merged in input order:
     (the k-means training rows, dim, usable rows left out). The driver holds the sample and one unit's part."""
     from reinforge.runtime.ray_session import map_groups
@@ -110,7 +110,7 @@ def cluster_pool(units: list[MetadataUnit], options: ScoreOptions, parallel: boo
         dim = centroids.shape[1]
         report["centroids"] = options.centroids
     else:
-        sample, dim, left_out, how = _training_sample(units, options, parallel)
+        sample, dim, left_out, how = training_sample(units, options, parallel)
         centroids = train_centroids(sample, k, options.seed, options.niter, options.kmeans)
         report.update(train_rows=len(sample), train_sample=how, train_rows_from=options.cluster_train,
                       pool_rows_left_out=left_out)
