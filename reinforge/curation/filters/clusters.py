@@ -98,8 +98,9 @@ class InputOrderSample:
         self.chunks.append(vectors)
 
     def extend(self, later: "InputOrderSample") -> None:
-        """Append the rows that follow all of these."""
-        self.chunks.extend(later.chunks)
+        """Append the rows that follow all of these. A Ray task's chunks arrive as read-only views of the
+        object store: copied out, so that the store is not filled by the training set."""
+        self.chunks.extend(c if c.flags.writeable else c.copy() for c in later.chunks)
 
     @property
     def vectors(self) -> np.ndarray | None:
