@@ -9,11 +9,16 @@
    Then the same pass cut into `--units` units of whole row groups, scored as Ray tasks on an embedded
    local Ray (all this machine's cores): wall rows/s ÷ the one-process pass, Ray start-up included,
    and whether scores.parquet is the same bytes.
-2. decision pass: seconds of `decide` for `basic & top(clip_l14, 0.3)` and for `image | clip_b32>=0.3`,
+2. `--training-pass` (alone): the pass before scoring that picks the k-means training set (the caption
+   filter's per-row language id + fastText word count, then the sample), timed with one unit in this
+   process vs `--units` units as Ray tasks on an embedded local Ray (start-up timed apart): wall ratio,
+   CPU seconds of this process and every process below it (Ray's raylet, GCS and workers), and whether
+   the training sets are the same bytes.
+3. decision pass: seconds of `decide` for `basic & top(clip_l14, 0.3)` and for `image | clip_b32>=0.3`,
    as a fraction of the score pass (CPU time): "scores are stats, decisions are cheap second passes".
 
 Run: ../shared/tools/offline .venv/bin/python bench/filters.py [--rows 1000000] [--dim 64] [--clusters 256]
-     [--kmeans datacomp|spherical] [--units 10]
+     [--kmeans datacomp|spherical] [--units 10] [--training-pass]
 """
 from __future__ import annotations
 
@@ -67,6 +72,51 @@ def generate(folder: str, rows: int, dim: int, seed: int = 0) -> None:
     np.save(os.path.join(folder, "targets.npy"), centers[:100] + 0.5 * rng.normal(size=(100, dim)).astype(np.float32))
 
 
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) so far of this process and every live process below it."""
+    parent, ticks = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[int(pid)], ticks[int(pid)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(p for p, pp in parent.items() if pp == pid and p not in tree)
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_training_pass(tmp: str, args) -> None:
+    """The k-means training-set pass of `filter score --clusters`: one unit inline vs units as Ray tasks."""
+    from reinforge.curation.filters.cluster_pass import training_sample
+    from reinforge.curation.filters.metadata import plan_units
+    from reinforge.runtime.ray_session import ray_session
+    files, emb = [os.path.join(tmp, "00000000.parquet")], [os.path.join(tmp, "00000000.npz")]
+    options = ScoreOptions(clusters=args.clusters, cluster_targets=os.path.join(tmp, "targets.npy"), kmeans=args.kmeans)
+    one, _ = plan_units(files, emb, True, args.rows)
+    units, _ = plan_units(files, emb, True, -(-args.rows // args.units))
+    started, cpu = time.perf_counter(), tree_cpu_s()
+    inline, _, left_out, how = training_sample(one, options, False)
+    one_s, one_cpu = time.perf_counter() - started, tree_cpu_s() - cpu
+    print(f"[training pass] {args.kmeans}: {len(inline):,} training rows of {args.rows:,} ({how}); "
+          f"{left_out:,} left out")
+    print(f"[training pass] 1 unit in this process: {one_s:.1f} s wall, {one_cpu:.1f} CPU s")
+    started = time.perf_counter()
+    with ray_session():
+        start_s = time.perf_counter() - started
+        started, cpu = time.perf_counter(), tree_cpu_s()
+        tasks, _, tasks_left_out, _ = training_sample(units, options, True)
+        ray_s, ray_cpu = time.perf_counter() - started, tree_cpu_s() - cpu
+    same = inline.tobytes() == tasks.tobytes() and left_out == tasks_left_out
+    print(f"[training pass] {len(units)} units as Ray tasks on {os.cpu_count()} cores: {ray_s:.1f} s wall "
+          f"(+ {start_s:.1f} s Ray start-up), {ray_cpu:.1f} CPU s (driver + Ray processes) = "
+          f"{one_s / ray_s:.2f}x one unit's wall ({one_s / (ray_s + start_s):.2f}x with start-up); "
+          f"load {os.getloadavg()[0]:.1f}; same training set: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -74,12 +124,17 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=256, help="0: no image-based clustering")
     parser.add_argument("--kmeans", choices=["datacomp", "spherical"], default="datacomp")
     parser.add_argument("--units", type=int, default=10, help="units (Ray tasks) of the parallel score pass; 0: skip")
+    parser.add_argument("--training-pass", action="store_true",
+                        help="only the k-means training-set pass: one unit vs --units Ray tasks")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="reinforge-bench-filters-")
     try:
         started = time.perf_counter()
         generate(tmp, args.rows, args.dim)
         print(f"generated {args.rows:,} rows + {args.dim}-dim npz in {time.perf_counter() - started:.1f} s")
+        if args.training_pass:
+            bench_training_pass(tmp, args)
+            return
         scores = os.path.join(tmp, "scores")
         started, cpu = time.perf_counter(), time.process_time()
         report = score_metadata([os.path.join(tmp, "00000000.parquet")], scores,

@@ -293,6 +293,50 @@ def test_score_units_on_ray_write_the_same_bytes(pool, tmp_path):
                                     centroids=centroids), unit_rows=1)
 
 
+def _one_file_pool(folder, out) -> str:
+    """The pool's files as one metadata file of 6 row groups (+ its npz): one unit, or six."""
+    table = pa.concat_tables(pq.read_table(folder / f"{f:08d}.parquet") for f in range(FILES))
+    pq.write_table(table, str(out / "pool.parquet"), row_group_size=500)
+    np.savez(str(out / "pool.npz"), l14_img=np.concatenate([np.load(folder / f"{f:08d}.npz")["l14_img"]
+                                                            for f in range(FILES)]))
+    return str(out / "pool.parquet")
+
+
+def test_cluster_training_pass_as_units_on_ray_is_the_same(pool, tmp_path):
+    """With --clusters, the k-means training pass runs over the score units too (Ray tasks here): the
+    centroids, scores.parquet and score_report.json are the same bytes as one unit's, for DataComp's k-means
+    (every caption row, in input order) and for the uid-hash sample with a train size that cuts between
+    two rows of one uid (the earlier one is kept, however the units fall)."""
+    from reinforge.curation.filters.clusters import uid_hash, unit_rows
+    from reinforge.formats.subset import UID_OK, parse_hex_uids
+    from reinforge.runtime.ray_session import ray_session
+    folder = pool[0]
+    meta = _one_file_pool(folder, tmp_path)
+    hi, lo, status = parse_hex_uids(pq.read_table(meta, columns=["uid"]).column("uid"))
+    ok = (status == UID_OK) & unit_rows(np.load(tmp_path / "pool.npz")["l14_img"])[1]
+    keys = np.stack([uid_hash(hi[ok], lo[ok], 3), hi[ok], lo[ok]], axis=1)
+    order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
+    rows, keys = np.flatnonzero(ok)[order], keys[order]
+    # sorted ranks i and i + 1 hold one uid, from rows of two row groups (two units)
+    tied = np.flatnonzero((keys[1:] == keys[:-1]).all(axis=1) & (rows[1:] // 500 != rows[:-1] // 500))
+    assert len(tied) and tied[-1] > 100
+    targets = str(folder / "targets.npy")
+    cases = {"datacomp": ScoreOptions(clusters=CENTERS, cluster_targets=targets),
+             "spherical": ScoreOptions(clusters=CENTERS, cluster_targets=targets, kmeans="spherical", seed=3,
+                                       cluster_train="all", train_size=int(tied[-1]) + 1)}
+    names = ("scores.parquet", "score_report.json", "centroids.npy", "centroid_targets.npy")
+    with ray_session():  # one Ray for both runs of units
+        for name, options in cases.items():
+            one, units = str(tmp_path / f"{name}_one"), str(tmp_path / f"{name}_units")
+            score_metadata([meta], one, options)
+            report = score_metadata([meta], units, options, unit_rows=1)
+            assert report["inputs"][0]["row_groups"] == 6
+            for file in names:
+                assert open(os.path.join(one, file), "rb").read() == open(os.path.join(units, file), "rb").read(), \
+                    (name, file)
+    assert report["clusters"]["train_rows"] == int(tied[-1]) + 1
+
+
 def test_bad_inputs_are_clear_errors(pool, tmp_path):
     folder, scores, _, _ = pool
     meta = str(folder / "00000000.parquet")

@@ -1,6 +1,8 @@
 """Pass 0 of `filter score` for the image-based filter: train the k-means centroids over the pool's
 image embeddings (or read given ones), then count the target images each centroid holds. What is
-trained on, and how, is clusters.py's; this module streams the pool into it."""
+trained on, and how, is clusters.py's; this module streams the pool into it, as tasks over the score
+pass's units (the caption filter is per-row Python, as costly as scoring): each unit picks its rows'
+training candidates, the driver merges them in input order (the same sample as one stream) and trains."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ import pyarrow as pa
 from reinforge.curation.filters.clusters import (DATACOMP_MAX_POINTS_PER_CENTROID, KMEANS, FilterError,
                                                  InputOrderSample, TrainSample, assign, read_matrix, train_centroids,
                                                  unit_rows, usable_rows)
-from reinforge.curation.filters.metadata import file_embeddings, open_metadata, row_groups
+from reinforge.curation.filters.metadata import MetadataUnit, read_unit
 from reinforge.formats.subset import UID_OK
 
 if TYPE_CHECKING:
@@ -37,23 +39,43 @@ def caption_rows(table: pa.Table) -> np.ndarray:
                      and identify(t.replace("\n", " "))[0] == "en" for t in table.column("text").to_pylist()], bool)
 
 
-def _training_sample(files: list[str], emb_files: list[str], options: ScoreOptions):
-    """Stream the pool embeddings once: (the k-means training rows, dim, usable rows left out)."""
+def _new_sample(options: ScoreOptions) -> tuple[TrainSample | InputOrderSample, int]:
     sampled = options.train_size or (0 if options.kmeans == "datacomp" else 256 * options.clusters)
-    sample = TrainSample(sampled, options.seed) if sampled else InputOrderSample()
+    return (TrainSample(sampled, options.seed) if sampled else InputOrderSample()), sampled
+
+
+def train_candidates(unit: MetadataUnit, options: ScoreOptions) -> tuple[TrainSample | InputOrderSample, int, int]:
+    """One unit's share of the k-means training set (a task): its rows' sample (a TrainSample keeps the
+    unit's own N smallest-hash rows, the only ones that can be among the pool's N smallest), the dim of
+    its file's embeddings, and its usable rows left out."""
+    sample, sampled = _new_sample(options)
+    dim, left_out = 0, 0
+    for _, table, hi, lo, status, vectors in read_unit(unit, ("uid", "text"), options.embedding_key):
+        dim = vectors.shape[1]
+        x, ok = usable_rows(vectors, options.kmeans)
+        if sampled:  # the uid-hash sample needs a uid; DataComp's own training set does not
+            ok &= status == UID_OK
+        if options.cluster_train == "caption":
+            ok &= caption_rows(table)
+        left_out += int(len(ok) - ok.sum())
+        sample.add(hi[ok], lo[ok], x[ok])
+    return sample, dim, left_out
+
+
+def training_sample(units: list[MetadataUnit], options: ScoreOptions, parallel: bool):
+    """One pass over the pool embeddings, unit by unit (Ray tasks when `parallel`), merged in input order:
+    (the k-means training rows, dim, usable rows left out). The driver holds the sample and one unit's part."""
+    from reinforge.runtime.ray_session import map_groups
+    sample, sampled = _new_sample(options)
     dim, left_out = None, 0
-    for url, emb_url in zip(files, emb_files):
-        with open_metadata(url) as pf:
-            vectors = file_embeddings(emb_url, options.embedding_key, pf.metadata.num_rows, dim)
-            dim = vectors.shape[1]
-            for start, table, hi, lo, status in row_groups(pf, ("uid", "text")):
-                x, ok = usable_rows(vectors[start:start + len(hi)], options.kmeans)
-                if sampled:  # the uid-hash sample needs a uid; DataComp's own training set does not
-                    ok &= status == UID_OK
-                if options.cluster_train == "caption":
-                    ok &= caption_rows(table)
-                left_out += int(len(ok) - ok.sum())
-                sample.add(hi[ok], lo[ok], x[ok])
+    for unit, (part, part_dim, part_left_out) in zip(units, map_groups(train_candidates, [(u,) for u in units],
+                                                                      (options,), parallel)):
+        if dim is not None and part_dim != dim:
+            raise FilterError(f"embeddings {unit.emb_url}: {options.embedding_key} has dim {part_dim}, "
+                              f"earlier files have {dim}")
+        dim = part_dim
+        left_out += part_left_out
+        sample.extend(part)
     if dim is None:
         raise FilterError("clustering: the metadata files hold no rows")
     vectors = sample.vectors
@@ -64,8 +86,8 @@ def _training_sample(files: list[str], emb_files: list[str], options: ScoreOptio
     return vectors, dim, left_out, how
 
 
-def cluster_pool(files: list[str], emb_files: list[str], options: ScoreOptions) -> Clustering:
-    """Train the centroids (or read given ones), then assign the targets."""
+def cluster_pool(units: list[MetadataUnit], options: ScoreOptions, parallel: bool) -> Clustering:
+    """Train the centroids over the units' rows (or read given ones), then assign the targets."""
     if options.kmeans not in KMEANS:
         raise FilterError(f"--kmeans {options.kmeans!r}: choose one of {', '.join(KMEANS)}")
     if not options.cluster_targets:
@@ -88,7 +110,7 @@ def cluster_pool(files: list[str], emb_files: list[str], options: ScoreOptions) 
         dim = centroids.shape[1]
         report["centroids"] = options.centroids
     else:
-        sample, dim, left_out, how = _training_sample(files, emb_files, options)
+        sample, dim, left_out, how = training_sample(units, options, parallel)
         centroids = train_centroids(sample, k, options.seed, options.niter, options.kmeans)
         report.update(train_rows=len(sample), train_sample=how, train_rows_from=options.cluster_train,
                       pool_rows_left_out=left_out)

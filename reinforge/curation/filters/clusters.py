@@ -49,7 +49,10 @@ def uid_hash(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
 
 
 class TrainSample:
-    """Streaming: keeps the `size` vectors whose uid hash is smallest (ties by uid), in memory."""
+    """Streaming: keeps the `size` vectors whose uid hash is smallest (ties by uid, then input order), in
+    memory. A later part's sample is merged in with `extend`: the `size` smallest of the parts' own
+    `size` smallest are the `size` smallest of all, in the same order, so a pass cut into units (merged
+    in input order) keeps exactly what one stream keeps."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed = size, seed
@@ -57,9 +60,17 @@ class TrainSample:
         self.vectors: np.ndarray | None = None
 
     def add(self, hi: np.ndarray, lo: np.ndarray, unit: np.ndarray) -> None:
-        keys = np.concatenate([self.keys, np.stack([uid_hash(hi, lo, self.seed), hi, lo], axis=1)])
-        vectors = unit if self.vectors is None else np.concatenate([self.vectors, unit])
-        order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))[:self.size]
+        self._keep(np.stack([uid_hash(hi, lo, self.seed), hi, lo], axis=1), unit)
+
+    def extend(self, later: "TrainSample") -> None:
+        """Merge the sample of rows that follow all of these."""
+        if later.vectors is not None:
+            self._keep(later.keys, later.vectors)
+
+    def _keep(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        keys = np.concatenate([self.keys, keys])
+        vectors = vectors if self.vectors is None else np.concatenate([self.vectors, vectors])
+        order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))[:self.size]  # stable: earlier rows first
         self.keys, self.vectors = keys[order], vectors[order]
 
 
@@ -85,6 +96,11 @@ class InputOrderSample:
 
     def add(self, hi: np.ndarray, lo: np.ndarray, vectors: np.ndarray) -> None:
         self.chunks.append(vectors)
+
+    def extend(self, later: "InputOrderSample") -> None:
+        """Append the rows that follow all of these. A Ray task's chunks arrive as read-only views of the
+        object store: copied out, so that the store is not filled by the training set."""
+        self.chunks.extend(c if c.flags.writeable else c.copy() for c in later.chunks)
 
     @property
     def vectors(self) -> np.ndarray | None:

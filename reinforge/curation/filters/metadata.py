@@ -1,9 +1,11 @@
 """Reading DataComp metadata for the filters: the Parquet files (a folder expands to its sorted files),
-their columns checked for usable types, one row group at a time with parsed uids, and the row-aligned
-image embeddings beside them (DataComp's <stem>.npz, or files given in order)."""
+their columns checked for usable types, cut into units of whole row groups (the tasks of `filter score`'s
+passes) read a row group at a time with parsed uids and the row-aligned image embeddings beside them
+(DataComp's <stem>.npz, or files given in order)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
@@ -74,22 +76,57 @@ def embedding_files(files: list[str], given: list[str]) -> list[str]:
     return list(given)
 
 
-def file_embeddings(url: str, key: str, rows: int, dim: Optional[int]) -> np.ndarray:
+def file_embeddings(url: str, key: str, rows: int) -> np.ndarray:
     vectors = read_matrix(url, key, "embeddings")
     if len(vectors) != rows:
         raise FilterError(f"embeddings {url}: {key} has {len(vectors)} rows, its metadata file has {rows}")
-    if dim is not None and vectors.shape[1] != dim:
-        raise FilterError(f"embeddings {url}: {key} has dim {vectors.shape[1]}, earlier files have {dim}")
     return vectors
 
 
-def row_groups(pf, columns: tuple[str, ...], groups: Optional[range] = None,
-               start: int = 0) -> Iterator[tuple[int, pa.Table, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row, row group table, hi, lo, uid status) per row group (all, or `groups`, whose first row
-    is `start`), for the columns that exist."""
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    for g in groups if groups is not None else range(pf.num_row_groups):
-        table = pf.read_row_group(g, columns=present, use_threads=False)
-        hi, lo, status = parse_hex_uids(table.column("uid"))
-        yield start, table, hi, lo, status
-        start += table.num_rows
+@dataclass(frozen=True)
+class MetadataUnit:
+    """Consecutive row groups of one metadata file: the work of one task (of the score pass, and of the
+    k-means training pass before it)."""
+    file: int  # index of the file among the inputs (the `file` column)
+    url: str
+    emb_url: Optional[str]
+    groups: range  # row groups
+    start: int  # first row of groups[0] in the file
+
+
+def plan_units(files: list[str], emb_files: list, clustering: bool,
+               unit_rows: int) -> tuple[list[MetadataUnit], list[dict]]:
+    """Split every file into units of whole row groups of about `unit_rows` rows (from the footers only;
+    a bad file or column is refused here, before any pass); and each file's entry of the score report."""
+    units, inputs = [], []
+    for index, (url, emb_url) in enumerate(zip(files, emb_files)):
+        with open_metadata(url) as pf:
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            names = pf.schema_arrow.names
+        first, start, rows = 0, 0, 0
+        for g, n in enumerate(sizes):
+            rows += n
+            if rows >= unit_rows or g == len(sizes) - 1:
+                units.append(MetadataUnit(index, url, emb_url, range(first, g + 1), start))
+                first, start, rows = g + 1, start + rows, 0
+        inputs.append({"path": url, "rows": sum(sizes), "row_groups": len(sizes),
+                       "missing_columns": [c for c in OPTIONAL_COLUMNS if c not in names],
+                       **({"embeddings": emb_url} if clustering else {})})
+    return units, inputs
+
+
+def read_unit(unit: MetadataUnit, columns: tuple[str, ...], embedding_key: Optional[str] = None
+              ) -> Iterator[tuple[int, pa.Table, np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """(first row in the file, table, hi, lo, uid status, embeddings) per row group of the unit, for the
+    `columns` that exist; embeddings: the group's rows of its file's `embedding_key` array (checked
+    row-aligned with the file), None without a key."""
+    with open_metadata(unit.url) as pf:
+        vectors = file_embeddings(unit.emb_url, embedding_key, pf.metadata.num_rows) if embedding_key else None
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        start = unit.start
+        for g in unit.groups:
+            table = pf.read_row_group(g, columns=present, use_threads=False)
+            hi, lo, status = parse_hex_uids(table.column("uid"))
+            yield (start, table, hi, lo, status,
+                   None if vectors is None else vectors[start:start + table.num_rows])
+            start += table.num_rows

@@ -11,8 +11,9 @@ core), so the rows are cut into units of whole row groups (~1M rows, `unit_rows`
 the driver reads only the files' footers and writes the units' tables in input order (a few units in
 flight), so the output does not depend on where or in what order units ran. One unit: no Ray.
 Memory per worker: one row group plus, with clustering, its file's embeddings. The clustering pass
-(cluster_pass.py) runs on the driver and holds its k-means training set (`--kmeans datacomp`: every
-caption-filtered pool embedding, float32, as DataComp's script held them).
+before it (cluster_pass.py) runs over the same units, as tasks alike; the driver merges their training
+candidates and holds the k-means training set (`--kmeans datacomp`: every caption-filtered pool
+embedding, float32, as DataComp's script held them) and trains on it.
 
 Columns of scores.parquet (nulls where the input was missing or unusable; a rule on a null fails):
   uid_hi, uid_lo   uint64 halves of the uid        file, row   input file index and row in it
@@ -36,8 +37,8 @@ import pyarrow as pa
 
 from reinforge.curation.filters.cluster_pass import Clustering, cluster_pool
 from reinforge.curation.filters.clusters import assign, usable_rows
-from reinforge.curation.filters.metadata import (OPTIONAL_COLUMNS, embedding_files, file_embeddings, metadata_files,
-                                                 open_metadata, row_groups)
+from reinforge.curation.filters.metadata import (OPTIONAL_COLUMNS, MetadataUnit, embedding_files, metadata_files,
+                                                 plan_units, read_unit)
 from reinforge.curation.filters.rules import STRING
 from reinforge.curation.filters.text import caption_stats, cld3_languages, synset_lemmas
 from reinforge.curation.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
@@ -122,7 +123,7 @@ def _score_group(table: pa.Table, ok: np.ndarray, file_index: int, start: int,
     if "lang_cld3" in schema.names:
         columns["lang_cld3"] = pa.array(cld3_languages(texts).tolist(), pa.string()).dictionary_encode()
     if clustering is not None:
-        x, usable = usable_rows(vectors[start + rows], clustering.report["kmeans"])
+        x, usable = usable_rows(vectors[rows], clustering.report["kmeans"])
         ids, sims = assign(x, clustering.centroids)
         cluster = np.where(usable, ids, -1)
         columns["cluster"] = _ints(cluster)
@@ -173,50 +174,17 @@ class _Tally:
         self.sample.extend(later.sample[:SAMPLE - len(self.sample)])
 
 
-@dataclass(frozen=True)
-class ScoreUnit:
-    """Consecutive row groups of one metadata file: the work of one task."""
-    file: int  # index of the file among the inputs (the `file` column)
-    url: str
-    emb_url: Optional[str]
-    groups: range  # row groups
-    start: int  # first row of groups[0] in the file
-
-
-def plan_units(files: list[str], emb_files: list, clustering: bool,
-               unit_rows: int) -> tuple[list[ScoreUnit], list[dict]]:
-    """Split every file into units of whole row groups of about `unit_rows` rows (from the footers only;
-    a bad file or column is refused here, before any scoring); and each file's entry of the report."""
-    units, inputs = [], []
-    for index, (url, emb_url) in enumerate(zip(files, emb_files)):
-        with open_metadata(url) as pf:
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-            names = pf.schema_arrow.names
-        first, start, rows = 0, 0, 0
-        for g, n in enumerate(sizes):
-            rows += n
-            if rows >= unit_rows or g == len(sizes) - 1:
-                units.append(ScoreUnit(index, url, emb_url, range(first, g + 1), start))
-                first, start, rows = g + 1, start + rows, 0
-        inputs.append({"path": url, "rows": sum(sizes), "row_groups": len(sizes),
-                       "missing_columns": [c for c in OPTIONAL_COLUMNS if c not in names],
-                       **({"embeddings": emb_url} if clustering else {})})
-    return units, inputs
-
-
-def score_unit(unit: ScoreUnit, options: ScoreOptions, clustering: Optional[Clustering],
+def score_unit(unit: MetadataUnit, options: ScoreOptions, clustering: Optional[Clustering],
                schema: pa.Schema) -> tuple[list[pa.Table], _Tally]:
     """Score one unit's row groups: their scores tables (one per row group) and their tally."""
     tally, tables = _Tally(), []
-    with open_metadata(unit.url) as pf:
-        vectors = (file_embeddings(unit.emb_url, options.embedding_key, pf.metadata.num_rows, None)
-                   if clustering else None)
-        for start, table, hi, lo, status in row_groups(pf, ("uid",) + OPTIONAL_COLUMNS, unit.groups, unit.start):
-            tally.add_malformed(unit.url, start, table, status)
-            scores = _score_group(table, status == UID_OK, unit.file, start, vectors, clustering, schema, hi, lo)
-            tally.add_scores(scores)
-            tables.append(scores)
-            tally.rows += table.num_rows
+    key = options.embedding_key if clustering else None
+    for start, table, hi, lo, status, vectors in read_unit(unit, ("uid",) + OPTIONAL_COLUMNS, key):
+        tally.add_malformed(unit.url, start, table, status)
+        scores = _score_group(table, status == UID_OK, unit.file, start, vectors, clustering, schema, hi, lo)
+        tally.add_scores(scores)
+        tables.append(scores)
+        tally.rows += table.num_rows
     return tables, tally
 
 
@@ -238,7 +206,7 @@ def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions, unit_
     parallel = len(units) > 1
     tally = _Tally()
     with ray_session(address) if parallel else nullcontext():
-        clustering = cluster_pool(files, emb_files, options) if options.clusters else None
+        clustering = cluster_pool(units, options, parallel) if options.clusters else None
         schema = _schema(clustering is not None, options.cld3)
         with atomic_open(f"{out_dir}/{SCORES}") as out:
             with pq.ParquetWriter(out.raw, schema, compression="zstd") as writer:
