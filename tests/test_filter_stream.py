@@ -232,3 +232,22 @@ def test_tie_break_over_colliding_high_halves(tmp_path, monkeypatch):
             atom = report["atoms"][0]
             assert atom["keep"] >= 1
             assert atom["tied_not_kept"] == atom["valid"] - atom["keep"] and atom["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("repeats", [0, 3, 15, 16, 17, 400])
+def test_repeated_rows_listed_or_as_bits(repeats):
+    """RepeatedRows keeps the repeated rows' numbers up to one row in 64 (here 1,000 rows: 16), then a bit
+    per row; either way, added in any order and in pieces, it marks exactly those rows, batch by batch."""
+    rows = 1000
+    rng = np.random.default_rng(repeats)
+    repeated = rng.choice(rows, repeats, replace=False).astype(np.int64)
+    marks = decide_module.RepeatedRows(rows)
+    for piece in np.array_split(repeated, 5):  # as uid buckets find them: not in row order
+        marks.add(piece)
+    marks.close()
+    assert (marks.bits is not None) == (repeats > 16)
+    expected = np.ones(rows, bool)
+    expected[repeated] = False
+    for start in range(0, rows, 37):
+        n = min(37, rows - start)
+        assert (marks.unique(start, n) == expected[start:start + n]).all()

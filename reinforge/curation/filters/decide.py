@@ -18,9 +18,10 @@ JSON report. No model runs here; a new threshold costs one read of a few score c
 - Accounting (checked before writing): rows in = malformed uids + duplicate rows + kept + dropped.
 The report holds every threshold resolved to a number, so a decision can be reproduced or audited.
 
-Memory (issue #16): the scores are streamed in batches, never held whole. The driver keeps a bit per row
-(repeated uid) and spills uids to files by their high bits to find repeats and to write the sorted subset
-(24 B a row under the temp directory, TMPDIR; removed as each bucket is read). A top() threshold and its
+Memory (issue #16): the scores are streamed in batches, never held whole. The driver keeps the repeated
+rows (RepeatedRows: 8 B per repeat, at most a bit per row) and spills uids to files by their high bits to
+find repeats and to write the sorted subset (24 B a row under the temp directory, TMPDIR; removed as each
+bucket is read). A top() threshold and its
 exact tie-break are radix selections over a few more passes (radix.py): a 65536-bin histogram per pass
 and at most radix.SMALL keys at the end, not the column.
 """
@@ -49,13 +50,56 @@ _SOURCES = {"clip_b32": "clip_b32_similarity_score", "clip_l14": "clip_l14_simil
 _MAX_U64 = np.uint64(2**64 - 1)
 
 
+class RepeatedRows:
+    """The rows whose uid an earlier row has: their sorted numbers while those take less room than a bit per
+    row (8 B each: up to one row in 64), else a bit per row. Scored pools repeat few uids (~0.1 %: ~0.01 B
+    per row), and a bit per row would be 1.6 GB over DataComp-xlarge's 12.8B rows."""
+
+    def __init__(self, rows: int):
+        self.rows, self.count = rows, 0
+        self.listed: list[np.ndarray] = []
+        self.sorted: Optional[np.ndarray] = None
+        self.bits: Optional[np.ndarray] = None  # packed, little bit order
+
+    def add(self, rows: np.ndarray) -> None:
+        self.count += len(rows)
+        if self.bits is None and 64 * self.count > self.rows + 64:
+            self.bits = np.zeros((self.rows + 7) // 8, np.uint8)
+            for listed in self.listed:
+                self._set(listed)
+            self.listed = []
+        if self.bits is not None:
+            self._set(rows)
+        else:
+            self.listed.append(rows)
+
+    def _set(self, rows: np.ndarray) -> None:
+        np.bitwise_or.at(self.bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
+
+    def close(self) -> None:
+        """Every repeated row added: sort the listed ones."""
+        if self.bits is None:
+            self.sorted = np.sort(np.concatenate(self.listed or [np.zeros(0, np.int64)]))
+            self.listed = []
+
+    def unique(self, start: int, n: int) -> np.ndarray:
+        """Mask of the rows [start, start+n) that are the first row of their uid."""
+        if self.bits is not None:
+            bits = np.unpackbits(self.bits[start // 8:(start + n + 7) // 8], bitorder="little")
+            return bits[start % 8:start % 8 + n] == 0
+        mask = np.ones(n, bool)
+        a, b = np.searchsorted(self.sorted, [start, start + n])
+        mask[self.sorted[a:b] - start] = False
+        return mask
+
+
 class _Scores:
     """The scores file, read in batches of a few columns; `repeat` marks rows whose uid came earlier."""
 
     def __init__(self, pf, report: dict):
         self.pf, self.report = pf, report
         self.rows = pf.metadata.num_rows
-        self.repeat = np.zeros((self.rows + 7) // 8, np.uint8)  # packed bits, little bit order
+        self.repeat = RepeatedRows(self.rows)
 
     def batches(self, names: list[str]) -> Iterator[tuple[int, int, dict]]:
         """(first row, rows, {name: column}) per batch: uids as uint64, numeric columns as numpy in their stored
@@ -78,8 +122,7 @@ class _Scores:
 
     def unique(self, start: int, n: int) -> np.ndarray:
         """Mask of the batch rows [start, start+n) that are the first row of their uid."""
-        bits = np.unpackbits(self.repeat[start // 8:(start + n + 7) // 8], bitorder="little")
-        return bits[start % 8:start % 8 + n] == 0
+        return self.repeat.unique(start, n)
 
 
 @contextmanager
@@ -113,9 +156,10 @@ def _mark_repeats(scores: _Scores) -> tuple[int, list[str]]:
             later = ~first_occurrence(hi, lo)
             if later.any():
                 r = rows[later]
-                np.bitwise_or.at(scores.repeat, r >> 3, (1 << (r & 7)).astype(np.uint8))
+                scores.repeat.add(r)
                 repeats += len(r)
                 sample += [uid_hex(h, l) for h, l in zip(hi[later][:SAMPLE - len(sample)], lo[later][:SAMPLE - len(sample)])]
+    scores.repeat.close()
     return repeats, sample
 
 
