@@ -21,6 +21,12 @@ column hashes index.faiss, uids.npy and index.json without timings (byte-identic
 reshard-plan and join-plan (bench/scale_plan.py): prepare() of a reshard / join run on placeholder pool shards
 whose uid indexes are cached; the extra column hashes every output file (byte-identical before/after).
 
+score and validate (bench/scale_runs.py): `filter score` (score_metadata, no --clusters) on DataComp-like metadata
+(bench/filters.py's generator, 128k-row groups) cut into units of one row group, so every size runs several Ray
+tasks on an embedded local Ray (the driver's RSS includes the Ray client; worker CPU = its descendants' read from
+/proc); `validate` (validate_run, workers = CPU count) of a finished reshard of n tiny samples at 10,000 samples
+per task (worker CPU = RUSAGE_CHILDREN). The progress line adds samples per CPU-second (driver + workers).
+
 Two more tools measure the runner and `status` against the task count (--tasks, not --sizes):
   runner         a reshard run (resources.runner: local by default, i.e. worker processes, no Ray start-up;
                  --runners local,ray adds Ray) of a subset of T uids at samples_per_shard 1, so T tasks of
@@ -38,6 +44,7 @@ Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000
      bench/scale.py --tools reshard-plan,join-plan --sizes 1000000,12800000
      bench/scale.py --tools reshard-plan --blur-metadata 0.2 --sizes 1000000,4000000 --tree DIR_BEFORE,DIR_AFTER
      bench/scale.py --tools index --sizes 500000,1000000,2000000 --tree DIR_BEFORE,DIR_AFTER
+     bench/scale.py --tools score,validate --sizes 250000,1000000
      bench/scale.py --tools runner,status [--tasks 1000,10000] [--runners local,ray]
 """
 from __future__ import annotations
