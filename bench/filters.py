@@ -58,13 +58,18 @@ def captions(n: int, rng: np.random.Generator) -> list[str]:
             for i, lang in enumerate(langs.tolist())]
 
 
+def metadata(rows: int, rng: np.random.Generator) -> pa.Table:
+    """DataComp-like metadata: the columns the score pass reads (uid, text, sizes, CLIP scores)."""
+    uids, _, _ = random_uids(rows, rng)
+    return pa.table({"uid": uids, "text": pa.array(captions(rows, rng), pa.string()),
+                     "original_width": rng.integers(64, 2048, rows), "original_height": rng.integers(64, 2048, rows),
+                     "clip_b32_similarity_score": rng.random(rows, np.float32) * 0.45,
+                     "clip_l14_similarity_score": rng.random(rows, np.float32) * 0.5})
+
+
 def generate(folder: str, rows: int, dim: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    uids, _, _ = random_uids(rows, rng)
-    table = pa.table({"uid": uids, "text": pa.array(captions(rows, rng), pa.string()),
-                      "original_width": rng.integers(64, 2048, rows), "original_height": rng.integers(64, 2048, rows),
-                      "clip_b32_similarity_score": rng.random(rows, np.float32) * 0.45,
-                      "clip_l14_similarity_score": rng.random(rows, np.float32) * 0.5})
+    table = metadata(rows, rng)
     pq.write_table(table, os.path.join(folder, "00000000.parquet"), row_group_size=max(1, rows // 10))
     centers = rng.normal(size=(512, dim)).astype(np.float32)
     emb = centers[rng.integers(512, size=rows)] + 0.5 * rng.normal(size=(rows, dim)).astype(np.float32)

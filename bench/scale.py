@@ -21,6 +21,12 @@ column hashes index.faiss, uids.npy and index.json without timings (byte-identic
 reshard-plan and join-plan (bench/scale_plan.py): prepare() of a reshard / join run on placeholder pool shards
 whose uid indexes are cached; the extra column hashes every output file (byte-identical before/after).
 
+score and validate (bench/scale_runs.py): `filter score` (score_metadata, no --clusters) on DataComp-like metadata
+(bench/filters.py's generator, 128k-row groups) cut into units of one row group, so every size runs several Ray
+tasks on an embedded local Ray (the driver's RSS includes the Ray client; worker CPU = its descendants' read from
+/proc); `validate` (validate_run, workers = CPU count) of a finished reshard of n tiny samples at 10,000 samples
+per task (worker CPU = RUSAGE_CHILDREN). The progress line adds samples per CPU-second (driver + workers).
+
 Two more tools measure the runner and `status` against the task count (--tasks, not --sizes):
   runner         a reshard run (resources.runner: local by default, i.e. worker processes, no Ray start-up;
                  --runners local,ray adds Ray) of a subset of T uids at samples_per_shard 1, so T tasks of
@@ -38,6 +44,7 @@ Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000
      bench/scale.py --tools reshard-plan,join-plan --sizes 1000000,12800000
      bench/scale.py --tools reshard-plan --blur-metadata 0.2 --sizes 1000000,4000000 --tree DIR_BEFORE,DIR_AFTER
      bench/scale.py --tools index --sizes 500000,1000000,2000000 --tree DIR_BEFORE,DIR_AFTER
+     bench/scale.py --tools score,validate --sizes 250000,1000000
      bench/scale.py --tools runner,status [--tasks 1000,10000] [--runners local,ray]
 """
 from __future__ import annotations
@@ -56,6 +63,7 @@ import time
 import numpy as np
 from scale_index import INDEX_TOOLS, index_cases, make_index_inputs, measure_index
 from scale_plan import PLAN_TOOLS, make_plan_inputs, measure_plan, plan_cases
+from scale_runs import RUNS_TOOLS, child_env, make_reshard_pool, make_runs_inputs, measure_runs, run_reshard, runs_cases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -179,59 +187,11 @@ def measure(tool: str, args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# A child runs one recipe: wall time of run_recipe, and its task loop alone (RunSummary.seconds).
-RUN_CHILD = r"""
-import json, sys, time
-from reinforge.products.registry import parse_recipe
-from reinforge.runtime.runner import run_recipe
-recipe = parse_recipe(json.loads(sys.argv[1]))
-start = time.perf_counter()
-s = run_recipe(recipe, progress=False)
-wall = time.perf_counter() - start
-print(json.dumps({"wall": wall, "loop": s.seconds, "tasks": s.tasks, "done": s.done, "failed": len(s.failed)}))
-"""
-
-
-def child_env(tmp: str) -> dict:
-    return dict(os.environ, PYTHONPATH=TREE, HF_HUB_OFFLINE="1", REINFORGE_INDEX_CACHE=os.path.join(tmp, "cache"))
-
-
-def make_reshard_pool(tmp: str, samples: int, shards: int = 100, payload: int = 256) -> tuple[str, np.ndarray]:
-    """A DataComp-style pool of `samples` tiny samples in `shards` tars; returns its glob and sorted uids."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    sys.path.insert(0, ROOT)
-    from pool_gen import random_uids, write_pool_shards
-
-    from reinforge.formats.subset import make_subset, uid_order
-    strings, hi, lo = random_uids(samples, np.random.default_rng(7))
-    write_pool_shards(os.path.join(tmp, "pool"), strings.to_pylist(), -(-samples // shards), payload=payload)
-    uids = make_subset(hi, lo)
-    return os.path.join(tmp, "pool", "*.tar"), uids[uid_order(uids["f0"], uids["f1"])]
-
-
-def run_reshard(tmp: str, pool: str, uids: np.ndarray, tasks: int, runner: str) -> dict:
-    """Reshard `tasks` uids spread over the pool, one sample per output shard, in a fresh process."""
-    from reinforge.formats.subset import write_subset
-    subset = os.path.join(tmp, f"subset-{tasks}.npy")
-    write_subset(subset, uids[np.linspace(0, len(uids) - 1, tasks).astype(np.int64)])
-    out = os.path.join(tmp, f"run-{runner}-{tasks}")
-    recipe = {"product": "reshard", "output": out, "subset": subset, "input": {"path": pool},
-              "samples_per_shard": 1, "resources": {"runner": runner}}
-    proc = subprocess.run([sys.executable, "-c", RUN_CHILD, json.dumps(recipe)], env=child_env(tmp),
-                          capture_output=True, text=True, cwd=tempfile.gettempdir())
-    if proc.returncode != 0:
-        raise SystemExit(f"reshard run failed: {proc.stderr[-2000:]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    if r["done"] != tasks or r["failed"]:
-        raise SystemExit(f"expected {tasks} done tasks, got {r}")
-    return {**r, "out": out}
-
-
 def best_wall(tmp: str, argv: list[str], repeat: int, ok_codes=(0,)) -> float:
     best = math.inf
     for _ in range(repeat):
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, *argv], env=child_env(tmp), capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, *argv], env=child_env(TREE, tmp), capture_output=True, text=True,
                               cwd=tempfile.gettempdir())
         best = min(best, time.perf_counter() - started)
         if proc.returncode not in ok_codes:
@@ -251,7 +211,7 @@ def bench_runner(task_counts: list[int], runners: list[str], tools: set, repeat:
             runners = runners + ["local"]
         for runner in runners:
             for tasks in task_counts:
-                r = runs[runner, tasks] = run_reshard(tmp, pool, uids, tasks, runner)
+                r = runs[runner, tasks] = run_reshard(TREE, tmp, pool, uids, tasks, runner)
                 print(f"  {runner} {tasks:,} tasks: wall {r['wall']:.1f} s, task loop {r['loop']:.1f} s, "
                       f"{tasks / r['loop']:.1f} tasks/s (load {os.getloadavg()[0]:.1f})", flush=True)
         lines = []
@@ -298,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated pool sizes (rows)")
     parser.add_argument("--tools", default="filter,schedule", help="filter, schedule, splits, reshard-plan, join-plan, "
-                        "index, runner, status")
+                        "index, score, validate, runner, status")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     parser.add_argument("--tree", default=ROOT, help="the reinforge source tree to measure (default: this one); "
                         "several, comma-separated, are measured one after the other on the same inputs "
@@ -321,7 +281,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write("\n".join(lines) + "\n")
-    if not tools & {"filter", "schedule", "splits", *PLAN_TOOLS, *INDEX_TOOLS}:
+    if not tools & {"filter", "schedule", "splits", *PLAN_TOOLS, *INDEX_TOOLS, *RUNS_TOOLS}:
         return
     for n in sizes:
         # a fixed folder: the plan files name the pool's paths, so equal outputs need equal paths across runs
@@ -340,9 +300,11 @@ def main() -> None:
                 make_plan_inputs(tmp, n, tools, args.blur_metadata)
             if tools & INDEX_TOOLS:
                 make_index_inputs(tmp, n)
+            if tools & RUNS_TOOLS:
+                make_runs_inputs(TREE, tmp, n, tools)
             print(f"{n:,} rows: inputs generated in {time.perf_counter() - started:.1f} s", flush=True)
-            for (tool, label, kwargs), TREE in itertools.product(cases(tmp, n) + plan_cases(tmp, args.blur_metadata) + index_cases(tmp),
-                                                                 trees):
+            all_cases = cases(tmp, n) + plan_cases(tmp, args.blur_metadata) + index_cases(tmp) + runs_cases(tmp, n)
+            for (tool, label, kwargs), TREE in itertools.product(all_cases, trees):
                 if tool not in tools:
                     continue
                 if len(trees) > 1:
@@ -351,6 +313,8 @@ def main() -> None:
                     r = measure_plan(TREE, tmp, kwargs)
                 elif tool in INDEX_TOOLS:
                     r = measure_index(TREE, tmp, kwargs)
+                elif tool in RUNS_TOOLS:
+                    r = measure_runs(TREE, tmp, tool, kwargs, n)
                 else:
                     r = measure(tool, kwargs)
                 extra = r["peak"] - r["base"]
@@ -359,6 +323,8 @@ def main() -> None:
                 if not r["tree"].startswith(TREE):
                     raise SystemExit(f"measured {r['tree']}, not {TREE}")
                 cpu = f"cpu {r['cpu']:6.1f} s + workers {r.get('cpu_workers') or 0:.1f} s" if "cpu" in r else ""
+                if "samples" in r:  # samples per CPU-second, driver and workers together
+                    cpu += f" = {n / (r['cpu'] + r['cpu_workers']):,.0f} samples per CPU-s"
                 print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows "
                       f"{r['seconds']:6.1f} s {cpu} {r.get('digest', '')[:16]} {r.get('recall', '')} "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
