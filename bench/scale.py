@@ -50,6 +50,7 @@ Run: /work/shared/tools/offline .venv/bin/python bench/scale.py [--sizes 1000000
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -254,6 +255,22 @@ def cases(tmp: str, n: int) -> list[tuple[str, str, dict]]:
                                                        "out_dir": os.path.join(tmp, "tic")})]
 
 
+@contextlib.contextmanager
+def size_folder(n: int):
+    """The inputs' folder for size n: a fixed path (the plan files name the pool's paths, so equal outputs need
+    equal paths across runs), locked, so a second bench run on the machine waits instead of deleting them."""
+    import fcntl
+    tmp = os.path.join(tempfile.gettempdir(), f"reinforge-bench-scale-{n}")
+    with open(f"{tmp}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,4000000", help="comma-separated pool sizes (rows)")
@@ -284,11 +301,7 @@ def main() -> None:
     if not tools & {"filter", "schedule", "splits", *PLAN_TOOLS, *INDEX_TOOLS, *RUNS_TOOLS}:
         return
     for n in sizes:
-        # a fixed folder: the plan files name the pool's paths, so equal outputs need equal paths across runs
-        tmp = os.path.join(tempfile.gettempdir(), f"reinforge-bench-scale-{n}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        try:
+        with size_folder(n) as tmp:
             started = time.perf_counter()
             if "filter" in tools:
                 make_scores(os.path.join(tmp, "scores"), n)
@@ -328,8 +341,6 @@ def main() -> None:
                 print(f"  {label:28s} {extra / n:7.1f} B/sample  {r['seconds'] / n * 1e6:6.2f} s/M rows "
                       f"{r['seconds']:6.1f} s {cpu} {r.get('digest', '')[:16]} {r.get('recall', '')} "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     lines = ["| tool | rows | driver B/sample above imports | s per M rows | growth vs previous size "
              "| marginal B per extra sample | s | CPU s (driver) | CPU s (worker processes) | outputs sha256 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
