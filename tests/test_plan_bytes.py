@@ -350,3 +350,33 @@ def test_changed_inputs_plan_again_and_keep_equal_task_files(inputs, monkeypatch
         pipeline.prepare(layout)
     assert {n: os.stat(os.path.join(tasks, n)).st_mtime_ns for n in os.listdir(tasks)} == stamps
     assert not os.path.exists(layout.plan_work)
+
+
+@pytest.mark.parametrize("case", ["reshard", "join"])
+def test_plan_files_of_an_older_encoding_are_kept(inputs, case, monkeypatch):
+    """Plan files written by an older reinforge (pyarrow's default encoding: every column dictionary-encoded)
+    hold the same tables: a plan made again (a pool shard touched) keeps them, bytes and all, even under
+    finished tasks (not refused as a changed plan), and reshard's plan.json fingerprint hashes them as they are."""
+    monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
+    recipe = parse_recipe({**CASES[case], "output": f"{ROOT}/older-{case}"})
+    shutil.rmtree(recipe.output, ignore_errors=True)
+    layout = RunLayout(recipe.output)
+    build_pipeline(recipe).prepare(layout)
+    plan_dir = os.path.join(recipe.output, "plan")
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(plan_dir) for n in names if n.endswith(".parquet"))
+    for path in files:  # as the older planner wrote them
+        pq.write_table(pq.read_table(path), path)
+    older = {path: open(path, "rb").read() for path in files}
+    inputs_before = open(layout.plan_inputs).read()
+    stamp = {"reshard": 2, "join": 3}[case]  # another mtime than any test before: the inputs differ
+    os.utime(f"{ROOT}/pool/00000002.tar", ns=(stamp, stamp))
+    pipeline = build_pipeline(recipe)
+    pipeline._finished_tasks = lambda: True
+    pipeline.prepare(layout)
+    assert open(layout.plan_inputs).read() != inputs_before  # planned again
+    assert {path: open(path, "rb").read() for path in files} == older
+    if case == "reshard":
+        from reinforge.products.reshard.prepare import fingerprint
+        saved = json.load(open(layout.plan_record))
+        kept = [(hashlib.sha256(older[path]).hexdigest(), True) for path in files]  # tasks/{:08d}: in task order
+        assert saved["fingerprint"] == fingerprint(saved["sizes"], kept)

@@ -170,12 +170,28 @@ def read_copies(parts: list[tuple[str, int, int]], value_parts: list[tuple[str, 
 
 
 def commit_file(url: str, data: bytes, write: bool) -> tuple[str, bool]:
-    """(sha256, whether the file there has these bytes); written when `write` (no comparison then)."""
+    """(sha256 of the file the plan keeps, whether the file there holds this plan); written when `write` (no
+    comparison then). A file with other bytes but an equal table counts as the same and keeps its bytes:
+    plan files written by an older reinforge encode their columns otherwise, and finished tasks read them."""
     digest = hashlib.sha256(data).hexdigest()
     if write:
         write_bytes(url, data)
         return digest, False
-    return digest, exists(url) and hashlib.sha256(read_bytes(url)).hexdigest() == digest
+    if not exists(url):
+        return digest, False
+    there = read_bytes(url)
+    kept = hashlib.sha256(there).hexdigest()
+    if kept == digest:
+        return digest, True
+    return (kept, True) if _same_table(there, data) else (digest, False)
+
+
+def _same_table(a: bytes, b: bytes) -> bool:
+    try:
+        return pq.ParquetFile(pa.BufferReader(a)).read().equals(pq.ParquetFile(pa.BufferReader(b)).read(),
+                                                               check_metadata=True)
+    except (OSError, ValueError, pa.ArrowException):  # unreadable: not the same
+        return False
 
 
 def write_range(k: int, parts: list[tuple[str, int, int]], value_parts: list[tuple[str, int, int]], start: int,
