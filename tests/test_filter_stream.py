@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reinforge.curation.filters import decide as decide_module
+from reinforge.curation.filters import score_units
 from reinforge.curation.filters.decide import decide
 from reinforge.curation.filters.scores import REPORT, SCORES, _schema
 from reinforge.formats.subset import read_subset
@@ -65,7 +65,7 @@ def _reference(hi, lo, v, fraction, semantics):
 @pytest.mark.parametrize("semantics", ["exact", "datacomp"])
 @pytest.mark.parametrize("column,fraction", [("clip_l14", 0.3), ("clip_l14", 0.77), ("words", 0.5)])
 def test_streamed_decision_equals_whole_table(tmp_path, monkeypatch, semantics, column, fraction):
-    monkeypatch.setattr(decide_module, "BATCH", 333)  # batches straddle row groups and bitmask bytes
+    monkeypatch.setattr(score_units, "BATCH", 333)  # batches straddle row groups and bitmask bytes
     hi, lo, l14, words = _pool(tmp_path)
     v = l14 if column == "clip_l14" else words
     report = decide(str(tmp_path), f"top({column}, {fraction})", str(tmp_path / "out.npy"), semantics=semantics)
@@ -80,9 +80,29 @@ def test_streamed_decision_equals_whole_table(tmp_path, monkeypatch, semantics, 
     assert (tmp_path / "out.npy").read_bytes() == buf.getvalue()
 
 
+@pytest.mark.parametrize("semantics", ["exact", "datacomp"])
+def test_units_and_workers_write_the_same_bytes(tmp_path, monkeypatch, semantics):
+    """Cut into units of 2 row groups (7 tasks a pass) and run inline, on worker processes and as Ray tasks,
+    `filter apply` writes the bytes of one whole-file unit (subset and report), and leaves no work files."""
+    monkeypatch.setattr(score_units, "BATCH", 333)
+    _pool(tmp_path)
+    rule = "top(clip_l14, 0.3) & (words>=2 | !lang==de) & top(clip_b32, 0.77)"
+    outputs = {}
+    for name, unit_rows, where in (("whole", 10**9, "inline"), ("units", 1000, "inline"),
+                                   ("processes", 1000, "processes"), ("ray", 1000, "ray")):
+        out = tmp_path / f"{name}.npy"
+        decide(str(tmp_path), rule, str(out), str(tmp_path / "report.json"), semantics, unit_rows, where=where)
+        report = json.loads((tmp_path / "report.json").read_text())
+        report["output"] = None
+        outputs[name] = (out.read_bytes(), report)
+    assert all(o == outputs["whole"] for o in outputs.values())
+    assert outputs["whole"][1]["duplicate_uids"]["rows"] == 300 and outputs["whole"][1]["kept"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if "work" in p.name) == []
+
+
 def test_ties_resolved_on_the_low_half(tmp_path, monkeypatch):
     """All rows share one score and one high half: exact top() keeps the lowest low halves."""
-    monkeypatch.setattr(decide_module, "BATCH", 64)
+    monkeypatch.setattr(score_units, "BATCH", 64)
     hi, lo, l14, words = _pool(tmp_path)
     table = pq.read_table(tmp_path / SCORES)
     table = table.set_column(0, "uid_hi", pa.array(np.full(N, 7, np.uint64)))
@@ -192,7 +212,7 @@ def test_top_on_adversarial_columns(tmp_path, monkeypatch, semantics, kind):
     """Ties everywhere, -0.0 with 0.0, subnormals, +-inf, NaN/nulls, ints: the radix selection with every pass
     a histogram (SMALL = 0) and batches that cut tied runs, against the whole-table reference, k at both ends."""
     from reinforge.curation.filters import radix
-    monkeypatch.setattr(decide_module, "BATCH", 333)
+    monkeypatch.setattr(score_units, "BATCH", 333)
     monkeypatch.setattr(radix, "SMALL", 0)
     column, values = _adversarial_column(kind, np.random.default_rng(3))
     hi, lo = _adversarial_pool(tmp_path, column, values)
@@ -220,7 +240,7 @@ def test_tie_break_over_colliding_high_halves(tmp_path, monkeypatch):
     """Exact top() with every row tied: the tie-break selects high halves (4 of them, so 64-bit collisions)
     and then low halves at the boundary's high half, by histogram passes (SMALL = 0) and by gathering."""
     from reinforge.curation.filters import radix
-    monkeypatch.setattr(decide_module, "BATCH", 100)
+    monkeypatch.setattr(score_units, "BATCH", 100)
     hi, lo = _adversarial_pool(tmp_path, "clip_l14", np.full(N, 0.5, np.float32))
     v = np.full(N, 0.5)
     for small in (0, radix.SMALL):
@@ -241,7 +261,7 @@ def test_repeated_rows_listed_or_as_bits(repeats):
     rows = 1000
     rng = np.random.default_rng(repeats)
     repeated = rng.choice(rows, repeats, replace=False).astype(np.int64)
-    marks = decide_module.RepeatedRows(rows)
+    marks = score_units.RepeatedRows(rows)
     for piece in np.array_split(repeated, 5):  # as uid buckets find them: not in row order
         marks.add(piece)
     marks.close()
@@ -251,3 +271,8 @@ def test_repeated_rows_listed_or_as_bits(repeats):
     for start in range(0, rows, 37):
         n = min(37, rows - start)
         assert (marks.unique(start, n) == expected[start:start + n]).all()
+    for start, n in ((0, rows), (5, 300), (301, 37), (999, 1), (640, 360)):  # a unit's share, read in batches
+        part = marks.part(start, n)
+        for at in range(start, start + n, 29):
+            m = min(29, start + n - at)
+            assert (part.unique(at, m) == expected[at:at + m]).all()

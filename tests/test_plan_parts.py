@@ -7,7 +7,7 @@ import pytest
 
 from reinforge.formats.subset import make_subset
 from reinforge.products.reshard.assignment import lexsort_nonnegative
-from reinforge.products.reshard.parts import bucket_of
+from reinforge.io.parts import bucket_of
 
 
 def buckets_by_definition(hi, lo, bounds) -> np.ndarray:

@@ -75,18 +75,23 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
 @click.option("--semantics", type=click.Choice(["datacomp", "exact"]), default="datacomp", show_default=True,
               help="datacomp: DataComp's own decisions (top keeps ties, float32 compares, its text/caption "
                    "filters); exact: exactly round(f*n) rows, float64 compares, reinforge's synset matcher")
+@click.option("--unit-rows", default=None, type=click.IntRange(min=1),
+              help="rows per task, in whole row groups [default: 1,000,000]")
+@click.option("--address", default=None,
+              help="Ray address for the tasks (default: worker processes of this machine for 2M rows or more)")
 @user_errors
-def apply(scores_dir, baseline, rule, top_fraction, score_column, out, report, semantics):
+def apply(scores_dir, baseline, rule, top_fraction, score_column, out, report, semantics, unit_rows, address):
     """Apply a filter rule to stored scores: write the subset file and a report (counts, resolved thresholds)."""
     from reinforge.curation.filters.clusters import FilterError
     from reinforge.curation.filters.decide import decide, default_report_path
+    from reinforge.curation.filters.scores import UNIT_ROWS
     parts = [f"({p})" for p in (BASELINES.get(baseline), rule) if p]
     if top_fraction is not None:
         parts.append(f"top({score_column}, {top_fraction!r})")
     if not parts:
         raise FilterError("give --baseline, --rule and/or --top-fraction")
     rule = parts[0][1:-1] if len(parts) == 1 else " & ".join(parts)
-    r = decide(scores_dir, rule, out, report, semantics)
+    r = decide(scores_dir, rule, out, report, semantics, unit_rows or UNIT_ROWS, address)
     click.echo(f"kept {r['kept']:,} of {r['unique']:,} unique uids ({r['rows_in']:,} rows in: "
                f"{r['malformed_uids']:,} malformed, {r['duplicate_uids']['rows']:,} duplicates) -> {out}")
     for a in r["atoms"]:

@@ -18,149 +18,181 @@ JSON report. No model runs here; a new threshold costs one read of a few score c
 - Accounting (checked before writing): rows in = malformed uids + duplicate rows + kept + dropped.
 The report holds every threshold resolved to a number, so a decision can be reproduced or audited.
 
-Memory (issue #16): the scores are streamed in batches, never held whole. The driver keeps the repeated
-rows (RepeatedRows: 8 B per repeat, at most a bit per row) and spills uids to files by their high bits to
-find repeats and to write the sorted subset (24 B a row under the temp directory, TMPDIR; removed as each
-bucket is read). A top() threshold and its
-exact tie-break are radix selections over a few more passes (radix.py): a 65536-bin histogram per pass
-and at most radix.SMALL keys at the end, not the column.
+Scale (issue #16): every pass over the scores runs as tasks (TaskMap: Ray, worker processes or inline) over
+units of whole row groups (score_units.py), and the driver holds per-unit counts, never a column:
+1. uids: each unit routes its (uid, row) to uid buckets (the high bits of the uid) in a part file;
+   per bucket, a stable sort finds the rows whose uid an earlier row has (RepeatedRows: 8 B a repeat, at
+   most a bit a row, a unit's share handed to each of its tasks).
+2. a top() threshold and its exact tie-break are radix selections (radix.py): each pass a 65536-bin
+   histogram per unit, summed, and at most radix.SMALL keys gathered at the end.
+3. decide: each unit evaluates the rule on its rows, counts, and routes its kept uids to uid buckets;
+   per bucket, the kept uids are sorted, and the driver appends the buckets to the subset file in order.
+Part files (io/parts.py) live in a work folder beside the output (so tasks on any node see them), removed
+at the end. Units, batches and buckets change how the work is cut, never the bytes written.
 """
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 
 from reinforge.curation.filters.clusters import FilterError
-from reinforge.curation.filters.radix import Selected, key_value, order_keys, radix_select
+from reinforge.curation.filters.radix import (Selected, bin_histogram, concatenate_keys, in_bin, key_value,
+                                              order_keys, select, sum_histograms)
 from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
-from reinforge.curation.filters.scores import REPORT, SCORES
+from reinforge.curation.filters.score_units import RepeatedRows, Unit, open_scores
+from reinforge.curation.filters.scores import UNIT_ROWS
 from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, uid_hex, uid_order
-from reinforge.io.spill import UidSpill, bucket_bits
-from reinforge.io.storage import atomic_open, filesystem, read_text, write_bytes
+from reinforge.io.parts import read_parts, write_parts
+from reinforge.io.spill import bucket_bits
+from reinforge.io.storage import absolute_url, atomic_open, remove_tree, write_bytes
+from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
 
 FORMAT = "reinforge.filter_decision/1"
 SAMPLE = 10
-BATCH = 1 << 16  # rows per streamed batch
 _SOURCES = {"clip_b32": "clip_b32_similarity_score", "clip_l14": "clip_l14_similarity_score",
             "short_side": "original_width/original_height", "aspect": "original_width/original_height"}
 _MAX_U64 = np.uint64(2**64 - 1)
+UID_ROWS = {"hi": np.uint64, "lo": np.uint64, "row": np.int64}  # part file columns
+UIDS = {"hi": np.uint64, "lo": np.uint64}
 
 
-class RepeatedRows:
-    """The rows whose uid an earlier row has: their sorted numbers while those take less room than a bit per
-    row (8 B each: up to one row in 64), else a bit per row. Scored pools repeat few uids (~0.1 %: ~0.01 B
-    per row), and a bit per row would be 1.6 GB over DataComp-xlarge's 12.8B rows."""
+@dataclass
+class Passes:
+    """What the passes over the units share: where their tasks run, the part files' folder, the uid buckets
+    (the top `bits` bits of the high half) and, once found, each unit's repeated rows."""
+    tasks: TaskMap
+    units: list[Unit]
+    work: str
+    bits: int
+    repeats: Optional[list[RepeatedRows]] = None
 
-    def __init__(self, rows: int):
-        self.rows, self.count = rows, 0
-        self.listed: list[np.ndarray] = []
-        self.sorted: Optional[np.ndarray] = None
-        self.bits: Optional[np.ndarray] = None  # packed, little bit order
+    def per_unit(self, fn, shared: tuple) -> Iterator:
+        """fn(unit, its repeated rows, *shared) for each unit, in unit order."""
+        repeats = self.repeats or [None] * len(self.units)
+        return self.tasks(fn, list(zip(self.units, repeats)), shared)
 
-    def add(self, rows: np.ndarray) -> None:
-        self.count += len(rows)
-        if self.bits is None and 64 * self.count > self.rows + 64:
-            self.bits = np.zeros((self.rows + 7) // 8, np.uint8)
-            for listed in self.listed:
-                self._set(listed)
-            self.listed = []
-        if self.bits is not None:
-            self._set(rows)
-        else:
-            self.listed.append(rows)
-
-    def _set(self, rows: np.ndarray) -> None:
-        np.bitwise_or.at(self.bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
-
-    def close(self) -> None:
-        """Every repeated row added: sort the listed ones."""
-        if self.bits is None:
-            self.sorted = np.sort(np.concatenate(self.listed or [np.zeros(0, np.int64)]))
-            self.listed = []
-
-    def unique(self, start: int, n: int) -> np.ndarray:
-        """Mask of the rows [start, start+n) that are the first row of their uid."""
-        if self.bits is not None:
-            bits = np.unpackbits(self.bits[start // 8:(start + n + 7) // 8], bitorder="little")
-            return bits[start % 8:start % 8 + n] == 0
-        mask = np.ones(n, bool)
-        a, b = np.searchsorted(self.sorted, [start, start + n])
-        mask[self.sorted[a:b] - start] = False
-        return mask
+    def per_bucket(self, fn, kind: str, counts: list[np.ndarray]) -> Iterator:
+        """fn(parts) for each uid bucket that holds rows, in uid order: parts are (part file, first row, end
+        row) of the `kind` part files the units wrote, counts[unit][bucket] rows each."""
+        counts = np.stack(counts)
+        ends = np.cumsum(counts, axis=1)
+        files = [part_file(self.work, kind, u) for u in self.units]
+        buckets = [[(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, k], ends[:, k]) if n]
+                   for k in range(counts.shape[1])]
+        return self.tasks(fn, [(parts,) for parts in buckets if parts], ())
 
 
-class _Scores:
-    """The scores file, read in batches of a few columns; `repeat` marks rows whose uid came earlier."""
-
-    def __init__(self, pf, report: dict):
-        self.pf, self.report = pf, report
-        self.rows = pf.metadata.num_rows
-        self.repeat = RepeatedRows(self.rows)
-
-    def batches(self, names: list[str]) -> Iterator[tuple[int, int, dict]]:
-        """(first row, rows, {name: column}) per batch: uids as uint64, numeric columns as numpy in their stored
-        type (nulls as NaN, in float64 then), strings as (codes with -1 for null, dictionary list)."""
-        import pyarrow as pa
-        start = 0
-        for batch in self.pf.iter_batches(batch_size=BATCH, columns=names, use_threads=False):
-            out = {}
-            for name in names:
-                col = batch.column(name)
-                if name in ("uid_hi", "uid_lo"):
-                    out[name] = col.to_numpy(zero_copy_only=False)
-                elif name in NUMERIC:
-                    out[name] = (col.to_numpy(zero_copy_only=False) if col.null_count == 0
-                                 else col.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False))
-                else:  # dictionary-encoded strings: compare codes, not Python strings
-                    out[name] = (col.indices.fill_null(-1).to_numpy(zero_copy_only=False), col.dictionary.to_pylist())
-            yield start, batch.num_rows, out
-            start += batch.num_rows
-
-    def unique(self, start: int, n: int) -> np.ndarray:
-        """Mask of the batch rows [start, start+n) that are the first row of their uid."""
-        return self.repeat.unique(start, n)
+def part_file(work: str, kind: str, unit: Unit) -> str:
+    return f"{work}/{kind}/{unit.start:016d}.bin"
 
 
-@contextmanager
-def open_scores(scores_dir: str, names: list[str]) -> Iterator[_Scores]:
-    import pyarrow.parquet as pq
-    scores_dir = scores_dir.rstrip("/")
-    fs, path = filesystem(f"{scores_dir}/{SCORES}")
-    if not fs.exists(path):
-        raise FilterError(f"{scores_dir}: no {SCORES} (run `reinforge filter score` first)")
-    report = json.loads(read_text(f"{scores_dir}/{REPORT}"))
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads ahead of iter_batches, O(file) in memory
-        available = pf.schema_arrow.names
-        missing = [n for n in names if n not in available]
-        if missing:
-            hint = (" (score with --clusters K --cluster-targets ...)" if any(n.startswith("cluster") for n in missing)
-                    else " (score with --cld3)" if "lang_cld3" in missing else "")
-            raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
-        yield _Scores(pf, report)
+def write_buckets(url: str, columns: dict[str, np.ndarray], bits: int) -> np.ndarray:
+    """Rows to a part file grouped by uid bucket; their count per bucket."""
+    return write_parts(url, columns, (columns["hi"] >> np.uint64(64 - bits)).astype(np.int64), 1 << bits)
 
 
-def _mark_repeats(scores: _Scores) -> tuple[int, list[str]]:
-    """Set scores.repeat for every row whose uid an earlier row has; return (repeats, sample in uid order)."""
-    repeats, sample = 0, []
-    with UidSpill(bucket_bits(scores.rows), np.int64) as spill:
-        for start, n, b in scores.batches(["uid_hi", "uid_lo"]):
-            spill.add(b["uid_hi"], b["uid_lo"], np.arange(start, start + n, dtype=np.int64))
-        for records in spill.buckets():
-            order = uid_order(records["hi"], records["lo"])  # stable: rows were added in input order
-            hi, lo, rows = records["hi"][order], records["lo"][order], records["p"][order]
-            later = ~first_occurrence(hi, lo)
-            if later.any():
-                r = rows[later]
-                scores.repeat.add(r)
-                repeats += len(r)
-                sample += [uid_hex(h, l) for h, l in zip(hi[later][:SAMPLE - len(sample)], lo[later][:SAMPLE - len(sample)])]
-    scores.repeat.close()
-    return repeats, sample
+def _concatenate(parts: dict[str, list], dtypes: dict) -> dict[str, np.ndarray]:
+    return {k: np.concatenate(v) if v else np.zeros(0, dtypes[k]) for k, v in parts.items()}
+
+
+# --- pass 1: the rows whose uid an earlier row has ----------------------------------------------------------
+
+def unit_uids(unit: Unit, _repeats, work: str, bits: int) -> np.ndarray:
+    """A unit's (uid, row) to its part file by uid bucket; returns its rows per bucket."""
+    parts = {"hi": [], "lo": [], "row": []}
+    for start, n, b in unit.batches(["uid_hi", "uid_lo"]):
+        parts["hi"].append(b["uid_hi"])
+        parts["lo"].append(b["uid_lo"])
+        parts["row"].append(np.arange(start, start + n, dtype=np.int64))
+    return write_buckets(part_file(work, "uids", unit), _concatenate(parts, UID_ROWS), bits)
+
+
+def bucket_repeats(parts: list[tuple[str, int, int]]) -> tuple[np.ndarray, list[str]]:
+    """A uid bucket's repeated rows (each row of a uid but its first) and the first SAMPLE of their uids."""
+    records = read_parts(parts, UID_ROWS)  # units in order, rows in order inside them: input order
+    order = uid_order(records["hi"], records["lo"])  # stable: a uid's first row stays first
+    hi, lo, rows = records["hi"][order], records["lo"][order], records["row"][order]
+    later = ~first_occurrence(hi, lo)
+    return rows[later], [uid_hex(h, l) for h, l in zip(hi[later][:SAMPLE], lo[later][:SAMPLE])]
+
+
+def mark_repeats(passes: Passes, rows: int) -> tuple[int, list[str]]:
+    """Set passes.repeats; return (repeated rows, a sample of their uids in uid order)."""
+    counts = list(passes.per_unit(unit_uids, (passes.work, passes.bits)))
+    repeats, sample = RepeatedRows(rows), []
+    for later, some in passes.per_bucket(bucket_repeats, "uids", counts):
+        if len(later):
+            repeats.add(later)
+        sample += some[:SAMPLE - len(sample)]
+    repeats.close()
+    remove_tree(f"{passes.work}/uids")
+    passes.repeats = [repeats.part(u.start, u.rows) for u in passes.units]
+    return repeats.count, sample
+
+
+# --- pass 2: top() thresholds, radix selections over the units ----------------------------------------------
+
+@dataclass(frozen=True)
+class KeySpec:
+    """The keys a selection reads from a unit: order keys of a column's values (every non-NaN row's, or the
+    finite values of unique rows), or a uid half of the unique rows tied at `tied` (with high half `hi`)."""
+    column: str
+    stored: str  # the column's stored dtype
+    unique_finite: bool = False
+    tied: Optional[float] = None
+    half: str = "uid_hi"
+    hi: Optional[int] = None
+
+    def names(self) -> list[str]:
+        if self.tied is None:
+            return [self.column]
+        return ["uid_hi", self.column] + (["uid_lo"] if self.half == "uid_lo" else [])
+
+    def keys(self, unit: Unit, repeats: RepeatedRows) -> Iterator[np.ndarray]:
+        for start, n, b in unit.batches(self.names()):
+            v = b[self.column]
+            if self.tied is not None:
+                at = repeats.unique(start, n) & (v == self.tied)
+                if self.hi is not None:
+                    at &= b["uid_hi"] == np.uint64(self.hi)
+                yield b[self.half][at]
+                continue
+            if v.dtype.kind == "f":
+                keep = np.isfinite(v) if self.unique_finite else ~np.isnan(v)
+            else:
+                keep = np.ones(n, bool)
+            if self.unique_finite:
+                keep &= repeats.unique(start, n)
+            # a batch with nulls came as float64, and its other values are of the stored type
+            yield order_keys(v[keep].astype(self.stored, copy=False))
+
+
+def unit_histogram(unit: Unit, repeats: RepeatedRows, spec: KeySpec, key_bits: int, prefix: int,
+                   fixed: int) -> np.ndarray:
+    return sum_histograms(bin_histogram(keys, key_bits, prefix, fixed) for keys in spec.keys(unit, repeats))
+
+
+def unit_gather(unit: Unit, repeats: RepeatedRows, spec: KeySpec, key_bits: int, prefix: int,
+                fixed: int) -> np.ndarray:
+    return concatenate_keys(in_bin(keys, key_bits, prefix, fixed) for keys in spec.keys(unit, repeats))
+
+
+class UnitKeys:
+    """radix.Keys as tasks: each unit's histogram (or keys in the bin), summed (or joined) in unit order."""
+
+    def __init__(self, passes: Passes, spec: KeySpec):
+        self.passes, self.spec = passes, spec
+
+    def histogram(self, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+        return sum_histograms(self.passes.per_unit(unit_histogram, (self.spec, key_bits, prefix, fixed)))
+
+    def gather(self, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+        return concatenate_keys(self.passes.per_unit(unit_gather, (self.spec, key_bits, prefix, fixed)))
 
 
 def _round_half_up(x: float) -> int:
@@ -168,54 +200,44 @@ def _round_half_up(x: float) -> int:
 
 
 class _Top:
-    """A top() atom resolved to a row-local test: a threshold (and, in exact semantics, the last tied uid kept).
-    Both are found by radix selections over streamed passes (radix.py), never by holding the column."""
+    """A top() atom resolved to a row-local test: a threshold (and, in exact semantics, the last tied uid kept),
+    found by radix selections over the units. Holds a few numbers, so it travels to the decide tasks."""
 
-    def __init__(self, atom: Top, semantics: str, scores: _Scores):
-        self.atom, self.semantics = atom, semantics
+    def __init__(self, atom: Top, semantics: str, passes: Passes, stored: np.dtype, rows: int):
+        self.atom, self.semantics, self.stored = atom, semantics, stored
         self.details: dict = {}
         self.threshold = math.nan
         self.boundary = None  # exact: (hi, lo) of the last tied row kept
-        self.stored = np.dtype(scores.pf.schema_arrow.field(atom.column).type.to_pandas_dtype())
-        (self._datacomp if semantics == "datacomp" else self._exact)(scores)
+        if semantics == "datacomp":
+            self._datacomp(passes, rows)
+        else:
+            self._exact(passes)
 
-    def _select(self, scores: _Scores, rank, unique_finite: bool) -> Selected:
+    def _select(self, passes: Passes, rank, unique_finite: bool) -> Selected:
         """The rank(n)-th smallest of the column's n non-NaN values (of every row), or of its finite values
         (of unique rows), as an order key of the stored type."""
-        column = self.atom.column
+        spec = KeySpec(self.atom.column, self.stored.str, unique_finite)
+        return select(UnitKeys(passes, spec), rank, 8 * self.stored.itemsize)
 
-        def passes() -> Iterator[np.ndarray]:
-            for start, n, b in scores.batches([column]):
-                v = b[column]
-                if v.dtype.kind == "f":
-                    keep = np.isfinite(v) if unique_finite else ~np.isnan(v)
-                else:
-                    keep = np.ones(n, bool)
-                if unique_finite:
-                    keep &= scores.unique(start, n)
-                # exact: a batch with nulls came as float64, and its other values are of the stored type
-                yield order_keys(v[keep].astype(self.stored, copy=False))
-        return radix_select(passes, rank, 8 * self.stored.itemsize)
-
-    def _datacomp(self, scores: _Scores) -> None:
+    def _datacomp(self, passes: Passes, n: int) -> None:
         # DataComp ranks every scored row (repeats and invalid values included, NaN last) and takes the
         # score at descending position int(f*n)
-        n, a = scores.rows, self.atom
+        a = self.atom
         position = int(n * a.fraction)
         if not 0 <= position < n:
             raise FilterError(f"{a}: DataComp's threshold is the score at sorted position int(f*n) = {position}, "
                               f"outside the {n} scored rows (use --semantics exact)")
-        selected = self._select(scores, lambda m: m - 1 - position if position < m else None, unique_finite=False)
+        selected = self._select(passes, lambda m: m - 1 - position if position < m else None, unique_finite=False)
         if selected.key is not None:
             self.threshold = float(key_value(selected.key, self.stored))
         self.details = {"position": position, "ranked_rows": n, "threshold": self.threshold}
 
-    def _exact(self, scores: _Scores) -> None:
+    def _exact(self, passes: Passes) -> None:
         # the round(f*n) highest unique valid rows, ties broken by uid ascending
         def smallest_kept(valid: int) -> Optional[int]:  # the rank of the keep-th largest
             keep = _round_half_up(self.atom.fraction * valid)
             return valid - keep if keep else None
-        selected = self._select(scores, smallest_kept, unique_finite=True)
+        selected = self._select(passes, smallest_kept, unique_finite=True)
         valid = selected.count
         keep = _round_half_up(self.atom.fraction * valid)
         self.details = {"valid": valid, "keep": keep}
@@ -225,22 +247,15 @@ class _Top:
         greater, tied = valid - selected.below - selected.equal, selected.equal
         need = keep - greater  # >= 1: the threshold is the keep-th largest
         # the need-th smallest high half among the tied rows, then (a 64-bit collision there) the low half
-        h = radix_select(lambda: self._tied(scores, "uid_hi"), lambda m: need - 1, 64, count=tied)
+        column = self.atom.column
+        h = select(UnitKeys(passes, KeySpec(column, self.stored.str, tied=self.threshold)), lambda m: need - 1, 64,
+                   count=tied)
         lo = _MAX_U64
         if h.equal > 1:
-            lo = radix_select(lambda: self._tied(scores, "uid_lo", np.uint64(h.key)), lambda m: need - h.below - 1, 64,
-                              count=h.equal).key
+            spec = KeySpec(column, self.stored.str, tied=self.threshold, half="uid_lo", hi=h.key)
+            lo = select(UnitKeys(passes, spec), lambda m: need - h.below - 1, 64, count=h.equal).key
         self.boundary = (np.uint64(h.key), np.uint64(lo))
         self.details.update(threshold=self.threshold, tied_not_kept=tied - need)
-
-    def _tied(self, scores: _Scores, half: str, hi: Optional[np.uint64] = None) -> Iterator[np.ndarray]:
-        """One uid half of the unique rows tied with the threshold (and with high half `hi`), batch by batch."""
-        column = self.atom.column
-        for start, n, b in scores.batches(["uid_hi", column] + (["uid_lo"] if half == "uid_lo" else [])):
-            at = scores.unique(start, n) & (b[column] == self.threshold)
-            if hi is not None:
-                at &= b["uid_hi"] == hi
-            yield b[half][at]
 
     def test(self, b: dict) -> tuple[np.ndarray, np.ndarray]:
         v = b[self.atom.column]
@@ -257,6 +272,8 @@ class _Top:
                 true = finite & ((v > self.threshold) | ((v == self.threshold) & tie_kept))
         return true, finite & ~true
 
+
+# --- pass 3: the rule on every unique row, and the kept uids sorted -----------------------------------------
 
 def _compare(a: Compare, semantics: str, b: dict) -> tuple[np.ndarray, np.ndarray]:
     if a.column in NUMERIC:
@@ -289,92 +306,136 @@ def _evaluate(rule: Rule, atoms: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.logical_or.reduce(trues), np.logical_and.reduce(falses)
 
 
-def _check_valid(rule: Rule, scores: _Scores, scores_dir: str) -> None:
-    names = columns(rule)
+@dataclass
+class UnitDecision:
+    atoms: np.ndarray  # per atom of leaves(rule): pass, fail, valid (valid counted for datacomp's top() only)
+    unique: int
+    kept: int
+    seen: dict[str, bool]  # per column: does a unique row hold a valid value
+    buckets: np.ndarray  # kept uids per uid bucket in the unit's part file
+
+
+def decide_unit(unit: Unit, repeats: RepeatedRows, rule: Rule, semantics: str, tops: dict, work: str,
+                bits: int) -> UnitDecision:
+    """The rule on a unit's unique rows: its counts, and its kept uids to its part file by uid bucket."""
+    names, atoms_in_order = columns(rule), leaves(rule)
+    counts = np.zeros((len(atoms_in_order), 3), np.int64)
     seen = dict.fromkeys(names, False)
-    for start, n, b in scores.batches(names):
-        unique = scores.unique(start, n)
+    unique_rows, kept = 0, {"hi": [], "lo": []}
+    for start, n, b in unit.batches(["uid_hi", "uid_lo"] + names):
+        unique = repeats.unique(start, n)
+        b = {k: (v[unique] if isinstance(v, np.ndarray) else (v[0][unique], v[1])) for k, v in b.items()}
         for name in names:
             if not seen[name]:
                 v = b[name]
-                seen[name] = bool(((v[0] >= 0) if name not in NUMERIC else np.isfinite(v))[unique].any())
-        if all(seen.values()):
-            return
-    for name in names:
-        if not seen[name]:
-            source = _SOURCES.get(name, name)
-            raise FilterError(f"{scores_dir}: the rule uses {name}, but no scored row has a valid value "
-                              f"(check the metadata column {source} and score_report.json)")
+                seen[name] = bool(((v[0] >= 0) if name not in NUMERIC else np.isfinite(v)).any())
+        atoms = {a: tops[a].test(b) if a in tops else _compare(a, semantics, b) for a in atoms_in_order}
+        for i, a in enumerate(atoms_in_order):
+            true, false = atoms[a]
+            counts[i, 0] += int(true.sum())
+            counts[i, 1] += int(false.sum())
+            if a in tops and semantics == "datacomp":
+                counts[i, 2] += int(np.isfinite(b[a.column]).sum())
+        true, _ = _evaluate(rule, atoms)
+        kept["hi"].append(b["uid_hi"][true])
+        kept["lo"].append(b["uid_lo"][true])
+        unique_rows += int(unique.sum())
+    kept = _concatenate(kept, UIDS)
+    buckets = write_buckets(part_file(work, "kept", unit), kept, bits)
+    return UnitDecision(counts, unique_rows, len(kept["hi"]), seen, buckets)
 
 
-def _write_sorted(out: str, spill: UidSpill, total: int) -> None:
-    """The spilled uids as one sorted subset .npy, written bucket by bucket (np.save's bytes)."""
+def sorted_bucket(parts: list[tuple[str, int, int]]) -> np.ndarray:
+    """A uid bucket's kept uids, sorted (unique: repeats were dropped)."""
+    records = read_parts(parts, UIDS)
+    order = uid_order(records["hi"], records["lo"])
+    uids = np.empty(len(order), SUBSET_DTYPE)
+    uids["f0"], uids["f1"] = records["hi"][order], records["lo"][order]
+    if not is_sorted_unique(uids):
+        raise AssertionError(f"{parts[0][0]}: kept uids are not sorted and unique")
+    return uids
+
+
+def write_subset(out: str, passes: Passes, buckets: list[np.ndarray], total: int) -> None:
+    """The kept uids as one sorted subset .npy (np.save's bytes), bucket after bucket."""
     header = np.lib.format.header_data_from_array_1_0(np.empty(0, SUBSET_DTYPE))
     header["shape"] = (total,)
     last, written = None, 0
     with atomic_open(out) as f:
         np.lib.format.write_array_header_1_0(f, header)
-        for records in spill.buckets():
-            uids = np.empty(len(records), SUBSET_DTYPE)
-            order = uid_order(records["hi"], records["lo"])
-            uids["f0"], uids["f1"] = records["hi"][order], records["lo"][order]
-            edge = uids[:1] if last is None else np.concatenate([last, uids[:1]])
-            if not (is_sorted_unique(uids) and is_sorted_unique(edge)):
+        for uids in passes.per_bucket(sorted_bucket, "kept", buckets):
+            if last is not None and not is_sorted_unique(np.concatenate([last, uids[:1]])):
                 raise AssertionError(f"{out}: kept uids are not sorted and unique")
-            if len(uids):
-                last = uids[-1:]
+            last = uids[-1:]
             f.write(uids.tobytes())
             written += len(uids)
     if written != total:
         raise AssertionError(f"{out}: wrote {written} uids, expected {total}")
 
 
+def _check_valid(seen: dict[str, bool], scores_dir: str) -> None:
+    for name, valid in seen.items():
+        if not valid:
+            source = _SOURCES.get(name, name)
+            raise FilterError(f"{scores_dir}: the rule uses {name}, but no scored row has a valid value "
+                              f"(check the metadata column {source} and score_report.json)")
+
+
 def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str] = None,
-           semantics: str = "datacomp") -> dict:
-    """Apply `rule_text` to the scores; write the subset file `out` and its report; return the report."""
+           semantics: str = "datacomp", unit_rows: int = UNIT_ROWS, address: Optional[str] = None,
+           where: Optional[str] = None) -> dict:
+    """Apply `rule_text` to the scores; write the subset file `out` and its report; return the report. The
+    passes run as tasks on Ray (`address`, or the Ray of this process), on worker processes for a large
+    file, else inline (`where` names one); the bytes are the same."""
     rule = parse_rule(rule_text, semantics)
     names = columns(rule)
-    with open_scores(scores_dir, names) as scores:
-        score_report = scores.report
-        if not scores.rows:
-            raise FilterError(f"{scores_dir}: no scored rows ({score_report.get('rows', 0)} metadata rows, "
-                              f"{score_report.get('malformed_uids', {}).get('rows', 0)} with malformed uids)")
-        repeats, sample = _mark_repeats(scores)
-        _check_valid(rule, scores, scores_dir)
-        tops = {a: _Top(a, semantics, scores) for a in leaves(rule) if isinstance(a, Top)}
-        counts = {a: [0, 0, 0] for a in leaves(rule)}  # the report lists atoms in rule order: pass, fail, valid
-        unique_rows, kept = 0, 0
-        with UidSpill(bucket_bits(scores.rows)) as spill:
-            for start, n, b in scores.batches(["uid_hi", "uid_lo"] + names):
-                unique = scores.unique(start, n)
-                b = {k: (v[unique] if isinstance(v, np.ndarray) else (v[0][unique], v[1])) for k, v in b.items()}
-                atoms = {a: tops[a].test(b) if a in tops else _compare(a, semantics, b) for a in counts}
-                for a, (true, false) in atoms.items():
-                    counts[a][0] += int(true.sum())
-                    counts[a][1] += int(false.sum())
-                    if a in tops and semantics == "datacomp":
-                        counts[a][2] += int(np.isfinite(b[a.column]).sum())
-                true, _ = _evaluate(rule, atoms)
-                spill.add(b["uid_hi"][true], b["uid_lo"][true])
-                unique_rows += int(unique.sum())
-                kept += int(true.sum())
-            atom_report = []
-            for a, (passed, failed, valid) in counts.items():
-                details = dict(tops[a].details) if a in tops else {}
-                if a in tops and semantics == "datacomp":
-                    details = {"valid": valid, "keep": passed, **details}
-                atom_report.append({"atom": str(a), "pass": passed, "fail": failed,
-                                    "invalid": unique_rows - passed - failed, **details})
-            malformed = score_report["malformed_uids"]["rows"]
-            report = {"format": FORMAT, "scores": scores_dir, "rule": rule_text, "parsed": str(rule),
-                      "semantics": semantics, "rows_in": score_report["rows"], "malformed_uids": malformed,
-                      "duplicate_uids": {"rows": repeats, "sample": sample},
-                      "unique": unique_rows, "kept": kept, "dropped": unique_rows - kept,
-                      "atoms": atom_report, "output": out}
-            if report["rows_in"] != malformed + repeats + report["kept"] + report["dropped"]:
-                raise AssertionError(f"filter accounting is off: {report}")
-            _write_sorted(out, spill, kept)
+    scores = open_scores(scores_dir, names, unit_rows)
+    if not scores.rows:
+        raise FilterError(f"{scores_dir}: no scored rows ({scores.report.get('rows', 0)} metadata rows, "
+                          f"{scores.report.get('malformed_uids', {}).get('rows', 0)} with malformed uids)")
+    work = absolute_url(out) + ".work"
+    with ray_session(address) if address else nullcontext():
+        tasks = TaskMap(where or where_to_map(len(scores.units), scores.rows))
+        passes = Passes(tasks, scores.units, work, bucket_bits(scores.rows))
+        try:
+            report = _decide(passes, scores, scores_dir, rule, rule_text, semantics, out)
+        finally:
+            tasks.close()
+            remove_tree(work)
     write_bytes(report_path or default_report_path(out), json.dumps(report, indent=1, sort_keys=True).encode())
+    return report
+
+
+def _decide(passes: Passes, scores, scores_dir: str, rule: Rule, rule_text: str, semantics: str, out: str) -> dict:
+    repeats, sample = mark_repeats(passes, scores.rows)
+    tops = {a: _Top(a, semantics, passes, scores.types[a.column], scores.rows)
+            for a in leaves(rule) if isinstance(a, Top)}
+    atoms = leaves(rule)
+    counts, unique_rows, kept, buckets = np.zeros((len(atoms), 3), np.int64), 0, 0, []
+    seen = dict.fromkeys(columns(rule), False)
+    for part in passes.per_unit(decide_unit, (rule, semantics, tops, passes.work, passes.bits)):
+        counts += part.atoms
+        unique_rows += part.unique
+        kept += part.kept
+        seen = {name: valid or part.seen[name] for name, valid in seen.items()}
+        buckets.append(part.buckets)
+    _check_valid(seen, scores_dir)
+    atom_report = []  # in rule order
+    for a, (passed, failed, valid) in zip(atoms, counts.tolist()):
+        details = dict(tops[a].details) if a in tops else {}
+        if a in tops and semantics == "datacomp":
+            details = {"valid": valid, "keep": passed, **details}
+        atom_report.append({"atom": str(a), "pass": passed, "fail": failed, "invalid": unique_rows - passed - failed,
+                            **details})
+    malformed = scores.report["malformed_uids"]["rows"]
+    report = {"format": FORMAT, "scores": scores_dir, "rule": rule_text, "parsed": str(rule),
+              "semantics": semantics, "rows_in": scores.report["rows"], "malformed_uids": malformed,
+              "duplicate_uids": {"rows": repeats, "sample": sample},
+              "unique": unique_rows, "kept": kept, "dropped": unique_rows - kept,
+              "atoms": atom_report, "output": out}
+    if report["rows_in"] != malformed + repeats + report["kept"] + report["dropped"]:
+        raise AssertionError(f"filter accounting is off: {report}")
+    write_subset(out, passes, buckets, kept)
     return report
 
 

@@ -9,7 +9,7 @@ when values are spread out. Memory: one histogram (512 KiB) and at most SMALL ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 import numpy as np
 
@@ -26,11 +26,38 @@ class Selected:
     equal: int = 0        # keys equal to it (itself included)
 
 
+class Keys(Protocol):
+    """Keys a selection reads in passes: streamed batches (StreamedKeys), or tasks over a file's units."""
+
+    def histogram(self, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+        """The BINS-bin histogram of the next RADIX bits of every key whose top `fixed` bits are `prefix`."""
+
+    def gather(self, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+        """Every key whose top `fixed` bits are `prefix`."""
+
+
+class StreamedKeys:
+    """The keys every call of `passes()` yields, batch by batch, in the same order."""
+
+    def __init__(self, passes: Callable[[], Iterable[np.ndarray]]):
+        self.passes = passes
+
+    def histogram(self, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+        return sum_histograms(bin_histogram(keys, key_bits, prefix, fixed) for keys in self.passes())
+
+    def gather(self, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+        return concatenate_keys(in_bin(keys, key_bits, prefix, fixed) for keys in self.passes())
+
+
 def radix_select(passes: Callable[[], Iterable[np.ndarray]], rank: Callable[[int], Optional[int]],
                  key_bits: int, count: Optional[int] = None) -> Selected:
-    """The k-th smallest (0-based, k = rank(number of keys), None for none) of the unsigned keys that every
-    call of `passes()` yields, batch by batch, in the same order. `count`: the number of keys, when the caller
-    knows it (few keys are then gathered in one pass)."""
+    """select() over the unsigned keys that every call of `passes()` yields, batch by batch."""
+    return select(StreamedKeys(passes), rank, key_bits, count)
+
+
+def select(keys: Keys, rank: Callable[[int], Optional[int]], key_bits: int, count: Optional[int] = None) -> Selected:
+    """The k-th smallest (0-based, k = rank(number of keys), None for none) of the unsigned `keys`. `count`:
+    the number of keys, when the caller knows it (few keys are then gathered in one pass)."""
     k = None if count is None else rank(count)
     if count is not None and k is None:
         return Selected(count, None)
@@ -38,13 +65,8 @@ def radix_select(passes: Callable[[], Iterable[np.ndarray]], rank: Callable[[int
     left = count  # keys that share the prefix
     while fixed < key_bits:
         if left is not None and left <= SMALL:
-            return _gather(passes, k, key_bits, prefix, fixed, below, count)
-        shift = key_bits - fixed - RADIX
-        histogram = np.zeros(BINS, np.int64)
-        for keys in passes():
-            keys = keys[_in_bin(keys, key_bits, prefix, fixed)] if fixed else keys
-            histogram += np.bincount(((keys >> keys.dtype.type(shift)) & keys.dtype.type(BINS - 1)).astype(np.intp),
-                                     minlength=BINS)
+            return _gather(keys, k, key_bits, prefix, fixed, below, count)
+        histogram = keys.histogram(key_bits, prefix, fixed)
         if count is None:  # the first pass counted the keys
             count = int(histogram.sum())
             k = rank(count)
@@ -60,15 +82,36 @@ def radix_select(passes: Callable[[], Iterable[np.ndarray]], rank: Callable[[int
     return Selected(count, prefix, below, left)
 
 
-def _in_bin(keys: np.ndarray, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+def in_bin(keys: np.ndarray, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+    """The keys whose top `fixed` bits are `prefix`."""
+    if not fixed:
+        return keys
     t = keys.dtype.type
-    return (keys >> t(key_bits - fixed)) == t(prefix)
+    return keys[(keys >> t(key_bits - fixed)) == t(prefix)]
 
 
-def _gather(passes, k: int, key_bits: int, prefix: int, fixed: int, below: int, count: int) -> Selected:
+def bin_histogram(keys: np.ndarray, key_bits: int, prefix: int, fixed: int) -> np.ndarray:
+    """One batch's share of Keys.histogram."""
+    keys = in_bin(keys, key_bits, prefix, fixed)
+    shift = keys.dtype.type(key_bits - fixed - RADIX)
+    return np.bincount(((keys >> shift) & keys.dtype.type(BINS - 1)).astype(np.intp), minlength=BINS)
+
+
+def sum_histograms(parts: Iterable[np.ndarray]) -> np.ndarray:
+    total = np.zeros(BINS, np.int64)
+    for part in parts:
+        total += part
+    return total
+
+
+def concatenate_keys(parts: Iterable[np.ndarray]) -> np.ndarray:
+    parts = list(parts)
+    return np.concatenate(parts) if parts else np.empty(0, np.uint64)
+
+
+def _gather(keys: Keys, k: int, key_bits: int, prefix: int, fixed: int, below: int, count: int) -> Selected:
     """Finish in memory: the keys sharing the prefix, partitioned at the k-th smallest."""
-    kept = [keys[_in_bin(keys, key_bits, prefix, fixed)] if fixed else keys for keys in passes()]
-    keys = np.concatenate(kept) if kept else np.empty(0, np.uint64)
+    keys = keys.gather(key_bits, prefix, fixed)
     if not 0 <= k - below < len(keys):
         raise ValueError(f"rank {k} of {count} keys: {len(keys)} keys after {below} below")
     keys.partition(k - below)

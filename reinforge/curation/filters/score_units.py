@@ -1,0 +1,144 @@
+"""scores.parquet as units, the tasks of `filter apply`'s passes (decide.py): runs of whole row groups,
+read in batches of a few columns, with the rows whose uid an earlier row has (RepeatedRows) set aside."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from reinforge.curation.filters.clusters import FilterError
+from reinforge.curation.filters.rules import NUMERIC
+from reinforge.curation.filters.scores import REPORT, SCORES, UNIT_ROWS
+from reinforge.io.storage import absolute_url, filesystem, read_text
+
+BATCH = 1 << 16  # rows per batch a task reads
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Whole row groups of the scores file, rows start .. start+rows-1."""
+    url: str
+    row_groups: tuple[int, ...]
+    start: int
+    rows: int
+    batch: int  # rows per batch (tests make batches straddle row groups and bitmask bytes)
+
+    def batches(self, names: list[str]) -> Iterator[tuple[int, int, dict]]:
+        """(first row, rows, {name: column}) per batch: uids as uint64, numeric columns as numpy in their stored
+        type (nulls as NaN, in float64 then), strings as (codes with -1 for null, dictionary list)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        fs, path = filesystem(self.url)
+        start = self.start
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads ahead of iter_batches, O(unit) in memory
+            for batch in pf.iter_batches(batch_size=self.batch, row_groups=list(self.row_groups), columns=names,
+                                         use_threads=False):
+                out = {}
+                for name in names:
+                    col = batch.column(name)
+                    if name in ("uid_hi", "uid_lo"):
+                        out[name] = col.to_numpy(zero_copy_only=False)
+                    elif name in NUMERIC:
+                        out[name] = (col.to_numpy(zero_copy_only=False) if col.null_count == 0
+                                     else col.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False))
+                    else:  # dictionary-encoded strings: compare codes, not Python strings
+                        out[name] = (col.indices.fill_null(-1).to_numpy(zero_copy_only=False),
+                                     col.dictionary.to_pylist())
+                yield start, batch.num_rows, out
+                start += batch.num_rows
+
+
+@dataclass
+class Scores:
+    """The scores file of a `filter score` folder: its report, rows, stored column types and units."""
+    report: dict
+    rows: int
+    types: dict[str, np.dtype]
+    units: list[Unit]
+
+
+def open_scores(scores_dir: str, names: list[str], unit_rows: int = UNIT_ROWS) -> Scores:
+    """Check that the scores exist and hold the columns `names`; cut them into units of ~unit_rows rows."""
+    import pyarrow.parquet as pq
+    scores_dir = absolute_url(scores_dir.rstrip("/"))
+    url = f"{scores_dir}/{SCORES}"
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise FilterError(f"{scores_dir}: no {SCORES} (run `reinforge filter score` first)")
+    report = json.loads(read_text(f"{scores_dir}/{REPORT}"))
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        missing = [n for n in names if n not in schema.names]
+        if missing:
+            hint = (" (score with --clusters K --cluster-targets ...)" if any(n.startswith("cluster") for n in missing)
+                    else " (score with --cld3)" if "lang_cld3" in missing else "")
+            raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+    units, groups, start, rows = [], [], 0, 0
+    for i, n in enumerate(sizes):
+        groups.append(i)
+        rows += n
+        if rows >= unit_rows or i == len(sizes) - 1:
+            units.append(Unit(url, tuple(groups), start, rows, BATCH))
+            groups, start, rows = [], start + rows, 0
+    types = {n: np.dtype(schema.field(n).type.to_pandas_dtype()) for n in names if n in NUMERIC}
+    return Scores(report, sum(sizes), types, units)
+
+
+class RepeatedRows:
+    """The rows whose uid an earlier row has: their sorted numbers while those take less room than a bit per
+    row (8 B each: up to one row in 64), else a bit per row. Scored pools repeat few uids (~0.1 %: ~0.01 B
+    per row), and a bit per row would be 1.6 GB over DataComp-xlarge's 12.8B rows."""
+
+    def __init__(self, rows: int):
+        self.rows, self.count = rows, 0
+        self.listed: list[np.ndarray] = []
+        self.sorted: Optional[np.ndarray] = None
+        self.bits: Optional[np.ndarray] = None  # packed, little bit order, from row `base`
+        self.base = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.count += len(rows)
+        if self.bits is None and 64 * self.count > self.rows + 64:
+            self.bits = np.zeros((self.rows + 7) // 8, np.uint8)
+            for listed in self.listed:
+                self._set(listed)
+            self.listed = []
+        if self.bits is not None:
+            self._set(rows)
+        else:
+            self.listed.append(rows)
+
+    def _set(self, rows: np.ndarray) -> None:
+        np.bitwise_or.at(self.bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
+
+    def close(self) -> None:
+        """Every repeated row added: sort the listed ones."""
+        if self.bits is None:
+            self.sorted = np.sort(np.concatenate(self.listed or [np.zeros(0, np.int64)]))
+            self.listed = []
+
+    def part(self, start: int, n: int) -> "RepeatedRows":
+        """The rows [start, start+n) alone (a unit's task needs no more); views, not copies."""
+        part = RepeatedRows(n)
+        if self.bits is not None:
+            part.bits, part.base = self.bits[start // 8:(start + n + 7) // 8], start - start % 8
+        else:
+            a, b = np.searchsorted(self.sorted, [start, start + n])
+            part.sorted = self.sorted[a:b]
+        return part
+
+    def unique(self, start: int, n: int) -> np.ndarray:
+        """Mask of the rows [start, start+n) that are the first row of their uid."""
+        if self.bits is not None:
+            at = start - self.base
+            bits = np.unpackbits(self.bits[at // 8:(at + n + 7) // 8], bitorder="little")
+            return bits[at % 8:at % 8 + n] == 0
+        mask = np.ones(n, bool)
+        a, b = np.searchsorted(self.sorted, [start, start + n])
+        mask[self.sorted[a:b] - start] = False
+        return mask
