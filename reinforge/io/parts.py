@@ -1,4 +1,4 @@
-"""Part files, how the reshard and join planning passes hand rows to each other (partitions.py): rows of
+"""Part files, how the passes of tasks hand rows to each other (reshard and join planning, `filter apply`): rows of
 fixed columns grouped by part (a uid bucket, a key range, ...): part after part, each part its columns one
 after the other, so rows start..stop of a file are bytes start*width .. stop*width and a task reads just
 its part of every file. Ragged values (face boxes) go in a part file of their own, grouped the same way."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reinforge.io.storage import filesystem, write_bytes
+from reinforge.io.storage import atomic_open, filesystem
 
 
 def write_parts(url: str, columns: dict[str, np.ndarray], part: np.ndarray, parts: int) -> np.ndarray:
@@ -15,9 +15,10 @@ def write_parts(url: str, columns: dict[str, np.ndarray], part: np.ndarray, part
     order = np.argsort(part.astype(np.uint16) if parts <= 1 << 16 else part, kind="stable")  # uint16: a radix sort
     grouped = {name: values[order] for name, values in columns.items()}
     ends = np.cumsum(counts)
-    pieces = [memoryview(grouped[name][end - n:end]).cast("B") for n, end in zip(counts.tolist(), ends.tolist())
-              for name in columns]
-    write_bytes(url, b"".join(pieces))
+    with atomic_open(url) as f:  # piece by piece: no joined copy of the file in memory
+        for n, end in zip(counts.tolist(), ends.tolist()):
+            for name in columns:
+                f.write(memoryview(grouped[name][end - n:end]).cast("B"))
     return counts
 
 

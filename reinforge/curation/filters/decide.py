@@ -44,7 +44,7 @@ from reinforge.curation.filters.clusters import FilterError
 from reinforge.curation.filters.radix import (Selected, bin_histogram, concatenate_keys, in_bin, key_value,
                                               order_keys, select, sum_histograms)
 from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
-from reinforge.curation.filters.score_units import RepeatedRows, Unit, open_scores
+from reinforge.curation.filters.score_units import RepeatedRows, Scores, Unit, open_scores
 from reinforge.curation.filters.scores import UNIT_ROWS
 from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, uid_hex, uid_order
 from reinforge.io.parts import read_parts, write_parts
@@ -59,6 +59,7 @@ _SOURCES = {"clip_b32": "clip_b32_similarity_score", "clip_l14": "clip_l14_simil
 _MAX_U64 = np.uint64(2**64 - 1)
 UID_ROWS = {"hi": np.uint64, "lo": np.uint64, "row": np.int64}  # part file columns
 UIDS = {"hi": np.uint64, "lo": np.uint64}
+INLINE_UNIT_ROWS = 1 << 18
 
 
 @dataclass
@@ -109,7 +110,9 @@ def unit_uids(unit: Unit, _repeats, work: str, bits: int) -> np.ndarray:
         parts["hi"].append(b["uid_hi"])
         parts["lo"].append(b["uid_lo"])
         parts["row"].append(np.arange(start, start + n, dtype=np.int64))
-    return write_buckets(part_file(work, "uids", unit), _concatenate(parts, UID_ROWS), bits)
+    rows = _concatenate(parts, UID_ROWS)
+    del parts  # the batches: the unit's rows are held once while grouped
+    return write_buckets(part_file(work, "uids", unit), rows, bits)
 
 
 def bucket_repeats(parts: list[tuple[str, int, int]]) -> tuple[np.ndarray, list[str]]:
@@ -389,14 +392,18 @@ def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str]
     file, else inline (`where` names one); the bytes are the same."""
     rule = parse_rule(rule_text, semantics)
     names = columns(rule)
-    scores = open_scores(scores_dir, names, unit_rows)
+    scores = open_scores(scores_dir, names)
     if not scores.rows:
         raise FilterError(f"{scores_dir}: no scored rows ({scores.report.get('rows', 0)} metadata rows, "
                           f"{scores.report.get('malformed_uids', {}).get('rows', 0)} with malformed uids)")
     work = absolute_url(out) + ".work"
     with ray_session(address) if address else nullcontext():
-        tasks = TaskMap(where or where_to_map(len(scores.units), scores.rows))
-        passes = Passes(tasks, scores.units, work, bucket_bits(scores.rows))
+        units = scores.units(unit_rows)
+        where = where or where_to_map(len(units), scores.rows)
+        if where == "inline":  # the driver is the worker: small units keep its working set small
+            units = scores.units(min(unit_rows, INLINE_UNIT_ROWS))
+        tasks = TaskMap(where)
+        passes = Passes(tasks, units, work, bucket_bits(scores.rows))
         try:
             report = _decide(passes, scores, scores_dir, rule, rule_text, semantics, out)
         finally:
@@ -406,7 +413,7 @@ def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str]
     return report
 
 
-def _decide(passes: Passes, scores, scores_dir: str, rule: Rule, rule_text: str, semantics: str, out: str) -> dict:
+def _decide(passes: Passes, scores: Scores, scores_dir: str, rule: Rule, rule_text: str, semantics: str, out: str) -> dict:
     repeats, sample = mark_repeats(passes, scores.rows)
     tops = {a: _Top(a, semantics, passes, scores.types[a.column], scores.rows)
             for a in leaves(rule) if isinstance(a, Top)}

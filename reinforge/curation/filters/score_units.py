@@ -10,7 +10,7 @@ import numpy as np
 
 from reinforge.curation.filters.clusters import FilterError
 from reinforge.curation.filters.rules import NUMERIC
-from reinforge.curation.filters.scores import REPORT, SCORES, UNIT_ROWS
+from reinforge.curation.filters.scores import REPORT, SCORES
 from reinforge.io.storage import absolute_url, filesystem, read_text
 
 BATCH = 1 << 16  # rows per batch a task reads
@@ -53,15 +53,30 @@ class Unit:
 
 @dataclass
 class Scores:
-    """The scores file of a `filter score` folder: its report, rows, stored column types and units."""
+    """The scores file of a `filter score` folder: its report, stored column types and row group sizes."""
+    url: str
     report: dict
-    rows: int
     types: dict[str, np.dtype]
-    units: list[Unit]
+    row_groups: list[int]  # rows in each
+
+    @property
+    def rows(self) -> int:
+        return sum(self.row_groups)
+
+    def units(self, unit_rows: int) -> list[Unit]:
+        """Runs of whole row groups of ~unit_rows rows (a row group larger than that is a unit of its own)."""
+        units, groups, start, rows = [], [], 0, 0
+        for i, n in enumerate(self.row_groups):
+            groups.append(i)
+            rows += n
+            if rows >= unit_rows or i == len(self.row_groups) - 1:
+                units.append(Unit(self.url, tuple(groups), start, rows, BATCH))
+                groups, start, rows = [], start + rows, 0
+        return units
 
 
-def open_scores(scores_dir: str, names: list[str], unit_rows: int = UNIT_ROWS) -> Scores:
-    """Check that the scores exist and hold the columns `names`; cut them into units of ~unit_rows rows."""
+def open_scores(scores_dir: str, names: list[str]) -> Scores:
+    """Check that the scores exist and hold the columns `names`."""
     import pyarrow.parquet as pq
     scores_dir = absolute_url(scores_dir.rstrip("/"))
     url = f"{scores_dir}/{SCORES}"
@@ -78,15 +93,8 @@ def open_scores(scores_dir: str, names: list[str], unit_rows: int = UNIT_ROWS) -
                     else " (score with --cld3)" if "lang_cld3" in missing else "")
             raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-    units, groups, start, rows = [], [], 0, 0
-    for i, n in enumerate(sizes):
-        groups.append(i)
-        rows += n
-        if rows >= unit_rows or i == len(sizes) - 1:
-            units.append(Unit(url, tuple(groups), start, rows, BATCH))
-            groups, start, rows = [], start + rows, 0
     types = {n: np.dtype(schema.field(n).type.to_pandas_dtype()) for n in names if n in NUMERIC}
-    return Scores(report, sum(sizes), types, units)
+    return Scores(url, report, types, sizes)
 
 
 class RepeatedRows:
