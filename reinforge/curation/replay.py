@@ -50,6 +50,7 @@ from reinforge.formats.sources import InputError
 from reinforge.formats.subset import COUNTS_DTYPE, first_occurrence, read_subset, uid_order, write_subset
 from reinforge.io.manifest import RunLayout
 from reinforge.io.storage import exists, filesystem, read_text, write_bytes
+from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 POLICIES = ("sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "oracle")
 BUFFERS = ("independent", "nested")
@@ -268,39 +269,45 @@ def build_schedule(splits_dir: str, policy: str, budget: int, out_dir: str, seed
     schedule = {"format": "reinforge.replay_schedule/1", "splits_dir": splits_dir, "policy": policy,
                 "budget": budget, "seed": seed, "new_fraction": new_fraction, "buffer": buffer, "steps": []}
     nested = NestedBuffer(seed) if buffer == "nested" else None
-    for t, name in enumerate(steps):
-        label = f"step {t} ({name})"
-        weights = policy_weights(policy, t, steps, sizes, Fraction(new_fraction), fn)
-        counts = allocate(weights, budget, label)
-        for split, c in counts.items():
-            if available[split] == 0:
-                raise ScheduleError(f"{label}: split {split} is empty but the policy draws {c} samples from it")
-        total_w = sum(weights.values())
-        sources = [{"split": s, "samples": c, "available": available[s], "weight": float(weights[s] / total_w),
-                    "upsampling_factor": c / available[s]} for s, c in counts.items()]
-        entry = {"index": t, "step": name, "total": sum(counts.values()), "sources": sources}
-        _check_step(entry, budget, label)
-        if shards:
-            entry["open_clip"] = {
-                "train_data": "::".join(shards[s["split"]][0] for s in sources),
-                "train_data_upsampling_factors": "::".join(f"{s['upsampling_factor']:.10g}" for s in sources),
-                "train_num_samples": budget, "dataset_resampled": True}
-        if write_subsets:
-            if nested is not None:
-                nested.drop_undrawn(counts, steps, t)
-            step_file = f"{out_dir.rstrip('/')}/{name}.npy"
-            # streamed through uid buckets (driver memory flat in the pool, #16); the nested buffer and
-            # split files not in DataComp's sorted unique form are built in memory
-            unique = None if nested is not None else stream_step_subset(files, counts, seed, t, index, step_file,
-                                                                        ScheduleError)
-            if unique is None:
-                uids, mult = step_subset(files, counts, seed, t, index, nested)
-                if int(mult.sum()) != budget:
-                    raise ScheduleError(f"{label}: subset multiplicities sum to {int(mult.sum())}, budget is {budget}")
-                write_subset(step_file, uids, mult)
-                unique = len(uids)
-            entry.update(subset=f"{name}.npy", counts=f"{name}.counts.npy", unique_uids=int(unique))
-        schedule["steps"].append(entry)
+    # the streamed steps' passes: on Ray when it is up, on worker processes for large splits, else inline
+    tasks = TaskMap(where_to_map(len(steps), sum(sizes.values()) if write_subsets else 0))
+    try:
+        for t, name in enumerate(steps):
+            label = f"step {t} ({name})"
+            weights = policy_weights(policy, t, steps, sizes, Fraction(new_fraction), fn)
+            counts = allocate(weights, budget, label)
+            for split, c in counts.items():
+                if available[split] == 0:
+                    raise ScheduleError(f"{label}: split {split} is empty but the policy draws {c} samples from it")
+            total_w = sum(weights.values())
+            sources = [{"split": s, "samples": c, "available": available[s], "weight": float(weights[s] / total_w),
+                        "upsampling_factor": c / available[s]} for s, c in counts.items()]
+            entry = {"index": t, "step": name, "total": sum(counts.values()), "sources": sources}
+            _check_step(entry, budget, label)
+            if shards:
+                entry["open_clip"] = {
+                    "train_data": "::".join(shards[s["split"]][0] for s in sources),
+                    "train_data_upsampling_factors": "::".join(f"{s['upsampling_factor']:.10g}" for s in sources),
+                    "train_num_samples": budget, "dataset_resampled": True}
+            if write_subsets:
+                if nested is not None:
+                    nested.drop_undrawn(counts, steps, t)
+                step_file = f"{out_dir.rstrip('/')}/{name}.npy"
+                # streamed through uid buckets (driver memory flat in the pool, #16); the nested buffer and
+                # split files not in DataComp's sorted unique form are built in memory
+                unique = None if nested is not None else stream_step_subset(files, counts, seed, t, index, step_file,
+                                                                            ScheduleError, tasks)
+                if unique is None:
+                    uids, mult = step_subset(files, counts, seed, t, index, nested)
+                    if int(mult.sum()) != budget:
+                        raise ScheduleError(f"{label}: subset multiplicities sum to {int(mult.sum())}, "
+                                            f"budget is {budget}")
+                    write_subset(step_file, uids, mult)
+                    unique = len(uids)
+                entry.update(subset=f"{name}.npy", counts=f"{name}.counts.npy", unique_uids=int(unique))
+            schedule["steps"].append(entry)
+    finally:
+        tasks.close()
     write_bytes(f"{out_dir.rstrip('/')}/schedule.json", json.dumps(schedule, indent=1).encode())
     return schedule
 

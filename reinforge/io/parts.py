@@ -22,6 +22,11 @@ def write_parts(url: str, columns: dict[str, np.ndarray], part: np.ndarray, part
     return counts
 
 
+def concatenate_columns(pieces: dict[str, list[np.ndarray]], dtypes: dict[str, type]) -> dict[str, np.ndarray]:
+    """Each column's pieces joined (an empty column of its dtype when there are none)."""
+    return {name: np.concatenate(v) if v else np.zeros(0, dtypes[name]) for name, v in pieces.items()}
+
+
 def read_parts(parts: list[tuple[str, int, int]], dtypes: dict[str, type]) -> dict[str, np.ndarray]:
     """Rows start..stop-1 of each (file, start, stop), concatenated in the order given."""
     width = sum(np.dtype(t).itemsize for t in dtypes.values())
@@ -37,7 +42,7 @@ def read_parts(parts: list[tuple[str, int, int]], dtypes: dict[str, type]) -> di
         for name, t in dtypes.items():
             out[name].append(np.frombuffer(data, t, stop - start, at))
             at += (stop - start) * np.dtype(t).itemsize
-    return {name: np.concatenate(v) if v else np.zeros(0, dtypes[name]) for name, v in out.items()}
+    return concatenate_columns(out, dtypes)
 
 
 PREFIX_BITS = 16  # bucket_of's lookup table: one entry per value of a uid's top 16 bits
@@ -68,3 +73,21 @@ def bucket_of(hi: np.ndarray, lo: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         b[todo] -= 1
         todo = todo[b[todo] > 0]
     return b
+
+
+def uid_bucket(hi: np.ndarray, bits: int) -> np.ndarray:
+    """The uid bucket of each high half: its top `bits` bits (buckets in order are ranges of uid order)."""
+    return (hi >> np.uint64(64 - bits)).astype(np.int64)
+
+
+def write_uid_buckets(url: str, columns: dict[str, np.ndarray], bits: int) -> np.ndarray:
+    """Rows (columns with "hi") to a part file grouped by uid bucket; their count per bucket."""
+    return write_parts(url, columns, uid_bucket(columns["hi"], bits), 1 << bits)
+
+
+def bucket_parts(files: list[str], counts: np.ndarray) -> list[list[tuple[str, int, int]]]:
+    """Per part, its (file, first row, end row) in each of `files`, which hold counts[file, part] rows of it
+    (empty pieces left out): what read_parts takes."""
+    ends = np.cumsum(counts, axis=1)
+    return [[(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, k].tolist(), ends[:, k].tolist()) if n]
+            for k in range(counts.shape[1])]

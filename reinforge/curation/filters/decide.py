@@ -47,7 +47,7 @@ from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, 
 from reinforge.curation.filters.score_units import RepeatedRows, Scores, Unit, open_scores
 from reinforge.curation.filters.scores import UNIT_ROWS
 from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, uid_hex, uid_order
-from reinforge.io.parts import read_parts, write_parts
+from reinforge.io.parts import bucket_parts, concatenate_columns, read_parts, write_uid_buckets
 from reinforge.io.spill import bucket_bits
 from reinforge.io.storage import absolute_url, atomic_open, remove_tree, write_bytes
 from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
@@ -80,25 +80,12 @@ class Passes:
     def per_bucket(self, fn, kind: str, counts: list[np.ndarray]) -> Iterator:
         """fn(parts) for each uid bucket that holds rows, in uid order: parts are (part file, first row, end
         row) of the `kind` part files the units wrote, counts[unit][bucket] rows each."""
-        counts = np.stack(counts)
-        ends = np.cumsum(counts, axis=1)
         files = [part_file(self.work, kind, u) for u in self.units]
-        buckets = [[(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, k], ends[:, k]) if n]
-                   for k in range(counts.shape[1])]
-        return self.tasks(fn, [(parts,) for parts in buckets if parts], ())
+        return self.tasks(fn, [(parts,) for parts in bucket_parts(files, np.stack(counts)) if parts], ())
 
 
 def part_file(work: str, kind: str, unit: Unit) -> str:
     return f"{work}/{kind}/{unit.start:016d}.bin"
-
-
-def write_buckets(url: str, columns: dict[str, np.ndarray], bits: int) -> np.ndarray:
-    """Rows to a part file grouped by uid bucket; their count per bucket."""
-    return write_parts(url, columns, (columns["hi"] >> np.uint64(64 - bits)).astype(np.int64), 1 << bits)
-
-
-def _concatenate(parts: dict[str, list], dtypes: dict) -> dict[str, np.ndarray]:
-    return {k: np.concatenate(v) if v else np.zeros(0, dtypes[k]) for k, v in parts.items()}
 
 
 # --- pass 1: the rows whose uid an earlier row has ----------------------------------------------------------
@@ -110,9 +97,9 @@ def unit_uids(unit: Unit, _repeats, work: str, bits: int) -> np.ndarray:
         parts["hi"].append(b["uid_hi"])
         parts["lo"].append(b["uid_lo"])
         parts["row"].append(np.arange(start, start + n, dtype=np.int64))
-    rows = _concatenate(parts, UID_ROWS)
+    rows = concatenate_columns(parts, UID_ROWS)
     del parts  # the batches: the unit's rows are held once while grouped
-    return write_buckets(part_file(work, "uids", unit), rows, bits)
+    return write_uid_buckets(part_file(work, "uids", unit), rows, bits)
 
 
 def bucket_repeats(parts: list[tuple[str, int, int]]) -> tuple[np.ndarray, list[str]]:
@@ -343,8 +330,8 @@ def decide_unit(unit: Unit, repeats: RepeatedRows, rule: Rule, semantics: str, t
         kept["hi"].append(b["uid_hi"][true])
         kept["lo"].append(b["uid_lo"][true])
         unique_rows += int(unique.sum())
-    kept = _concatenate(kept, UIDS)
-    buckets = write_buckets(part_file(work, "kept", unit), kept, bits)
+    kept = concatenate_columns(kept, UIDS)
+    buckets = write_uid_buckets(part_file(work, "kept", unit), kept, bits)
     return UnitDecision(counts, unique_rows, len(kept["hi"]), seen, buckets)
 
 
@@ -413,7 +400,8 @@ def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str]
     return report
 
 
-def _decide(passes: Passes, scores: Scores, scores_dir: str, rule: Rule, rule_text: str, semantics: str, out: str) -> dict:
+def _decide(passes: Passes, scores: Scores, scores_dir: str, rule: Rule, rule_text: str, semantics: str,
+            out: str) -> dict:
     repeats, sample = mark_repeats(passes, scores.rows)
     tops = {a: _Top(a, semantics, passes, scores.types[a.column], scores.rows)
             for a in leaves(rule) if isinstance(a, Top)}
