@@ -41,8 +41,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from reinforge.curation.filters.clusters import FilterError
-from reinforge.curation.filters.radix import (Selected, bin_histogram, concatenate_keys, in_bin, key_value,
-                                              order_keys, select, sum_histograms)
+from reinforge.curation.filters.radix import (Selected, bin_histogram, concatenate_keys, in_bin, key_value, order_keys,
+                                              select, sum_histograms)
 from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
 from reinforge.curation.filters.score_units import RepeatedRows, Scores, Unit, open_scores
 from reinforge.curation.filters.scores import UNIT_ROWS

@@ -22,11 +22,11 @@ import pyarrow as pa
 from reinforge.formats.subset import first_occurrence, make_subset, uid_hex, uid_order
 from reinforge.formats.uid_index import index_cache_dir, load_or_build
 from reinforge.io.manifest import RunLayout, Task
+from reinforge.io.parts import bucket_of, read_parts, write_parts
 from reinforge.io.storage import exists, remove, write_bytes
 from reinforge.products.reshard.assignment import lexsort_nonnegative
 from reinforge.products.reshard.partitions import (POOL_COLUMNS, commit_file, duplicate_examples, first_in_pool,
                                                    plan_table_bytes, pool_to_buckets)
-from reinforge.io.parts import bucket_of, read_parts, write_parts
 from reinforge.products.reshard.pool import SAMPLE
 from reinforge.products.reshard.subset_file import partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map

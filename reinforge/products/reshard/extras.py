@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 
 from reinforge.formats.datacompnet import class_id_table, class_ids_for, read_class_ids
 from reinforge.formats.subset import UID_OK, UidLookup, locate, parse_hex_uids, uid_hex
+from reinforge.io.parts import bucket_of, read_parts, write_parts
 from reinforge.io.storage import filesystem
 from reinforge.products.reshard import face_blur
-from reinforge.io.parts import bucket_of, read_parts, write_parts
 from reinforge.products.reshard.pool import SAMPLE
 
 META_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "file": np.int32, "row": np.int64, "boxes": np.int32}

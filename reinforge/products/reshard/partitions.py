@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 
 from reinforge.formats.subset import UidLookup, locate, make_subset, stable_argsort, uid_hex
 from reinforge.formats.uid_index import INDEX_STATUS, load_or_build
+from reinforge.io.parts import bucket_of, read_parts, write_parts
 from reinforge.io.storage import exists, read_bytes, write_bytes
 from reinforge.products.reshard import extras
 from reinforge.products.reshard.assignment import copy_keys, order_inside
-from reinforge.io.parts import bucket_of, read_parts, write_parts
 from reinforge.products.reshard.pool import SAMPLE
 from reinforge.products.reshard.subset_file import SubsetFile
 
