@@ -109,7 +109,7 @@ class Draw:
     start: int
     rows: int
     base: int
-    chosen: Optional[tuple[str, int, int]]  # (part file, first, end) of the chosen rows inside the run
+    chosen: list[tuple[str, int, int]]  # the piece of the chosen rows' part file inside the run (or none)
     chunk: int
 
 
@@ -124,7 +124,7 @@ def choose(url: str, size: int, extra: int, seed: int, t: int, split: int, unit_
 def draw(d: Draw, out: str, bits: int) -> Optional[tuple[np.ndarray, int]]:
     """A run's drawn uids and their multiplicities to a part file by uid bucket: (rows per bucket, copies
     drawn), or None when the split file is not in DataComp's sorted unique form."""
-    chosen = read_parts([d.chosen], {"row": np.int64})["row"] if d.chosen else np.zeros(0, np.int64)
+    chosen = read_parts(d.chosen, {"row": np.int64})["row"]
     parts = {"hi": [], "lo": [], "mult": []}
     drawn = 0
     try:
@@ -182,21 +182,20 @@ def stream_step_subset(files: dict[str, str], counts: dict[str, int], seed: int,
 
 def _stream(files, counts, sizes, seed, t, split_index, out, error, tasks, unit_rows, work, unique) -> Optional[int]:
     splits = list(counts)
-    extra = {s: counts[s] % sizes[s] for s in splits}
-    choices = [(f"{work}/chosen/{split_index[s]:06d}.bin", sizes[s], extra[s], seed, t, split_index[s], unit_rows)
-               for s in splits if extra[s]]
-    chosen = dict(zip([s for s in splits if extra[s]], tasks(choose, choices, ())))
+    chosen_files = {s: f"{work}/chosen/{split_index[s]:06d}.bin" for s in splits if counts[s] % sizes[s]}
+    choices = [(chosen_files[s], sizes[s], counts[s] % sizes[s], seed, t, split_index[s], unit_rows)
+               for s in chosen_files]
+    chosen = {s: bucket_parts([chosen_files[s]], per_unit[None]) for s, per_unit in
+              zip(chosen_files, tasks(choose, choices, ()))}  # per draw unit: its piece of the chosen rows
     draws, owners = [], []
     for s in splits:
-        ends = np.cumsum(chosen[s]) if s in chosen else None
         for k, start in enumerate(range(0, sizes[s], unit_rows)):
-            part = (f"{work}/chosen/{split_index[s]:06d}.bin", int(ends[k] - chosen[s][k]), int(ends[k])) \
-                if s in chosen and chosen[s][k] else None
-            draws.append(Draw(files[s], start, min(unit_rows, sizes[s] - start), counts[s] // sizes[s], part, CHUNK))
+            mine = chosen[s][k] if s in chosen else []
+            draws.append(Draw(files[s], start, min(unit_rows, sizes[s] - start), counts[s] // sizes[s], mine, CHUNK))
             owners.append(s)
     bits = bucket_bits(unique)
     drawn_files = [f"{work}/drawn/{i:08d}.bin" for i in range(len(draws))]
-    results = list(tasks(draw, [(d, f) for d, f in zip(draws, drawn_files)], (bits,)))
+    results = list(tasks(draw, list(zip(draws, drawn_files)), (bits,)))
     if any(r is None for r in results):
         return None
     drawn = dict.fromkeys(splits, 0)
