@@ -176,8 +176,8 @@ def test_units_and_workers_write_the_same_bytes(tmp_path):
     for name, unit_rows, where in (("whole", 10**9, "inline"), ("units", 7, "inline"), ("units100", 100, "inline"),
                                    ("processes", 40, "processes"), ("ray", 100, "ray")):
         out = tmp_path / name
-        build_splits(inputs, str(out), SplitOptions(timestamp_format="iso", eval_uids=[eval_path],
-                                                        unit_rows=unit_rows), where=where)
+        options = SplitOptions(timestamp_format="iso", eval_uids=[eval_path], unit_rows=unit_rows)
+        build_splits(inputs, str(out), options, where=where)
         assert not [p.name for p in out.iterdir() if "work" in p.name]
         manifest = json.loads((out / "splits.json").read_text())
         manifest.pop("seconds")
