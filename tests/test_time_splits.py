@@ -188,6 +188,13 @@ def test_units_and_workers_write_the_same_bytes(tmp_path):
     assert manifest["duplicates"]["rows"] > 27 + 35 and manifest["duplicates"]["conflicting_bucket"] > 0
     assert manifest["eval"]["removed"] > 0 and manifest["malformed_uids"]["rows"] == 36
     assert manifest["unknown"]["uids"] > 0 and manifest["out_of_range"]["uids"] > 0
+    # a bad input found inside a task is the same one-line error wherever the task ran
+    pa.parquet.write_table(pa.table({"uid": ["a" * 32], "timestamp": [True]}), tmp_path / "bool.parquet")
+    for where in ("inline", "processes", "ray"):
+        with pytest.raises(SplitError, match="timestamp column has type bool"):
+            build_splits([inputs[0], str(tmp_path / "bool.parquet")], str(tmp_path / "bad"), SplitOptions(
+                timestamp_format="iso", unit_rows=100), where=where)
+        assert not (tmp_path / "bad" / ".splits.work").exists()
 
 
 def test_duplicates_malformed_and_garbage_are_counted(tmp_path):
