@@ -167,14 +167,15 @@ def _dedupe_buckets(passes: _Passes, unit_counts: list[np.ndarray], eval_set: np
     files = [unit_part(passes.work, u) for u in passes.units]
     shift = np.uint64(64 - passes.bits)
     eval_bounds = np.searchsorted(eval_set["f0"] >> shift, np.arange((1 << passes.bits) + 1, dtype=np.uint64))
-    per_bucket, buckets = [], []
-    for b in np.flatnonzero(counts.sum(axis=0)).tolist():
-        parts = [(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, b], ends[:, b]) if n]
-        evals = np.ascontiguousarray(eval_set[eval_bounds[b]:eval_bounds[b + 1]])  # the bucket's eval uids alone
-        per_bucket.append((parts, evals, bucket_part(passes.work, b)))
-        buckets.append(b)
+    buckets = np.flatnonzero(counts.sum(axis=0)).tolist()
+
+    def per_bucket():  # made as the tasks start: (units x buckets) part ranges are never all held
+        for b in buckets:
+            parts = [(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, b], ends[:, b]) if n]
+            evals = np.ascontiguousarray(eval_set[eval_bounds[b]:eval_bounds[b + 1]])  # the bucket's eval uids
+            yield parts, evals, bucket_part(passes.work, b)
     bucket_counts = []
-    for part, uids_per_key in passes.tasks(split_bucket, per_bucket, (keys,)):
+    for part, uids_per_key in passes.tasks(split_bucket, per_bucket(), (keys,)):
         report.merge(part)
         bucket_counts.append(uids_per_key)
     return buckets, bucket_counts
