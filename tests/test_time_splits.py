@@ -148,6 +148,55 @@ def test_spilled_and_in_memory_outputs_are_identical(pool_metadata, tmp_path):
         assert (tmp_path / "a" / f"{name}{ext}").read_bytes() == (tmp_path / "b" / f"{name}{ext}").read_bytes()
 
 
+def _mixed_inputs(root) -> tuple[list[str], str]:
+    """Three metadata files (iso timestamps, malformed uids, unparseable and out-of-range times, uids repeated
+    inside a file and across files, with other timestamps), a uid file, and eval uids from several files."""
+    tables = [metadata_table(700, seed=s, fmt="iso", bad_uids=12, duplicates=9) for s in (21, 22, 23)]
+    tables[1] = tables[1].set_column(0, "uid", pa.concat_arrays([tables[0]["uid"].combine_chunks()[:60],
+                                                                 tables[1]["uid"].combine_chunks()[60:]]))
+    tables[2] = tables[2].set_column(0, "uid", pa.concat_arrays([tables[1]["uid"].combine_chunks()[100:150],
+                                                                 tables[2]["uid"].combine_chunks()[50:]]))
+    paths = []
+    for i, (t, group) in enumerate(zip(tables, (50, 33, 700))):
+        write_metadata(root / f"m{i}.parquet", t, group)
+        paths.append(str(root / f"m{i}.parquet"))
+    hi, lo, status = parse_hex_uids(pa.concat_tables(tables)["uid"])
+    hi, lo = hi[status == 0], lo[status == 0]
+    np.save(root / "2019.npy", sorted_subset(np.r_[hi[5:40], random_uids(30, np.random.default_rng(4))[1]],
+                                             np.r_[lo[5:40], random_uids(30, np.random.default_rng(4))[2]]))
+    write_subset(str(root / "eval.npy"), sorted_subset(hi[::37], lo[::37]))
+    return paths[:2] + [str(root / "2019.npy"), paths[2]], str(root / "eval.npy")
+
+
+def test_units_and_workers_write_the_same_bytes(tmp_path):
+    """Cut into tiny units (a few row groups, uid file row ranges) and run inline, on worker processes and as
+    Ray tasks, `splits` writes the bytes of one unit per file, and leaves no work files."""
+    inputs, eval_path = _mixed_inputs(tmp_path)
+    outputs = {}
+    for name, unit_rows, where in (("whole", 10**9, "inline"), ("units", 7, "inline"), ("units100", 100, "inline"),
+                                   ("processes", 40, "processes"), ("ray", 100, "ray")):
+        out = tmp_path / name
+        options = SplitOptions(timestamp_format="iso", eval_uids=[eval_path], unit_rows=unit_rows)
+        build_splits(inputs, str(out), options, where=where)
+        assert not [p.name for p in out.iterdir() if "work" in p.name]
+        manifest = json.loads((out / "splits.json").read_text())
+        manifest.pop("seconds")
+        outputs[name] = ({p.name: p.read_bytes() for p in out.iterdir() if p.name != "splits.json"}, manifest)
+    whole, manifest = outputs["whole"]
+    assert all(o == outputs["whole"] for o in outputs.values())
+    assert len(whole) == 10 and manifest["rows"] == 2100 + 65
+    assert manifest["duplicates"]["rows"] > 27 + 35 and manifest["duplicates"]["conflicting_bucket"] > 0
+    assert manifest["eval"]["removed"] > 0 and manifest["malformed_uids"]["rows"] == 36
+    assert manifest["unknown"]["uids"] > 0 and manifest["out_of_range"]["uids"] > 0
+    # a bad input found inside a task is the same one-line error wherever the task ran
+    pa.parquet.write_table(pa.table({"uid": ["a" * 32], "timestamp": [True]}), tmp_path / "bool.parquet")
+    for where in ("inline", "processes", "ray"):
+        with pytest.raises(SplitError, match="timestamp column has type bool"):
+            build_splits([inputs[0], str(tmp_path / "bool.parquet")], str(tmp_path / "bad"), SplitOptions(
+                timestamp_format="iso", unit_rows=100), where=where)
+        assert not (tmp_path / "bad" / ".splits.work").exists()
+
+
 def test_duplicates_malformed_and_garbage_are_counted(tmp_path):
     table = metadata_table(20_000, seed=5, fmt="iso", bad_uids=40, duplicates=25)
     write_metadata(tmp_path / "m.parquet", table, 5_000)

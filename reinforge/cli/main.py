@@ -194,14 +194,21 @@ def demo(output, config, address):
 @click.option("--boundaries", default=None, help="--by boundaries: ascending labels, e.g. 2014,2017,2019-07,2023")
 @click.option("--range", "range_", default=None, help="--by year/month: START:END inclusive, e.g. 2014:2022")
 @click.option("--eval-uids", multiple=True, help="subset .npy of evaluation uids to remove (repeatable)")
-@click.option("--memory-rows", default=64 << 20, show_default=True, help="rows buffered before spilling to disk")
+@click.option("--memory-rows", default=64 << 20, show_default=True,
+              help="no longer used (no pass holds the pool); accepted so older commands work")
+@click.option("--unit-rows", default=None, type=click.IntRange(min=1),
+              help="rows per task, in whole row groups [default: 1,000,000]")
+@click.option("--address", default=None,
+              help="Ray address for the tasks (default: worker processes of this machine for 2M rows or more)")
 @user_errors
 def splits(metadata, out, uid_column, timestamp_column, timestamp_format, by, boundaries, range_, eval_uids,
-           memory_rows):
+           memory_rows, unit_rows, address):
     """Time splits (TiC-DataComp) from metadata Parquet or per-period uid files (YYYY.npy / YYYYMM.npy)."""
+    from reinforge.curation.split_units import UNIT_ROWS
     from reinforge.curation.time_splits import SplitOptions, build_splits
     options = SplitOptions(uid_column, timestamp_column, timestamp_format, by,
-                           boundaries.split(",") if boundaries else None, range_, list(eval_uids), memory_rows)
+                           boundaries.split(",") if boundaries else None, range_, list(eval_uids), memory_rows,
+                           unit_rows or UNIT_ROWS, address)
     m = build_splits(list(metadata), out, options)
     click.echo(f"{len(m['steps'])} splits -> {out}")
     for name in m["steps"]:

@@ -1,11 +1,16 @@
-"""TiC-DataComp time splits: stream metadata, bucket every uid by time, write DataComp subset files.
+"""TiC-DataComp time splits: bucket every uid by time, write DataComp subset files.
 
-Driver-side and Ray-free. One pass over the inputs, a record batch at a time: uids are parsed to
-(high, low) 64-bit halves and each row gets a bucket key. Rows are kept as 20 bytes each, radix-
-partitioned by the top byte of the uid and spilled to disk past `memory_rows`, so memory is bounded
-by a batch plus one partition (1/256 of the pool), never by the pool. Each partition is then sorted,
-de-duplicated, cleaned of evaluation uids and appended to the per-bucket outputs; since partitions
-are visited in uid order, every output comes out globally sorted without a merge.
+Every uid is parsed to (high, low) 64-bit halves and each row gets a bucket key. The work runs as tasks
+(split_units.py; TaskMap: Ray, worker processes or inline) in two passes, and the driver holds per-unit
+and per-bucket counts (O(inputs + uid buckets)), never a column:
+1. per unit (whole row groups of ~unit_rows rows): parse, count the report's figures, and route each good
+   row's (uid, key) to uid buckets (the top bits of the uid) in a part file, rows in input order;
+2. per uid bucket: a stable uid sort of its rows from every unit (in unit order) finds the repeats, so the
+   first occurrence in input order keeps its bucket; evaluation uids are removed; the uids are written
+   grouped by output file, in uid order.
+The driver then writes each output file (np.save's bytes) as the buckets' pieces in bucket order: uid
+order, without a merge. Part files live in a work folder beside the output (so tasks on any node see
+them), removed at the end. Units and buckets change how the work is cut, never the bytes written.
 
 Every input row is accounted for exactly once (checked before anything is written):
   rows = malformed uids + duplicate rows + eval uids removed + sum of uids over all output files
@@ -16,39 +21,28 @@ order (files in the order given, rows in file order) keeps its bucket; later one
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
-from reinforge.curation.time_buckets import (MIN_MONTH, OUT_OF_RANGE, TIMESTAMP_FORMATS, TS_BEYOND, TS_MISSING,
-                                             TS_UNPARSEABLE, UNKNOWN, Bucketing, SplitError, make_bucketing,
-                                             month_index, month_label, parse_period)
-from reinforge.formats.subset import (SUBSET_DTYPE, UID_OK, UID_STATUS_NAMES, first_occurrence, isin, parse_hex_uids,
-                                      read_subset, uid_hex, uid_order)
-from reinforge.formats.uid_store import RowStore, SubsetOut
-from reinforge.io.storage import filesystem, write_bytes
+from reinforge.curation.split_units import (SAMPLE, UNIT_ROWS, SplitReport, bucket_part, check_input, cut_units,
+                                            split_bucket, split_unit, unit_part)
+from reinforge.curation.time_buckets import (OUT_OF_RANGE, TIMESTAMP_FORMATS, UNKNOWN, Bucketing, SplitError,
+                                             make_bucketing, month_label)
+from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, read_subset, uid_order
+from reinforge.io.spill import bucket_bits
+from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree, write_bytes
+from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
 
-SAMPLE = 10  # examples kept per reported problem
+__all__ = ["SAMPLE", "SplitError", "SplitOptions", "SplitReport", "build_splits", "expand_inputs"]
+INLINE_UNIT_ROWS = 1 << 18  # inline, the driver is the worker: small units keep its working set small
+COPY_BYTES = 64 << 20  # a piece of an output file is copied in blocks of this size
 
 
 # ---------------------------------------------------------------- inputs
-
-@dataclass
-class Batch:
-    hi: np.ndarray
-    lo: np.ndarray
-    uid_status: np.ndarray
-    months: np.ndarray
-    ts_status: np.ndarray
-    key_override: Optional[int] = None  # uid files: the whole batch falls in one bucket
-    raw_uids: object = None  # pyarrow strings, for reporting malformed values
-    raw_ts: object = None
-
 
 def expand_inputs(paths: list[str]) -> list[str]:
     """Files as given; a directory expands to its sorted *.parquet and *.npy files."""
@@ -69,97 +63,6 @@ def expand_inputs(paths: list[str]) -> list[str]:
     return out
 
 
-def _open_parquet(f, url: str):
-    import pyarrow.parquet as pq
-    try:
-        return pq.ParquetFile(f)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise SplitError(f"{url}: not a readable Parquet file ({exc})") from None
-
-
-def _parquet_row_group(url: str, index: int, columns: list[str], fmt: str) -> Batch:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:  # one handle per call: a ParquetFile is not shared between threads
-        table = _open_parquet(f, url).read_row_group(index, columns=columns, use_threads=False)
-    uids, stamps = table.column(columns[0]).combine_chunks(), table.column(columns[1]).combine_chunks()
-    hi, lo, ustatus = parse_hex_uids(uids)
-    months, tstatus = month_index(stamps, fmt)
-    return Batch(hi, lo, ustatus, months, tstatus, raw_uids=uids, raw_ts=stamps)
-
-
-def parquet_batches(url: str, uid_column: str, ts_column: str, fmt: str, threads: int = 2) -> Iterator[Batch]:
-    """One batch per row group (memory: a few row groups), parsed on `threads` threads; pyarrow and
-    numpy release the GIL, so reading row group i+1 overlaps parsing row group i. Order is kept."""
-    from concurrent.futures import ThreadPoolExecutor
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        pf = _open_parquet(f, url)
-        names, groups = pf.schema_arrow.names, pf.num_row_groups
-    for column, flag in ((uid_column, "--uid-column"), (ts_column, "--timestamp-column")):
-        if column not in names:
-            raise SplitError(f"{url}: no column {column!r} ({flag}); columns: {', '.join(names[:12])}")
-    columns = [uid_column, ts_column]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending = []
-        for i in range(groups):
-            pending.append(pool.submit(_parquet_row_group, url, i, columns, fmt))
-            if len(pending) > threads:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
-
-
-def uid_file_batches(url: str, bucketing: Bucketing, chunk: int = 1 << 20) -> Iterator[Batch]:
-    """A TiC-style per-period uid file (`2019.npy`, `201903.npy`): its name is its period."""
-    from reinforge.formats.subset import _load_npy
-    stem = url.rpartition("/")[2][:-len(".npy")]
-    try:
-        start, end = parse_period(stem)
-    except SplitError:
-        raise SplitError(f"{url}: a uid file must be named by its period (YYYY.npy or YYYYMM.npy)") from None
-    if bucketing.by == "month" and end - start != 1:
-        raise SplitError(f"{url}: a whole-year uid file cannot be split by month")
-    key = bucketing.key_of_period(start, end)
-    raw = _load_npy(url)
-    if raw.dtype.names is None or len(raw.dtype.names) != 2:
-        raise SplitError(f"{url}: dtype {raw.dtype} is not DataComp's u8,u8 subset format")
-    hi_all, lo_all = raw[raw.dtype.names[0]], raw[raw.dtype.names[1]]
-    for s in range(0, len(raw), chunk):
-        n = min(chunk, len(raw) - s)
-        yield Batch(hi_all[s:s + n].astype(np.uint64), lo_all[s:s + n].astype(np.uint64),
-                    np.zeros(n, np.int8), np.full(n, start, np.int64), np.zeros(n, np.int8), key_override=key)
-
-
-# ---------------------------------------------------------------- the split builder
-
-@dataclass
-class SplitReport:
-    rows: int = 0
-    rows_by_key: dict[int, int] = field(default_factory=dict)  # before de-duplication / eval removal
-    missing: int = 0
-    unparseable: int = 0
-    unparseable_sample: list = field(default_factory=list)
-    below: int = 0
-    above: int = 0
-    earliest_out: Optional[int] = None
-    latest_out: Optional[int] = None
-    malformed: dict[str, int] = field(default_factory=dict)
-    malformed_sample: list = field(default_factory=list)
-    duplicates: int = 0
-    duplicates_conflicting: int = 0
-    duplicates_by_key: dict[int, int] = field(default_factory=dict)
-    duplicate_sample: list = field(default_factory=list)
-    eval_removed_by_key: dict[int, int] = field(default_factory=dict)
-    uids_by_key: dict[int, int] = field(default_factory=dict)
-
-
-def _add_counts(target: dict, keys: np.ndarray) -> None:
-    counts = np.bincount(keys.astype(np.int64) - OUT_OF_RANGE)  # keys are >= OUT_OF_RANGE (-2)
-    for i in np.flatnonzero(counts).tolist():
-        k = i + OUT_OF_RANGE
-        target[k] = target.get(k, 0) + int(counts[i])
-
-
 @dataclass
 class SplitOptions:
     uid_column: str = "uid"
@@ -169,39 +72,41 @@ class SplitOptions:
     boundaries: Optional[list[str]] = None
     range: Optional[str] = None
     eval_uids: list[str] = field(default_factory=list)
-    memory_rows: int = 64 << 20  # ~1.3 GB of buffered rows before partitions spill to disk
+    memory_rows: int = 64 << 20  # no longer used (no pass holds the pool); kept so older commands and configs work
+    unit_rows: int = UNIT_ROWS  # rows per pass-1 task, in whole row groups
+    address: Optional[str] = None  # Ray cluster for the tasks (default: Ray of this process, else worker processes)
 
 
-def build_splits(inputs: list[str], out_dir: str, options: SplitOptions) -> dict:
+def build_splits(inputs: list[str], out_dir: str, options: SplitOptions, where: Optional[str] = None) -> dict:
     """Bucket every input row, write `<split>.npy`, `unknown.npy`, `out_of_range.npy`, `sizes.json` and
-    the manifest `splits.json` under `out_dir`; return the manifest."""
+    the manifest `splits.json` under `out_dir`; return the manifest. The passes run as tasks on Ray
+    (`options.address`, or the Ray of this process), on worker processes for a large pool, else inline
+    (`where` names one: "ray", "processes", "inline"); the bytes are the same."""
     started = time.perf_counter()
     if options.timestamp_format not in TIMESTAMP_FORMATS:
         raise SplitError(f"--timestamp-format {options.timestamp_format!r}: "
                          f"expected one of {', '.join(TIMESTAMP_FORMATS)}")
     bucketing = make_bucketing(options.by, options.boundaries, options.range)
-    files = expand_inputs(inputs)
+    files = [check_input(url, options.uid_column, options.timestamp_column, bucketing)
+             for url in expand_inputs(inputs)]
     eval_set, eval_files = _load_eval(options.eval_uids)
-    report = SplitReport()
-    spill_dir = tempfile.mkdtemp(prefix="reinforge-splits-")
-    try:
-        store = RowStore(options.memory_rows, spill_dir)
-        input_rows = []
-        for url in files:
-            rows_before = report.rows
-            batches = (uid_file_batches(url, bucketing) if url.endswith(".npy") else
-                       parquet_batches(url, options.uid_column, options.timestamp_column, options.timestamp_format))
-            for batch in batches:
-                _ingest(batch, bucketing, store, report, url, report.rows - rows_before)
-            input_rows.append({"path": url, "kind": "uid_file" if url.endswith(".npy") else "parquet",
-                               "rows": report.rows - rows_before})
-        outputs = _finish(store, bucketing, eval_set, report, spill_dir)
-        manifest = _manifest(options, bucketing, report, input_rows, eval_files, len(eval_set), outputs)
-        _check_accounting(manifest)
-        for key, out in outputs.items():
-            out.write(f"{out_dir.rstrip('/')}/{_file_name(bucketing, key)}")
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
+    input_rows = [{"path": f.url, "kind": f.kind, "rows": f.rows} for f in files]
+    rows = sum(f.rows for f in files)
+    out = absolute_url(out_dir).rstrip("/")
+    work = f"{out}/.splits.work"
+    with ray_session(options.address) if options.address else nullcontext():
+        units = cut_units(files, options.unit_rows)
+        where = where or where_to_map(len(units), rows)
+        if where == "inline":
+            units = cut_units(files, min(options.unit_rows, INLINE_UNIT_ROWS))
+        tasks = TaskMap(where)
+        try:
+            remove_tree(work)  # a killed run's leftovers
+            passes = _Passes(tasks, units, work, bucket_bits(rows))
+            manifest = _split(passes, options, bucketing, eval_set, eval_files, input_rows, out)
+        finally:
+            tasks.close()
+            remove_tree(work)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     write_bytes(f"{out_dir.rstrip('/')}/sizes.json", json.dumps(manifest["sizes"], indent=1).encode())
     write_bytes(f"{out_dir.rstrip('/')}/splits.json", json.dumps(manifest, indent=1).encode())
@@ -219,95 +124,96 @@ def _load_eval(paths: list[str]) -> tuple[np.ndarray, list[dict]]:
     return allu, [{"path": s.path, "uids": len(s.uids)} for s in loaded]
 
 
-def _ingest(batch: Batch, bucketing: Bucketing, store: RowStore, report: SplitReport, url: str, row0: int) -> None:
-    """Count and set aside rows with malformed uids, then bucket the rest; every counter below is
-    about rows with a valid uid, so that `rows` of a bucket and its timestamp counters agree."""
-    report.rows += len(batch.hi)
-    good = np.flatnonzero(batch.uid_status == UID_OK)  # positions in the batch
-    if len(good) < len(batch.hi):
-        bad = batch.uid_status != UID_OK
-        for code, name in UID_STATUS_NAMES.items():
-            c = int((batch.uid_status == code).sum())
-            if c:
-                report.malformed[name] = report.malformed.get(name, 0) + c
-        for i in np.flatnonzero(bad)[:SAMPLE - len(report.malformed_sample)].tolist():
-            value = batch.raw_uids[i].as_py() if batch.raw_uids is not None else None
-            report.malformed_sample.append({"input": url, "row": row0 + i,
-                                            "value": None if value is None else str(value)[:64]})
-    else:
-        good = slice(None)
-    hi, lo, months, ts_status = batch.hi[good], batch.lo[good], batch.months[good], batch.ts_status[good]
-    rows = np.arange(len(batch.hi))[good]
-    if batch.key_override is not None:  # a uid file: one period, one bucket
-        keys = np.full(len(hi), batch.key_override, np.int32)
-    else:
-        keys = bucketing.keys(months, ts_status)
-        report.missing += int((ts_status == TS_MISSING).sum())
-        unparseable = rows[ts_status == TS_UNPARSEABLE]
-        report.unparseable += len(unparseable)
-        for i in unparseable[:SAMPLE - len(report.unparseable_sample)].tolist():
-            report.unparseable_sample.append({"input": url, "row": row0 + i,
-                                              "value": str(batch.raw_ts[i].as_py())[:64]})
-    out = keys == OUT_OF_RANGE
-    if out.any():
-        _note_out_of_range(report, months[out], ts_status[out] == TS_BEYOND,
-                           bucketing.starts[0] if bucketing.bounded else MIN_MONTH)
-    store.add(hi, lo, keys)
-    _add_counts(report.rows_by_key, keys)
+# ---------------------------------------------------------------- the passes
+
+@dataclass
+class _Passes:
+    """Where the tasks run, the units (pass 1), the part files' folder and the uid buckets (top `bits` bits)."""
+    tasks: TaskMap
+    units: list
+    work: str
+    bits: int
 
 
-def _note_out_of_range(report: SplitReport, months: np.ndarray, beyond: np.ndarray, first: int) -> None:
-    below = (months < first) & ~beyond
-    report.below += int(below.sum())
-    report.above += int((~below).sum())
-    inside = months[~beyond]  # BEYOND rows have no meaningful month
-    if len(inside):
-        lo_seen, hi_seen = int(inside.min()), int(inside.max())
-        report.earliest_out = lo_seen if report.earliest_out is None else min(report.earliest_out, lo_seen)
-        report.latest_out = hi_seen if report.latest_out is None else max(report.latest_out, hi_seen)
+def _split(passes: _Passes, options: SplitOptions, bucketing: Bucketing, eval_set: np.ndarray,
+           eval_files: list[dict], input_rows: list[dict], out: str) -> dict:
+    report = SplitReport()
+    unit_counts = []  # per unit: its rows per uid bucket
+    columns = [options.uid_column, options.timestamp_column]
+    shared = (bucketing, columns, options.timestamp_format, passes.work, passes.bits)
+    for part, counts in passes.tasks(split_unit, [(u,) for u in passes.units], shared):
+        report.merge(part)
+        unit_counts.append(counts)
+    keys = np.array(sorted(set(report.rows_by_key) | set(bucketing.fixed_keys()) | {UNKNOWN, OUT_OF_RANGE}), np.int32)
+    buckets, bucket_counts = _dedupe_buckets(passes, unit_counts, eval_set, keys, report)
+    remove_tree(f"{passes.work}/rows")
+    totals = np.sum(bucket_counts, axis=0, dtype=np.int64) if bucket_counts else np.zeros(len(keys), np.int64)
+    report.uids_by_key = dict(zip(keys.tolist(), totals.tolist()))
+    manifest = _manifest(options, bucketing, report, input_rows, eval_files, len(eval_set), keys.tolist())
+    _check_accounting(manifest)
+    for slot, key in enumerate(keys.tolist()):
+        _write_output(f"{out}/{_file_name(bucketing, key)}", slot, int(totals[slot]),
+                      [bucket_part(passes.work, b) for b in buckets], bucket_counts)
+    return manifest
 
 
-def _finish(store: RowStore, bucketing: Bucketing, eval_set: np.ndarray, report: SplitReport,
-            spill_dir: str) -> dict[int, SubsetOut]:
-    keys_seen = set(report.rows_by_key) | set(bucketing.fixed_keys()) | {UNKNOWN, OUT_OF_RANGE}
-    outputs = {k: SubsetOut(os.path.join(spill_dir, f"out{k}.bin") if store.spilled else None)
-               for k in sorted(keys_seen)}
-    for hi, lo, key in store.partitions():
-        order = uid_order(hi, lo)
-        hi, lo, key = hi[order], lo[order], key[order]
-        first = first_occurrence(hi, lo)
-        if not first.all():
-            dup = np.flatnonzero(~first)
-            owner = np.maximum.accumulate(np.where(first, np.arange(len(hi)), 0))[dup]
-            report.duplicates += len(dup)
-            report.duplicates_conflicting += int((key[dup] != key[owner]).sum())
-            _add_counts(report.duplicates_by_key, key[dup])
-            for i in dup[:SAMPLE - len(report.duplicate_sample)].tolist():
-                report.duplicate_sample.append(uid_hex(hi[i], lo[i]))
-            hi, lo, key = hi[first], lo[first], key[first]
-        if len(eval_set):
-            hit = isin(hi, lo, eval_set)
-            if hit.any():
-                _add_counts(report.eval_removed_by_key, key[hit])
-                hi, lo, key = hi[~hit], lo[~hit], key[~hit]
-        if len(key) and (key == key[0]).all():
-            outputs[int(key[0])].append(hi, lo)
-            continue
-        for k in np.unique(key).tolist():
-            sel = key == k
-            outputs[k].append(hi[sel], lo[sel])
-    for k, out in outputs.items():
-        report.uids_by_key[k] = out.count
-    return outputs
+def _dedupe_buckets(passes: _Passes, unit_counts: list[np.ndarray], eval_set: np.ndarray, keys: np.ndarray,
+                    report: SplitReport) -> tuple[list[int], list[np.ndarray]]:
+    """Pass 2 over the uid buckets that hold rows, in uid order; returns them and their uids per output file."""
+    if not unit_counts:
+        return [], []
+    counts = np.stack(unit_counts)
+    ends = np.cumsum(counts, axis=1)
+    files = [unit_part(passes.work, u) for u in passes.units]
+    shift = np.uint64(64 - passes.bits)
+    eval_bounds = np.searchsorted(eval_set["f0"] >> shift, np.arange((1 << passes.bits) + 1, dtype=np.uint64))
+    buckets = np.flatnonzero(counts.sum(axis=0)).tolist()
 
+    def per_bucket():  # made as the tasks start: (units x buckets) part ranges are never all held
+        for b in buckets:
+            parts = [(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, b], ends[:, b]) if n]
+            evals = np.ascontiguousarray(eval_set[eval_bounds[b]:eval_bounds[b + 1]])  # the bucket's eval uids
+            yield parts, evals, bucket_part(passes.work, b)
+    bucket_counts = []
+    for part, uids_per_key in passes.tasks(split_bucket, per_bucket(), (keys,)):
+        report.merge(part)
+        bucket_counts.append(uids_per_key)
+    return buckets, bucket_counts
+
+
+def _write_output(url: str, slot: int, total: int, files: list[str], counts: list[np.ndarray]) -> None:
+    """An output file, np.save's bytes: the header, then each uid bucket's piece for it, in bucket (uid) order."""
+    header = {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (total,)}
+    width, written = SUBSET_DTYPE.itemsize, 0
+    with atomic_open(url) as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        for file, n in zip(files, counts):
+            if not n[slot]:
+                continue
+            fs, path = filesystem(file)
+            with fs.open(path, "rb") as f:
+                f.seek(int(n[:slot].sum()) * width)
+                left = int(n[slot]) * width
+                while left:
+                    block = f.read(min(left, COPY_BYTES))
+                    if not block:
+                        raise AssertionError(f"{file}: shorter than its counts say")
+                    out.write(block)
+                    left -= len(block)
+            written += int(n[slot])
+    if written != total:
+        raise AssertionError(f"{url}: wrote {written} uids, expected {total}")
+
+
+# ---------------------------------------------------------------- the manifest
 
 def _file_name(bucketing: Bucketing, key: int) -> str:
     return {UNKNOWN: "unknown.npy", OUT_OF_RANGE: "out_of_range.npy"}.get(key) or f"{bucketing.name(key)}.npy"
 
 
 def _manifest(options: SplitOptions, bucketing: Bucketing, r: SplitReport, inputs: list[dict],
-              eval_files: list[dict], eval_uids: int, outputs: dict[int, SubsetOut]) -> dict:
-    steps = [k for k in outputs if k >= 0]
+              eval_files: list[dict], eval_uids: int, keys: list[int]) -> dict:
+    steps = [k for k in keys if k >= 0]
     splits = {}
     for k in steps:
         start, end = bucketing.bucket_range(k)
