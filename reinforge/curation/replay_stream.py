@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from reinforge.formats.subset import (COUNTS_DTYPE, SUBSET_DTYPE, counts_path, first_occurrence, is_sorted_unique,
-                                      uid_order)
+                                      npy_header, uid_order)
 from reinforge.io.parts import bucket_parts, concatenate_columns, read_parts, write_parts, write_uid_buckets
 from reinforge.io.spill import bucket_bits
 from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree
@@ -35,16 +35,6 @@ DRAWN = {"hi": np.uint64, "lo": np.uint64, "mult": COUNTS_DTYPE}
 
 class NotStreamable(Exception):
     """The split file is not a plain sorted unique u8,u8 array; build the step in memory."""
-
-
-def npy_header(dtype: np.dtype, rows: int) -> bytes:
-    """The header np.save writes for a 1-d array of `rows` rows of `dtype`."""
-    import io
-    header = np.lib.format.header_data_from_array_1_0(np.empty(0, dtype))
-    header["shape"] = (rows,)
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, header)
-    return buf.getvalue()
 
 
 def _open_uids(url: str):
@@ -185,7 +175,7 @@ def _stream(files, counts, sizes, seed, t, split_index, out, error, tasks, unit_
     chosen_files = {s: f"{work}/chosen/{split_index[s]:06d}.bin" for s in splits if counts[s] % sizes[s]}
     choices = [(chosen_files[s], sizes[s], counts[s] % sizes[s], seed, t, split_index[s], unit_rows)
                for s in chosen_files]
-    chosen = {s: bucket_parts([chosen_files[s]], per_unit[None]) for s, per_unit in
+    chosen = {s: list(bucket_parts([chosen_files[s]], per_unit[None])) for s, per_unit in
               zip(chosen_files, tasks(choose, choices, ()))}  # per draw unit: its piece of the chosen rows
     draws, owners = [], []
     for s in splits:
@@ -205,7 +195,7 @@ def _stream(files, counts, sizes, seed, t, split_index, out, error, tasks, unit_
         if drawn[s] != counts[s]:
             raise error(f"step {t}: split {s} multiplicities sum to {drawn[s]}, expected {counts[s]}")
     buckets = bucket_parts(drawn_files, np.stack([r[0] for r in results]))
-    written = _write_buckets(tasks(sorted_bucket, [(p,) for p in buckets if p], ()), out, unique, t, error)
+    written = _write_buckets(tasks(sorted_bucket, ((p,) for p in buckets if p), ()), out, unique, t, error)
     if written != sum(counts.values()):
         raise error(f"step {t}: subset multiplicities sum to {written}, budget is {sum(counts.values())}")
     return unique

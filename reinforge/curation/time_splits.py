@@ -32,7 +32,8 @@ from reinforge.curation.split_units import (SAMPLE, UNIT_ROWS, SplitReport, buck
                                             split_bucket, split_unit, unit_part)
 from reinforge.curation.time_buckets import (OUT_OF_RANGE, TIMESTAMP_FORMATS, UNKNOWN, Bucketing, SplitError,
                                              make_bucketing, month_label)
-from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, read_subset, uid_order
+from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, npy_header, read_subset, uid_order
+from reinforge.io.parts import bucket_parts
 from reinforge.io.spill import bucket_bits
 from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree, write_bytes
 from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
@@ -163,17 +164,16 @@ def _dedupe_buckets(passes: _Passes, unit_counts: list[np.ndarray], eval_set: np
     if not unit_counts:
         return [], []
     counts = np.stack(unit_counts)
-    ends = np.cumsum(counts, axis=1)
     files = [unit_part(passes.work, u) for u in passes.units]
     shift = np.uint64(64 - passes.bits)
     eval_bounds = np.searchsorted(eval_set["f0"] >> shift, np.arange((1 << passes.bits) + 1, dtype=np.uint64))
     buckets = np.flatnonzero(counts.sum(axis=0)).tolist()
 
     def per_bucket():  # made as the tasks start: (units x buckets) part ranges are never all held
-        for b in buckets:
-            parts = [(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, b], ends[:, b]) if n]
-            evals = np.ascontiguousarray(eval_set[eval_bounds[b]:eval_bounds[b + 1]])  # the bucket's eval uids
-            yield parts, evals, bucket_part(passes.work, b)
+        for b, parts in enumerate(bucket_parts(files, counts)):
+            if parts:
+                evals = np.ascontiguousarray(eval_set[eval_bounds[b]:eval_bounds[b + 1]])  # the bucket's eval uids
+                yield parts, evals, bucket_part(passes.work, b)
     bucket_counts = []
     for part, uids_per_key in passes.tasks(split_bucket, per_bucket(), (keys,)):
         report.merge(part)
@@ -183,10 +183,9 @@ def _dedupe_buckets(passes: _Passes, unit_counts: list[np.ndarray], eval_set: np
 
 def _write_output(url: str, slot: int, total: int, files: list[str], counts: list[np.ndarray]) -> None:
     """An output file, np.save's bytes: the header, then each uid bucket's piece for it, in bucket (uid) order."""
-    header = {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (total,)}
     width, written = SUBSET_DTYPE.itemsize, 0
     with atomic_open(url) as out:
-        np.lib.format.write_array_header_1_0(out, header)
+        out.write(npy_header(SUBSET_DTYPE, total))
         for file, n in zip(files, counts):
             if not n[slot]:
                 continue

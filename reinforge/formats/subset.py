@@ -229,6 +229,17 @@ def isin(hi: np.ndarray, lo: np.ndarray, members: np.ndarray) -> np.ndarray:
     return locate(hi, lo, members) >= 0
 
 
+def npy_header(dtype: np.dtype, rows: int) -> bytes:
+    """The header np.save writes for a 1-d array of `rows` rows of `dtype`: a file written as this header and
+    then the rows' bytes, piece by piece, is np.save's file."""
+    import io
+    header = np.lib.format.header_data_from_array_1_0(np.empty(0, dtype))
+    header["shape"] = (rows,)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
 def counts_path(subset_path: str) -> str:
     return (subset_path[:-4] if subset_path.endswith(".npy") else subset_path) + COUNTS_SUFFIX
 

@@ -4,6 +4,8 @@ after the other, so rows start..stop of a file are bytes start*width .. stop*wid
 its part of every file. Ragged values (face boxes) go in a part file of their own, grouped the same way."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from reinforge.io.storage import atomic_open, filesystem
@@ -85,9 +87,9 @@ def write_uid_buckets(url: str, columns: dict[str, np.ndarray], bits: int) -> np
     return write_parts(url, columns, uid_bucket(columns["hi"], bits), 1 << bits)
 
 
-def bucket_parts(files: list[str], counts: np.ndarray) -> list[list[tuple[str, int, int]]]:
-    """Per part, its (file, first row, end row) in each of `files`, which hold counts[file, part] rows of it
-    (empty pieces left out): what read_parts takes."""
+def bucket_parts(files: list[str], counts: np.ndarray) -> Iterator[list[tuple[str, int, int]]]:
+    """Per part, in order, its (file, first row, end row) in each of `files`, which hold counts[file, part] rows
+    of it (empty pieces left out): what read_parts takes. Made one part at a time, as tasks start."""
     ends = np.cumsum(counts, axis=1)
-    return [[(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, k].tolist(), ends[:, k].tolist()) if n]
-            for k in range(counts.shape[1])]
+    for k in range(counts.shape[1]):
+        yield [(f, int(e - n), int(e)) for f, n, e in zip(files, counts[:, k].tolist(), ends[:, k].tolist()) if n]

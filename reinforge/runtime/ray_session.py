@@ -19,7 +19,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 # AWS SDK settings s3fs/botocore read from the environment (credentials, region, endpoint, profile)
 WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -101,7 +101,7 @@ def ray_session(address: Optional[str] = None, object_store_memory_mb: int = 102
         ray.shutdown()
 
 
-def map_groups(fn, per_group: list[tuple], shared: tuple, parallel: bool):
+def map_groups(fn, per_group: Iterable[tuple], shared: tuple, parallel: bool):
     """fn(*group_args, *shared) for each group, in group order: Ray tasks (shared put once) or this process.
     At most twice the cluster's CPUs are in flight, so finished parts do not pile up in the object store
     while the caller consumes them in order. A task that failed on bad input (InputError) raises that
@@ -157,7 +157,7 @@ class TaskMap:
     def __init__(self, where: str):
         self.where, self._pool, self._ray = where, None, None
 
-    def __call__(self, fn, per_task: list[tuple], shared: tuple):
+    def __call__(self, fn, per_task: Iterable[tuple], shared: tuple):
         if self.where == "ray" and self._ray is None:
             self._ray = ray_session()
             self._ray.__enter__()
@@ -165,7 +165,7 @@ class TaskMap:
             return map_groups(fn, per_task, shared, self.where == "ray")
         return self._on_processes(fn, per_task, shared)
 
-    def _on_processes(self, fn, per_task: list[tuple], shared: tuple):
+    def _on_processes(self, fn, per_task: Iterable[tuple], shared: tuple):
         width = os.cpu_count() or 1
         if self._pool is None:
             import multiprocessing

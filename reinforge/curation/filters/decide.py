@@ -46,7 +46,7 @@ from reinforge.curation.filters.radix import (Selected, bin_histogram, concatena
 from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, columns, leaves, parse_rule
 from reinforge.curation.filters.score_units import RepeatedRows, Scores, Unit, open_scores
 from reinforge.curation.filters.scores import UNIT_ROWS
-from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, uid_hex, uid_order
+from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, npy_header, uid_hex, uid_order
 from reinforge.io.parts import bucket_parts, concatenate_columns, read_parts, write_uid_buckets
 from reinforge.io.spill import bucket_bits
 from reinforge.io.storage import absolute_url, atomic_open, remove_tree, write_bytes
@@ -81,7 +81,7 @@ class Passes:
         """fn(parts) for each uid bucket that holds rows, in uid order: parts are (part file, first row, end
         row) of the `kind` part files the units wrote, counts[unit][bucket] rows each."""
         files = [part_file(self.work, kind, u) for u in self.units]
-        return self.tasks(fn, [(parts,) for parts in bucket_parts(files, np.stack(counts)) if parts], ())
+        return self.tasks(fn, ((parts,) for parts in bucket_parts(files, np.stack(counts)) if parts), ())
 
 
 def part_file(work: str, kind: str, unit: Unit) -> str:
@@ -348,11 +348,9 @@ def sorted_bucket(parts: list[tuple[str, int, int]]) -> np.ndarray:
 
 def write_subset(out: str, passes: Passes, buckets: list[np.ndarray], total: int) -> None:
     """The kept uids as one sorted subset .npy (np.save's bytes), bucket after bucket."""
-    header = np.lib.format.header_data_from_array_1_0(np.empty(0, SUBSET_DTYPE))
-    header["shape"] = (total,)
     last, written = None, 0
     with atomic_open(out) as f:
-        np.lib.format.write_array_header_1_0(f, header)
+        f.write(npy_header(SUBSET_DTYPE, total))
         for uids in passes.per_bucket(sorted_bucket, "kept", buckets):
             if last is not None and not is_sorted_unique(np.concatenate([last, uids[:1]])):
                 raise AssertionError(f"{out}: kept uids are not sorted and unique")
