@@ -19,7 +19,7 @@ from reinforge.curation.time_buckets import (MIN_MONTH, OUT_OF_RANGE, TS_BEYOND,
                                              SplitError, month_index, parse_period)
 from reinforge.formats.subset import (SUBSET_DTYPE, UID_OK, UID_STATUS_NAMES, SubsetError, first_occurrence, isin,
                                       parse_hex_uids, uid_hex, uid_order)
-from reinforge.io.parts import read_parts, write_parts
+from reinforge.io.parts import concatenate_columns, read_parts, write_parts, write_uid_buckets
 from reinforge.io.storage import filesystem
 
 SAMPLE = 10  # examples kept per reported problem
@@ -298,10 +298,9 @@ def split_unit(unit: SplitUnit, bucketing: Bucketing, columns: list[str], fmt: s
         for name, values in zip(ROWS, ingest(batch, bucketing, report, unit.file.url, row0)):
             parts[name].append(values)
         batch = None  # the raw strings go before the rows are joined
-    rows = {name: np.concatenate(v) if v else np.zeros(0, ROWS[name]) for name, v in parts.items()}
+    rows = concatenate_columns(parts, ROWS)
     del parts  # the unit's rows are held once while grouped
-    bucket = (rows["hi"] >> np.uint64(64 - bits)).astype(np.int64)
-    return report, write_parts(unit_part(work, unit), rows, bucket, 1 << bits)
+    return report, write_uid_buckets(unit_part(work, unit), rows, bits)
 
 
 # ---------------------------------------------------------------- pass 2: per uid bucket, repeats and eval uids out
