@@ -330,8 +330,8 @@ def test_an_unreadable_manifest_means_not_done_for_every_reader(runs, tmp_path):
 
 
 def test_validate_in_parallel_reports_what_one_process_does(runs, tmp_path):
-    """validate's worker processes check tasks in parallel; the problems come back in manifest order, the
-    same list as a single process gives (here: one shard's bytes changed, another's manifest digest)."""
+    """validate's worker processes (and Ray tasks) check tasks in parallel; the problems come back in manifest
+    order, the same list as a single process gives (here: one shard's bytes changed, another's manifest digest)."""
     import json
     import shutil
 
@@ -352,3 +352,6 @@ def test_validate_in_parallel_reports_what_one_process_does(runs, tmp_path):
     serial = validate_run(run, workers=1)
     assert len(serial[1]) >= 2
     assert validate_run(run, workers=2) == serial
+    from reinforge.runtime.ray_session import ray_session
+    with ray_session():  # the Ray of the process: the groups run as Ray tasks
+        assert validate_run(run, workers=2) == serial

@@ -110,12 +110,13 @@ def stats(run_dir, as_json):
 @click.argument("run_dir")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="processes checking tasks in parallel (0: one per CPU for runs of 1 GiB or more, else 1)")
+@click.option("--address", default=None, help="Ray address: check the tasks as Ray tasks on that cluster")
 @user_errors
-def validate(run_dir, workers):
+def validate(run_dir, workers, address):
     """Check every shard against its manifest (size, sha256, count), every sample against the schema, and
     every task's inputs against the fingerprint its manifest recorded. Exit 1 on any problem. Read-only."""
     from reinforge.ops.rundir import validate_run
-    checked, problems = validate_run(run_dir, workers)
+    checked, problems = validate_run(run_dir, workers, address)
     for problem in problems[:50]:
         click.echo(f"INVALID {problem}", err=True)
     if problems:

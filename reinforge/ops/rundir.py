@@ -137,14 +137,18 @@ def run_pipeline(root: str):
 PARALLEL_BYTES = 1 << 30  # below this much output, worker start-up (imports) costs more than it saves
 
 
-def validate_run(root: str, workers: int = 0) -> tuple[int, list[str]]:
+def validate_run(root: str, workers: int = 0, address: str | None = None) -> tuple[int, list[str]]:
     """Check every manifest's outputs: present, same size and sha256, same sample count; and every
     sample against the product's schema (its pipeline's sample_checker). Members are read and inflated
     only within the bounds the run declares (a bigger one is a `member_too_large` problem), and a
     member name that could escape an extraction folder is a `bad_key` problem.
 
-    Tasks are checked in parallel by `workers` processes (0: one per CPU once the outputs reach
-    PARALLEL_BYTES, else one); problems come back in manifest order whatever the number of workers."""
+    Tasks are checked in groups, as Ray tasks on `address` (or the Ray of this process, or RAY_ADDRESS), else
+    by `workers` processes of this machine (0: one per CPU once the outputs reach PARALLEL_BYTES, else
+    one, in this process); problems come back in manifest order wherever they were found."""
+    from contextlib import nullcontext
+
+    from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
     layout, run = load_run(root)
     pipeline = run_pipeline(root)
     problems: list[str] = []
@@ -154,29 +158,29 @@ def validate_run(root: str, workers: int = 0) -> tuple[int, list[str]]:
     if workers <= 0:
         big = sum(out.bytes for m in readable for out in m.outputs) >= PARALLEL_BYTES
         workers = min(os.cpu_count() or 1, len(readable)) if big else 1
-    if workers <= 1 or len(readable) <= 1:
-        checker = _TaskChecker(root, layout, run, pipeline)
-        results = [checker.check(m) for m in readable]
-    else:  # spawn: a fresh interpreter per worker, safe whatever threads the parent runs
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(root,)) as pool:
-            results = list(pool.map(_check_in_worker, readable, chunksize=max(1, len(readable) // (4 * workers))))
     checked = 0
-    for samples, task_problems in results:
-        checked += samples
-        problems += task_problems
+    _CHECKERS.clear()  # this call's checker is built from the run as it is now
+    with ray_session(address) if address else nullcontext():
+        parallel = address or (workers > 1 and len(readable) > 1)
+        tasks = TaskMap(where_to_map(len(readable), 1, min_rows=1) if parallel else "inline", workers)
+        group = max(1, len(readable) // (4 * workers))  # a few groups per worker: an even finish, few task starts
+        groups = [(readable[i:i + group],) for i in range(0, len(readable), group)]
+        try:
+            for results in tasks(check_tasks, groups, (root, run["config_digest"])):
+                for samples, task_problems in results:
+                    checked += samples
+                    problems += task_problems
+        finally:
+            tasks.close()
     return checked, problems
 
 
 class _TaskChecker:
     """Everything one task's check needs, built once per process."""
 
-    def __init__(self, root: str, layout: RunLayout | None = None, run: dict | None = None, pipeline=None):
-        if layout is None:
-            layout, run = load_run(root)
-            pipeline = run_pipeline(root)
+    def __init__(self, root: str):
+        layout, run = load_run(root)
+        pipeline = run_pipeline(root)
         self.layout, self.run = layout, run
         self.check_sample = pipeline.sample_checker(layout)
         self.limits = pipeline.output_limits(layout)
@@ -215,16 +219,16 @@ class _TaskChecker:
         return checked, problems
 
 
-_WORKER: _TaskChecker | None = None
+_CHECKERS: dict[tuple[str, str], _TaskChecker] = {}  # per process: built once for a run, whatever it checks
 
 
-def _init_worker(root: str) -> None:
-    global _WORKER
-    _WORKER = _TaskChecker(root)
-
-
-def _check_in_worker(m: TaskManifest) -> tuple[int, list[str]]:
-    return _WORKER.check(m)
+def check_tasks(manifests: list[TaskManifest], root: str, config_digest: str) -> list[tuple[int, list[str]]]:
+    """A task of validate_run: (samples checked, problems) of each of a group of tasks' manifests."""
+    key = (root, config_digest)
+    if key not in _CHECKERS:
+        _CHECKERS.clear()
+        _CHECKERS[key] = _TaskChecker(root)
+    return [_CHECKERS[key].check(m) for m in manifests]
 
 
 def changed_input_problems(pipeline, readable: list[TaskManifest]) -> list[str]:

@@ -154,8 +154,9 @@ class TaskMap:
     (map_groups), or on up to os.cpu_count() spawned worker processes of this machine, started at the
     first call and kept for every later one until close() (a pass's tasks wait for the previous pass)."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, width: Optional[int] = None):
         self.where, self._pool, self._ray = where, None, None
+        self.width = width  # worker processes (default: one per CPU)
 
     def __call__(self, fn, per_task: Iterable[tuple], shared: tuple):
         if self.where == "ray" and self._ray is None:
@@ -166,7 +167,7 @@ class TaskMap:
         return self._on_processes(fn, per_task, shared)
 
     def _on_processes(self, fn, per_task: Iterable[tuple], shared: tuple):
-        width = os.cpu_count() or 1
+        width = self.width or os.cpu_count() or 1
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
