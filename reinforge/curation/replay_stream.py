@@ -25,11 +25,10 @@ from reinforge.formats.subset import (COUNTS_DTYPE, SUBSET_DTYPE, counts_path, f
 from reinforge.io.parts import bucket_parts, concatenate_columns, read_parts, write_parts, write_uid_buckets
 from reinforge.io.spill import bucket_bits
 from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree
-from reinforge.runtime.ray_session import TaskMap
+from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap
 
 CHUNK = 1 << 18  # uids a task reads at a time
 UNIT_ROWS = 1 << 22  # split rows per draw task (64 MB of uids)
-INLINE_UNIT_ROWS = 1 << 18  # inline, the driver is the worker: small units keep its working set small
 DRAWN = {"hi": np.uint64, "lo": np.uint64, "mult": COUNTS_DTYPE}
 
 

@@ -36,10 +36,9 @@ from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, npy_header,
 from reinforge.io.parts import bucket_parts
 from reinforge.io.spill import bucket_bits
 from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree, write_bytes
-from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
+from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap, ray_session, where_to_map
 
 __all__ = ["SAMPLE", "SplitError", "SplitOptions", "SplitReport", "build_splits", "expand_inputs"]
-INLINE_UNIT_ROWS = 1 << 18  # inline, the driver is the worker: small units keep its working set small
 COPY_BYTES = 64 << 20  # a piece of an output file is copied in blocks of this size
 
 

@@ -140,6 +140,9 @@ def node_resources(node_id: str | None) -> dict:
     return dict(alive[0].get("Resources", {}))
 
 
+INLINE_UNIT_ROWS = 1 << 18  # rows per unit of a pass run inline: the driver is the worker, keep its working set small
+
+
 def where_to_map(tasks: int, work_rows: int, min_rows: int = 2_000_000) -> str:
     """Where a TaskMap runs a pass of `tasks` tasks over `work_rows` rows: on Ray when this process has
     one (or RAY_ADDRESS names a cluster), else on this machine's worker processes for a pass worth their

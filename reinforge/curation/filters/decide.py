@@ -50,7 +50,7 @@ from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_u
 from reinforge.io.parts import bucket_parts, concatenate_columns, read_parts, write_uid_buckets
 from reinforge.io.spill import bucket_bits
 from reinforge.io.storage import absolute_url, atomic_open, remove_tree, write_bytes
-from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
+from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap, ray_session, where_to_map
 
 FORMAT = "reinforge.filter_decision/1"
 SAMPLE = 10
@@ -59,7 +59,6 @@ _SOURCES = {"clip_b32": "clip_b32_similarity_score", "clip_l14": "clip_l14_simil
 _MAX_U64 = np.uint64(2**64 - 1)
 UID_ROWS = {"hi": np.uint64, "lo": np.uint64, "row": np.int64}  # part file columns
 UIDS = {"hi": np.uint64, "lo": np.uint64}
-INLINE_UNIT_ROWS = 1 << 18
 
 
 @dataclass
@@ -385,7 +384,7 @@ def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str]
     with ray_session(address) if address else nullcontext():
         units = scores.units(unit_rows)
         where = where or where_to_map(len(units), scores.rows)
-        if where == "inline":  # the driver is the worker: small units keep its working set small
+        if where == "inline":
             units = scores.units(min(unit_rows, INLINE_UNIT_ROWS))
         tasks = TaskMap(where)
         passes = Passes(tasks, units, work, bucket_bits(scores.rows))
