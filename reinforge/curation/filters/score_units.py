@@ -1,5 +1,6 @@
-"""scores.parquet as units, the tasks of `filter apply`'s passes (decide.py): runs of whole row groups,
-read in batches of a few columns, with the rows whose uid an earlier row has (RepeatedRows) set aside."""
+"""scores.parquet as units, the tasks of `filter apply`'s passes (decide.py, top.py): runs of whole row groups,
+read in batches of a few columns, with the rows whose uid an earlier row has (RepeatedRows) set aside; and what
+the passes share (Passes): where their tasks run and the part files the units hand to the uid buckets."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ import numpy as np
 from reinforge.curation.filters.clusters import FilterError
 from reinforge.curation.filters.rules import NUMERIC
 from reinforge.curation.filters.scores import REPORT, SCORES
+from reinforge.io.parts import bucket_parts
 from reinforge.io.storage import absolute_url, filesystem, read_text
+from reinforge.runtime.ray_session import TaskMap
 
 BATCH = 1 << 16  # rows per batch a task reads
 
@@ -150,3 +153,29 @@ class RepeatedRows:
         a, b = np.searchsorted(self.sorted, [start, start + n])
         mask[self.sorted[a:b] - start] = False
         return mask
+
+
+@dataclass
+class Passes:
+    """What the passes over the units share: where their tasks run, the part files' folder, the uid buckets
+    (the top `bits` bits of the high half) and, once found, each unit's repeated rows."""
+    tasks: TaskMap
+    units: list[Unit]
+    work: str
+    bits: int
+    repeats: Optional[list[RepeatedRows]] = None
+
+    def per_unit(self, fn, shared: tuple) -> Iterator:
+        """fn(unit, its repeated rows, *shared) for each unit, in unit order."""
+        repeats = self.repeats or [None] * len(self.units)
+        return self.tasks(fn, list(zip(self.units, repeats)), shared)
+
+    def per_bucket(self, fn, kind: str, counts: list[np.ndarray]) -> Iterator:
+        """fn(parts) for each uid bucket that holds rows, in uid order: parts are (part file, first row, end
+        row) of the `kind` part files the units wrote, counts[unit][bucket] rows each."""
+        files = [part_file(self.work, kind, u) for u in self.units]
+        return self.tasks(fn, ((parts,) for parts in bucket_parts(files, np.stack(counts)) if parts), ())
+
+
+def part_file(work: str, kind: str, unit: Unit) -> str:
+    return f"{work}/{kind}/{unit.start:016d}.bin"
