@@ -20,11 +20,11 @@ from typing import Optional
 
 import numpy as np
 
-from reinforge.formats.subset import (COUNTS_DTYPE, SUBSET_DTYPE, counts_path, first_occurrence, is_sorted_unique,
-                                      npy_header, uid_order)
-from reinforge.io.parts import bucket_parts, concatenate_columns, read_parts, write_parts, write_uid_buckets
-from reinforge.io.spill import bucket_bits
-from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree
+from reinforge.formats.subset import (COUNTS_DTYPE, SUBSET_DTYPE, appending_subset, first_occurrence, is_sorted_unique,
+                                      make_subset, uid_order)
+from reinforge.io.parts import (bucket_bits, bucket_parts, concatenate_columns, read_parts, write_parts,
+                                write_uid_buckets)
+from reinforge.io.storage import absolute_url, filesystem, remove_tree
 from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap
 
 CHUNK = 1 << 18  # uids a task reads at a time
@@ -136,8 +136,7 @@ def sorted_bucket(parts: list[tuple[str, int, int]]) -> Optional[tuple[np.ndarra
     two splits)."""
     records = read_parts(parts, DRAWN)
     order = uid_order(records["hi"], records["lo"])
-    uids = np.empty(len(order), SUBSET_DTYPE)
-    uids["f0"], uids["f1"] = records["hi"][order], records["lo"][order]
+    uids = make_subset(records["hi"][order], records["lo"][order])
     if not first_occurrence(uids["f0"], uids["f1"]).all():
         return None
     return uids, records["mult"][order]
@@ -202,22 +201,11 @@ def _stream(files, counts, sizes, seed, t, split_index, out, error, tasks, unit_
 
 def _write_buckets(buckets, out: str, unique: int, t: int, error) -> int:
     """Append each sorted bucket (uid order) to the uid and counts files; refuse a uid in two splits."""
-    total, rows, last = 0, 0, None
-    with atomic_open(out) as f_uids, atomic_open(counts_path(out)) as f_counts:
-        f_uids.write(npy_header(SUBSET_DTYPE, unique))
-        f_counts.write(npy_header(COUNTS_DTYPE, unique))
+    total = 0
+    with appending_subset(out, unique, counts=True) as subset:
         for bucket in buckets:
             if bucket is None:
                 raise error(f"step {t}: a uid appears in more than one split; splits must be disjoint")
-            uids, mult = bucket
-            if len(uids) and last is not None and not is_sorted_unique(np.concatenate([last, uids[:1]])):
-                raise AssertionError(f"{out}: buckets out of order")
-            if len(uids):
-                last = uids[-1:]
-            f_uids.write(uids.tobytes())
-            f_counts.write(mult.tobytes())
-            total += int(mult.sum(dtype=np.int64))
-            rows += len(uids)
-    if rows != unique:
-        raise AssertionError(f"{out}: wrote {rows} uids, expected {unique}")
+            subset.append(*bucket)
+            total += int(bucket[1].sum(dtype=np.int64))
     return total

@@ -33,8 +33,7 @@ from reinforge.curation.split_units import (SAMPLE, UNIT_ROWS, SplitReport, buck
 from reinforge.curation.time_buckets import (OUT_OF_RANGE, TIMESTAMP_FORMATS, UNKNOWN, Bucketing, SplitError,
                                              make_bucketing, month_label)
 from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, npy_header, read_subset, uid_order
-from reinforge.io.parts import bucket_parts
-from reinforge.io.spill import bucket_bits
+from reinforge.io.parts import bucket_bits, bucket_parts
 from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree, write_bytes
 from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap, ray_session, where_to_map
 

@@ -12,8 +12,9 @@ means every count is 1.
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -238,6 +239,41 @@ def npy_header(dtype: np.dtype, rows: int) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
     return buf.getvalue()
+
+
+class SubsetAppender:
+    """Appends pieces of a subset (and its counts) in uid order, checking the order where pieces meet."""
+
+    def __init__(self, url: str, uids_file, counts_file=None):
+        self.url, self._uids, self._counts = url, uids_file, counts_file
+        self.written, self._last = 0, None
+
+    def append(self, uids: np.ndarray, counts: Optional[np.ndarray] = None) -> None:
+        """The next piece: sorted unique uids, all above the last piece's (and their counts)."""
+        if len(uids) and self._last is not None and not is_sorted_unique(np.concatenate([self._last, uids[:1]])):
+            raise AssertionError(f"{self.url}: pieces out of uid order")
+        if len(uids):
+            self._last = uids[-1:]
+        self._uids.write(uids.tobytes())
+        if self._counts is not None:
+            self._counts.write(np.asarray(counts, COUNTS_DTYPE).tobytes())
+        self.written += len(uids)
+
+
+@contextmanager
+def appending_subset(url: str, rows: int, counts: bool = False) -> Iterator[SubsetAppender]:
+    """A subset .npy (with its .counts.npy when `counts`) written piece after piece, as passes over uid buckets
+    make them: np.save's bytes, with the row count declared in the header up front and checked at the end.
+    Both files appear only if the block completes."""
+    from reinforge.io.storage import atomic_open  # fsspec I/O; imported lazily
+    with atomic_open(url) as uids_file, (atomic_open(counts_path(url)) if counts else nullcontext()) as counts_file:
+        uids_file.write(npy_header(SUBSET_DTYPE, rows))
+        if counts:
+            counts_file.write(npy_header(COUNTS_DTYPE, rows))
+        appender = SubsetAppender(url, uids_file, counts_file)
+        yield appender
+        if appender.written != rows:
+            raise AssertionError(f"{url}: wrote {appender.written} uids, expected {rows}")
 
 
 def counts_path(subset_path: str) -> str:

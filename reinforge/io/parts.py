@@ -1,7 +1,11 @@
-"""Part files, how the passes of tasks hand rows to each other (reshard and join planning, `filter apply`): rows of
-fixed columns grouped by part (a uid bucket, a key range, ...): part after part, each part its columns one
-after the other, so rows start..stop of a file are bytes start*width .. stop*width and a task reads just
-its part of every file. Ragged values (face boxes) go in a part file of their own, grouped the same way."""
+"""Part files, how passes of tasks hand rows to each other (reshard and join planning, `filter apply`, `schedule`,
+`splits`): rows of fixed columns grouped by part (a uid bucket, a key range, ...): part after part, each part its
+columns one after the other, so rows start..stop of a file are bytes start*width .. stop*width and a task reads
+just its part of every file. Ragged values (face boxes) go in a part file of their own, grouped the same way.
+
+uid buckets: bucket b holds the uids whose top `bits` bits of the high half equal b, so buckets in order are
+ranges of uid order; rows keep the order they were written in inside a bucket (a stable sort of a bucket keeps
+input order among equal uids)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -75,6 +79,16 @@ def bucket_of(hi: np.ndarray, lo: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         b[todo] -= 1
         todo = todo[b[todo] > 0]
     return b
+
+
+ROWS_PER_BUCKET = 1 << 18  # aim: a bucket of a few tens of MB (sorting takes ~100 B a row), up to 2^27 rows
+
+
+def bucket_bits(rows: int, min_bits: int = 4, max_bits: int = 9) -> int:
+    """Enough uid buckets for ~ROWS_PER_BUCKET of `rows` rows each (at least 16, so small inputs take the same
+    path; at most 512, so the per-unit bucket counts the driver keeps stay small)."""
+    wanted = int(np.ceil(np.log2(max(1.0, rows / ROWS_PER_BUCKET))))
+    return min(max_bits, max(min_bits, wanted))
 
 
 def uid_bucket(hi: np.ndarray, bits: int) -> np.ndarray:

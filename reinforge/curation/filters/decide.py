@@ -44,10 +44,10 @@ from reinforge.curation.filters.rules import NUMERIC, Compare, Node, Rule, Top, 
 from reinforge.curation.filters.score_units import Passes, RepeatedRows, Scores, Unit, open_scores, part_file
 from reinforge.curation.filters.scores import UNIT_ROWS
 from reinforge.curation.filters.top import ResolvedTop
-from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, is_sorted_unique, npy_header, uid_hex, uid_order
-from reinforge.io.parts import concatenate_columns, read_parts, write_uid_buckets
-from reinforge.io.spill import bucket_bits
-from reinforge.io.storage import absolute_url, atomic_open, remove_tree, write_bytes
+from reinforge.formats.subset import (appending_subset, first_occurrence, is_sorted_unique, make_subset, uid_hex,
+                                      uid_order)
+from reinforge.io.parts import bucket_bits, concatenate_columns, read_parts, write_uid_buckets
+from reinforge.io.storage import absolute_url, remove_tree, write_bytes
 from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap, ray_session, where_to_map
 
 FORMAT = "reinforge.filter_decision/1"
@@ -95,7 +95,7 @@ def mark_repeats(passes: Passes, rows: int) -> tuple[int, list[str]]:
     return repeats.count, sample
 
 
-# --- pass 3 (pass 2, top() thresholds: top.py): the rule on every unique row, and the kept uids sorted -----------------------------------------
+# --- pass 3 (pass 2, the top() thresholds, is top.py): the rule on every unique row, kept uids sorted ---------
 
 def _compare(a: Compare, semantics: str, b: dict) -> tuple[np.ndarray, np.ndarray]:
     if a.column in NUMERIC:
@@ -171,8 +171,7 @@ def sorted_bucket(parts: list[tuple[str, int, int]]) -> np.ndarray:
     """A uid bucket's kept uids, sorted (unique: repeats were dropped)."""
     records = read_parts(parts, UIDS)
     order = uid_order(records["hi"], records["lo"])
-    uids = np.empty(len(order), SUBSET_DTYPE)
-    uids["f0"], uids["f1"] = records["hi"][order], records["lo"][order]
+    uids = make_subset(records["hi"][order], records["lo"][order])
     if not is_sorted_unique(uids):
         raise AssertionError(f"{parts[0][0]}: kept uids are not sorted and unique")
     return uids
@@ -180,17 +179,9 @@ def sorted_bucket(parts: list[tuple[str, int, int]]) -> np.ndarray:
 
 def write_subset(out: str, passes: Passes, buckets: list[np.ndarray], total: int) -> None:
     """The kept uids as one sorted subset .npy (np.save's bytes), bucket after bucket."""
-    last, written = None, 0
-    with atomic_open(out) as f:
-        f.write(npy_header(SUBSET_DTYPE, total))
+    with appending_subset(out, total) as subset:
         for uids in passes.per_bucket(sorted_bucket, "kept", buckets):
-            if last is not None and not is_sorted_unique(np.concatenate([last, uids[:1]])):
-                raise AssertionError(f"{out}: kept uids are not sorted and unique")
-            last = uids[-1:]
-            f.write(uids.tobytes())
-            written += len(uids)
-    if written != total:
-        raise AssertionError(f"{out}: wrote {written} uids, expected {total}")
+            subset.append(uids)
 
 
 def _check_valid(seen: dict[str, bool], scores_dir: str) -> None:
