@@ -125,9 +125,10 @@ def make_reshard_pool(tmp: str, samples: int, shards: int = 100, payload: int = 
 
     from reinforge.formats.subset import make_subset, uid_order
     strings, hi, lo = random_uids(samples, np.random.default_rng(7))
-    write_pool_shards(os.path.join(tmp, "pool"), strings.to_pylist(), -(-samples // shards), payload=payload)
+    folder = os.path.join(tmp, "tiny-pool")  # not "pool": reshard-plan's placeholder pool may share tmp
+    write_pool_shards(folder, strings.to_pylist(), -(-samples // shards), payload=payload)
     uids = make_subset(hi, lo)
-    return os.path.join(tmp, "pool", "*.tar"), uids[uid_order(uids["f0"], uids["f1"])]
+    return os.path.join(folder, "*.tar"), uids[uid_order(uids["f0"], uids["f1"])]
 
 
 def run_reshard(tree: str, tmp: str, pool: str, uids: np.ndarray, count: int, runner: str,
@@ -156,9 +157,9 @@ def make_runs_inputs(tree: str, tmp: str, n: int, tools: set) -> None:
         import pyarrow.parquet as pq
         sys.path.insert(0, HERE)
         from filters import metadata
-        os.makedirs(os.path.join(tmp, "metadata"))
-        pq.write_table(metadata(n, np.random.default_rng(3)), os.path.join(tmp, "metadata", "00000000.parquet"),
-                       row_group_size=ROW_GROUP)
+        os.makedirs(os.path.join(tmp, "score-metadata"))
+        pq.write_table(metadata(n, np.random.default_rng(3)),
+                       os.path.join(tmp, "score-metadata", "00000000.parquet"), row_group_size=ROW_GROUP)
     if "validate" in tools:
         pool, uids = make_reshard_pool(tmp, n)
         r = run_reshard(tree, tmp, pool, uids, n, "local", VALIDATE_PER_SHARD)
@@ -167,7 +168,7 @@ def make_runs_inputs(tree: str, tmp: str, n: int, tools: set) -> None:
 
 def runs_cases(tmp: str, n: int) -> list[tuple[str, str, dict]]:
     return [("score", "filter score (no clusters, Ray units of 128k rows)",
-             {"inputs": [os.path.join(tmp, "metadata")], "out": os.path.join(tmp, "scores-out"),
+             {"inputs": [os.path.join(tmp, "score-metadata")], "out": os.path.join(tmp, "scores-out"),
               "unit_rows": ROW_GROUP}),
             ("validate", "validate (reshard run, 10k samples/task)",
              {"run": os.path.join(tmp, f"run-local-{n}"), "workers": os.cpu_count() or 1})]
