@@ -300,7 +300,7 @@ def test_passes_as_ray_tasks_give_the_same_plan(inputs, monkeypatch, local_ray):
     from reinforge.products.reshard import prepare
     from reinforge.runtime.ray_session import where_to_map
     monkeypatch.setenv("REINFORGE_INDEX_CACHE", "off")
-    assert where_to_map(2, 10) == "ray"
+    assert where_to_map(10) == "ray"
     recipe = parse_recipe({**CASES["reshard_extras"], "output": f"{ROOT}/cut-ray"})
     shutil.rmtree(recipe.output, ignore_errors=True)
     layout = RunLayout(recipe.output)

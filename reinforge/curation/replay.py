@@ -270,7 +270,7 @@ def build_schedule(splits_dir: str, policy: str, budget: int, out_dir: str, seed
                 "budget": budget, "seed": seed, "new_fraction": new_fraction, "buffer": buffer, "steps": []}
     nested = NestedBuffer(seed) if buffer == "nested" else None
     # the streamed steps' passes: on Ray when it is up, on worker processes for large splits, else inline
-    tasks = TaskMap(where_to_map(len(steps), sum(sizes.values()) if write_subsets else 0))
+    tasks = TaskMap(where_to_map(sum(sizes.values()) if write_subsets else 0))
     try:
         for t, name in enumerate(steps):
             label = f"step {t} ({name})"

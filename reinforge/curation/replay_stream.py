@@ -25,7 +25,7 @@ from reinforge.formats.subset import (COUNTS_DTYPE, SUBSET_DTYPE, appending_subs
 from reinforge.io.parts import (bucket_bits, bucket_parts, concatenate_columns, read_parts, write_parts,
                                 write_uid_buckets)
 from reinforge.io.storage import absolute_url, filesystem, remove_tree
-from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap
+from reinforge.runtime.ray_session import TaskMap
 
 CHUNK = 1 << 18  # uids a task reads at a time
 UNIT_ROWS = 1 << 22  # split rows per draw task (64 MB of uids)
@@ -158,7 +158,7 @@ def stream_step_subset(files: dict[str, str], counts: dict[str, int], seed: int,
     unique = sum(size if counts[s] >= size else counts[s] for s, size in sizes.items())
     own = tasks is None
     tasks = tasks or TaskMap("inline")
-    unit_rows = unit_rows or (INLINE_UNIT_ROWS if tasks.where == "inline" else UNIT_ROWS)
+    unit_rows = unit_rows or UNIT_ROWS
     work = absolute_url(out) + ".work"
     try:
         return _stream(files, counts, sizes, seed, t, split_index, out, error, tasks, unit_rows, work, unique)

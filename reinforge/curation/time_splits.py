@@ -35,7 +35,7 @@ from reinforge.curation.time_buckets import (OUT_OF_RANGE, TIMESTAMP_FORMATS, UN
 from reinforge.formats.subset import SUBSET_DTYPE, first_occurrence, npy_header, read_subset, uid_order
 from reinforge.io.parts import bucket_bits, bucket_parts
 from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove_tree, write_bytes
-from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap, ray_session, where_to_map
+from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
 
 __all__ = ["SAMPLE", "SplitError", "SplitOptions", "SplitReport", "build_splits", "expand_inputs"]
 COPY_BYTES = 64 << 20  # a piece of an output file is copied in blocks of this size
@@ -95,10 +95,7 @@ def build_splits(inputs: list[str], out_dir: str, options: SplitOptions, where: 
     work = f"{out}/.splits.work"
     with ray_session(options.address) if options.address else nullcontext():
         units = cut_units(files, options.unit_rows)
-        where = where or where_to_map(len(units), rows)
-        if where == "inline":
-            units = cut_units(files, min(options.unit_rows, INLINE_UNIT_ROWS))
-        tasks = TaskMap(where)
+        tasks = TaskMap(where or where_to_map(rows))
         try:
             remove_tree(work)  # a killed run's leftovers
             passes = _Passes(tasks, units, work, bucket_bits(rows))

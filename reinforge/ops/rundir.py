@@ -148,7 +148,7 @@ def validate_run(root: str, workers: int = 0, address: str | None = None) -> tup
     one, in this process); problems come back in manifest order wherever they were found."""
     from contextlib import nullcontext
 
-    from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
+    from reinforge.runtime.ray_session import TaskMap, on_ray, ray_session
     layout, run = load_run(root)
     pipeline = run_pipeline(root)
     problems: list[str] = []
@@ -162,7 +162,7 @@ def validate_run(root: str, workers: int = 0, address: str | None = None) -> tup
     _CHECKERS.clear()  # this call's checker is built from the run as it is now
     with ray_session(address) if address else nullcontext():
         parallel = address or (workers > 1 and len(readable) > 1)
-        tasks = TaskMap(where_to_map(len(readable), 1, min_rows=1) if parallel else "inline", workers)
+        tasks = TaskMap(("ray" if on_ray() else "processes") if parallel else "inline", workers)
         group = max(1, len(readable) // (4 * workers))  # a few groups per worker: an even finish, few task starts
         groups = [(readable[i:i + group],) for i in range(0, len(readable), group)]
         try:

@@ -140,16 +140,22 @@ def node_resources(node_id: str | None) -> dict:
     return dict(alive[0].get("Resources", {}))
 
 
-INLINE_UNIT_ROWS = 1 << 18  # rows per unit of a pass run inline: the driver is the worker, keep its working set small
+INLINE_ROWS = 1 << 18  # the most rows a pass works on in the driver itself: past it, the driver only coordinates
 
 
-def where_to_map(tasks: int, work_rows: int, min_rows: int = 2_000_000) -> str:
-    """Where a TaskMap runs a pass of `tasks` tasks over `work_rows` rows: on Ray when this process has
-    one (or RAY_ADDRESS names a cluster), else on this machine's worker processes for a pass worth their
-    start (~1 s each), else inline. Results are the same bytes wherever they run."""
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized() or os.environ.get("RAY_ADDRESS"):
+def where_to_map(work_rows: int) -> str:
+    """Where a TaskMap runs a pass over `work_rows` rows: on Ray when this process has one (or RAY_ADDRESS
+    names a cluster), else inline when the pass is small enough for the driver to be its worker, else on
+    this machine's worker processes (the driver then holds what coordinates the tasks, not their rows).
+    Results are the same bytes wherever they run."""
+    if on_ray():
         return "ray"
-    return "processes" if tasks > 1 and work_rows >= min_rows and (os.cpu_count() or 1) > 1 else "inline"
+    return "inline" if work_rows <= INLINE_ROWS else "processes"
+
+
+def on_ray() -> bool:
+    """Ray is up in this process, or RAY_ADDRESS names a cluster to join."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
 class TaskMap:

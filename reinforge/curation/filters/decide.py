@@ -48,7 +48,7 @@ from reinforge.formats.subset import (appending_subset, first_occurrence, is_sor
                                       uid_order)
 from reinforge.io.parts import bucket_bits, concatenate_columns, read_parts, write_uid_buckets
 from reinforge.io.storage import absolute_url, remove_tree, write_bytes
-from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap, ray_session, where_to_map
+from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
 
 FORMAT = "reinforge.filter_decision/1"
 SAMPLE = 10
@@ -206,12 +206,8 @@ def decide(scores_dir: str, rule_text: str, out: str, report_path: Optional[str]
                           f"{scores.report.get('malformed_uids', {}).get('rows', 0)} with malformed uids)")
     work = absolute_url(out) + ".work"
     with ray_session(address) if address else nullcontext():
-        units = scores.units(unit_rows)
-        where = where or where_to_map(len(units), scores.rows)
-        if where == "inline":
-            units = scores.units(min(unit_rows, INLINE_UNIT_ROWS))
-        tasks = TaskMap(where)
-        passes = Passes(tasks, units, work, bucket_bits(scores.rows))
+        tasks = TaskMap(where or where_to_map(scores.rows))
+        passes = Passes(tasks, scores.units(unit_rows), work, bucket_bits(scores.rows))
         try:
             report = _decide(passes, scores, scores_dir, rule, rule_text, semantics, out)
         finally:

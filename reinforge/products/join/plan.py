@@ -28,7 +28,7 @@ from reinforge.products.reshard.assignment import lexsort_nonnegative
 from reinforge.products.reshard.partitions import (POOL_COLUMNS, commit_file, duplicate_examples, first_in_pool,
                                                    plan_table_bytes, pool_to_buckets)
 from reinforge.products.reshard.pool import SAMPLE
-from reinforge.products.reshard.subset_file import partition_size
+from reinforge.products.reshard.subset_file import SHARD_SAMPLES, partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 ROW_COLUMNS = {"hi": np.uint64, "lo": np.uint64, "task": np.int32, "row": np.int64}  # a reinforcement row
@@ -129,10 +129,10 @@ def plan_join(tasks: list[Task], pool: list[Task], layout: RunLayout, work: str,
     urls = [t.inputs[0] for t in pool]
     rein_urls = [t.inputs[0] for t in tasks]
     index_dir = index_cache_dir()
-    per_bucket = SHARDS_PER_BUCKET or max(1, partition_size(10_000 * len(tasks)) // 10_000)
+    per_bucket = SHARDS_PER_BUCKET or max(1, partition_size(SHARD_SAMPLES * len(tasks)) // SHARD_SAMPLES)
     buckets = max(1, -(-len(tasks) // per_bucket))
     bounds = even_bounds(buckets)
-    run = TaskMap(where or where_to_map(buckets + len(pool) // SHARDS_PER_GROUP, len(tasks) * 10_000))
+    run = TaskMap(where or where_to_map(SHARD_SAMPLES * max(len(tasks), len(pool))))
     try:
         def groups_of(shard_urls):
             return [[(n, shard_urls[n], *versions[shard_urls[n]])

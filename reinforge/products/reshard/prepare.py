@@ -36,7 +36,7 @@ from reinforge.io.storage import atomic_open, exists, filesystem, list_files, re
 from reinforge.products.reshard import extras, face_blur, partitions
 from reinforge.products.reshard.pool import ReshardError, select_shards
 from reinforge.products.reshard.recipe import ReshardRecipe
-from reinforge.products.reshard.subset_file import SubsetFile, open_subset, partition_size
+from reinforge.products.reshard.subset_file import SHARD_SAMPLES, SubsetFile, open_subset, partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
@@ -111,10 +111,9 @@ def plan_subset(r: ReshardRecipe, layout: RunLayout, work: str, sizes: Sizes = S
         if versions[url][0] < 0:
             raise ReshardError(f"pool shard {url} not found")
     index_dir = index_cache_dir() or layout.index_dir()
-    buckets = len(subset.bounds) + 1
     groups = [[(n, urls[n], *versions[urls[n]]) for n in range(a, min(a + sizes.pool_shards, len(urls)))]
               for a in range(0, len(urls), sizes.pool_shards)]
-    tasks = TaskMap(sizes.where or where_to_map(max(len(groups), buckets), subset.rows))
+    tasks = TaskMap(sizes.where or where_to_map(max(subset.rows, SHARD_SAMPLES * len(urls))))
     try:
         return _plan(r, subset, urls, groups, index_dir, work, sizes, selection, tasks)
     except BaseException:

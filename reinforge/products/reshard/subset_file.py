@@ -15,7 +15,8 @@ from reinforge.formats.subset import (SUBSET_DTYPE, SubsetError, counts_path, is
                                       read_subset, write_subset)
 from reinforge.io.storage import exists, filesystem
 
-BLOCK = 8 << 20  # bytes read at a time
+BLOCK = 1 << 20  # bytes the driver checks at a time (its working set is a few copies of a block)
+SHARD_SAMPLES = 10_000  # samples in a typical pool shard (img2dataset's default): sizes passes before shards are read
 
 
 def partition_size(n: int) -> int:
