@@ -274,12 +274,14 @@ def test_reruns_are_byte_identical(pool, tmp_path):
     assert open(tmp_path / "a.npy", "rb").read() == open(tmp_path / "b.npy", "rb").read()
 
 
-def test_score_units_on_ray_write_the_same_bytes(pool, tmp_path):
-    """One unit per row group, scored as Ray tasks: the same files as the one-process pass; a unit that
-    fails on bad input raises the input error itself."""
+@pytest.mark.parametrize("where", ["processes", "ray"])
+def test_score_units_as_tasks_write_the_same_bytes(pool, tmp_path, where):
+    """One unit per row group, scored as tasks on worker processes or Ray: the same files as the inline
+    pass; a unit that fails on bad input raises the input error itself."""
     folder, scores, _, _ = pool
     parallel = str(tmp_path / "parallel")
-    report = score_metadata([str(folder)], parallel, pool_options(folder), unit_rows=1)
+    report = score_metadata([str(folder)], parallel, pool_options(folder), unit_rows=1, where=where)
+    assert not os.path.exists(os.path.join(parallel, ".scores.work"))  # the units' part files are gone
     assert report["inputs"] == json.load(open(os.path.join(scores, "score_report.json")))["inputs"]
     for name in ("scores.parquet", "score_report.json", "centroids.npy", "centroid_targets.npy"):
         assert open(os.path.join(scores, name), "rb").read() == open(os.path.join(parallel, name), "rb").read(), name
@@ -290,7 +292,7 @@ def test_score_units_on_ray_write_the_same_bytes(pool, tmp_path):
     with pytest.raises(FilterError, match="10 rows"):  # found by the task that reads the embeddings
         score_metadata([str(folder / "00000000.parquet")], str(tmp_path / "bad"),
                        ScoreOptions(embeddings=[short], clusters=2, cluster_targets=str(folder / "targets.npy"),
-                                    centroids=centroids), unit_rows=1)
+                                    centroids=centroids), unit_rows=1, where=where)
 
 
 def _one_file_pool(folder, out) -> str:

@@ -19,6 +19,7 @@ from reinforge.formats.subset import UID_OK
 
 if TYPE_CHECKING:
     from reinforge.curation.filters.scores import ScoreOptions
+    from reinforge.runtime.ray_session import TaskMap
 
 
 @dataclass
@@ -62,14 +63,13 @@ def train_candidates(unit: MetadataUnit, options: ScoreOptions) -> tuple[TrainSa
     return sample, dim, left_out
 
 
-def training_sample(units: list[MetadataUnit], options: ScoreOptions, parallel: bool):
-    """One pass over the pool embeddings, unit by unit (Ray tasks when `parallel`), merged in input order:
-    (the k-means training rows, dim, usable rows left out). The driver holds the sample and one unit's part."""
-    from reinforge.runtime.ray_session import map_groups
+def training_sample(units: list[MetadataUnit], options: ScoreOptions, tasks: TaskMap):
+    """One pass over the pool embeddings, unit by unit (as `tasks`), merged in input order: (the k-means
+    training rows, dim, usable rows left out). The driver holds the sample and one unit's part."""
     sample, sampled = _new_sample(options)
     dim, left_out = None, 0
-    for unit, (part, part_dim, part_left_out) in zip(units, map_groups(train_candidates, [(u,) for u in units],
-                                                                      (options,), parallel)):
+    for unit, (part, part_dim, part_left_out) in zip(units, tasks(train_candidates, [(u,) for u in units],
+                                                                  (options,))):
         if dim is not None and part_dim != dim:
             raise FilterError(f"embeddings {unit.emb_url}: {options.embedding_key} has dim {part_dim}, "
                               f"earlier files have {dim}")
@@ -86,7 +86,7 @@ def training_sample(units: list[MetadataUnit], options: ScoreOptions, parallel: 
     return vectors, dim, left_out, how
 
 
-def cluster_pool(units: list[MetadataUnit], options: ScoreOptions, parallel: bool) -> Clustering:
+def cluster_pool(units: list[MetadataUnit], options: ScoreOptions, tasks: TaskMap) -> Clustering:
     """Train the centroids over the units' rows (or read given ones), then assign the targets."""
     if options.kmeans not in KMEANS:
         raise FilterError(f"--kmeans {options.kmeans!r}: choose one of {', '.join(KMEANS)}")
@@ -110,7 +110,7 @@ def cluster_pool(units: list[MetadataUnit], options: ScoreOptions, parallel: boo
         dim = centroids.shape[1]
         report["centroids"] = options.centroids
     else:
-        sample, dim, left_out, how = training_sample(units, options, parallel)
+        sample, dim, left_out, how = training_sample(units, options, tasks)
         centroids = train_centroids(sample, k, options.seed, options.niter, options.kmeans)
         report.update(train_rows=len(sample), train_sample=how, train_rows_from=options.cluster_train,
                       pool_rows_left_out=left_out)

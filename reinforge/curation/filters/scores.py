@@ -7,9 +7,10 @@ methods used) and, with clustering, `centroids.npy` ([k, d] float32; clusters.py
 trained) and `centroid_targets.npy` (int64 target hits per centroid).
 
 Work: the per-caption Python (language id, synset lookup) is the cost (~50 s per million rows on one
-core), so the rows are cut into units of whole row groups (~1M rows, `unit_rows`) scored as Ray tasks;
-the driver reads only the files' footers and writes the units' tables in input order (a few units in
-flight), so the output does not depend on where or in what order units ran. One unit: no Ray.
+core), so the rows are cut into units of whole row groups (~1M rows, `unit_rows`) scored as tasks (Ray,
+worker processes, or inline for a small pool: runtime/ray_session.TaskMap); each unit writes its scores to
+a part file (Arrow IPC) and the driver, which reads only the files' footers, appends the parts a row group
+at a time in input order, so the output does not depend on where or in what order units ran.
 Memory per worker: one row group plus, with clustering, its file's embeddings. The clustering pass
 before it (cluster_pass.py) runs over the same units, as tasks alike; the driver merges their training
 candidates and holds the k-means training set (`--kmeans datacomp`: every caption-filtered pool
@@ -43,7 +44,7 @@ from reinforge.curation.filters.rules import STRING
 from reinforge.curation.filters.text import caption_stats, cld3_languages, synset_lemmas
 from reinforge.curation.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
 from reinforge.formats.subset import UID_OK, UID_STATUS_NAMES
-from reinforge.io.storage import atomic_open, write_bytes
+from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove, remove_tree, write_bytes
 
 FORMAT = "reinforge.filter_scores/1"
 SCORES, REPORT, CENTROIDS, CENTROID_TARGETS = ("scores.parquet", "score_report.json", "centroids.npy",
@@ -174,47 +175,68 @@ class _Tally:
         self.sample.extend(later.sample[:SAMPLE - len(self.sample)])
 
 
-def score_unit(unit: MetadataUnit, options: ScoreOptions, clustering: Optional[Clustering],
-               schema: pa.Schema) -> tuple[list[pa.Table], _Tally]:
-    """Score one unit's row groups: their scores tables (one per row group) and their tally."""
-    tally, tables = _Tally(), []
+def score_unit(unit: MetadataUnit, part_url: str, options: ScoreOptions, clustering: Optional[Clustering],
+               schema: pa.Schema) -> tuple[list[int], _Tally]:
+    """Score one unit's row groups into an Arrow IPC stream at `part_url` (a batch per row group that kept
+    rows: IPC keeps each group's dictionaries as they were); returns each group's scored rows and the tally."""
+    tally, rows = _Tally(), []
     key = options.embedding_key if clustering else None
-    for start, table, hi, lo, status, vectors in read_unit(unit, ("uid",) + OPTIONAL_COLUMNS, key):
-        tally.add_malformed(unit.url, start, table, status)
-        scores = _score_group(table, status == UID_OK, unit.file, start, vectors, clustering, schema, hi, lo)
-        tally.add_scores(scores)
-        tables.append(scores)
-        tally.rows += table.num_rows
-    return tables, tally
+    with atomic_open(part_url) as sink, pa.ipc.new_stream(sink.raw, schema) as part:
+        for start, table, hi, lo, status, vectors in read_unit(unit, ("uid",) + OPTIONAL_COLUMNS, key):
+            tally.add_malformed(unit.url, start, table, status)
+            scores = _score_group(table, status == UID_OK, unit.file, start, vectors, clustering, schema, hi, lo)
+            tally.add_scores(scores)
+            part.write_table(scores)
+            rows.append(scores.num_rows)
+            tally.rows += table.num_rows
+    return rows, tally
+
+
+def _append_part(writer, part_url: str, rows: list[int], schema: pa.Schema) -> None:
+    """A unit's row groups from its part file into scores.parquet, one at a time (a group that kept no row
+    is still a row group, as the one-process pass wrote it)."""
+    fs, path = filesystem(part_url)
+    with fs.open(path, "rb") as f:
+        batches = iter(pa.ipc.open_stream(f))
+        for n in rows:
+            writer.write_table(pa.Table.from_batches([next(batches)], schema) if n else schema.empty_table())
+    remove(part_url)
 
 
 def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions, unit_rows: int = UNIT_ROWS,
-                   address: Optional[str] = None) -> dict:
+                   address: Optional[str] = None, where: Optional[str] = None) -> dict:
     """Score every row of the metadata files; write scores.parquet and score_report.json; return the report.
-    Units of ~unit_rows rows are scored as Ray tasks when there is more than one (on `address`, else an
-    embedded local Ray), in this process otherwise; the driver writes their tables in input order, so
-    the files are the same bytes either way."""
+    Units of ~unit_rows rows are scored as tasks: on Ray (`address`, or the Ray of this process), on worker
+    processes for more than a driver's share of rows, else inline (`where` names one). Each unit writes
+    its part file and the driver appends the parts in input order, so the files are the same bytes
+    wherever the units ran, and the driver holds one row group's scores, not a unit's."""
     from importlib.metadata import version
 
     import pyarrow.parquet as pq
 
-    from reinforge.runtime.ray_session import map_groups, ray_session
+    from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
     files = metadata_files(inputs)
-    out_dir = out_dir.rstrip("/")
+    out_dir = absolute_url(out_dir).rstrip("/")
     emb_files = embedding_files(files, options.embeddings) if options.clusters else [None] * len(files)
     units, report_inputs = plan_units(files, emb_files, bool(options.clusters), unit_rows)
-    parallel = len(units) > 1
+    work = f"{out_dir}/.scores.work"  # the units' part files, removed once appended
     tally = _Tally()
-    with ray_session(address) if parallel else nullcontext():
-        clustering = cluster_pool(units, options, parallel) if options.clusters else None
-        schema = _schema(clustering is not None, options.cld3)
-        with atomic_open(f"{out_dir}/{SCORES}") as out:
-            with pq.ParquetWriter(out.raw, schema, compression="zstd") as writer:
-                for tables, part in map_groups(score_unit, [(u,) for u in units], (options, clustering, schema),
-                                               parallel):
-                    for table in tables:
-                        writer.write_table(table)
-                    tally.merge(part)
+    with ray_session(address) if address else nullcontext():
+        tasks = TaskMap(where or where_to_map(sum(i["rows"] for i in report_inputs)))
+        try:
+            remove_tree(work)  # a killed run's leftovers
+            clustering = cluster_pool(units, options, tasks) if options.clusters else None
+            schema = _schema(clustering is not None, options.cld3)
+            parts = [f"{work}/{u:06d}.arrows" for u in range(len(units))]
+            with atomic_open(f"{out_dir}/{SCORES}") as out:
+                with pq.ParquetWriter(out.raw, schema, compression="zstd") as writer:
+                    for part, (rows, part_tally) in zip(parts, tasks(score_unit, zip(units, parts),
+                                                                     (options, clustering, schema))):
+                        _append_part(writer, part, rows, schema)
+                        tally.merge(part_tally)
+        finally:
+            tasks.close()
+            remove_tree(work)
     lemmas, wnids = synset_lemmas()
     report = {"format": FORMAT, "inputs": report_inputs, "rows": tally.rows, "scored": tally.scored,
               "malformed_uids": {"rows": tally.rows - tally.scored, "by_reason": tally.malformed,
