@@ -36,14 +36,13 @@ from reinforge.io.storage import atomic_open, exists, filesystem, list_files, re
 from reinforge.products.reshard import extras, face_blur, partitions
 from reinforge.products.reshard.pool import ReshardError, select_shards
 from reinforge.products.reshard.recipe import ReshardRecipe
-from reinforge.products.reshard.subset_file import SHARD_SAMPLES, SubsetFile, open_subset, partition_size
+from reinforge.products.reshard.subset_file import BLOCK, SHARD_SAMPLES, SubsetFile, open_subset, partition_size
 from reinforge.runtime.ray_session import TaskMap, where_to_map
 
 SHARD_FORMAT, STATS_FORMAT = "{:08d}.tar", "{:08d}_stats.json"
 # relative to the run; recorded in plan.json, so the files of another layout are rewritten
 TASK_ASSIGNMENTS = "plan/tasks/{:08d}.parquet"
 MISSING_UIDS = "plan/missing_uids.npy"
-BLOCK = 8 << 20  # bytes copied at a time from the subset file
 
 
 @dataclass
