@@ -276,3 +276,16 @@ def test_repeated_rows_listed_or_as_bits(repeats):
         for at in range(start, start + n, 29):
             m = min(29, start + n - at)
             assert (part.unique(at, m) == expected[at:at + m]).all()
+
+
+def test_rewritten_scores_are_read_anew(tmp_path):
+    """Tasks reuse a parsed footer per file version: scores rewritten in place (another pool, another row
+    group size) are read from their own footer, not the cached one."""
+    _pool(tmp_path)
+    decide(str(tmp_path), "top(clip_l14, 0.3)", str(tmp_path / "a.npy"))
+    hi, lo, l14, _ = _pool(tmp_path, seed=1)
+    table = pq.read_table(tmp_path / SCORES)
+    pq.write_table(table, tmp_path / SCORES, row_group_size=500)
+    decide(str(tmp_path), "top(clip_l14, 0.3)", str(tmp_path / "b.npy"))
+    got = read_subset(str(tmp_path / "b.npy"), counts="none").uids
+    assert list(zip(got["f0"].tolist(), got["f1"].tolist())) == _reference(hi, lo, l14, 0.3, "datacomp")

@@ -3,6 +3,7 @@ read in batches of a few columns, with the rows whose uid an earlier row has (Re
 the passes share (Passes): where their tasks run and the part files the units hand to the uid buckets."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -12,6 +13,7 @@ import numpy as np
 from reinforge.curation.filters.clusters import FilterError
 from reinforge.curation.filters.rules import NUMERIC
 from reinforge.curation.filters.scores import REPORT, SCORES
+from reinforge.io.fingerprint import file_versions
 from reinforge.io.parts import bucket_parts
 from reinforge.io.storage import absolute_url, filesystem, read_text
 from reinforge.runtime.ray_session import TaskMap
@@ -23,6 +25,7 @@ BATCH = 1 << 16  # rows per batch a task reads
 class Unit:
     """Whole row groups of the scores file, rows start .. start+rows-1."""
     url: str
+    version: tuple[int, str]  # of the file (io.fingerprint.file_versions): which footer a worker may reuse
     row_groups: tuple[int, ...]
     start: int
     rows: int
@@ -36,7 +39,8 @@ class Unit:
         fs, path = filesystem(self.url)
         start = self.start
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads ahead of iter_batches, O(unit) in memory
+            # pre-buffering reads ahead of iter_batches, O(unit) in memory
+            pf = pq.ParquetFile(f, pre_buffer=False, metadata=_footer(self.url, self.version))
             for batch in pf.iter_batches(batch_size=self.batch, row_groups=list(self.row_groups), columns=names,
                                          use_threads=False):
                 out = {}
@@ -54,10 +58,21 @@ class Unit:
                 start += batch.num_rows
 
 
+@functools.lru_cache(maxsize=1)
+def _footer(url: str, version: tuple[int, str]):
+    """The file's footer, parsed once per worker process and version, not once per task: it lists every row
+    group (~100k at 12.8B rows, hundreds of MB), so reading it per task would make a pass quadratic."""
+    import pyarrow.parquet as pq
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_metadata(f)
+
+
 @dataclass
 class Scores:
     """The scores file of a `filter score` folder: its report, stored column types and row group sizes."""
     url: str
+    version: tuple[int, str]
     report: dict
     types: dict[str, np.dtype]
     row_groups: list[int]  # rows in each
@@ -73,7 +88,7 @@ class Scores:
             groups.append(i)
             rows += n
             if rows >= unit_rows or i == len(self.row_groups) - 1:
-                units.append(Unit(self.url, tuple(groups), start, rows, BATCH))
+                units.append(Unit(self.url, self.version, tuple(groups), start, rows, BATCH))
                 groups, start, rows = [], start + rows, 0
         return units
 
@@ -87,6 +102,7 @@ def open_scores(scores_dir: str, names: list[str]) -> Scores:
     if not fs.exists(path):
         raise FilterError(f"{scores_dir}: no {SCORES} (run `reinforge filter score` first)")
     report = json.loads(read_text(f"{scores_dir}/{REPORT}"))
+    version = file_versions([url])[url]
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
@@ -97,7 +113,7 @@ def open_scores(scores_dir: str, names: list[str]) -> Scores:
             raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
     types = {n: np.dtype(schema.field(n).type.to_pandas_dtype()) for n in names if n in NUMERIC}
-    return Scores(url, report, types, sizes)
+    return Scores(url, version, report, types, sizes)
 
 
 class RepeatedRows:
