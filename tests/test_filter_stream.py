@@ -289,3 +289,26 @@ def test_rewritten_scores_are_read_anew(tmp_path):
     decide(str(tmp_path), "top(clip_l14, 0.3)", str(tmp_path / "b.npy"))
     got = read_subset(str(tmp_path / "b.npy"), counts="none").uids
     assert list(zip(got["f0"].tolist(), got["f1"].tolist())) == _reference(hi, lo, l14, 0.3, "datacomp")
+
+
+def test_parts_decide_as_one_file(tmp_path, monkeypatch):
+    """The scores as parts (what `filter score` writes: the report lists them) decide as the same rows in one
+    file (what earlier versions wrote) do: units never span parts, rows are numbered across them."""
+    monkeypatch.setattr(score_units, "BATCH", 333)
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    one.mkdir()
+    (parts / "scores").mkdir(parents=True)
+    _pool(one)
+    table, listed = pq.read_table(one / SCORES), []
+    for i, (a, b) in enumerate([(0, 1200), (1200, 1300), (1300, N)]):
+        pq.write_table(table.slice(a, b - a), parts / "scores" / f"{i:06d}.parquet", row_group_size=250)
+        listed.append({"file": f"scores/{i:06d}.parquet", "row_groups": [min(250, b - s) for s in range(a, b, 250)]})
+    (parts / REPORT).write_text(json.dumps({"rows": N, "malformed_uids": {"rows": 0}, "parts": listed}))
+    rule = "top(clip_l14, 0.3) & (words>=2 | !lang==de)"
+    for where in ("inline", "processes"):
+        outputs = []
+        for folder in (one, parts):
+            report = decide(str(folder), rule, str(folder / "out.npy"), unit_rows=400, where=where)
+            outputs.append(((folder / "out.npy").read_bytes(), {k: v for k, v in report.items()
+                                                                 if k not in ("scores", "output")}))
+        assert outputs[0] == outputs[1] and outputs[0][1]["kept"] > 0, where

@@ -137,6 +137,31 @@ def uid_set(path) -> set:
     return {f"{h:016x}{l:016x}" for h, l in zip(arr["f0"].tolist(), arr["f1"].tolist())}
 
 
+def score_files(folder) -> dict[str, bytes]:
+    """Every file `filter score` wrote under `folder`, by relative path."""
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def scores_table(folder) -> pa.Table:
+    """The scores' parts, in the report's order, as one table."""
+    report = json.load(open(os.path.join(folder, "score_report.json")))
+    return pa.concat_tables(pq.read_table(os.path.join(folder, p["file"])) for p in report["parts"])
+
+
+def same_scores(a, b) -> bool:
+    """The same rows and report, however the units cut the parts (their files and row groups differ)."""
+    def report(folder):
+        return {k: v for k, v in json.load(open(os.path.join(folder, "score_report.json"))).items() if k != "parts"}
+
+    def rows(folder):  # NaN as a value that equals itself
+        return {name: ["NaN" if v != v else v for v in column.to_pylist()]
+                for name, column in zip(scores_table(folder).column_names, scores_table(folder).columns)}
+    extra = [n for n in ("centroids.npy", "centroid_targets.npy") if os.path.exists(os.path.join(a, n))]
+    return (rows(a) == rows(b) and report(a) == report(b)
+            and all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in extra))
+
+
 def pool_options(folder) -> ScoreOptions:
     """Spherical k-means on every usable pool row (train_size), so the test can check the fixed point
     (DataComp's own k-means is checked against DataComp's code in test_datacomp_image_baselines_golden)."""
@@ -167,7 +192,7 @@ def test_score_report_counts_bad_input(pool):
     assert report["invalid"]["words"] == report["invalid"]["lang"] == scored_text.count(None) > 0
     targets = report["clusters"]["targets"]
     assert (targets["rows"], targets["invalid"]) == (32, 2) and 1 <= targets["centroids_hit"] <= 3
-    table = pq.read_table(os.path.join(scores, "scores.parquet"))
+    table = scores_table(scores)
     assert table.num_rows == report["scored"]
     assert table.column("cluster").null_count == report["invalid"]["cluster"] > 0  # NaN / zero embeddings
 
@@ -231,7 +256,7 @@ def test_image_filter_one_metric(pool, tmp_path):
     by_ip = np.argmax(unit @ centroids.T, axis=1)
     by_l2 = np.argmin(((unit[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
     assert np.array_equal(by_ip[ok], by_l2[ok])  # unit vectors: the same assignment either way
-    table = pq.read_table(os.path.join(scores, "scores.parquet"))
+    table = scores_table(scores)
     scored_rows = np.flatnonzero([u is not None and len(u) == 32 and "z" not in u for u in truth["uid"]])
     stored = table.column("cluster").to_numpy(zero_copy_only=False)
     assert np.array_equal(stored[ok[scored_rows]], by_ip[scored_rows][ok[scored_rows]])
@@ -267,8 +292,9 @@ def test_reruns_are_byte_identical(pool, tmp_path):
     folder, scores, _, _ = pool
     again = str(tmp_path / "again")
     score_metadata([str(folder)], again, pool_options(folder))
-    for name in ("scores.parquet", "score_report.json", "centroids.npy", "centroid_targets.npy"):
-        assert open(os.path.join(scores, name), "rb").read() == open(os.path.join(again, name), "rb").read(), name
+    assert score_files(scores) == score_files(again)
+    assert sorted(score_files(scores)) == ["centroid_targets.npy", "centroids.npy", "score_report.json",
+                                           "scores/000000.parquet", "scores/000001.parquet"]  # a unit per file
     decide(scores, "basic & top(clip_l14,0.3)", str(tmp_path / "a.npy"))
     decide(again, "basic & top(clip_l14,0.3)", str(tmp_path / "b.npy"))
     assert open(tmp_path / "a.npy", "rb").read() == open(tmp_path / "b.npy", "rb").read()
@@ -277,14 +303,15 @@ def test_reruns_are_byte_identical(pool, tmp_path):
 @pytest.mark.parametrize("where", ["processes", "ray"])
 def test_score_units_as_tasks_write_the_same_bytes(pool, tmp_path, where):
     """One unit per row group, scored as tasks on worker processes or Ray: the same files as the inline
-    pass; a unit that fails on bad input raises the input error itself."""
+    pass of the same units, and the same scores as a unit per file; a unit that fails on bad input raises
+    the input error itself."""
     folder, scores, _, _ = pool
-    parallel = str(tmp_path / "parallel")
+    inline, parallel = str(tmp_path / "inline"), str(tmp_path / "parallel")
+    score_metadata([str(folder)], inline, pool_options(folder), unit_rows=1, where="inline")
     report = score_metadata([str(folder)], parallel, pool_options(folder), unit_rows=1, where=where)
-    assert not os.path.exists(os.path.join(parallel, ".scores.work"))  # the units' part files are gone
-    assert report["inputs"] == json.load(open(os.path.join(scores, "score_report.json")))["inputs"]
-    for name in ("scores.parquet", "score_report.json", "centroids.npy", "centroid_targets.npy"):
-        assert open(os.path.join(scores, name), "rb").read() == open(os.path.join(parallel, name), "rb").read(), name
+    assert score_files(inline) == score_files(parallel)
+    assert len(report["parts"]) == sum(i["row_groups"] for i in report["inputs"]) > 2
+    assert same_scores(scores, parallel)
     short = str(tmp_path / "short.npz")
     np.savez(short, l14_img=np.ones((10, DIM), np.float16))
     centroids = str(tmp_path / "centroids.npy")
@@ -306,7 +333,7 @@ def _one_file_pool(folder, out) -> str:
 
 def test_cluster_training_pass_as_units_on_ray_is_the_same(pool, tmp_path):
     """With --clusters, the k-means training pass runs over the score units too (Ray tasks here): the
-    centroids, scores.parquet and score_report.json are the same bytes as one unit's, for DataComp's k-means
+    centroids, the scores and the report are the same as one unit's, for DataComp's k-means
     (every caption row, in input order) and for the uid-hash sample with a train size that cuts between
     two rows of one uid (the earlier one is kept, however the units fall)."""
     from reinforge.curation.filters.clusters import uid_hash, unit_rows
@@ -326,16 +353,13 @@ def test_cluster_training_pass_as_units_on_ray_is_the_same(pool, tmp_path):
     cases = {"datacomp": ScoreOptions(clusters=CENTERS, cluster_targets=targets),
              "spherical": ScoreOptions(clusters=CENTERS, cluster_targets=targets, kmeans="spherical", seed=3,
                                        cluster_train="all", train_size=int(tied[-1]) + 1)}
-    names = ("scores.parquet", "score_report.json", "centroids.npy", "centroid_targets.npy")
     with ray_session():  # one Ray for both runs of units
         for name, options in cases.items():
             one, units = str(tmp_path / f"{name}_one"), str(tmp_path / f"{name}_units")
             score_metadata([meta], one, options)
             report = score_metadata([meta], units, options, unit_rows=1)
             assert report["inputs"][0]["row_groups"] == 6
-            for file in names:
-                assert open(os.path.join(one, file), "rb").read() == open(os.path.join(units, file), "rb").read(), \
-                    (name, file)
+            assert same_scores(one, units), name
     assert report["clusters"]["train_rows"] == int(tied[-1]) + 1
 
 

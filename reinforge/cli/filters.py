@@ -15,7 +15,7 @@ def filter_group():
 
 @filter_group.command("score")
 @click.argument("metadata", nargs=-1, required=True)
-@click.option("--out", required=True, help="folder for scores.parquet and score_report.json")
+@click.option("--out", required=True, help="folder for the scores (scores/*.parquet) and score_report.json")
 @click.option("--embeddings", multiple=True,
               help="row-aligned .npz per metadata file, in order (repeatable); default: paired <stem>.npz")
 @click.option("--embedding-key", default="l14_img", show_default=True, help="array in the embeddings .npz")

