@@ -4,7 +4,7 @@ baseline in bytes per sample, seconds per million rows, and how the peak grows b
 Each measurement runs in a fresh subprocess: it imports what the tool needs, records its RSS, runs the
 tool once, and reports its peak RSS (VmHWM; Linux carries ru_maxrss over from the parent across fork+exec,
 so a big parent would hide the child's peak) minus that baseline. Inputs are generated once per size (not timed):
-  filter apply   a scores.parquet as `filter score` writes it (128k-row groups, 0.1 % duplicate uids,
+  filter apply   the scores as `filter score` writes them (parts of 8 x 128k-row groups, 0.1 % duplicate uids,
                  1 % NaN scores); rule `basic & top(clip_l14, 0.3)` in datacomp and exact semantics
   schedule       four disjoint time splits (sorted u8,u8 .npy, sizes growing 1:2:3:4); cumulative-all,
                  budget = the pool size, independent buffer
@@ -22,9 +22,8 @@ reshard-plan and join-plan (bench/scale_plan.py): prepare() of a reshard / join 
 whose uid indexes are cached; the extra column hashes every output file (byte-identical before/after).
 
 score and validate (bench/scale_runs.py): `filter score` (score_metadata, no --clusters) on DataComp-like metadata
-(bench/filters.py's generator, 128k-row groups) cut into units of one row group, so every size runs several Ray
-tasks on an embedded local Ray (the driver's RSS includes the Ray client; worker CPU = its descendants' read from
-/proc); `validate` (validate_run, workers = CPU count) of a finished reshard of n tiny samples at 10,000 samples
+(bench/filters.py's generator, 128k-row groups) cut into units of one row group, so every size runs several
+tasks (worker processes; worker CPU = its descendants' read from /proc); `validate` (validate_run, workers = CPU count) of a finished reshard of n tiny samples at 10,000 samples
 per task (worker CPU = RUSAGE_CHILDREN). The progress line adds samples per CPU-second (driver + workers).
 
 Two more tools measure the runner and `status` against the task count (--tasks, not --sizes):
@@ -104,41 +103,47 @@ def uids(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_scores(folder: str, n: int, seed: int = 0) -> None:
-    """A scores dir as `filter score` writes it, generated column by column in row groups."""
+    """A scores dir as `filter score` writes it (a part per unit of 8 row groups, listed in the report),
+    generated column by column in row groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     sys.path.insert(0, ROOT)
-    from reinforge.curation.filters.scores import REPORT, SCORES, _schema
+    from reinforge.curation.filters.scores import PARTS, REPORT, _schema
     rng = np.random.default_rng(seed)
     schema = _schema(False)
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(folder, PARTS), exist_ok=True)
     langs = pa.array(["en", "de", "es", "fr"])
     prev_hi = prev_lo = None
-    with pq.ParquetWriter(os.path.join(folder, SCORES), schema, compression="zstd") as writer:
-        for start in range(0, n, ROW_GROUP):
-            m = min(ROW_GROUP, n - start)
-            hi, lo = uids(m, rng)
-            if prev_hi is not None:  # 0.1 % of rows repeat a uid of the previous group
-                dup = rng.choice(m, max(1, m // 1000), replace=False)
-                src = rng.integers(0, len(prev_hi), len(dup))
-                hi[dup], lo[dup] = prev_hi[src], prev_lo[src]
-            prev_hi, prev_lo = hi, lo
+    parts, unit = [], 8 * ROW_GROUP  # filter score's default unit (1M rows) in whole row groups
+    for first in range(0, n, unit):
+        parts.append({"file": f"{PARTS}/{len(parts):06d}.parquet", "row_groups": []})
+        with pq.ParquetWriter(os.path.join(folder, parts[-1]["file"]), schema, compression="zstd") as writer:
+            for start in range(first, min(n, first + unit), ROW_GROUP):
+                m = min(ROW_GROUP, n - start)
+                hi, lo = uids(m, rng)
+                if prev_hi is not None:  # 0.1 % of rows repeat a uid of the previous group
+                    dup = rng.choice(m, max(1, m // 1000), replace=False)
+                    src = rng.integers(0, len(prev_hi), len(dup))
+                    hi[dup], lo[dup] = prev_hi[src], prev_lo[src]
+                prev_hi, prev_lo = hi, lo
 
-            def floats(scale):
-                v = (rng.random(m, np.float32) * scale).astype(np.float32)
-                v[rng.random(m) < 0.01] = np.nan
-                return pa.array(v, pa.float32(), from_pandas=True)
-            ints = lambda lo_, hi_: pa.array(rng.integers(lo_, hi_, m, dtype=np.int32))  # noqa: E731
-            cols = {"uid_hi": pa.array(hi), "uid_lo": pa.array(lo), "file": pa.array(np.zeros(m, np.int32)),
-                    "row": pa.array(np.arange(start, start + m)), "words": ints(0, 15), "chars": ints(0, 80),
-                    "lang": pa.DictionaryArray.from_arrays(
-                        pa.array(rng.choice(4, m, p=[0.6, 0.2, 0.1, 0.1]).astype(np.int32)), langs),
-                    "synset_hits": ints(0, 3), "synset": ints(-1, 1000), "wordnet_hits": ints(0, 3),
-                    "ft_words": ints(0, 15), "short_side": floats(1024), "aspect": floats(4),
-                    "clip_b32": floats(0.45), "clip_l14": floats(0.5)}
-            writer.write_table(pa.table(cols, schema=schema))
+                def floats(scale):
+                    v = (rng.random(m, np.float32) * scale).astype(np.float32)
+                    v[rng.random(m) < 0.01] = np.nan
+                    return pa.array(v, pa.float32(), from_pandas=True)
+                ints = lambda lo_, hi_: pa.array(rng.integers(lo_, hi_, m, dtype=np.int32))  # noqa: E731
+                cols = {"uid_hi": pa.array(hi), "uid_lo": pa.array(lo), "file": pa.array(np.zeros(m, np.int32)),
+                        "row": pa.array(np.arange(start, start + m)), "words": ints(0, 15), "chars": ints(0, 80),
+                        "lang": pa.DictionaryArray.from_arrays(
+                            pa.array(rng.choice(4, m, p=[0.6, 0.2, 0.1, 0.1]).astype(np.int32)), langs),
+                        "synset_hits": ints(0, 3), "synset": ints(-1, 1000), "wordnet_hits": ints(0, 3),
+                        "ft_words": ints(0, 15), "short_side": floats(1024), "aspect": floats(4),
+                        "clip_b32": floats(0.45), "clip_l14": floats(0.5)}
+                writer.write_table(pa.table(cols, schema=schema))
+                parts[-1]["row_groups"].append(m)
     with open(os.path.join(folder, REPORT), "w") as f:
-        json.dump({"rows": n, "scored": n, "malformed_uids": {"rows": 0, "by_reason": {}, "sample": []}}, f)
+        json.dump({"rows": n, "scored": n, "malformed_uids": {"rows": 0, "by_reason": {}, "sample": []},
+                   "parts": parts}, f)
 
 
 def make_splits(folder: str, n: int, seed: int = 0) -> None:

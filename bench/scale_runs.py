@@ -5,13 +5,14 @@ Inputs per size n, generated once and not timed:
   score      DataComp-like metadata (bench/filters.py's generator: uid, text of 3-14 words in five languages,
              original_width/height, clip_b32/l14 similarity scores) in one Parquet file of 128k-row groups.
              score_metadata (what `reinforge filter score` calls), no --clusters, unit_rows = one row group,
-             so every size runs several units as Ray tasks on an embedded local Ray (all cores): the driver's
-             RSS then includes the Ray client and the units' tables in flight (map_groups keeps <= 2 x CPUs
-             in flight). Imports (numpy, pyarrow, pandas, ray, the scores module) and the driver's word lists
-             (synset lemmas, WordNet offsets, read once after scoring) are loaded before the baseline RSS.
-             CPU: the driver's own, and its descendants' (raylet, GCS, Ray workers: utime + stime read from
-             /proc every 0.5 s while the call runs, the last reading per process kept; Ray's workers live
-             until shutdown, so only the last half second of each is missed).
+             so every size runs several units as tasks: on this machine's worker processes (TaskMap; each
+             unit writes its own part of the scores), or on an embedded local Ray in trees before that
+             (whose driver RSS includes the Ray client and the units' tables in flight). Imports (numpy,
+             pyarrow, pandas, ray, the scores module) and the driver's word lists (synset lemmas, WordNet
+             offsets, read once after scoring) are loaded before the baseline RSS.
+             CPU: the driver's own, and its descendants' (worker processes, or raylet, GCS and Ray workers:
+             utime + stime read from /proc every 0.5 s while the call runs, the last reading per process
+             kept, so only the last half second of each is missed).
   validate   a pool of n tiny samples (RUN_CHILD's pool: 100 tars, 256-byte jpg + txt + json) resharded
              whole (subset = every uid, samples_per_shard 10,000: n / 10,000 tasks, local runner); then
              validate_run (what `reinforge validate RUN` calls) with workers = the CPU count (what the CLI's
@@ -167,7 +168,7 @@ def make_runs_inputs(tree: str, tmp: str, n: int, tools: set) -> None:
 
 
 def runs_cases(tmp: str, n: int) -> list[tuple[str, str, dict]]:
-    return [("score", "filter score (no clusters, Ray units of 128k rows)",
+    return [("score", "filter score (no clusters, units of 128k rows)",
              {"inputs": [os.path.join(tmp, "score-metadata")], "out": os.path.join(tmp, "scores-out"),
               "unit_rows": ROW_GROUP}),
             ("validate", "validate (reshard run, 10k samples/task)",
