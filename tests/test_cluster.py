@@ -264,3 +264,63 @@ def test_kill_a_worker_nodes_raylet_mid_run(inputs, single_node_run, cluster, tm
     assert lost and all(_worker(out, task)["pid"] not in w1 for task in lost), "w1's task was redone elsewhere"
     workers = {json.loads((manifests / n).read_text())["worker"]["node_id"] for n in os.listdir(manifests)}
     assert len(workers) >= 2, "tasks should have run on more than one node"
+
+
+def test_curation_passes_run_on_a_cluster_by_address(cluster, single_node_run, tmp_path):
+    """`filter score`, `filter apply`, `splits` and `validate` given `--address` run their passes as Ray tasks
+    on that cluster (here: processes of their own, started with `ray start`) and write what they write
+    inline, byte for byte (validate: the same problems, found on the cluster's nodes)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pool_gen import random_uids, skewed_epochs
+    from test_filter_stream import _pool
+    from test_filters import make_pool, score_files
+
+    from reinforge.curation.filters.decide import decide
+    from reinforge.curation.filters.scores import ScoreOptions, score_metadata
+    from reinforge.curation.time_splits import SplitOptions, build_splits
+    from reinforge.ops.rundir import validate_run
+    env = {**os.environ, **cluster.env, "HF_HUB_OFFLINE": "1"}
+
+    def on_cluster(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(_cli(*args, "--address", cluster.address), env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    make_pool(str(tmp_path / "meta"))
+    score_metadata([str(tmp_path / "meta")], str(tmp_path / "scores-inline"), ScoreOptions(), 1, where="inline")
+    done = on_cluster("filter", "score", str(tmp_path / "meta"), "--out", str(tmp_path / "scores"), "--unit-rows", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert score_files(tmp_path / "scores") == score_files(tmp_path / "scores-inline")
+
+    (tmp_path / "stream").mkdir()
+    _pool(tmp_path / "stream")
+    rule = "top(clip_l14, 0.3) & words>=2"
+    decide(str(tmp_path / "stream"), rule, str(tmp_path / "inline.npy"), unit_rows=1000, where="inline")
+    done = on_cluster("filter", "apply", str(tmp_path / "stream"), "--rule", rule, "--out", str(tmp_path / "ray.npy"),
+                      "--unit-rows", "1000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ray.npy").read_bytes() == (tmp_path / "inline.npy").read_bytes()
+
+    rng = np.random.default_rng(0)
+    strings, _, _ = random_uids(3000, rng)
+    (tmp_path / "timed").mkdir()
+    pq.write_table(pa.table({"uid": strings, "timestamp": skewed_epochs(3000, rng)}),
+                   tmp_path / "timed" / "00000.parquet", row_group_size=500)
+    build_splits([str(tmp_path / "timed")], str(tmp_path / "splits-inline"), SplitOptions(unit_rows=1000),
+                 where="inline")
+    done = on_cluster("splits", str(tmp_path / "timed"), "--out", str(tmp_path / "splits"), "--unit-rows", "1000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in os.listdir(tmp_path / "splits-inline"):
+        if name != "splits.json":  # it records the seconds taken
+            assert (tmp_path / "splits" / name).read_bytes() == (tmp_path / "splits-inline" / name).read_bytes(), name
+
+    run = tmp_path / "run"
+    shutil.copytree(single_node_run, run)
+    shard = sorted((run / "shards").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed: a sha256 problem
+    shard.write_bytes(bytes(data))
+    _, problems = validate_run(str(run), workers=1)
+    done = on_cluster("validate", str(run))
+    assert done.returncode == 1 and problems and all(p in done.stderr for p in problems), done.stderr[-3000:]

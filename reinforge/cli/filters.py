@@ -35,8 +35,9 @@ def filter_group():
 @click.option("--centroids", default=None, help=".npy/.npz of centroids to use instead of training (e.g. DataComp's)")
 @click.option("--cld3", is_flag=True, help="also score CLD3's language (lang_cld3) for the laion2b baseline")
 @click.option("--unit-rows", default=None, type=click.IntRange(min=1),
-              help="rows per task, in whole row groups [default: 1,000,000]; more than one unit runs as Ray tasks")
-@click.option("--address", default=None, help="Ray address for the tasks (default: embedded local Ray)")
+              help="rows per task, in whole row groups, and per part of the scores [default: 1,000,000]")
+@click.option("--address", default=None,
+              help="Ray address for the tasks (default: worker processes of this machine past 256k rows)")
 @user_errors
 def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, target_key, train_size, niter, seed,
           cluster_train, kmeans, centroids, cld3, unit_rows, address):
@@ -78,7 +79,7 @@ def score(metadata, out, embeddings, embedding_key, clusters, cluster_targets, t
 @click.option("--unit-rows", default=None, type=click.IntRange(min=1),
               help="rows per task, in whole row groups [default: 1,000,000]")
 @click.option("--address", default=None,
-              help="Ray address for the tasks (default: worker processes of this machine for 2M rows or more)")
+              help="Ray address for the tasks (default: worker processes of this machine past 256k rows)")
 @user_errors
 def apply(scores_dir, baseline, rule, top_fraction, score_column, out, report, semantics, unit_rows, address):
     """Apply a filter rule to stored scores: write the subset file and a report (counts, resolved thresholds)."""

@@ -200,7 +200,7 @@ def demo(output, config, address):
 @click.option("--unit-rows", default=None, type=click.IntRange(min=1),
               help="rows per task, in whole row groups [default: 1,000,000]")
 @click.option("--address", default=None,
-              help="Ray address for the tasks (default: worker processes of this machine for 2M rows or more)")
+              help="Ray address for the tasks (default: worker processes of this machine past 256k rows)")
 @user_errors
 def splits(metadata, out, uid_column, timestamp_column, timestamp_format, by, boundaries, range_, eval_uids,
            memory_rows, unit_rows, address):
