@@ -176,21 +176,22 @@ class TaskMap:
         return self._on_processes(fn, per_task, shared)
 
     def _on_processes(self, fn, per_task: Iterable[tuple], shared: tuple):
-        width = self.width or os.cpu_count() or 1
-        if self._pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            from reinforge.runtime.local_pool import plain_main
+        from reinforge.runtime.local_pool import plain_main
+        width = self.width or os.cpu_count() or 1
+        if self._pool is None:  # spawned workers start on demand: a pass of one task starts one process
             self._pool = ProcessPoolExecutor(width, multiprocessing.get_context("spawn"))
-            with plain_main():  # submits start the worker processes
-                for _ in range(width):
-                    self._pool.submit(int)
+
+        def submit(args: tuple):
+            with plain_main():  # a submit that finds no idle worker starts one
+                return self._pool.submit(fn, *args, *shared)
         todo = iter(per_task)
-        pending = [self._pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 2 * width)]
+        pending = [submit(args) for args in itertools.islice(todo, 2 * width)]
         while pending:
             part = pending.pop(0).result()
-            pending.extend(self._pool.submit(fn, *args, *shared) for args in itertools.islice(todo, 1))
+            pending.extend(submit(args) for args in itertools.islice(todo, 1))
             yield part
 
     def close(self) -> None:
