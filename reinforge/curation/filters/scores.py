@@ -48,7 +48,7 @@ from reinforge.curation.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offs
 from reinforge.formats.subset import UID_OK, UID_STATUS_NAMES
 from reinforge.io.storage import absolute_url, atomic_open, remove, remove_tree, write_bytes
 
-FORMAT = "reinforge.filter_scores/1"
+FORMAT = "reinforge.filter_scores/2"  # /2: the scores as parts listed in the report (/1: one scores.parquet)
 PARTS, REPORT, CENTROIDS, CENTROID_TARGETS = "scores", "score_report.json", "centroids.npy", "centroid_targets.npy"
 SCORES = "scores.parquet"  # the scores as one file, as earlier versions wrote them (still read)
 SAMPLE = 10  # examples kept per reported problem
