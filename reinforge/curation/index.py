@@ -8,13 +8,14 @@ counts and the sample's keys (16 bytes a row), never vectors or the index: every
 (TaskMap: Ray where an address is given or this process has Ray, else this machine's worker processes
 for a pool of several shard groups, else inline). Pass 1 finds usable rows per file and the sample
 (index_sample: its vectors go to scratch files in `.tmp-parts/` of the output); one task trains the
-empty index on it and writes it and the recall queries there; IVF and flat indexes are then built per shard group in parallel (tasks add their
-group's files, one at a time, to copies of the trained empty index, write it to a part file in
-`.tmp-parts/`, and find the queries' exact neighbours among them for recall); the driver streams the
-parts, merged in group order with id offsets, into index.faiss (index_parts), which gives the same
-inverted lists, hence the same bytes, as a serial build (recall is measured by a task on the written
-file, memory-mapped). A pool of one group (or HNSW) is built inline, in the driver. HNSW graphs cannot
-be merged and are built in one thread (faiss' parallel HNSW insertion depends on thread timing).
+empty index on it and writes it and the recall queries there; IVF and flat indexes are then built per
+shard group in parallel (tasks add their group's files, one at a time, to copies of the trained empty
+index, write it to a part file in `.tmp-parts/`, and find the queries' exact neighbours among them for
+recall); the driver streams the parts, merged in group order with id offsets, into index.faiss
+(index_parts), which gives the same inverted lists, hence the same bytes, as a serial build (recall is
+measured by a task on the written file, memory-mapped). A pool of one group (or HNSW) is built inline,
+in the driver. HNSW graphs cannot be merged and are built in one thread (faiss' parallel HNSW insertion
+depends on thread timing).
 
 Saved as `index/index.faiss`, `index/index.json` (config, ntotal, dim, metric, search parameters,
 recall@k vs exact) and `index/uids.npy` (u8,u8 in faiss id order: row i is faiss id i).
@@ -152,11 +153,11 @@ def top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
 
 
 def _add_group(files: list[str], first_row: int, part_url: Optional[str], trained_url: str, key: str,
-               queries_url: Optional[str], kk: int, add_threads: Optional[int]) -> dict:
+               queries_url: Optional[str], kk: int, threads: Optional[int]) -> dict:
     """Pass 2 on a worker: the group's files, one at a time, added to a copy of the trained empty index
     (read from `trained_url`), and the exact top-kk of the recall queries (from `queries_url`) among them
-    (brute force, ids global). The populated index and uids are written to `part_url` (index_parts), or
-    returned when there is no part file (one group)."""
+    (brute force, ids global), with `threads` faiss threads (None: faiss' default). The populated index
+    and uids are written to `part_url` (index_parts), or returned when there is no part file (one group)."""
     import faiss
     index = deserialize(read_bytes(trained_url))
     queries = None if queries_url is None else _read_npy(queries_url)
@@ -164,11 +165,11 @@ def _add_group(files: list[str], first_row: int, part_url: Optional[str], traine
     sims = np.zeros((0 if queries is None else len(queries), 0), np.float32)
     ids = np.zeros(sims.shape, np.int64)
     for emb in iter_embeddings(files, key):
-        with _omp_threads(add_threads):
+        with _omp_threads(threads):
             index.add(emb.vectors)
-        if queries is not None and len(emb.vectors):
-            d, i = faiss.knn(queries, emb.vectors, min(kk, len(emb.vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-            sims, ids = top_k(np.hstack([sims, d]), np.hstack([ids, i + first_row + rows]), kk)
+            if queries is not None and len(emb.vectors):
+                d, i = faiss.knn(queries, emb.vectors, min(kk, len(emb.vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+                sims, ids = top_k(np.hstack([sims, d]), np.hstack([ids, i + first_row + rows]), kk)
         uids.append(emb.uids)
         rows += len(emb.vectors)
     if part_url is None:
@@ -250,6 +251,12 @@ def _sample(tasks: TaskMap, group_files: list[list[str]], first_files: list[int]
         bound = 1.0
 
 
+def _add_threads(kind: str, where: str) -> Optional[int]:
+    """faiss threads of a pass-2 task: one on worker processes (a task per CPU; Ray's workers have one) and
+    for HNSW (faiss' parallel HNSW insertion depends on thread timing), else faiss' default."""
+    return 1 if kind == "hnsw" or where != "inline" else None
+
+
 def _where(parallel: bool, groups: int, raw_rows: int) -> str:
     """Where the tasks run: on Ray where this process has one (or RAY_ADDRESS names a cluster), on worker
     processes for a pool of several groups, else inline (one group: a small pool, or HNSW)."""
@@ -302,7 +309,7 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
         kk = min(spec.recall_k + 1, n)
         exact = plan.kind != "flat"
         pieces = tasks(_add_group, list(zip(group_files, first_rows, part_urls)),
-                       (trained_url, key, queries_url if exact else None, kk, 1 if plan.kind == "hnsw" else None))
+                       (trained_url, key, queries_url if exact else None, kk, _add_threads(plan.kind, tasks.where)))
         uids, sims, ids = [], np.zeros((len(query_ids), 0), np.float32), np.zeros((len(query_ids), 0), np.int64)
         for part, expected, piece in zip(parts_files, group_rows, pieces):
             if piece["rows"] != expected:
