@@ -5,17 +5,16 @@ else IVF-PQ. IVF-PQ re-ranks k_factor*k candidates on fp16 copies of the vectors
 distances alone cap recall@10 near 0.76 on clustered 512-d data; the IVF probe then sets it).
 IVF and PQ are trained on a seeded sample that excludes the recall queries. The driver holds O(files)
 counts and the sample's keys (16 bytes a row), never vectors or the index: every step runs as tasks
-(TaskMap: Ray where an address is given or this process has Ray, else this machine's worker processes
-for a pool of several shard groups, else inline). Pass 1 finds usable rows per file and the sample
+(TaskMap: Ray where an address is given or this process has Ray, else this machine's worker processes,
+inline for small pools). Pass 1 finds usable rows per file and the sample
 (index_sample: its vectors go to scratch files in `.tmp-parts/` of the output); one task trains the
 empty index on it and writes it and the recall queries there; IVF and flat indexes are then built per
 shard group in parallel (tasks add their group's files, one at a time, to copies of the trained empty
 index, write it to a part file in `.tmp-parts/`, and find the queries' exact neighbours among them for
 recall); the driver streams the parts, merged in group order with id offsets, into index.faiss
 (index_parts), which gives the same inverted lists, hence the same bytes, as a serial build (recall is
-measured by a task on the written file, memory-mapped). A pool of one group (or HNSW) is built inline,
-in the driver. HNSW graphs cannot be merged and are built in one thread (faiss' parallel HNSW insertion
-depends on thread timing).
+measured by a task on the written file, memory-mapped). HNSW graphs cannot be merged: they are built
+inline, in the driver, in one thread (faiss' parallel HNSW insertion depends on thread timing).
 
 Saved as `index/index.faiss`, `index/index.json` (config, ntotal, dim, metric, search parameters,
 recall@k vs exact) and `index/uids.npy` (u8,u8 in faiss id order: row i is faiss id i).
@@ -42,9 +41,10 @@ from reinforge.formats.recipe import ConfigError, Strict, format_validation_erro
 from reinforge.formats.subset import SUBSET_DTYPE
 from reinforge.io.manifest import TMP_MARKER, join
 from reinforge.io.storage import filesystem, read_bytes, read_text, remove_tree, write_bytes
-from reinforge.runtime.ray_session import INLINE_UNIT_ROWS, TaskMap, ray_session, where_to_map
+from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
 
 FORMAT = "reinforge.index/1"
+INLINE_INDEX_ROWS = 1 << 16  # smaller pools are built inline: their index is a few tens of MB at most
 
 
 class IndexSpec(Strict):
@@ -157,7 +157,7 @@ def _add_group(files: list[str], first_row: int, part_url: Optional[str], traine
     """Pass 2 on a worker: the group's files, one at a time, added to a copy of the trained empty index
     (read from `trained_url`), and the exact top-kk of the recall queries (from `queries_url`) among them
     (brute force, ids global), with `threads` faiss threads (None: faiss' default). The populated index
-    and uids are written to `part_url` (index_parts), or returned when there is no part file (one group)."""
+    and uids are written to `part_url` (index_parts), or returned when there is no part file (HNSW)."""
     import faiss
     index = deserialize(read_bytes(trained_url))
     queries = None if queries_url is None else _read_npy(queries_url)
@@ -257,19 +257,22 @@ def _add_threads(kind: str, where: str) -> Optional[int]:
     return 1 if kind == "hnsw" or where != "inline" else None
 
 
-def _where(parallel: bool, groups: int, raw_rows: int) -> str:
-    """Where the tasks run: on Ray where this process has one (or RAY_ADDRESS names a cluster), on worker
-    processes for a pool of several groups, else inline (one group: a small pool, or HNSW)."""
-    return where_to_map(groups, raw_rows, INLINE_UNIT_ROWS) if parallel else "inline"
+def _where(merged: bool, groups: int, raw_rows: int) -> str:
+    """Where the tasks run: inline for HNSW (built in the driver) and pools under INLINE_INDEX_ROWS, else on
+    Ray where this process has one (or RAY_ADDRESS names a cluster), else on worker processes, even for one
+    group (a group's index, ~600 bytes a vector at 256 d, would otherwise be built in the driver)."""
+    if not merged or raw_rows < INLINE_INDEX_ROWS:
+        return "inline"
+    return where_to_map(max(2, groups), raw_rows, INLINE_INDEX_ROWS)
 
 
 def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, address: Optional[str] = None,
                 where: Optional[str] = None) -> dict:
     """Three steps over the files, as tasks per shard group: on Ray where `address` is given or this process
-    has Ray, on worker processes for a pool of several groups, else inline (`where` names one; the bytes are
-    the same wherever they run):
+    has Ray, else on worker processes, inline for small pools and HNSW (`_where`; `where` names one; the
+    bytes are the same wherever they run):
     1. usable rows per file + the keys of a seeded sample (index_sample) — all the driver reads;
-    2. one task trains the empty index on the sample and returns it with the recall queries;
+    2. one task trains the empty index on the sample and writes it and the recall queries to `.tmp-parts/`;
     3. each group adds its own files to a copy of the trained index, writes it to a part file and finds
        the queries' exact neighbours among them; the driver streams the parts, merged in group order,
        into index.faiss and uids.npy, and a task measures recall on the written index."""
@@ -279,14 +282,14 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
     raw_rows = [count_rows(url) for url in files]
     n_groups = spec.groups or math.ceil(sum(raw_rows) / 250_000)
     parts_files = shard_groups(raw_rows, max(1, min(len(files), n_groups)))
-    parallel = len(parts_files) > 1 and spec.kind != "hnsw"
-    if not parallel:
+    merged = spec.kind != "hnsw"  # built in parts, streamed into index.faiss (HNSW graphs cannot be merged)
+    if not merged:
         parts_files = [list(range(len(files)))]
     group_files, first_files = [[files[i] for i in part] for part in parts_files], [part[0] for part in parts_files]
     work = join(out_dir, f"{TMP_MARKER}parts")  # the sample's scratch and the groups' part files, removed at the end
     remove_tree(work)
-    with ray_session(address) if address and parallel else contextlib.nullcontext(), _removed(work), \
-            contextlib.closing(TaskMap(where or _where(parallel, len(parts_files), sum(raw_rows)))) as tasks:
+    with ray_session(address) if address and merged else contextlib.nullcontext(), _removed(work), \
+            contextlib.closing(TaskMap(where or _where(merged, len(parts_files), sum(raw_rows)))) as tasks:
         scan, scratch = _sample(tasks, group_files, first_files, files, sum(raw_rows), spec, work)
         file_rows, key, dim, n = scan["rows"], scan["key"], scan["dim"], sum(scan["rows"])
         query_ids, query_rows, train_rows = choose(scan, files, spec.recall_queries, spec.train_size)
@@ -305,7 +308,7 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
         t0 = time.perf_counter()
         group_rows = [sum(file_rows[i] for i in part) for part in parts_files]
         first_rows = np.cumsum([0] + group_rows).tolist()
-        part_urls = [join(work, f"{g:06d}.part") if parallel else None for g in range(len(parts_files))]
+        part_urls = [join(work, f"{g:06d}.part") if merged else None for g in range(len(parts_files))]
         kk = min(spec.recall_k + 1, n)
         exact = plan.kind != "flat"
         pieces = tasks(_add_group, list(zip(group_files, first_rows, part_urls)),
@@ -315,15 +318,15 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
             if piece["rows"] != expected:
                 raise RuntimeError(f"index group {part}: {piece['rows']} vectors, the first pass read {expected} "
                                    "(files changed?)")
-            if not parallel:
+            if not merged:
                 index = deserialize(piece.pop("index"))
                 uids.append(piece["uids"])
             if exact:  # the queries' exact neighbours so far (ids are global rows, so the order is total)
                 sims, ids = top_k(np.hstack([sims, piece["sims"]]), np.hstack([ids, piece["ids"]]), kk)
-        if parallel:  # the trained empty index: the parts' concrete classes (the factory's IndexFlat is IndexFlatIP)
+        if merged:  # the trained empty index: the parts' concrete classes (the factory's IndexFlat is IndexFlatIP)
             index = deserialize(read_bytes(trained_url))
         set_search_parameters(index, plan.search)
-        if parallel:  # the parts streamed into the files a serial build writes, one slab of lists at a time
+        if merged:  # the parts streamed into the files a serial build writes, one slab of lists at a time
             parts = PartFiles(part_urls, group_rows, layout_of(index))
             size = write_merged_index(join(out_dir, "index.faiss"), index, parts)
             write_merged_uids(join(out_dir, "uids.npy"), parts)
@@ -339,7 +342,7 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
         t0 = time.perf_counter()
         if not exact:
             recall = 1.0
-        elif parallel:  # on a worker, from the written file: the driver never holds the index
+        elif merged:  # on a worker, from the written file: the driver never holds the index
             recall = next(tasks(_recall_from_file, [(join(out_dir, "index.faiss"),)],
                                 (plan.search, queries_url, query_ids, ids, spec.recall_k)))
         else:
