@@ -4,10 +4,10 @@ n synthetic 256-d embeddings, the driver's peak RSS above its imports.
 Inputs per size n, generated once and not timed: n clustered unit vectors (4,096 random centres plus noise)
 as reinforge embeddings files (fp16, 100,000 rows a file, random uids). The spec fixes nlist 1,024 and a
 50,000-vector training sample so that training stays small on 2 cores; groups: the default, one per 250k
-vectors, so n <= 250k is one group built in the driver itself, and larger pools run their groups, the
-training and the recall as tasks on this machine's worker processes (the driver holds the sample's keys,
-16 bytes a row, and one slab of the merge; trees before that change trained on the driver, from groups on
-an embedded Ray). Each cell runs in a fresh process: imports (numpy, pyarrow, faiss, ray, the index
+vectors. From 64Ki vectors on, pass 1, the training, the groups and the recall run as tasks on this
+machine's worker processes, one group included (the driver holds the sample's keys, 16 bytes a row, and
+one slab of the merge); trees before that trained on the driver and built one group there, more on an
+embedded Ray. Each cell runs in a fresh process: imports (numpy, pyarrow, faiss, ray, the index
 module) before the baseline RSS; build_index timed (wall, the driver's CPU seconds, and its reaped child
 processes' CPU seconds: the worker processes, or the embedded Ray's processes that were waited for); then
 VmHWM. After that (not timed) the child hashes index.faiss, uids.npy and index.json without its timings
