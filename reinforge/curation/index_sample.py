@@ -26,7 +26,7 @@ from reinforge.io.storage import read_bytes, write_bytes
 
 def key_bound(keep: int, raw_rows: int) -> float:
     """A key bound that about 5 % (and 8 standard deviations) more than `keep` of `raw_rows` uniform keys
-    pass; 1 (all rows) where that is most of them."""
+    pass; 1 (every row passes) where it would let half of them or more pass."""
     bound = (1.05 * keep + 8 * math.sqrt(keep) + 64) / max(1, raw_rows)
     return 1.0 if bound >= 0.5 else bound
 
@@ -88,8 +88,9 @@ def fold_samples(scans: Iterable[dict], files: list[str], keep: int) -> dict:
         keys.append(part["keys"])
         ids.append(part["ids"])
         held += len(part["keys"])
-        if held > 2 * keep:
-            keys, ids, held = *_cut(keys, ids, keep), keep
+        if held > 2 * keep:  # bounded: back to the `keep` smallest
+            keys, ids = _cut(keys, ids, keep)
+            held = keep
     if out is not None:
         keys, ids = _cut(keys, ids, keep)
         out["keys"], out["ids"] = keys[0], ids[0]
@@ -97,6 +98,7 @@ def fold_samples(scans: Iterable[dict], files: list[str], keep: int) -> dict:
 
 
 def _cut(keys: list[np.ndarray], ids: list[np.ndarray], keep: int) -> tuple[list, list]:
+    """The pieces' `keep` smallest (key, id), as one piece."""
     keys, ids = np.concatenate(keys), np.concatenate(ids)
     best = _smallest(keys, ids, keep)
     return [keys[best]], [ids[best]]
@@ -134,7 +136,7 @@ def read_sample(scratch_urls: list[str], first_files: list[int], wanted: list[np
         for got, w, mine in zip(out, wanted, group):
             mine = mine == g
             at = np.searchsorted(ids, w[mine])
-            if not np.array_equal(ids[np.minimum(at, len(ids) - 1)], w[mine]):
+            if (at >= len(ids)).any() or not np.array_equal(ids[at], w[mine]):
                 raise RuntimeError(f"{scratch_urls[g]}: sample rows missing (scratch files changed?)")
             got[mine] = vectors[at]
     return out
