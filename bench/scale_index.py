@@ -3,12 +3,15 @@ n synthetic 256-d embeddings, the driver's peak RSS above its imports.
 
 Inputs per size n, generated once and not timed: n clustered unit vectors (4,096 random centres plus noise)
 as reinforge embeddings files (fp16, 100,000 rows a file, random uids). The spec fixes nlist 1,024 and a
-50,000-vector training sample so that training stays small on 2 cores (the driver holds that sample and the
-1,000 recall queries whatever n is); groups: the default, one per 250k vectors, so n <= 250k is one group
-built in the driver itself. Each cell runs in a fresh process: imports (numpy, pyarrow, faiss, ray, the
-index module) before the baseline RSS; build_index timed (wall, and the driver's CPU seconds: the groups run
-as Ray tasks); then VmHWM. After that (not timed) the child hashes index.faiss, uids.npy and index.json
-without its timings (the `outputs sha256` column: byte-identical before/after).
+50,000-vector training sample so that training stays small on 2 cores; groups: the default, one per 250k
+vectors. From 64Ki vectors on, pass 1, the training, the groups and the recall run as tasks on this
+machine's worker processes, one group included (the driver holds the sample's keys, 16 bytes a row, and
+one slab of the merge); trees before that trained on the driver and built one group there, more on an
+embedded Ray. Each cell runs in a fresh process: imports (numpy, pyarrow, faiss, ray, the index
+module) before the baseline RSS; build_index timed (wall, the driver's CPU seconds, and its reaped child
+processes' CPU seconds: the worker processes, or the embedded Ray's processes that were waited for); then
+VmHWM. After that (not timed) the child hashes index.faiss, uids.npy and index.json without its timings
+(the `outputs sha256` column: byte-identical before/after).
 """
 from __future__ import annotations
 
@@ -36,11 +39,14 @@ args = json.loads(sys.argv[1])
 spec = IndexSpec(**args["spec"])
 base = rss()
 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
 start = time.perf_counter()
 meta = build_index(args["source"], args["out"], spec)
 seconds = time.perf_counter() - start
 cpu1 = resource.getrusage(resource.RUSAGE_SELF)
 cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu_workers = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
 with open("/proc/self/status") as f:
     peak = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
 digest = hashlib.sha256()
@@ -54,7 +60,8 @@ for timed in (meta, meta["recall"]):
     timed.pop("seconds")
 digest.update(json.dumps(meta, sort_keys=True).encode())
 import reinforge
-print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "cpu": cpu, "digest": digest.hexdigest(),
+print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "cpu": cpu, "cpu_workers": cpu_workers,
+                  "digest": digest.hexdigest(),
                   "tree": os.path.dirname(reinforge.__file__), "recall": meta["recall"]}))
 """
 

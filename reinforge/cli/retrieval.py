@@ -30,7 +30,8 @@ def embed(config, overrides, address, force, redo_changed, progress):
 @click.option("--out", required=True, help="index folder: index.faiss, index.json, uids.npy")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="index setting, e.g. kind=ivf_pq, nlist=4096, nprobe=64, pq_m=64, ef_search=128, groups=8")
-@click.option("--address", default=None, help="Ray address for the parallel build (default: embedded local Ray)")
+@click.option("--address", default=None, help="Ray address for the parallel build (default: this machine's worker "
+              "processes)")
 @user_errors
 def index(embeddings, out, overrides, address):
     """Build a faiss index over embed_pool run dirs, embedding parquet files or DataComp metadata."""

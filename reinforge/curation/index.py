@@ -3,14 +3,18 @@
 Kinds: `flat` (exact), `ivf_flat`, `ivf_pq`, `hnsw`; `auto` is exact below `exact_below` vectors,
 else IVF-PQ. IVF-PQ re-ranks k_factor*k candidates on fp16 copies of the vectors by default (PQ
 distances alone cap recall@10 near 0.76 on clustered 512-d data; the IVF probe then sets it).
-IVF and PQ are trained on a seeded sample that excludes the recall queries. The driver reads only
-that sample and the queries: IVF and flat indexes are built per shard group in parallel (Ray tasks
-add their group's files, one at a time, to copies of the trained empty index, write it to a part file
-in `.tmp-parts/` of the output, and find the queries' exact neighbours among them for recall); the
-driver streams the parts, merged in group order with id offsets, into index.faiss (index_parts), which
-gives the same inverted lists, hence the same bytes, as a serial build, and never holds the index
-(recall is measured by a task on the written file, memory-mapped). HNSW graphs cannot be merged and are
-built in one thread (faiss' parallel HNSW insertion depends on thread timing).
+IVF and PQ are trained on a seeded sample that excludes the recall queries. The driver holds O(files)
+counts and the sample's keys (16 bytes a row), never vectors or the index: every step runs as tasks
+(TaskMap: Ray where an address is given or this process has Ray, else this machine's worker processes,
+inline for small pools). Pass 1 finds usable rows per file and the sample
+(index_sample: its vectors go to scratch files in `.tmp-parts/` of the output); one task trains the
+empty index on it and writes it and the recall queries there; IVF and flat indexes are then built per
+shard group in parallel (tasks add their group's files, one at a time, to copies of the trained empty
+index, write it to a part file in `.tmp-parts/`, and find the queries' exact neighbours among them for
+recall); the driver streams the parts, merged in group order with id offsets, into index.faiss
+(index_parts), which gives the same inverted lists, hence the same bytes, as a serial build (recall is
+measured by a task on the written file, memory-mapped). HNSW graphs cannot be merged: they are built
+inline, in the driver, in one thread (faiss' parallel HNSW insertion depends on thread timing).
 
 Saved as `index/index.faiss`, `index/index.json` (config, ntotal, dim, metric, search parameters,
 recall@k vs exact) and `index/uids.npy` (u8,u8 in faiss id order: row i is faiss id i).
@@ -31,13 +35,16 @@ import numpy as np
 from pydantic import Field, ValidationError
 
 from reinforge.curation.index_parts import PartFiles, layout_of, write_merged_index, write_merged_uids, write_part
-from reinforge.formats.embeddings import EmbeddingError, count_rows, iter_embeddings, merge_skipped, resolve_paths
+from reinforge.curation.index_sample import choose, complete, fold_samples, key_bound, read_sample, sample_group
+from reinforge.formats.embeddings import count_rows, iter_embeddings, resolve_paths
 from reinforge.formats.recipe import ConfigError, Strict, format_validation_error
 from reinforge.formats.subset import SUBSET_DTYPE
 from reinforge.io.manifest import TMP_MARKER, join
-from reinforge.io.storage import filesystem, read_text, remove_tree, write_bytes
+from reinforge.io.storage import filesystem, read_bytes, read_text, remove_tree, write_bytes
+from reinforge.runtime.ray_session import TaskMap, ray_session, where_to_map
 
 FORMAT = "reinforge.index/1"
+INLINE_INDEX_ROWS = 1 << 16  # smaller pools are built inline: their index is a few tens of MB at most
 
 
 class IndexSpec(Strict):
@@ -139,51 +146,30 @@ def shard_groups(file_rows: list[int], groups: int) -> list[list[int]]:
     return out + ([current] if current else [])
 
 
-def _sample_group(files: list[str], first_file: int, key: Optional[str], seed: int, keep: int) -> dict:
-    """Pass 1 on a worker: usable rows per file, and the group's `keep` rows with the smallest seeded
-    random keys. A row's key depends only on (seed, file number, row), so the pool-wide sample (the
-    smallest keys of all groups) does not depend on how files are grouped."""
-    rows, parts, keys, where = [], [], np.zeros(0), np.zeros((0, 2), np.int64)
-    vectors, dim, used_key = None, None, None
-    for j, emb in enumerate(iter_embeddings(files, key)):
-        n = len(emb.vectors)
-        rows.append(n)
-        parts.append({"skipped": emb.skipped, "skipped_sample": emb.skipped_sample})
-        dim, used_key = dim or emb.dim, used_key or emb.key
-        file_keys = np.random.default_rng([seed, first_file + j]).random(n)
-        cand = np.flatnonzero(file_keys <= np.sort(file_keys)[keep - 1]) if n > keep else np.arange(n)
-        keys = np.concatenate([keys, file_keys[cand]])
-        where = np.concatenate([where, np.stack([np.full(len(cand), first_file + j), cand], axis=1)])
-        vectors = emb.vectors[cand] if vectors is None else np.concatenate([vectors, emb.vectors[cand]])
-        best = np.lexsort((where[:, 1], where[:, 0], keys))[:keep]  # bounded: one file + the sample
-        keys, where, vectors = keys[best], where[best], vectors[best]
-    skipped, sample = merge_skipped(parts)
-    return {"rows": rows, "dim": dim, "key": used_key, "skipped": skipped, "skipped_sample": sample,
-            "keys": keys, "where": where, "vectors": vectors}
-
-
 def top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k largest similarities (ties: smaller id first); merges exact results found in parts."""
     order = np.lexsort((ids, -sims), axis=-1)[:, :k]
     return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def _add_group(files: list[str], first_row: int, part_url: Optional[str], empty: bytes, key: str,
-               queries: Optional[np.ndarray], kk: int, add_threads: Optional[int]) -> dict:
-    """Pass 2 on a worker: the group's files, one at a time, added to a copy of the trained empty index,
-    and the exact top-kk of the recall queries among them (brute force, ids global). The populated index
-    and uids are written to `part_url` (index_parts), or returned when there is no part file (one group)."""
+def _add_group(files: list[str], first_row: int, part_url: Optional[str], trained_url: str, key: str,
+               queries_url: Optional[str], kk: int, threads: Optional[int]) -> dict:
+    """Pass 2 on a worker: the group's files, one at a time, added to a copy of the trained empty index
+    (read from `trained_url`), and the exact top-kk of the recall queries (from `queries_url`) among them
+    (brute force, ids global), with `threads` faiss threads (None: faiss' default). The populated index
+    and uids are written to `part_url` (index_parts), or returned when there is no part file (HNSW)."""
     import faiss
-    index = deserialize(empty)
+    index = deserialize(read_bytes(trained_url))
+    queries = None if queries_url is None else _read_npy(queries_url)
     uids, rows = [], 0
     sims = np.zeros((0 if queries is None else len(queries), 0), np.float32)
     ids = np.zeros(sims.shape, np.int64)
     for emb in iter_embeddings(files, key):
-        with _omp_threads(add_threads):
+        with _omp_threads(threads):
             index.add(emb.vectors)
-        if queries is not None and len(emb.vectors):
-            d, i = faiss.knn(queries, emb.vectors, min(kk, len(emb.vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-            sims, ids = top_k(np.hstack([sims, d]), np.hstack([ids, i + first_row + rows]), kk)
+            if queries is not None and len(emb.vectors):
+                d, i = faiss.knn(queries, emb.vectors, min(kk, len(emb.vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+                sims, ids = top_k(np.hstack([sims, d]), np.hstack([ids, i + first_row + rows]), kk)
         uids.append(emb.uids)
         rows += len(emb.vectors)
     if part_url is None:
@@ -192,7 +178,7 @@ def _add_group(files: list[str], first_row: int, part_url: Optional[str], empty:
     return {"rows": rows, "sims": sims, "ids": ids}
 
 
-def _recall_from_file(url: str, search: dict, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
+def _recall_from_file(url: str, search: dict, queries_url: str, query_ids: np.ndarray, truth: np.ndarray,
                       k: int) -> float:
     """recall_at_k of a written index, memory-mapped (a copy in local temp first where it is remote)."""
     import faiss
@@ -204,7 +190,7 @@ def _recall_from_file(url: str, search: dict, queries: np.ndarray, query_ids: np
             path = os.path.join(tmp, "index.faiss")
         index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
         set_search_parameters(index, search)
-        return recall_at_k(index, queries, query_ids, truth, k)
+        return recall_at_k(index, _read_npy(queries_url), query_ids, truth, k)
 
 
 def recall_at_k(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -217,108 +203,130 @@ def recall_at_k(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.nda
     return hits / len(query_ids)
 
 
-def _fold_samples(scans, files: list[str], keep: int) -> dict:
-    """The groups' samples folded as they arrive, keeping the `keep` smallest seeded keys seen so far
-    (a total order: the pool-wide result does not depend on the grouping, and the driver holds one
-    group's sample besides its own); rows per file are kept (O(files))."""
-    out = None
-    for g, part in enumerate(scans):
-        if out is None:
-            out = {**part, "rows": []}
-        elif (part["dim"], part["key"]) != (out["dim"], out["key"]):
-            raise EmbeddingError(f"{files[0]}: key {out['key']!r} dim {out['dim']}, but a later file "
-                                 f"of group {g} has key {part['key']!r} dim {part['dim']}")
-        else:
-            out["keys"] = np.concatenate([out["keys"], part["keys"]])
-            out["where"] = np.concatenate([out["where"], part["where"]])
-            out["vectors"] = np.concatenate([out["vectors"], part["vectors"]])
-        best = np.lexsort((out["where"][:, 1], out["where"][:, 0], out["keys"]))[:keep]
-        out["keys"], out["where"], out["vectors"] = out["keys"][best], out["where"][best], out["vectors"][best]
-        if g:
-            out["skipped"], out["skipped_sample"] = merge_skipped([out, part])
-        out["rows"] += part["rows"]
-    return out
+def _train_empty(scratch_urls: list[str], first_files: list[int], query_rows: np.ndarray, train_rows: np.ndarray,
+                 dim: int, plan: Plan, ef_construction: int, threads: int, trained_url: str, queries_url: str) -> float:
+    """On a worker: the sample's vectors (rows as index_sample.row_id) read from the scratch files of the
+    groups (whose first files are `first_files`), the empty index trained on them and written (serialised)
+    to `trained_url`, the recall queries to `queries_url` (.npy); returns the seconds training took. faiss
+    trains with the driver's thread count (its k-means depends on it), so the bytes are those of a training
+    on the driver wherever this runs."""
+    import faiss
+    queries, train = read_sample(scratch_urls, first_files, [query_rows, train_rows], dim)
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":
+        index.hnsw.efConstruction = ef_construction
+    if plan.kind == "ivf_pq":  # the factory turns polysemous training on; slow, and only for Hamming search
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    started = time.perf_counter()
+    with _omp_threads(threads):
+        index.train(train)
+    seconds = time.perf_counter() - started
+    write_bytes(trained_url, serialize(index))
+    _write_npy(queries_url, queries)
+    return seconds
 
 
-def _sample(scan: dict, files: list[str], spec: IndexSpec):
-    """The pool-wide sample from the folded groups' samples: recall queries, then training rows (disjoint)."""
-    rows = scan["rows"]
-    n = sum(rows)
-    if not n:
-        raise EmbeddingError(f"embeddings: no usable rows in {len(files)} file(s) ({files[0]}, ...); "
-                             f"skipped: {scan['skipped'] or 'none (the files are empty)'}")
-    keys, where, vectors = scan["keys"], scan["where"], scan["vectors"]
-    best = np.lexsort((where[:, 1], where[:, 0], keys))
-    row_ids = (np.cumsum([0] + rows)[where[:, 0]] + where[:, 1])[best]
-    n_queries = min(spec.recall_queries, max(1, n // 10))
-    q = np.sort(row_ids[:n_queries])
-    t = np.sort(row_ids[n_queries:n_queries + spec.train_size]) if n > n_queries else q
-    position = dict(zip(row_ids.tolist(), best.tolist()))
-    return rows, q, *(np.ascontiguousarray(vectors[[position[i] for i in ids.tolist()]]) for ids in (q, t))
+def _write_npy(url: str, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    write_bytes(url, buf.getvalue())
 
 
-def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, address: Optional[str] = None) -> dict:
-    """Two passes over the files, in parallel per shard group (Ray tasks when more than one group):
-    1. usable rows per file + a seeded sample (recall queries, training rows) — all the driver reads;
-    2. each group adds its own files to a copy of the trained index, writes it to a part file and finds
+def _read_npy(url: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
+
+
+def _sample(tasks: TaskMap, group_files: list[list[str]], first_files: list[int], files: list[str], raw_rows: int,
+            spec: IndexSpec, work: str) -> tuple[dict, list[str]]:
+    """Pass 1 (index_sample): the folded sample's keys and the groups' scratch files; run again without a
+    key bound where too few rows passed it (the same sample either way)."""
+    keep = spec.recall_queries + spec.train_size
+    scratch = [join(work, f"{g:06d}.sample.npz") for g in range(len(group_files))]
+    bound = key_bound(keep, raw_rows)
+    while True:
+        scans = tasks(sample_group, list(zip(group_files, first_files, scratch)), (spec.key, spec.seed, keep, bound))
+        scan = fold_samples(scans, files, keep)
+        if bound == 1.0 or complete(scan, keep):
+            return scan, scratch
+        bound = 1.0
+
+
+def _add_threads(kind: str, where: str) -> Optional[int]:
+    """faiss threads of a pass-2 task: one on worker processes (a task per CPU; Ray's workers have one) and
+    for HNSW (faiss' parallel HNSW insertion depends on thread timing), else faiss' default."""
+    return 1 if kind == "hnsw" or where != "inline" else None
+
+
+def _where(merged: bool, groups: int, raw_rows: int) -> str:
+    """Where the tasks run: inline for HNSW (built in the driver) and pools under INLINE_INDEX_ROWS, else on
+    Ray where this process has one (or RAY_ADDRESS names a cluster), else on worker processes, even for one
+    group (a group's index, ~600 bytes a vector at 256 d, would otherwise be built in the driver)."""
+    if not merged or raw_rows < INLINE_INDEX_ROWS:
+        return "inline"
+    return where_to_map(max(2, groups), raw_rows, INLINE_INDEX_ROWS)
+
+
+def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, address: Optional[str] = None,
+                where: Optional[str] = None) -> dict:
+    """Three steps over the files, as tasks per shard group: on Ray where `address` is given or this process
+    has Ray, else on worker processes, inline for small pools and HNSW (`_where`; `where` names one; the
+    bytes are the same wherever they run):
+    1. usable rows per file + the keys of a seeded sample (index_sample) — all the driver reads;
+    2. one task trains the empty index on the sample and writes it and the recall queries to `.tmp-parts/`;
+    3. each group adds its own files to a copy of the trained index, writes it to a part file and finds
        the queries' exact neighbours among them; the driver streams the parts, merged in group order,
        into index.faiss and uids.npy, and a task measures recall on the written index."""
     import faiss
-
-    from reinforge.runtime.ray_session import map_groups, ray_session
     started = time.perf_counter()
     files = resolve_paths(source)
     raw_rows = [count_rows(url) for url in files]
     n_groups = spec.groups or math.ceil(sum(raw_rows) / 250_000)
     parts_files = shard_groups(raw_rows, max(1, min(len(files), n_groups)))
-    parallel = len(parts_files) > 1 and spec.kind != "hnsw"
-    if not parallel:
+    merged = spec.kind != "hnsw"  # built in parts, streamed into index.faiss (HNSW graphs cannot be merged)
+    if not merged:
         parts_files = [list(range(len(files)))]
-    group_files = [[files[i] for i in part] for part in parts_files]
-    work = join(out_dir, f"{TMP_MARKER}parts")  # the groups' part files, removed once merged
+    group_files, first_files = [[files[i] for i in part] for part in parts_files], [part[0] for part in parts_files]
+    work = join(out_dir, f"{TMP_MARKER}parts")  # the sample's scratch and the groups' part files, removed at the end
     remove_tree(work)
-    with ray_session(address) if parallel else contextlib.nullcontext(), _removed(work if parallel else None):
-        keep = spec.recall_queries + spec.train_size
-        scan = _fold_samples(map_groups(_sample_group, [(f, part[0]) for f, part in zip(group_files, parts_files)],
-                                        (spec.key, spec.seed, keep), parallel), files, keep)
-        file_rows, query_ids, queries, train = _sample(scan, files, spec)
-        key, dim, n = scan["key"], scan["dim"], sum(file_rows)
+    with ray_session(address) if address and merged else contextlib.nullcontext(), _removed(work), \
+            contextlib.closing(TaskMap(where or _where(merged, len(parts_files), sum(raw_rows)))) as tasks:
+        scan, scratch = _sample(tasks, group_files, first_files, files, sum(raw_rows), spec, work)
+        file_rows, key, dim, n = scan["rows"], scan["key"], scan["dim"], sum(scan["rows"])
+        query_ids, query_rows, train_rows = choose(scan, files, spec.recall_queries, spec.train_size)
         skipped, skipped_sample = scan["skipped"], scan["skipped_sample"]
         del scan
         plan = plan_index(spec, n, dim)
-        index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-        if plan.kind == "ivf_pq" and len(train) < 2 ** spec.pq_bits:
+        if plan.kind == "ivf_pq" and len(train_rows) < 2 ** spec.pq_bits:
             raise ConfigError(f"config error: index.kind: ivf_pq with pq_bits={spec.pq_bits} needs at least "
-                              f"{2 ** spec.pq_bits} training vectors, the pool has {len(train)}; use flat or hnsw")
-        if plan.kind == "hnsw":
-            index.hnsw.efConstruction = spec.ef_construction
-        if plan.kind == "ivf_pq":  # the factory turns polysemous training on; slow, and only for Hamming search
-            faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+                              f"{2 ** spec.pq_bits} training vectors, the pool has {len(train_rows)}; "
+                              "use flat or hnsw")
+        trained_url, queries_url = join(work, "trained.faiss"), join(work, "queries.npy")
+        train_s = next(tasks(_train_empty, [(scratch, first_files, query_rows, train_rows)],
+                             (dim, plan, spec.ef_construction, faiss.omp_get_max_threads(), trained_url, queries_url)))
+        train_vectors = len(train_rows)
+        del query_rows, train_rows
         t0 = time.perf_counter()
-        index.train(train)
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        empty = serialize(index)
-        index = deserialize(empty)  # the same concrete classes as the parts (the factory's IndexFlat is IndexFlatIP there)
         group_rows = [sum(file_rows[i] for i in part) for part in parts_files]
         first_rows = np.cumsum([0] + group_rows).tolist()
-        part_urls = [join(work, f"{g:06d}.part") if parallel else None for g in range(len(parts_files))]
+        part_urls = [join(work, f"{g:06d}.part") if merged else None for g in range(len(parts_files))]
         kk = min(spec.recall_k + 1, n)
         exact = plan.kind != "flat"
-        pieces = map_groups(_add_group, list(zip(group_files, first_rows, part_urls)),
-                            (empty, key, queries if exact else None, kk, 1 if plan.kind == "hnsw" else None), parallel)
-        uids, sims, ids = [], np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        pieces = tasks(_add_group, list(zip(group_files, first_rows, part_urls)),
+                       (trained_url, key, queries_url if exact else None, kk, _add_threads(plan.kind, tasks.where)))
+        uids, sims, ids = [], np.zeros((len(query_ids), 0), np.float32), np.zeros((len(query_ids), 0), np.int64)
         for part, expected, piece in zip(parts_files, group_rows, pieces):
             if piece["rows"] != expected:
                 raise RuntimeError(f"index group {part}: {piece['rows']} vectors, the first pass read {expected} "
                                    "(files changed?)")
-            if not parallel:
-                index = deserialize(piece["index"])
+            if not merged:
+                index = deserialize(piece.pop("index"))
                 uids.append(piece["uids"])
             if exact:  # the queries' exact neighbours so far (ids are global rows, so the order is total)
                 sims, ids = top_k(np.hstack([sims, piece["sims"]]), np.hstack([ids, piece["ids"]]), kk)
+        if merged:  # the trained empty index: the parts' concrete classes (the factory's IndexFlat is IndexFlatIP)
+            index = deserialize(read_bytes(trained_url))
         set_search_parameters(index, plan.search)
-        if parallel:  # the parts streamed into the files a serial build writes, one slab of lists at a time
+        if merged:  # the parts streamed into the files a serial build writes, one slab of lists at a time
             parts = PartFiles(part_urls, group_rows, layout_of(index))
             size = write_merged_index(join(out_dir, "index.faiss"), index, parts)
             write_merged_uids(join(out_dir, "uids.npy"), parts)
@@ -334,16 +342,16 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
         t0 = time.perf_counter()
         if not exact:
             recall = 1.0
-        elif parallel:  # on a worker, from the written file: the driver never holds the index
-            recall = next(map_groups(_recall_from_file, [(join(out_dir, "index.faiss"),)],
-                                     (plan.search, queries, query_ids, ids, spec.recall_k), True))
+        elif merged:  # on a worker, from the written file: the driver never holds the index
+            recall = next(tasks(_recall_from_file, [(join(out_dir, "index.faiss"),)],
+                                (plan.search, queries_url, query_ids, ids, spec.recall_k)))
         else:
-            recall = recall_at_k(index, queries, query_ids, ids, spec.recall_k)
+            recall = recall_at_k(index, _read_npy(queries_url), query_ids, ids, spec.recall_k)
     meta = {"format": FORMAT, "kind": plan.kind, "factory": plan.factory, "metric": "inner_product",
             "dim": int(dim), "ntotal": int(n), "search": plan.search, "config": spec.model_dump(),
             "refine": plan.refine, "bytes_per_vector": round(size / max(1, n), 1),
             "source": files, "key": key, "skipped_rows": skipped, "skipped_sample": skipped_sample,
-            "train_vectors": int(len(train)), "groups": len(parts_files),
+            "train_vectors": int(train_vectors), "groups": len(parts_files),
             "recall": {f"recall@{spec.recall_k}": round(recall, 4), "queries": int(len(query_ids)),
                        "held_out": n > len(query_ids), "vs": "exact inner product (brute force)",
                        "seconds": round(time.perf_counter() - t0, 3)},

@@ -14,7 +14,7 @@ keeps every list in id order), holding one slab of lists at a time, never the in
     replaced by the merged payload);
   * "ilar" (faiss ArrayInvertedLists): nlist, code_size, "full" sizes (more than half of the lists used)
     or "sprs" (list, size) pairs, then per list its codes and its ids; `_write_lists` gathers a slab of
-    lists from every part and reorders it list-major with one stable sort;
+    lists from every part, each part's entries put in place list-major as it is read;
   * flat codes: a size (floats for IndexFlat, bytes for IndexScalarQuantizer), then the parts in order.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 from reinforge.formats.subset import SUBSET_DTYPE
 from reinforge.io.storage import filesystem
 
-COPY_BYTES = 16 << 20  # a streamed copy's read size
-SLAB_BYTES = 16 << 20  # inverted-list bytes gathered per merge step (at least 64 KiB per part: few reads)
+COPY_BYTES = 2 << 20  # a streamed copy's read size
+SLAB_BYTES = 2 << 20  # inverted-list bytes gathered per merge step (at least 64 KiB per part: few reads)
 
 
 @dataclass
@@ -106,8 +106,20 @@ def _read(fs, path: str, start: int, length: int) -> bytes:
 
 
 def _copy(out, fs, path: str, start: int, length: int) -> None:
-    for at in range(start, start + length, COPY_BYTES):
-        out.write(_read(fs, path, at, min(COPY_BYTES, start + length - at)))
+    """`length` bytes of a file from `start` on, through one reused buffer of at most COPY_BYTES."""
+    buf = memoryview(bytearray(min(COPY_BYTES, length)))
+    with fs.open(path, "rb") as f:
+        f.seek(start)
+        for at in range(0, length, COPY_BYTES):
+            piece = buf[:min(COPY_BYTES, length - at)]
+            got = 0
+            while got < len(piece):
+                n = f.readinto(piece[got:])
+                if not n:
+                    raise RuntimeError(f"{path}: {got} bytes at {start + at}, expected {len(piece)} "
+                                       "(part file truncated?)")
+                got += n
+            out.write(piece)
 
 
 class PartFiles:
@@ -160,29 +172,52 @@ def _write_lists(out, parts: PartFiles, ivf) -> None:
     else:
         pairs = np.stack([used, total[used]], axis=1).astype("<u8").ravel()
         out.write(b"sprs" + struct.pack("<Q", len(pairs)) + pairs.tobytes())
-    budget = max(SLAB_BYTES, len(parts.urls) * (64 << 10))
-    ends = np.cumsum(total * (code_size + 8))
+    slabs = _slabs(total, code_size + 8, max(SLAB_BYTES, len(parts.urls) * (64 << 10)))
+    most = max(int(total[first:last].sum()) for first, last in slabs)
+    codes, ids = np.empty((most, code_size), np.uint8), np.empty(most, np.int64)  # reused by every slab
     done = np.zeros(len(parts.urls), np.int64)  # per part: entries of the lists already merged
-    first = 0
-    while first < nlist:
+    for first, last in slabs:
+        sizes = np.stack([np.frombuffer(parts.section(g, "sizes", 8 * first, 8 * (last - first)), np.int64)
+                          for g in range(len(parts.urls))])  # [part, list]
+        bounds = _gather_slab(parts, sizes, done, codes, ids)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                out.write(_raw(codes[a:b]))
+                out.write(_raw(ids[a:b]))
+
+
+def _slabs(total: np.ndarray, entry_bytes: int, budget: int) -> list[tuple[int, int]]:
+    """Runs of lists [first, last) of about `budget` bytes each (a longer list alone)."""
+    ends, out, first = np.cumsum(total * entry_bytes), [], 0
+    while first < len(total):
         last = max(first + 1, int(np.searchsorted(ends, (ends[first - 1] if first else 0) + budget, "right")))
-        last = min(last, nlist)
-        sizes, codes, ids = [], [], []
-        for g in range(len(parts.urls)):
-            s = np.frombuffer(parts.section(g, "sizes", 8 * first, 8 * (last - first)), np.int64)
-            k = int(s.sum())
-            codes.append(np.frombuffer(parts.section(g, "codes", int(done[g]) * code_size, k * code_size), np.uint8))
-            ids.append(np.frombuffer(parts.section(g, "ids", int(done[g]) * 8, k * 8), np.int64))
-            sizes.append(s)
-            done[g] += k
-        sizes = np.stack(sizes)  # [group, list]
-        order = np.argsort(np.repeat(np.tile(np.arange(last - first), len(sizes)), sizes.ravel()), kind="stable")
-        codes = np.concatenate(codes).reshape(-1, code_size)[order]
-        ids = np.concatenate(ids)[order]
-        bounds = np.concatenate([[0], np.cumsum(sizes.sum(axis=0))]).tolist()
-        out.write(b"".join(piece for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-                           for piece in (codes[a:b].tobytes(), ids[a:b].tobytes())))
-        first = last
+        out.append((first, min(last, len(total))))
+        first = out[-1][1]
+    return out
+
+
+def _gather_slab(parts: PartFiles, sizes: np.ndarray, done: np.ndarray, codes: np.ndarray, ids: np.ndarray) -> list:
+    """A slab of lists (sizes: [part, list]) read part after part into `codes` and `ids` in list-major order
+    (each list: the parts' entries in group order); returns the lists' bounds there, and advances `done`."""
+    code_size = codes.shape[1]
+    bounds = np.concatenate([[0], np.cumsum(sizes.sum(axis=0))])
+    at = bounds[:-1] + np.cumsum(sizes, axis=0) - sizes  # [part, list]: where the part's entries of a list go
+    for g, s in enumerate(sizes):
+        k = int(s.sum())
+        if not k:
+            continue
+        starts = np.cumsum(s) - s  # the lists' first entries within this part's slab
+        dest = np.repeat(at[g] - starts, s) + np.arange(k)
+        codes[dest] = np.frombuffer(parts.section(g, "codes", int(done[g]) * code_size, k * code_size),
+                                    np.uint8).reshape(k, code_size)
+        ids[dest] = np.frombuffer(parts.section(g, "ids", int(done[g]) * 8, k * 8), np.int64)
+        done[g] += k
+    return bounds.tolist()
+
+
+def _raw(array: np.ndarray) -> memoryview:
+    """A contiguous array's bytes, without a copy."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def _write_index(out, empty, parts: PartFiles, n: int) -> None:
@@ -190,13 +225,14 @@ def _write_index(out, empty, parts: PartFiles, n: int) -> None:
     if isinstance(empty, faiss.IndexRefine):  # header, base index, refine index, k_factor
         base, refine = faiss.downcast_index(empty.base_index), faiss.downcast_index(empty.refine_index)
         whole, b, r = _header(empty, n), _header(base, n), _header(refine, n)
-        head = whole[:len(whole) - len(b) - len(r) - 4]
+        head, tail = whole[:len(whole) - len(b) - len(r) - 4], whole[-4:]
         if whole[len(head):len(head) + len(b) + len(r)] != b + r:
             raise RuntimeError("faiss wrote an unexpected IndexRefine (the streaming merge knows faiss 1.x's layout)")
+        del whole, b, r  # the base index's header (its coarse quantizer) is written again below
         out.write(head)
         _write_index(out, base, parts, n)
         _write_index(out, refine, parts, n)
-        out.write(whole[-4:])
+        out.write(tail)
     elif isinstance(empty, faiss.IndexIVF):
         tail = b"ilar" + struct.pack("<QQ", empty.nlist, empty.code_size) + b"sprs" + struct.pack("<Q", 0)
         out.write(_cut(_header(empty, n), tail, "empty IVF index"))
