@@ -257,13 +257,11 @@ def _add_threads(kind: str, where: str) -> Optional[int]:
     return 1 if kind == "hnsw" or where != "inline" else None
 
 
-def _where(merged: bool, groups: int, raw_rows: int) -> str:
-    """Where the tasks run: inline for HNSW (built in the driver) and pools under INLINE_INDEX_ROWS, else on
-    Ray where this process has one (or RAY_ADDRESS names a cluster), else on worker processes, even for one
-    group (a group's index, ~600 bytes a vector at 256 d, would otherwise be built in the driver)."""
-    if not merged or raw_rows < INLINE_INDEX_ROWS:
-        return "inline"
-    return where_to_map(max(2, groups), raw_rows, INLINE_INDEX_ROWS)
+def _where(merged: bool, raw_rows: int) -> str:
+    """Where the tasks run: inline for HNSW (built in the driver), else ray_session.where_to_map with vectors'
+    share of the driver (INLINE_INDEX_ROWS): worker processes past it even for one group (a group's index,
+    ~600 bytes a vector at 256 d, would otherwise be built in the driver)."""
+    return where_to_map(raw_rows, INLINE_INDEX_ROWS) if merged else "inline"
 
 
 def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, address: Optional[str] = None,
@@ -289,7 +287,7 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
     work = join(out_dir, f"{TMP_MARKER}parts")  # the sample's scratch and the groups' part files, removed at the end
     remove_tree(work)
     with ray_session(address) if address and merged else contextlib.nullcontext(), _removed(work), \
-            contextlib.closing(TaskMap(where or _where(merged, len(parts_files), sum(raw_rows)))) as tasks:
+            contextlib.closing(TaskMap(where or _where(merged, sum(raw_rows)))) as tasks:
         scan, scratch = _sample(tasks, group_files, first_files, files, sum(raw_rows), spec, work)
         file_rows, key, dim, n = scan["rows"], scan["key"], scan["dim"], sum(scan["rows"])
         query_ids, query_rows, train_rows = choose(scan, files, spec.recall_queries, spec.train_size)

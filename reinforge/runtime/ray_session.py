@@ -143,14 +143,14 @@ def node_resources(node_id: str | None) -> dict:
 INLINE_ROWS = 1 << 18  # the most rows a pass works on in the driver itself: past it, the driver only coordinates
 
 
-def where_to_map(work_rows: int) -> str:
+def where_to_map(work_rows: int, inline_rows: int = INLINE_ROWS) -> str:
     """Where a TaskMap runs a pass over `work_rows` rows: on Ray when this process has one (or RAY_ADDRESS
-    names a cluster), else inline when the pass is small enough for the driver to be its worker, else on
-    this machine's worker processes (the driver then holds what coordinates the tasks, not their rows).
-    Results are the same bytes wherever they run."""
+    names a cluster), else inline when the pass is small enough for the driver to be its worker (`inline_rows`:
+    fewer for wide rows), else on this machine's worker processes (the driver then holds what coordinates the
+    tasks, not their rows). Results are the same bytes wherever they run."""
     if on_ray():
         return "ray"
-    return "inline" if work_rows <= INLINE_ROWS else "processes"
+    return "inline" if work_rows <= inline_rows else "processes"
 
 
 def on_ray() -> bool:
