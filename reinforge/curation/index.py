@@ -36,6 +36,7 @@ from pydantic import Field, ValidationError
 
 from reinforge.curation.index_parts import PartFiles, layout_of, write_merged_index, write_merged_uids, write_part
 from reinforge.curation.index_sample import choose, complete, fold_samples, key_bound, read_sample, sample_group
+from reinforge.formats.arrays import npy_bytes
 from reinforge.formats.embeddings import count_rows, iter_embeddings, resolve_paths
 from reinforge.formats.recipe import ConfigError, Strict, format_validation_error
 from reinforge.formats.subset import SUBSET_DTYPE
@@ -222,14 +223,8 @@ def _train_empty(scratch_urls: list[str], first_files: list[int], query_rows: np
         index.train(train)
     seconds = time.perf_counter() - started
     write_bytes(trained_url, serialize(index))
-    _write_npy(queries_url, queries)
+    write_bytes(queries_url, npy_bytes(queries))
     return seconds
-
-
-def _write_npy(url: str, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    write_bytes(url, buf.getvalue())
 
 
 def _read_npy(url: str) -> np.ndarray:
@@ -331,11 +326,9 @@ def build_index(source: str | Sequence[str], out_dir: str, spec: IndexSpec, addr
         else:
             data = serialize(index)
             size = len(data)
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(np.concatenate(uids), SUBSET_DTYPE), allow_pickle=False)
             write_bytes(join(out_dir, "index.faiss"), data)
-            write_bytes(join(out_dir, "uids.npy"), buf.getvalue())
-            del data, buf
+            write_bytes(join(out_dir, "uids.npy"), npy_bytes(np.concatenate(uids).astype(SUBSET_DTYPE, copy=False)))
+            del data
         add_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if not exact:

@@ -16,18 +16,23 @@ MAX_ARRAYS = 64  # our npz members hold 2-4 arrays; a zip of thousands is not on
 _KINDS = "biuf"  # bool, ints, floats: every array our formats store
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """What numpy.save writes for `array` (no pickled objects), as bytes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
 def npz_bytes(arrays: dict[str, np.ndarray], compress: bool = True) -> bytes:
     """Equivalent of numpy.savez(_compressed) with fixed zip timestamps; loads with np.load."""
     out = io.BytesIO()
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with zipfile.ZipFile(out, "w", compression=method) as zf:
         for name, array in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH)
             info.compress_type = method
             info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
+            zf.writestr(info, npy_bytes(array))
     return out.getvalue()
 
 

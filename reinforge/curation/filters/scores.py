@@ -45,6 +45,7 @@ from reinforge.curation.filters.metadata import (OPTIONAL_COLUMNS, MetadataUnit,
 from reinforge.curation.filters.rules import STRING
 from reinforge.curation.filters.text import caption_stats, cld3_languages, synset_lemmas
 from reinforge.curation.filters.wordnet import WORDNET_PACKAGE, imagenet21k_offsets
+from reinforge.formats.arrays import npy_bytes
 from reinforge.formats.subset import UID_OK, UID_STATUS_NAMES
 from reinforge.io.storage import absolute_url, atomic_open, remove, remove_tree, write_bytes
 
@@ -244,14 +245,7 @@ def score_metadata(inputs: list[str], out_dir: str, options: ScoreOptions, unit_
                                              "(min_num_bytes=0, max_num_bytes=1000)", "english": tally.english_cld3}
     if clustering is not None:
         report["clusters"] = clustering.report
-        write_bytes(f"{out_dir}/{CENTROIDS}", _npy(clustering.centroids))
-        write_bytes(f"{out_dir}/{CENTROID_TARGETS}", _npy(clustering.target_hits))
+        write_bytes(f"{out_dir}/{CENTROIDS}", npy_bytes(clustering.centroids))
+        write_bytes(f"{out_dir}/{CENTROID_TARGETS}", npy_bytes(clustering.target_hits))
     write_bytes(f"{out_dir}/{REPORT}", json.dumps(report, indent=1, sort_keys=True).encode())
     return report
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
